@@ -1,0 +1,322 @@
+"""Typed run configuration: YAML -> pydantic models -> passed down as objects.
+
+`load_config(path, overrides)` reads a YAML file, applies dotted overrides (`train.lr=2e-4`), and
+validates everything at once. Every problem is reported together with its field path, the YAML line
+where the field stands, and a hint. Nothing here loads weights.
+
+Relative paths in a config file (data files, a local `model.base`, `output.dir`) are resolved against
+the directory of that file, so a config works from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunekit.errors import ConfigError, Problem
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = Field(description="Hub id, local model dir, or an earlier tunekit run dir")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+    # When `base` is an earlier run that produced an adapter: "merge" folds it into the base weights
+    # and trains a new adapter on top; "continue" keeps training the same adapter.
+    previous_adapter: Literal["merge", "continue"] = "merge"
+
+
+class DataConfig(Section):
+    train: Path
+    validation: Path | None = None
+    validation_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    format: Literal["auto", "chat", "completion", "text"] = "auto"
+    max_len: Annotated[int, Field(ge=16)] = 2048
+    # "drop": examples longer than max_len are left out and reported (default: nothing is cut silently).
+    # "truncate": cut at max_len; trained tokens past the cut are lost and counted.
+    truncation: Literal["drop", "truncate"] = "drop"
+    packing: bool = True
+    # A template that rewrites earlier turns when a turn is appended (not prefix-stable):
+    # "split" trains each assistant turn in its own sequence, as the model sees it at inference;
+    # "error" refuses such examples.
+    unstable_template: Literal["split", "error"] = "split"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataConfig:
+        if self.validation is not None and self.validation_fraction > 0:
+            raise ValueError("set either data.validation (a file) or data.validation_fraction, not both")
+        return self
+
+
+class LoraConfig(Section):
+    r: Annotated[int, Field(ge=1)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # "all-linear": every nn.Linear in the transformer blocks (not the LM head).
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+class QuantConfig(Section):
+    """bitsandbytes 4-bit base for method: qlora."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+class TrainConfig(Section):
+    epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = "auto"
+    max_steps: Annotated[int, Field(ge=1)] | None = None
+    lr: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] = "auto"
+    # Rows (packed sequences of up to data.max_len tokens) per optimizer step. "auto": batch_tokens / max_len.
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    batch_tokens: Annotated[int, Field(ge=16)] = 16384
+    micro_batch_size: Annotated[int, Field(ge=1)] = 1
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    log_every: Annotated[int, Field(ge=1)] = 1
+    eval_every: Annotated[int, Field(ge=1)] | None = None
+    save_every: Annotated[int, Field(ge=1)] | None = None
+    keep_last: Annotated[int, Field(ge=1)] = 2
+    # Tokens per chunk when projecting trained positions through the LM head (bounds peak memory).
+    lm_head_chunk: Annotated[int, Field(ge=64)] = 4096
+    threads: Annotated[int, Field(ge=1)] | None = None
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class EvalConfig(Section):
+    enabled: bool = False
+    data: Path | None = None  # default: data.validation
+    baselines: list[str] = Field(default_factory=lambda: ["base"])  # "base", "few-shot:K", or a model dir
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    limit: Annotated[int, Field(ge=1)] | None = None
+    scorer: str | None = None  # "module:function"
+    seed: int = 0
+
+
+class OutputConfig(Section):
+    dir: Path = Path("runs/default")
+    overwrite: bool = False
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    data: DataConfig
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (saved next to the weights so a run can be reproduced)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=2e-4` -> (["train", "lr"], 0.0002). The value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(Problem(text, "an override must look like section.key=value", "e.g. train.lr=2e-4"))
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(Problem(text, "the override has no key", "e.g. train.lr=2e-4"))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _set_dotted(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each mapping-key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at `loc` (to suggest close key names)."""
+    model: type[BaseModel] | None = RunConfig
+    for part in loc[:-1]:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _hint(err: dict) -> str | None:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_for(loc)
+        if owner is not None:
+            close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)
+            if close:
+                return f"did you mean '{close[0]}'?"
+            return "known keys here: " + ", ".join(owner.model_fields)
+        return "remove this key"
+    if kind == "missing":
+        return "add this key; it has no default"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected")
+        return f"use one of {expected}" if expected else None
+    return None
+
+
+def _is_union_tag(part: object) -> bool:
+    """pydantic tags union branches in error locations ("constrained-float", "literal['auto']")."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in {"int", "float", "str", "bool"})
+
+
+def _validation_problems(exc: ValidationError, source: str, key_lines: dict) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        # Drop pydantic's union branch tags like "int" / "literal['auto']" from the location.
+        loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        for n in range(len(loc), 0, -1):
+            line = key_lines.get(tuple(str(p) for p in loc[:n]))
+            if line:
+                break
+        where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key '{loc[-1]}'"
+        problems.append(Problem(where, msg, _hint({**err, "loc": loc})))
+    # Union errors report one problem per branch; keep the first per location.
+    seen, unique = set(), []
+    for p in problems:
+        if p.where not in seen:
+            seen.add(p.where)
+            unique.append(p)
+    return unique
+
+
+def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base_dir / p)
+
+    cfg.data.train = fix(cfg.data.train)
+    cfg.data.validation = fix(cfg.data.validation)
+    cfg.eval.data = fix(cfg.eval.data)
+    cfg.output.dir = fix(cfg.output.dir)
+    local_base = base_dir / cfg.model.base
+    if not Path(cfg.model.base).is_absolute() and local_base.exists():
+        cfg.model.base = str(local_base.resolve())
+    return cfg
+
+
+def _file_problems(cfg: RunConfig, source: str, key_lines: dict) -> list[Problem]:
+    problems = []
+    for dotted, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation),
+                         ("eval.data", cfg.eval.data)):
+        if path is not None and not Path(path).is_file():
+            line = key_lines.get(tuple(dotted.split(".")))
+            where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
+            problems.append(Problem(where, f"file not found: {path}",
+                                    "relative paths are resolved against the config file's directory"))
+    base = cfg.model.base
+    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
+    if looks_local and not Path(base).expanduser().exists():
+        line = key_lines.get(("model", "base"))
+        where = f"{source}:{line} model.base" if line else f"{source} model.base"
+        problems.append(Problem(where, f"model directory not found: {base}",
+                                "give a local model dir, an earlier run dir, or a hub id like org/name"))
+    return problems
+
+
+def config_from_dict(data: dict, *, source: str = "<config>", base_dir: Path | None = None,
+                     key_lines: dict | None = None, check_files: bool = True) -> RunConfig:
+    """Validate a plain dict (e.g. built in Python) into a RunConfig, reporting every problem at once."""
+    key_lines = key_lines or {}
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_problems(exc, source, key_lines),
+                          title=f"{source}: invalid config") from None
+    cfg = _resolve_paths(cfg, base_dir or Path.cwd())
+    if check_files:
+        problems = _file_problems(cfg, source, key_lines)
+        if problems:
+            raise ConfigError(problems, title=f"{source}: invalid config")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, *, check_files: bool = True) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate everything at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(Problem(str(path), "config file not found", "check the path"))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}",
+                                  "check indentation and quoting on that line")) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(Problem(str(path), "the config must be a mapping of sections",
+                                  "start with 'model:' and 'data:' sections"))
+    for text_override in overrides or []:
+        keys, value = parse_override(text_override)
+        _set_dotted(data, keys, value)
+    return config_from_dict(data, source=str(path), base_dir=path.parent.resolve(),
+                            key_lines=_key_lines(text), check_files=check_files)
