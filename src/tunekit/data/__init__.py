@@ -1,0 +1,1 @@
+"""Data: formats (OpenAI chat, prompt/completion, text), check, render + mask, pack."""
