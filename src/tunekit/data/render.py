@@ -377,10 +377,21 @@ def _unstable_problem(turn: _Turn, full: str) -> Problem:
         "set data.unstable_template: split to train such turns on sequences of their own")
 
 
+def _check_rendered(chat: Chat, full: str) -> None:
+    """Refuse a template that leaves out a system or user message (the model would train without it)."""
+    for i, message in enumerate(chat.messages):
+        content = message["content"].strip()
+        if message["role"] in ("system", "user") and content and content not in full:
+            raise TemplateError(Problem(
+                f"messages[{i}].content", f"the chat template does not write this {message['role']} message",
+                "this template ignores such messages: merge the text into the first user message, or remove it"))
+
+
 def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Sequence]:
     chat = prepare_chat(example)
     template = _require_template(tokenizer)
     full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
+    _check_rendered(chat, full)
     turns = [_turn(tokenizer, chat, i) for i, trained in enumerate(chat.trained) if trained]
 
     stable = [t for t in turns if full.startswith(t.prompt + t.reply)]
@@ -393,28 +404,32 @@ def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Seque
     if stable or not unstable:
         groups.append((full, len(chat.messages), stable))
     markers = bool(GENERATION_MARKER.search(template))
-    sequences = [_build(tokenizer, chat, text, n, group, markers) for text, n, group in groups]
+    sequences = []
+    for text, n_messages, group in groups:
+        spans = [(t, len(t.prompt), len(t.prompt) + len(t.reply)) for t in group]
+        if markers:
+            spans = _marker_spans(tokenizer, template, chat, n_messages, text, spans)
+        sequences.append(_build(tokenizer, text, spans))
     return sorted(sequences, key=lambda s: s.source["turns"][:1] or [len(chat.messages)])
 
 
-def _build(tokenizer, chat: Chat, text: str, n_messages: int, turns: list[_Turn], markers: bool) -> Sequence:
-    """Tokenize `text` piece by piece (untrained, reply, untrained, ...) and verify the pieces."""
+def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence:
+    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it."""
     ids: list[int] = []
     labels: list[int] = []
-    spans: list[tuple[int, int]] = []  # token [start, end) of each turn's reply
+    token_starts: list[int] = []  # token index where each turn's trained span starts
     piece_starts: list[tuple[int, int]] = []  # (token index, char offset) where each piece starts
     cursor = 0
-    for turn in turns:
-        start, end = len(turn.prompt), len(turn.prompt) + len(turn.reply)
+    for _, start, end in spans:
         piece_starts.append((len(ids), cursor))
         before = _encode(tokenizer, text[cursor:start])
         ids += before
         labels += [IGNORE] * len(before)
         piece_starts.append((len(ids), start))
-        reply = _encode(tokenizer, text[start:end])
-        spans.append((len(ids), len(ids) + len(reply)))
-        ids += reply
-        labels += reply
+        token_starts.append(len(ids))
+        trained = _encode(tokenizer, text[start:end])
+        ids += trained
+        labels += trained
         cursor = end
     piece_starts.append((len(ids), cursor))
     rest = _encode(tokenizer, text[cursor:])
@@ -425,55 +440,57 @@ def _build(tokenizer, chat: Chat, text: str, n_messages: int, turns: list[_Turn]
     if ids != whole:
         k = _first_difference(ids, whole)
         char = max(c for t, c in piece_starts if t <= k)
-        turn = min(turns, key=lambda t: min(abs(len(t.prompt) - char), abs(len(t.prompt) + len(t.reply) - char)))
+        turn = min(spans, key=lambda s: min(abs(s[1] - char), abs(s[2] - char)))[0]
         raise TemplateError(Problem(
             f"messages[{turn.index}]",
             f"the reply's tokens do not add up to the tokens of the whole conversation near char {char}: "
             f"{_excerpt(text, char)}", _HINT_BOUNDARY))
-    for turn, (start, _) in zip(turns, spans, strict=True):
+    for (turn, _, _), start in zip(spans, token_starts, strict=True):
         if whole[:start] != _encode(tokenizer, turn.prompt):
             raise TemplateError(Problem(
                 f"messages[{turn.index}]",
                 "the tokens before this reply differ from the tokens of its prompt on its own, so training "
                 "would not match generation", _HINT_BOUNDARY))
-    if markers:
-        labels = _marker_labels(tokenizer, chat, n_messages, whole, turns, spans)
-    return Sequence(ids, labels, source={"turns": [t.index for t in turns]})
+    return Sequence(ids, labels, source={"turns": [turn.index for turn, _, _ in spans]})
 
 
-def _marker_labels(tokenizer, chat: Chat, n_messages: int, ids: list[int], turns: list[_Turn],
-                   spans: list[tuple[int, int]]) -> list[int]:
-    """Labels from the template's {% generation %} blocks, checked against the prefix-rendering spans."""
+def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: str,
+                  spans: list[tuple[_Turn, int, int]]) -> list[tuple[_Turn, int, int]]:
+    """Trained char spans from the template's {% generation %} blocks, checked against prefix rendering.
+
+    transformers 5.23 `apply_chat_template(return_assistant_tokens_mask=True)` maps a block's end with
+    `char_to_token(end - 1)`, which leaves out the later tokens of a character split over several byte-level
+    tokens (an emoji at the end of a reply). So the blocks are taken as characters from `render_jinja_template`
+    (the function apply_chat_template renders with) and tokenized here like every other span.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
     messages = chat.messages[:n_messages]
     try:
-        out = tokenizer.apply_chat_template(messages, tools=chat.tools, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        rendered, indices = render_jinja_template(
+            conversations=[messages], tools=chat.tools, chat_template=template, return_assistant_tokens_mask=True,
+            add_generation_prompt=False, **tokenizer.special_tokens_map)
     except Exception as exc:  # see _apply
         raise TemplateError(Problem("messages", f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
-    mask = list(out["assistant_masks"])
-    if list(out["input_ids"]) != ids:
-        raise TemplateError(Problem("messages", "the tokens with {% generation %} tracking differ from the "
-                                                "tokens of the conversation", _HINT_LOCATE))
-    runs: list[tuple[int, int]] = []  # [start, end) of each run of marked tokens
-    for k, flag in enumerate(mask):
-        if flag and (k == 0 or not mask[k - 1]):
-            runs.append((k, k))
-        if flag:
-            runs[-1] = (runs[-1][0], k + 1)
+    if rendered[0] != text:
+        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
+                                                "than rendering without it", _HINT_LOCATE))
+    blocks = [(s, e) for s, e in indices[0] if e > s]
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if len(runs) != len(assistants):
-        raise TemplateError(Problem("messages", f"the template marks {len(runs)} {{% generation %}} blocks for "
+    if len(blocks) != len(assistants):
+        raise TemplateError(Problem("messages", f"the template marks {len(blocks)} {{% generation %}} blocks for "
                                                 f"{len(assistants)} assistant messages", _HINT_LOCATE))
-    labels = [IGNORE] * len(ids)
-    for turn, (start, end) in zip(turns, spans, strict=True):
-        a, b = runs[assistants.index(turn.index)]
-        if a != start or b > end:
+    out = []
+    for turn, start, end in spans:
+        s, e = blocks[assistants.index(turn.index)]
+        e = s + len(text[s:e].rstrip())  # as in prefix rendering: whitespace after the end of turn is not trained
+        if s != start or e > end or e == s:
             raise TemplateError(Problem(
                 f"messages[{turn.index}]",
-                f"the {{% generation %}} block covers tokens {a}..{b} but the reply after the prompt covers "
-                f"{start}..{end}", _HINT_LOCATE))
-        labels[a:b] = ids[a:b]
-    return labels
+                f"the {{% generation %}} block covers chars {s}..{e} but the reply after the prompt covers "
+                f"{start}..{end}: {_excerpt(text, s)}", _HINT_LOCATE))
+        out.append((turn, s, e))
+    return out
 
 
 # ------------------------------------------------------------------------------------- generation helpers
@@ -486,7 +503,8 @@ def _as_example(example_or_messages, tools) -> dict:
 
 
 def render_prompt_text(example_or_messages, tokenizer, *, tools=None) -> str:
-    """The prompt text for generation: messages before the last assistant message + the generation prompt.
+    """The prompt text for generation: the messages (without a final assistant message, the reference answer)
+    rendered with the generation prompt.
 
     Exactly the text training puts before that reply (see module doc). For a prompt/completion example:
     the prompt (bos not included in the text).
@@ -500,9 +518,9 @@ def render_prompt_text(example_or_messages, tokenizer, *, tools=None) -> str:
                                     "use chat or prompt/completion examples for evaluation"))
     chat = prepare_chat(example)
     _require_template(tokenizer)
-    roles = [m["role"] for m in chat.messages]
-    last = len(roles) - 1 - roles[::-1].index("assistant") if "assistant" in roles else len(roles)
-    return _prompt_text(tokenizer, chat, last)
+    # A final assistant message is the reference answer: the prompt is everything before it.
+    n = len(chat.messages)
+    return _prompt_text(tokenizer, chat, n - 1 if chat.messages[-1]["role"] == "assistant" else n)
 
 
 def render_prompt(example_or_messages, tokenizer, *, tools=None) -> list[int]:
