@@ -402,6 +402,42 @@ def test_tokens_merging_across_the_reply_edge_are_refused(base_tokenizer):
     assert [t for _, t in trained_runs(tok, seq)] == ["\nok"]  # no end-of-turn marker in this template
 
 
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace, word-start marker on the first word only), like Llama 2's."""
+    from conftest import SPECIAL_TOKENS, corpus_lines
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.train_from_iterator(corpus_lines(), trainer=trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, show_progress=False))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in {"<s>", "</s>", "<unk>", "<pad>"}])
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-2-chat", "mistral-instruct", "vicuna"])
+def test_sentencepiece_style_tokenizer_pieces_add_up(name, metaspace_tokenizer):
+    tok = copy.deepcopy(metaspace_tokenizer)
+    tok.chat_template = shared_template(name)
+    # on its own a reply would start with a word-start marker that it does not have mid-conversation
+    assert tok.tokenize("Paris")[0].startswith("▁") and "▁Paris" not in "".join(tok.tokenize("\nParis"))[:7]
+    messages = [{"role": "user", "content": "the city of light café"}, {"role": "assistant", "content": "Paris"},
+                {"role": "user", "content": "and the other one"}, {"role": "assistant", "content": "London is"}]
+    (seq,) = render_example({"messages": messages}, tok)
+    assert seq.input_ids == encode(tok, tok.apply_chat_template(messages, tokenize=False))
+    runs = trained_runs(tok, seq)
+    for (start, _), i in zip(runs, (1, 3), strict=True):
+        # the Metaspace decoder drops a leading space; the tokens themselves show it
+        end = next(k for k in range(start, len(seq) + 1) if k == len(seq) or seq.labels[k] == IGNORE)
+        pieces = tok.convert_ids_to_tokens(seq.input_ids[start:end])
+        check_reply(name, "".join(pieces).replace("▁", " "), messages[i]["content"])
+        assert seq.input_ids[:start] == render_prompt(messages[:i], tok)
+
+
 # ------------------------------------------------------------------------------------- property test
 
 PROPERTY_TEMPLATES = [n for n in ("chatml", "gemma-it", "hermes-tools", "llama-2-chat", "llama-3-instruct",

@@ -108,6 +108,20 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
+def _encode_piece(tokenizer, text: str) -> list[int]:
+    """Tokens of `text` as a piece in the middle of a longer text.
+
+    SentencePiece-style tokenizers (Metaspace, prepend_scheme "first") put a word-start marker at the start of
+    a string that they do not put mid-text; encoding after a newline and dropping the newline's tokens avoids
+    it (the same trick as transformers' `_encode_chat_piece`). The pieces are verified against the whole text.
+    """
+    if not text:
+        return []
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    ids = tokenizer.encode("\n" + text, add_special_tokens=False)
+    return ids[len(newline):] if ids[: len(newline)] == newline else _encode(tokenizer, text)
+
+
 def _bos(tokenizer) -> list[int]:
     """[bos] when the tokenizer defines one and adds it by itself, else []."""
     bos = tokenizer.bos_token_id
@@ -148,7 +162,7 @@ def _render_completion(example: dict, tokenizer) -> Sequence:
     else:
         # The tokenizer merges across the edge (e.g. a prompt ending in a space): keep the prompt's own tokens,
         # which is what generation starts from, and tokenize the completion on its own.
-        completion_ids = _encode(tokenizer, completion)
+        completion_ids = _encode_piece(tokenizer, completion)
     completion_ids = _with_eos(tokenizer, completion_ids)
     head = _bos(tokenizer) + prompt_ids
     return Sequence(head + completion_ids, [IGNORE] * len(head) + completion_ids, source={"format": "completion"})
@@ -422,17 +436,17 @@ def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequenc
     cursor = 0
     for _, start, end in spans:
         piece_starts.append((len(ids), cursor))
-        before = _encode(tokenizer, text[cursor:start])
+        before = (_encode if cursor == 0 else _encode_piece)(tokenizer, text[cursor:start])
         ids += before
         labels += [IGNORE] * len(before)
         piece_starts.append((len(ids), start))
         token_starts.append(len(ids))
-        trained = _encode(tokenizer, text[start:end])
+        trained = (_encode if start == 0 else _encode_piece)(tokenizer, text[start:end])
         ids += trained
         labels += trained
         cursor = end
     piece_starts.append((len(ids), cursor))
-    rest = _encode(tokenizer, text[cursor:])
+    rest = (_encode if cursor == 0 else _encode_piece)(tokenizer, text[cursor:])
     ids += rest
     labels += [IGNORE] * len(rest)
 
