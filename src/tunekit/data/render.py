@@ -23,7 +23,9 @@ returns that same prompt, so evaluation feeds the model exactly the tokens train
 A template that is not prefix-stable (rendering a longer conversation rewrites earlier turns, e.g. moves the
 tool list before the last user message, or drops earlier reasoning) cannot train such a turn inside the full
 conversation: with `unstable_template="split"` that turn gets its own sequence, `render(messages[:i + 1])`
-with only turn i trained; with `"error"` a `TemplateError` names what changed.
+with only turn i trained (turns that are stable stay trained in the full conversation's sequence); with
+`"error"` a `TemplateError` names what changed. A template that leaves out a system or user message, or does
+not write an assistant message's content or tool calls, is refused too.
 """
 
 from __future__ import annotations
