@@ -568,3 +568,27 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         found.append(tokenizer.eos_token_id)
     return list(dict.fromkeys(found))
+
+
+def template_warnings(tokenizer) -> list[str]:
+    """Things about the tokenizer's chat template a user should know before training with it.
+
+    Today: a generation prompt that differs from how the template writes assistant turns in whitespace only.
+    Training and tunekit's evaluation then use the conversation's own text before each reply; a server that
+    applies the raw template with add_generation_prompt=True gives the model a slightly different prompt.
+    """
+    _require_template(tokenizer)
+    history = [{"role": "user", "content": "hi"}]
+    generation = _apply(tokenizer, history, None, add_generation_prompt=True, where="template")
+    probe = _apply(tokenizer, history + [{"role": "assistant", "content": _PROBE}], None,
+                   add_generation_prompt=False, where="template")
+    if probe.startswith(generation):
+        return []
+    end, _, _ = _align(generation, probe)
+    if end is None:
+        return []  # not a whitespace difference: render_example refuses such examples with its own error
+    return [
+        "the template's generation prompt differs from its assistant turns in whitespace: it ends "
+        f"{generation[-24:]!r} but turns start {probe[:end][-24:]!r}; tunekit trains and evaluates with the "
+        "latter, so serve the model with the same text (or strip the template's indentation)"
+    ]
