@@ -1,8 +1,8 @@
 """`check_file`: every problem of a data file at once, plus length statistics and an epoch estimate.
 
 One streaming pass per file. Per-example numbers are kept in compact `array`s (4-8 bytes each) and
-duplicates are found from 8-byte content digests, so memory grows by a few dozen bytes per example and
-never with the size of the examples themselves.
+duplicates are found from 8-byte content digests, so memory grows by well under 100 bytes per example
+(columns, digests and the sort that finds repeats) and never with the size of the examples themselves.
 
 Token statistics need a tokenizer: the caller passes `count_fn(example) -> list[Sequence]` (by default
 `render_example` bound to the tokenizer), so these numbers are exactly what training will see.
@@ -78,7 +78,7 @@ def summarize(values: array | list[int]) -> Summary | None:
     """min / max / mean / median / p5 / p95 (linear interpolation between closest ranks); None if empty."""
     if len(values) == 0:
         return None
-    a = np.asarray(values, dtype=np.float64)
+    a = np.asarray(values)  # an array.array is wrapped through the buffer protocol, not copied
     p5, median, p95 = np.percentile(a, [5, 50, 95])
     return Summary(total=int(a.sum()), min=float(a.min()), max=float(a.max()), mean=float(a.mean()),
                    median=float(median), p5=float(p5), p95=float(p95))
@@ -247,23 +247,18 @@ def _placed(issue: DataIssue, file: str, line: int | None) -> DataIssue:
                      line if issue.line is None else issue.line, file, issue.column)
 
 
-def _first_of_groups(digests: array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort digests (stable) -> (sorted digests, order, index of the first example with each digest)."""
+def _sorted_digests(digests: array) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted digests, order): a stable sort, so among equal digests the earliest line comes first."""
     d = np.frombuffer(digests, dtype=np.uint64) if len(digests) else np.zeros(0, dtype=np.uint64)
-    order = np.argsort(d, kind="stable")  # equal digests keep file order: the first is the earliest line
-    sd = d[order]
-    new_group = np.ones(len(sd), dtype=bool)
-    new_group[1:] = sd[1:] != sd[:-1]
-    starts = np.flatnonzero(new_group)
-    group = np.cumsum(new_group) - 1
-    first = order[starts[group]] if len(sd) else order
-    return sd, order, first
+    order = np.argsort(d, kind="stable")  # (N,) int64
+    return d[order], order
 
 
 def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarray, np.ndarray]:
-    sd, order, first = _first_of_groups(scan.digests)
-    dup_positions = np.flatnonzero(order != first)
-    found = sorted((scan.line_of[int(order[p])], scan.line_of[int(first[p])]) for p in dup_positions)
+    sd, order = _sorted_digests(scan.digests)
+    repeats = np.flatnonzero(sd[1:] == sd[:-1]) + 1  # sorted positions equal to the one before
+    firsts = order[np.searchsorted(sd, sd[repeats], side="left")]  # earliest example with that digest
+    found = sorted((scan.line_of[int(order[p])], scan.line_of[int(f)]) for p, f in zip(repeats, firsts, strict=True))
     for line, earlier in found:
         problems.add(DataIssue("duplicate_example", "", f"same content as line {earlier}",
                                "drop the repeat (it is trained twice as often)", "warning", line, label))
