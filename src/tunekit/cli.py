@@ -111,8 +111,8 @@ def _print_check_report(report) -> None:
         console.print(f"[dim]note: {note}[/]")
     if report.validation is not None:
         console.print(f"validation: {report.validation_examples} examples in {report.validation}")
-    verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors} errors[/]"
-    console.print(f"{verdict}, {report.warnings} warnings")
+    verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors} error(s)[/]"
+    console.print(f"{verdict}, {report.warnings} warning(s)")
 
 
 @data_app.command("check")

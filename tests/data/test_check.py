@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import tracemalloc
@@ -16,6 +17,9 @@ from tunekit.data.check import (
 )
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import DataError, TemplateError
+
+NEEDS_RENDER = pytest.mark.skipif(importlib.util.find_spec("tunekit.data.render") is None,
+                                  reason="tunekit.data.render is not in this tree yet")
 
 
 def good(i: int, answer_words: int = 1) -> dict:
@@ -244,8 +248,8 @@ def test_memory_grows_by_bytes_per_example_not_with_the_examples(tmp_path):
 # With the real renderer (available once tunekit.data.render is in the tree)
 
 
+@NEEDS_RENDER
 def test_token_statistics_with_the_real_renderer(tmp_path, chat_tokenizer):
-    pytest.importorskip("tunekit.data.render", reason="tunekit.data.render is not in this tree yet")
     records = [good(i, answer_words=3) for i in range(12)]
     report = check_file(write(tmp_path, records), tokenizer=chat_tokenizer, max_len=8)
     s = report.stats
