@@ -91,6 +91,12 @@ def test_missing_model_dir_is_a_clear_error(tmp_path):
     assert result.exit_code == 1 and "model directory not found" in result.output
 
 
+def test_model_dir_without_tokenizer_files_is_a_clear_error(tmp_path):
+    (tmp_path / "model").mkdir()
+    result = run("data", "check", write(tmp_path, [good(0)]), "--model", tmp_path / "model")
+    assert result.exit_code == 1 and "cannot load a tokenizer" in result.output
+
+
 def test_unknown_format_option(tmp_path):
     result = run("data", "check", write(tmp_path, [good(0)]), "--format", "xml")
     assert result.exit_code == 1 and "unknown format" in result.output

@@ -213,3 +213,15 @@ def test_load_examples_returns_records_or_raises_with_every_error(tmp_path):
         load_examples(bad)
     wheres = [p.where for p in info.value.problems]
     assert wheres == [f"{bad}:2", f"{bad}:3 messages"]
+
+
+def test_every_emitted_code_is_documented():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    source = "".join(p.read_text() for p in (root / "src/tunekit/data").glob("*.py"))
+    emitted = set(re.findall(r'DataIssue\(\s*"([a-z_0-9]+)"', source))
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", (root / "docs/data_check.md").read_text(), re.M))
+    assert "tool_call_id_unmatched" in emitted and len(emitted) > 25
+    assert emitted == documented

@@ -345,10 +345,18 @@ def load_tokenizer(model: str) -> Any:
                                 "give a local model dir (with tokenizer files) or a hub id like org/name"))
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(local) if looks_local else model)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
-                                "give a local model dir with tokenizer files, or a hub id already in the "
-                                "local cache when offline")) from None
+    if looks_local:
+        attempts = [{}]
+    else:  # a hub id: the local cache first (no network), then the hub
+        attempts = [{"local_files_only": True}, {}]
+    for k, kwargs in enumerate(attempts):
+        try:
+            return AutoTokenizer.from_pretrained(str(local) if looks_local else model, **kwargs)
+        except (OSError, ValueError) as exc:
+            if k + 1 < len(attempts):
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
+                                    "give a local model dir with tokenizer files, or a hub id in the local "
+                                    "cache (set HF_HUB_OFFLINE=1 to skip network retries when offline)")) from None
+    raise AssertionError("unreachable")
