@@ -141,6 +141,38 @@ def data_check(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@data_app.command("preview")
+def data_preview(
+    file: Path,
+    model: Annotated[str, typer.Option("--model", help="Local model dir or hub id (its tokenizer and template)")],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many examples")] = 3,
+) -> None:
+    """Print examples as the model's chat template renders them, trained tokens highlighted."""
+    from tunekit.data.check import load_tokenizer
+    from tunekit.data.formats import load_examples
+    from tunekit.data.preview import TRAINED_STYLE, preview_example
+    from tunekit.data.render import template_warnings
+
+    try:
+        tokenizer = load_tokenizer(model)
+        _, examples = load_examples(file)
+        if getattr(tokenizer, "chat_template", None):
+            for warning in template_warnings(tokenizer):
+                err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
+        console.print(f"legend: [{TRAINED_STYLE}]trained[/] [dim]not trained[/]")
+        for line, example in examples[:n]:
+            try:
+                shown = preview_example(example, tokenizer)
+            except TunekitError as exc:
+                raise type(exc)([Problem(f"{file}:{line} {p.where}".strip(), p.message, p.hint)
+                                 for p in exc.problems]) from None
+            console.rule(f"{file}:{line}  {shown.tokens} tokens, {shown.trained} trained"
+                         + (f", {shown.sequences} sequences" if shown.sequences > 1 else ""))
+            console.print(shown.text, highlight=False, markup=False)
+    except TunekitError as exc:
+        fail(exc)
+
+
 @data_app.command("convert")
 def data_convert(
     src: Path,

@@ -36,3 +36,23 @@ def test_whitespace_only_prompt_difference_is_reported(chat_tokenizer):
                                                              "'<|im_start|>assistant\\n\\n'")
     [warning] = template_warnings(tok)
     assert "whitespace" in warning
+
+
+def test_preview_cli_shows_counts_and_names_bad_lines(tmp_path, chat_tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    chat_tokenizer.save_pretrained(tmp_path / "tok")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(EXAMPLE) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "preview", str(good), "--model", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    assert f"{good}:1" in result.output and "trained" in result.output and "hi café 😀" in result.output
+
+    bad = tmp_path / "bad.jsonl"  # an assistant turn first: no prompt to train it on
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "preview", str(bad), "--model", str(tmp_path / "tok")])
+    assert result.exit_code == 1 and "Traceback" not in result.output

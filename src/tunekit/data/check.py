@@ -327,6 +327,10 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
             stats.estimated_trained_tokens = stats.epochs * scan.trained_fitting
             if max_len is None:
                 notes.append("no --max-len given: every sequence is counted as fitting")
+    if tokenizer is not None and scan.format == "chat" and getattr(tokenizer, "chat_template", None):
+        from tunekit.data.render import template_warnings
+
+        notes += template_warnings(tokenizer)
 
     file_order = {str(path): 0, str(validation): 1}
     stored = sorted(problems.stored, key=lambda p: (file_order.get(p.file or "", 2), p.line or 0))

@@ -34,6 +34,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from tunekit.data import formats
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import DataError, Problem, TemplateError
 
@@ -75,19 +76,13 @@ class _Turn:
 
 
 def detect_format(example: dict) -> str:
-    """"chat" ({"messages": ...}), "completion" ({"prompt", "completion"}) or "text" ({"text"})."""
-    if not isinstance(example, dict):
-        raise DataError(Problem("", f"an example must be a JSON object, not {type(example).__name__}",
+    """"chat" ({"messages": ...}), "completion" ({"prompt", "completion"}) or "text" ({"text"}); else DataError."""
+    fmt = formats.detect_format(example)
+    if fmt is None or (fmt == "completion" and not ("prompt" in example and "completion" in example)):
+        keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
+        raise DataError(Problem("", f"unknown example format (keys: {keys or 'none'})",
                                 'use {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'))
-    if "messages" in example:
-        return "chat"
-    if "prompt" in example and "completion" in example:
-        return "completion"
-    if "text" in example:
-        return "text"
-    keys = ", ".join(sorted(example)) or "none"
-    raise DataError(Problem("", f"unknown example format (keys: {keys})",
-                            'use {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'))
+    return fmt
 
 
 def render_example(example: dict, tokenizer, *, unstable_template: str = "split") -> list[Sequence]:
