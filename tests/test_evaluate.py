@@ -91,6 +91,11 @@ def _standin_model() -> types.ModuleType:
     return mod
 
 
+def render() -> types.ModuleType:
+    """tunekit.data.render (or its stand-in while the `deps` fixture holds one)."""
+    return importlib.import_module("tunekit.data.render")
+
+
 @pytest.fixture(autouse=True)
 def deps(monkeypatch):
     for name, make in (("tunekit.data.render", _standin_render), ("tunekit.model", _standin_model)):
@@ -178,7 +183,7 @@ def tiny_model(tiny_llama_dir):
 def test_generation_stops_at_end_of_turn(tiny_llama_dir, chat_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from tunekit.data.render import end_of_turn_ids, render_prompt
+    end_of_turn_ids, render_prompt = render().end_of_turn_ids, render().render_prompt
 
     tok = chat_tokenizer
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -204,7 +209,7 @@ def test_generation_stops_at_end_of_turn(tiny_llama_dir, chat_tokenizer):
 def test_generation_is_greedy_whatever_the_model_config_says(tiny_llama_dir, chat_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from tunekit.data.render import render_prompt
+    render_prompt = render().render_prompt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     prompt = render_prompt(EVAL[0], chat_tokenizer)
@@ -220,7 +225,7 @@ def test_generation_is_greedy_whatever_the_model_config_says(tiny_llama_dir, cha
 
 
 def test_batched_generation_equals_one_by_one(tiny_model, chat_tokenizer):
-    from tunekit.data.render import render_prompt
+    render_prompt = render().render_prompt
 
     prompts = [render_prompt(ex, chat_tokenizer) for ex in EVAL]
     assert len({len(p) for p in prompts}) > 1  # different lengths: left padding is exercised
@@ -237,7 +242,7 @@ def test_batched_generation_equals_one_by_one(tiny_model, chat_tokenizer):
 
 
 def test_teacher_forced_matches_transformers_loss_and_is_batch_invariant(tiny_model, chat_tokenizer):
-    from tunekit.data.render import render_example
+    render_example = render().render_example
 
     seqs = [s for ex in EVAL for s in render_example(ex, chat_tokenizer)]
     single = [teacher_forced(tiny_model, [s], batch_size=1, pad_id=0) for s in seqs]
@@ -270,7 +275,7 @@ def test_teacher_forced_accuracy_on_a_rigged_model(tiny_llama_dir):
 
 
 def test_shots_never_include_evaluated_examples_or_their_duplicates(run_dir, chat_tokenizer):
-    from tunekit.data.render import render_prompt
+    render_prompt = render().render_prompt
 
     evaluated = [ex.example for ex in read_eval_examples(run_dir / "valid.jsonl")]
     shots = choose_shots(run_dir / "train.jsonl", evaluated, 6, seed=0)  # exactly the 6 usable lines
@@ -333,7 +338,7 @@ def test_rigged_model_scores_exact_match_end_to_end(tmp_path, run_dir, chat_toke
     """A model that always says " hot" then ends its turn: exact match 1 on "hot", 0 elsewhere."""
     from transformers import AutoModelForCausalLM
 
-    from tunekit.data.render import render_prompt
+    render_prompt = render().render_prompt
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     last = render_prompt(EVAL[0], chat_tokenizer)[-1]

@@ -92,28 +92,33 @@ def verdict(results: dict) -> list[str]:
         else:
             name = label(results, key)
             mean, se, n = paired_difference(results, key, tuned["name"], other["name"])
-            points = 100 * (tm[key] - om[key])
             significant = n >= 2 and abs(mean) > 2 * se
-            scale = "(score × 100)" if key.startswith("scorer") else "points"
-            both = f"{100 * tm[key]:.1f} vs {100 * om[key]:.1f}"
-            if points > 0 and significant:
+            if key.startswith("scorer"):  # a user score: its own units
+                diff, unit, noise = tm[key] - om[key], f" on {name}", f"±{2 * se:.3f}"
+                both = f"{tm[key]:.3f} vs {om[key]:.3f}"
+                by = f"{abs(diff):.3f}{unit}"
+            else:  # a rate: percentage points
+                diff, unit, noise = 100 * (tm[key] - om[key]), f" of {name}", f"±{200 * se:.1f} points"
+                both = f"{100 * tm[key]:.1f}% vs {100 * om[key]:.1f}%"
+                by = f"{abs(diff):.1f} points{unit}"
+            if diff > 0 and significant:
                 wins += 1
-                line = f"fine-tuned beats {other['name']} by {points:.1f} {scale} of {name} ({both})"
-            elif points < 0 and significant:
+                line = f"fine-tuned beats {other['name']} by {by} ({both})"
+            elif diff < 0 and significant:
                 losses += 1
-                line = f"fine-tuned does not beat {other['name']}: {both} {name}, {-points:.1f} {scale} lower"
-            elif points == 0:
-                line = f"fine-tuned ties with {other['name']} on {name} ({100 * tm[key]:.1f})"
+                line = f"fine-tuned does not beat {other['name']}: it scores {by} less ({both})"
+            elif diff == 0:
+                line = f"fine-tuned ties with {other['name']} on {name} ({both})"
             else:
-                line = (f"fine-tuned and {other['name']} differ by {points:+.1f} {scale} of {name} ({both}), "
-                        f"within noise on {n} examples (±{200 * se:.1f})")
+                line = (f"fine-tuned scores {by} {'more' if diff > 0 else 'less'} than {other['name']} ({both}), "
+                        f"within noise on {n} examples ({noise})")
         tp, op = tm.get("prompt_tokens"), om.get("prompt_tokens")
         if tp is not None and op is not None and abs(op - tp) >= 0.5:
             fewer = op - tp
             line += f" and uses {abs(fewer):.0f} {'fewer' if fewer > 0 else 'more'} prompt tokens per request"
         tl, ol = tm.get("loss"), om.get("loss")
         if _finite(tl) and _finite(ol):
-            line += f" (held-out loss {tl:.3f} vs {ol:.3f})"
+            line += f"; held-out loss {tl:.3f} vs {ol:.3f}"
         lines.append(line)
     if key is None:
         head = "No generation metric applies to these examples; compare the losses below."
