@@ -417,3 +417,41 @@ def test_cli_eval_errors_exit_1_without_traceback(tmp_path, run_dir):
     res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "missing.jsonl")])
     assert res.exit_code == 1 and "evaluation data file not found" in res.output
     assert "Traceback" not in res.output
+
+
+def test_tool_call_examples_are_scored_as_calls(tmp_path, tokenizer_with_template):
+    from conftest import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "hermes-model", "llama", tokenizer_with_template("hermes-tools"))
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "a city"}}}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    examples = [{"messages": [{"role": "user", "content": "weather in Paris?"},
+                              {"role": "assistant", "content": None, "tool_calls": [call]},
+                              {"role": "user", "content": "after the reference: never part of the prompt"}],
+                 "tools": tools},
+                chat("hi", "hello")]
+    data = write_jsonl(tmp_path / "valid.jsonl", examples)
+    result = evaluate(model_dir, data, max_new_tokens=4, batch_size=2)  # a plain model dir: no baselines
+    [tuned] = result.candidates
+    assert tuned.counts["tool_call_accuracy"] == 1 and tuned.counts["exact_match"] == 1
+    assert set(tuned.scores[0]) == {"tool_call_name", "tool_call_accuracy"}
+    assert result.to_dict()["examples"][0]["reference"] == '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    assert tuned.counts["trained_tokens"] > 0
+    from transformers import AutoTokenizer
+
+    asked = {**examples[0], "messages": examples[0]["messages"][:1]}  # up to the reference, without it
+    assert tuned.prompt_tokens[0] == len(render().render_prompt(asked, AutoTokenizer.from_pretrained(model_dir)))
+
+
+def test_evaluate_from_config_writes_run_eval(run_dir):
+    from tunekit.config import load_config
+    from tunekit.evaluate import evaluate_from_config
+
+    cfg = load_config(run_dir / "config.yaml", ["eval.limit=2", "eval.max_new_tokens=2", "eval.enabled=true"])
+    result = evaluate_from_config(cfg, run_dir)
+    assert [c.name for c in result.candidates] == ["fine-tuned", "base"] and len(result.examples) == 2
+    stored = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert stored["data"] == str(run_dir / "valid.jsonl")
+    assert stored["candidates"][1]["metrics"]["loss"] == pytest.approx(result.candidates[1].metrics["loss"])

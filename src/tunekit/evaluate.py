@@ -130,11 +130,13 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
+def _last_assistant(example: dict) -> int:
+    return max(i for i, m in enumerate(example["messages"]) if isinstance(m, dict) and m.get("role") == "assistant")
+
+
 def _prompt_messages(example: dict) -> list:
     """Messages before the last assistant message (what the model is asked)."""
-    messages = example["messages"]
-    last = max(i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant")
-    return messages[:last]
+    return example["messages"][:_last_assistant(example)]
 
 
 def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: int) -> list[tuple[int, dict]]:
@@ -471,7 +473,9 @@ def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExa
                    scorer: Scorer | None, log: Callable[[str], None]) -> CandidateResult:
     from tunekit.data.render import end_of_turn_ids, render_example, render_prompt
 
-    shown = [with_shots(ex.example, shots) if shots else ex.example for ex in examples]
+    # The prompt ends before the reference (the last assistant message); later messages play no part.
+    asked = [{**ex.example, "messages": ex.example["messages"][:_last_assistant(ex.example) + 1]} for ex in examples]
+    shown = [with_shots(record, shots) if shots else record for record in asked]
     sequences: list[Sequence] = []
     prompts: list[list[int]] = []
     for ex, record in zip(examples, shown, strict=True):
