@@ -73,7 +73,7 @@ def _standin_render() -> types.ModuleType:
 def _standin_model() -> types.ModuleType:
     mod = types.ModuleType("tunekit.model")
 
-    def load_for_inference(path):
+    def load_for_inference(path, device="cpu"):
         import yaml
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -375,12 +375,13 @@ def test_problems_are_reported_together_before_loading(tmp_path, run_dir):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(TunekitError) as info:
         evaluate(run_dir, bad, baselines=["few-shot:0", "base"], models=[tmp_path / "nope"],
-                 scorer="no_such_module_xyz:f")
+                 scorer="no_such_module_xyz:f", device="gpu")
     text = str(info.value)
     assert f"{bad}:1 messages: no assistant message" in text
     assert f"{bad}:2: not valid JSON at column 2" in text
     assert f"{bad}:3: not a chat example" in text
     assert "few-shot needs a number of shots" in text and "nope" in text and "no_such_module_xyz" in text
+    assert "unknown device 'gpu'" in text
     with pytest.raises(TunekitError, match="not found"):
         evaluate(tmp_path / "missing-run", bad)
 

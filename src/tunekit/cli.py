@@ -178,6 +178,7 @@ def eval_cmd(
     scorer: Annotated[str | None, typer.Option("--scorer", help="module:function(prediction, reference, "
                                                                 "example) -> float | dict")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing few-shot examples")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
 ) -> None:
     """Compare the fine-tuned run with baselines on held-out data; write report.md/.html + results.json."""
     from tunekit.evaluate import evaluate
@@ -185,7 +186,7 @@ def eval_cmd(
 
     try:
         result = evaluate(run_dir, data, baselines=baseline, models=model or [], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, limit=limit, scorer=scorer, seed=seed,
+                          batch_size=batch_size, limit=limit, scorer=scorer, seed=seed, device=device,
                           log=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False))
         files = write_report(result.to_dict(), out or run_dir / "eval", metrics_path=run_dir / "metrics.jsonl")
     except TunekitError as exc:

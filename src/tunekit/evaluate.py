@@ -543,13 +543,15 @@ def plan_candidates(run_dir: Path, config: RunConfig | None, baselines: list[str
 def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: list[str] | tuple[str, ...] | None = None,
              models: list[str | Path] | tuple = (), max_new_tokens: int = 256, batch_size: int = 8,
              limit: int | None = None, scorer: str | None = None, seed: int = 0,
-             config: RunConfig | None = None, log: Callable[[str], None] | None = None) -> EvalResult:
+             device: str = "auto", config: RunConfig | None = None,
+             log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate the run at `run_dir` and its baselines on the chat examples of `data`.
 
     data: a JSONL file of chat examples (default: eval.data, else data.validation of the run's config).
     baselines: "base" (model.base zero-shot), "few-shot:K" (the base with K training examples as earlier
     turns), or a model dir / run dir; default ["base"] when the run has a config.yaml. models: more model
-    dirs or runs to compare. config: the run's RunConfig (read from run_dir/config.yaml when not given).
+    dirs or runs to compare. device: "auto" (cuda when available), "cpu" or "cuda". config: the run's
+    RunConfig (read from run_dir/config.yaml when not given).
     Raises TunekitError listing every problem before any weight loads.
     """
     from tunekit.model import load_for_inference
@@ -565,6 +567,10 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     if baselines is None:
         baselines = ["base"] if config is not None else []
     problems: list[Problem] = []
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(Problem("device", f"unknown device '{device}'", "use auto, cpu or cuda"))
+    elif device == "cuda" and not _cuda_available():
+        problems.append(Problem("device", "cuda was asked for but torch sees no GPU", "use --device cpu or auto"))
     if data is None:
         data = config.eval.data or config.data.validation if config is not None else None
         if data is None:
@@ -602,7 +608,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     run_tokenizer = None
     for path in dict.fromkeys(s.path for s in specs):
         log(f"loading {path}")
-        model, tokenizer = load_for_inference(path)
+        model, tokenizer = load_for_inference(path, device=_resolve_device(device))
         if path == str(run_dir):
             run_tokenizer = tokenizer
         elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
@@ -623,6 +629,18 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    return device
+
+
 def _empty_cuda_cache() -> None:
     import torch
 
@@ -641,7 +659,7 @@ def evaluate_from_config(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[
                                   "set eval.data or data.validation (a file the run did not train on)"))
     result = evaluate(run_dir, data, baselines=cfg.eval.baselines, max_new_tokens=cfg.eval.max_new_tokens,
                       batch_size=cfg.eval.batch_size, limit=cfg.eval.limit, scorer=cfg.eval.scorer,
-                      seed=cfg.eval.seed, config=cfg, log=log)
+                      seed=cfg.eval.seed, device=cfg.train.device, config=cfg, log=log)
     write_report(result.to_dict(), Path(out_dir) if out_dir else Path(run_dir) / "eval",
                  metrics_path=Path(run_dir) / "metrics.jsonl")
     return result
