@@ -352,8 +352,8 @@ def generate(model, prompts: list[list[int]], *, stop_ids: list[int], pad_id: in
         began = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        per_request_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)
         new = out[:, width:].tolist()  # (B, new tokens); rows that stopped early are padded after the stop
+        per_request_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)  # after tolist: GPU work is done
         stops = set(stop_ids)
         for row, i in enumerate(chunk):
             tokens = new[row]
