@@ -195,6 +195,40 @@ def data_convert(
                   + (f" ({len(result.skipped)} bad records left out)" if result.skipped else ""))
 
 
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/) or a model dir")],
+    data: Annotated[Path | None, typer.Option("--data", help="Held-out JSONL chat examples "
+                                                             "(default: the run's eval.data / data.validation)")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="base | few-shot:K | a model dir; "
+                                                                          "repeatable (default: base)")] = None,
+    model: Annotated[list[Path] | None, typer.Option("--model", help="Another model dir or run to compare")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: RUN_DIR/eval)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N examples")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function(prediction, reference, "
+                                                                "example) -> float | dict")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing few-shot examples")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
+) -> None:
+    """Compare the fine-tuned run with baselines on held-out data; write report.md/.html + results.json."""
+    from tunekit.evaluate import evaluate
+    from tunekit.report import write_report
+
+    try:
+        result = evaluate(run_dir, data, baselines=baseline, models=model or [], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, limit=limit, scorer=scorer, seed=seed, device=device,
+                          log=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False))
+        files = write_report(result.to_dict(), out or run_dir / "eval", metrics_path=run_dir / "metrics.jsonl")
+    except TunekitError as exc:
+        fail(exc)
+    verdict = json.loads(files["results"].read_text(encoding="utf-8"))["verdict"]
+    for line in verdict:
+        console.print(f"• {line}", highlight=False)
+    console.print(f"[green]✓[/] report: {files['html']}  ({files['markdown'].name}, {files['results'].name})")
+
+
 def main() -> None:
     try:
         app()
