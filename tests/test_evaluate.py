@@ -378,7 +378,7 @@ def test_problems_are_reported_together_before_loading(tmp_path, run_dir):
                  scorer="no_such_module_xyz:f", device="gpu")
     text = str(info.value)
     assert f"{bad}:1 messages: no assistant message" in text
-    assert f"{bad}:2: not valid JSON at column 2" in text
+    assert f"{bad}:2: not valid JSON" in text and "(column 2)" in text
     assert f"{bad}:3: not a chat example" in text
     assert "few-shot needs a number of shots" in text and "nope" in text and "no_such_module_xyz" in text
     assert "unknown device 'gpu'" in text

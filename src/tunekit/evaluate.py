@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.config import RunConfig, load_config
+from tunekit.data.formats import read_jsonl
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, Problem, TemplateError, TunekitError
 from tunekit.metrics import METRIC_LABELS, Reference, reference_display, reference_of, score_example
@@ -54,19 +55,12 @@ class EvalExample:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed record or None, error message or None) for each non-blank line."""
-    with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, None, f"not valid UTF-8 at byte {exc.start}"
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text), None
-            except json.JSONDecodeError as exc:
-                yield number, None, f"not valid JSON at column {exc.colno}: {exc.msg}"
+    for line in read_jsonl(path):
+        errors = [issue.message for issue in line.issues if issue.severity == "error"]
+        if errors:
+            yield line.number, None, "; ".join(errors)
+        elif line.record is not None:
+            yield line.number, line.record, None
 
 
 def read_eval_examples(path: str | Path, *, limit: int | None = None) -> list[EvalExample]:
