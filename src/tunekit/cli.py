@@ -62,6 +62,23 @@ def config_show(file: Path, overrides: Overrides = None) -> None:
     sys.stdout.write(cfg.to_yaml())
 
 
+@app.command("train")
+def train_cmd(
+    file: Path,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run dir's last checkpoint")] = False,
+) -> None:
+    """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
+    from tunekit.config import load_config
+    from tunekit.train import train
+
+    try:
+        result = train(load_config(file, overrides or []), resume=resume, console=err_console)
+    except TunekitError as exc:
+        fail(exc)
+    console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

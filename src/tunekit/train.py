@@ -240,6 +240,21 @@ def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
     return total, int(target.numel())
 
 
+def backward_step(model, micro_batches: list[Batch], chunk: int, device) -> tuple[float, int]:
+    """Forward + backward of one optimizer step; returns (summed NLL, trained tokens) of the step.
+
+    The trained tokens of ALL micro-batches are counted first and every micro-batch's summed NLL is
+    divided by that one count, so the gradients equal those of a single batch holding every row.
+    """
+    n_trained = sum(b.num_trained for b in micro_batches)  # across ranks: all-reduce this count here
+    step_nll = 0.0
+    for batch in micro_batches:
+        nll_sum, _ = trained_nll(model, batch.to(device), chunk)
+        (nll_sum / n_trained).backward()
+        step_nll += float(nll_sum.detach())
+    return step_nll, n_trained
+
+
 @torch.no_grad()
 def evaluate_loss(model, batches: list[Batch], chunk: int, device) -> tuple[float, float]:
     """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`."""
@@ -511,13 +526,18 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
 
-    step, metrics, trained_total = 0, [], 0
+    step, metrics, trained_total, initial_valid = 0, [], 0, {}
     if resume:
         ckpt = list_checkpoints(run_dir)[-1]
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         restore_rng(ckpt)
         step, metrics, trained_total = state["step"], state["metrics"], state["trained_tokens"]
+        initial_valid = state["initial_valid"]
         say(f"resumed from {ckpt} (step {step})", highlight=False)
+    elif valid_batches:
+        # The starting point, so the summary shows what training changed (eval mode: no RNG is used).
+        loss, acc = evaluate_loss(model, valid_batches, cfg.train.lm_head_chunk, device)
+        initial_valid = {"valid_loss": loss, "valid_token_accuracy": acc}
     # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more).
     with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in metrics)
@@ -535,16 +555,9 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             rows = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, epoch)
             step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
             micro_batches = make_batches(data.train, step_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
-            # Trained tokens of the whole step, counted before any forward (across ranks: all-reduce here).
-            n_trained = sum(b.num_trained for b in micro_batches)
 
             t0 = time.time()
-            step_nll = 0.0
-            for batch in micro_batches:
-                batch = batch.to(device)
-                nll_sum, _ = trained_nll(model, batch, cfg.train.lm_head_chunk)
-                (nll_sum / n_trained).backward()
-                step_nll += float(nll_sum.detach())
+            step_nll, n_trained = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -586,11 +599,11 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                             tps=f"{n_trained / max(1e-9, time.time() - t0):.0f}")
 
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total),
+                save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
                                 cfg.train.keep_last)
 
     # --- 5. final weights, summary ------------------------------------------------------------------
-    save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total),
+    save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
                     cfg.train.keep_last)
     tmp = run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -602,6 +615,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     summary = {
         "steps": step, "epochs": round(step / plan.steps_per_epoch, 4), "planned_epochs": plan.epochs,
         "final_train_loss": last_loss if last_loss is not None else (metrics[-1]["train_loss"] if metrics else None),
+        "initial_valid_loss": initial_valid.get("valid_loss"),
         "final_valid_loss": last_valid.get("valid_loss"),
         "final_valid_token_accuracy": last_valid.get("valid_token_accuracy"),
         "trained_tokens": trained_total,
@@ -628,9 +642,10 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     return TrainResult(run_dir, summary)
 
 
-def _state(step: int, plan: Plan, metrics: list, trained_tokens: int) -> dict:
+def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_valid: dict) -> dict:
     """Position in the data and metrics so far. The epoch order is epoch_rows(seed, epoch)."""
     epoch, batch_index = divmod(step, plan.steps_per_epoch)
     return {"step": step, "epoch": epoch, "batch_index": batch_index, "rows_per_step": plan.batch_size,
-            "trained_tokens": trained_tokens, "metrics": metrics, "time": time.time()}
+            "trained_tokens": trained_tokens, "initial_valid": initial_valid, "metrics": metrics,
+            "time": time.time()}
 
