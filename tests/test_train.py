@@ -233,3 +233,41 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama_dir):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (a["step"], a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
     assert resumed[-1]["valid_loss"] == pytest.approx(reference[-1]["valid_loss"], abs=1e-5)
+
+
+def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tiny_llama_dir):
+    from tunekit.data.dataset import valid_rows
+    from tunekit.train import evaluate_loss, make_batches
+
+    cfg = toy_config(tmp_path, tiny_llama_dir)
+    model = apply_method(load_base(cfg), cfg)
+    seqs = random_sequences(9, 4)
+    lengths = [len(s) for s in seqs]
+    as_packed = make_batches(seqs, valid_rows(lengths, 64, True), 2, True, 0)
+    as_padded = make_batches(seqs, valid_rows(lengths, 64, False), 2, False, 0)
+    assert len(as_packed) < len(as_padded)
+    loss_packed, acc_packed = evaluate_loss(model, as_packed, 4096, "cpu")
+    loss_padded, acc_padded = evaluate_loss(model, as_padded, 4096, "cpu")
+    assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
+    assert acc_packed == acc_padded
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_dir):
+    cfg = toy_config(tmp_path, tiny_llama_dir)
+    torch.manual_seed(0)
+    model = apply_method(load_base(cfg), cfg)
+    model.train()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = packed(random_sequences(4, 2))
+    backward_step(model, [batch], 4096, "cpu")
+    plain = grads(model)
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backward_step(model, [batch], 4096, "cpu")
+    checkpointed = grads(model)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)
