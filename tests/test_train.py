@@ -271,3 +271,20 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_di
     assert plain.keys() == checkpointed.keys() and plain
     for name, g in plain.items():
         torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)
+
+
+def test_continue_example_config_validates_and_runs(tmp_path, tiny_llama_dir):
+    """examples/continue/continue.yaml is a valid config, and it trains from an earlier run."""
+    from tunekit.config import load_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "continue" / "continue.yaml"
+    cfg = load_config(example, check_files=False)  # its base is a run made by the quickstart
+    assert cfg.model.previous_adapter == "merge" and cfg.model.base.endswith("quickstart/runs/quickstart")
+    first = train(toy_config(tmp_path, tiny_llama_dir, out="first", train={"max_steps": 2})).run_dir
+    for mode in ("merge", "continue"):
+        cfg = load_config(example, [f"model.base={first}", f"model.previous_adapter={mode}",
+                                    f"data.train={tmp_path / 'train.jsonl'}", "data.validation=null",
+                                    "data.max_len=64", "train.batch_size=4", "train.max_steps=2",
+                                    f"output.dir={tmp_path / mode}"])
+        result = train(cfg)
+        assert result.summary["steps"] == 2 and (result.run_dir / "final" / "adapter_config.json").is_file()
