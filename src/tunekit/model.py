@@ -10,6 +10,7 @@ model, plus the tokenizer), RUN_DIR/checkpoints/step-NNNNNN/ (same weight format
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,26 +244,31 @@ def body_and_head(model):
 
 def _find_run_for(weights: Path) -> RunDir | None:
     """The run that wrote `weights` (its final/ or a checkpoints/step-N dir), if any."""
-    for candidate in (weights.parent, weights.parent.parent):
-        if is_run_dir(candidate):
-            return read_run_dir(candidate)
+    if weights.name == "final" and is_run_dir(weights.parent):
+        return read_run_dir(weights.parent)
+    if weights.parent.name == "checkpoints" and is_run_dir(weights.parent.parent):
+        return read_run_dir(weights.parent.parent)
     return None
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) in eval mode from a run dir, its final/, a checkpoint, or a plain model dir."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path).expanduser()
     device = torch.device(device)
+    if not Path(path).expanduser().exists():  # a hub id
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map={"": str(device)})
+            return model.eval(), AutoTokenizer.from_pretrained(str(path))
+        except OSError as exc:
+            raise TunekitError(Problem(str(path), f"not a run dir, checkpoint, model dir or reachable hub id: {exc}",
+                                       "give RUN_DIR, RUN_DIR/final, a checkpoint dir, or a model dir")) from None
+    path = Path(path).expanduser()
     run = read_run_dir(path) if is_run_dir(path) else None
     weights = run.final if run is not None else path
-    if run is None and path.is_dir():
+    if run is None:
         run = _find_run_for(path)
-    if not weights.is_dir():
-        raise TunekitError(Problem(str(path), "not a run dir, checkpoint or model dir",
-                                   "give RUN_DIR, RUN_DIR/final, a checkpoint dir, or a model dir"))
     tok_source = weights if (weights / "tokenizer_config.json").is_file() else (
         run.final if run is not None else weights)
 
@@ -271,17 +277,11 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
             cfg = run.cfg.model_copy(update={"method": "lora"})  # a full-precision base for inference
             base = _adapter_base(run, cfg, device, quantize=False)
         else:
-            import json
-
             base_name = json.loads((weights / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-            from transformers import AutoModelForCausalLM
-
-            base = AutoModelForCausalLM.from_pretrained(base_name, device_map={"": str(device)})
+            base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": str(device)})
         model = PeftModel.from_pretrained(base, str(weights))
     else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(weights), device_map={"": str(device)})
+        model = AutoModelForCausalLM.from_pretrained(str(weights), dtype="auto", device_map={"": str(device)})
     tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
     model.eval()
     return model, tokenizer

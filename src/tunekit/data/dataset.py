@@ -6,7 +6,6 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,43 +17,31 @@ from tunekit.errors import DataError, Problem, TunekitError
 
 
 def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence]]:
-    """Render every example of a JSONL file: one list of sequences per example (several for a split turn).
+    """Validate and render every example of a JSONL file: one list of sequences per example.
 
-    Errors name the file and line. Rendering (chat template + masking) is `tunekit.data.render`.
+    Several sequences come from one example when a template is not prefix-stable (data.unstable_template:
+    split). Every problem names the file and line. Validation is `tunekit.data.formats`, rendering (chat
+    template + masking) is `tunekit.data.render`.
     """
-    from tunekit.data.render import render_example  # imported here: render pulls in jinja and templates
+    from tunekit.data.formats import load_examples  # imported here: render pulls in jinja and templates
+    from tunekit.data.render import render_example
 
+    _, records = load_examples(path, data.format)
     examples: list[list[Sequence]] = []
     problems: list[Problem] = []
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            text = raw.decode("utf-8", errors="replace").lstrip("\ufeff").strip()
-            if not text:
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                example = json.loads(text)
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(where, f"not valid JSON: {exc.msg} (column {exc.colno})",
-                                        "run `tunekit data check` on the file"))
-                continue
-            if not isinstance(example, dict):
-                problems.append(Problem(where, "a line must be a JSON object", "run `tunekit data check`"))
-                continue
-            try:
-                seqs = render_example(example, tokenizer, unstable_template=data.unstable_template)
-            except TunekitError as exc:
-                problems += [Problem(f"{where} {p.where}".strip(), p.message, p.hint) for p in exc.problems]
-                continue
-            for seq in seqs:
-                seq.source = {"file": str(path), "line": line_no, **seq.source}
-            examples.append(seqs)
-            if len(problems) >= 20:
+    for line_no, record in records:
+        try:
+            seqs = render_example(record, tokenizer, unstable_template=data.unstable_template)
+        except TunekitError as exc:
+            problems += [Problem(f"{path}:{line_no} {p.where}".strip(), p.message, p.hint) for p in exc.problems]
+            if len(problems) >= 50:
                 break
+            continue
+        for seq in seqs:
+            seq.source = {"file": str(path), "line": line_no, **seq.source}
+        examples.append(seqs)
     if problems:
-        raise DataError(problems, title=f"{path}: cannot be used for training")
-    if not examples:
-        raise DataError(Problem(str(path), "no examples in the file", "one JSON object per line"))
+        raise DataError(problems, title=f"{path}: examples that cannot be rendered for training")
     return examples
 
 
