@@ -288,3 +288,18 @@ def test_continue_example_config_validates_and_runs(tmp_path, tiny_llama_dir):
                                     f"output.dir={tmp_path / mode}"])
         result = train(cfg)
         assert result.summary["steps"] == 2 and (result.run_dir / "final" / "adapter_config.json").is_file()
+
+
+def test_eval_section_runs_the_evaluation_after_training(tmp_path, tiny_llama_dir):
+    from toy_runs import write_toy_chat
+
+    valid = write_toy_chat(tmp_path / "valid.jsonl", 4, seed=1)
+    no_file = toy_config(tmp_path, tiny_llama_dir, out="e0", eval={"enabled": True})
+    with pytest.raises(ConfigError) as err:  # validation_fraction is no file the evaluation can read
+        train(no_file)
+    assert err.value.problems[0].where == "eval.enabled"
+    cfg = toy_config(tmp_path, tiny_llama_dir, out="e1", train={"max_steps": 2},
+                     data={"validation": str(valid), "validation_fraction": 0.0},
+                     eval={"enabled": True, "max_new_tokens": 4, "limit": 2})
+    run = train(cfg).run_dir
+    assert (run / "eval").is_dir() and any((run / "eval").iterdir())

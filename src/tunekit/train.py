@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunekit.config import RunConfig, load_config
+from tunekit.data.check import recommended_epochs
 from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
 from tunekit.data.types import IGNORE, Sequence
@@ -113,6 +114,9 @@ def check_setup(cfg: RunConfig, *, resume: bool) -> list[Problem]:
         if importlib.util.find_spec(module) is None:
             problems.append(Problem("output.trackers", f"{tracker} is configured but not installed",
                                     f"pip install {module}, or remove it from output.trackers"))
+    if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
+        problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
+                                "set eval.data or data.validation (a file the run does not train on)"))
     problems += _run_dir_problems(cfg, resume=resume)
     return problems
 
@@ -157,23 +161,9 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 # Plan
 
 
-def _recommended_epochs(n: int) -> int:
-    """OpenAI cookbook rule (target 3 epochs, at least 100 and at most 25000 example-passes)."""
-    try:
-        from tunekit.data.check import recommended_epochs
-    except ImportError:
-        epochs = 3
-        if n * epochs < 100:
-            epochs = min(25, math.ceil(100 / n))
-        elif n * epochs > 25000:
-            epochs = max(1, 25000 // n)
-        return epochs
-    return recommended_epochs(n)
-
-
 def make_plan(cfg: RunConfig, n_examples: int, rows_per_epoch: int) -> Plan:
     t = cfg.train
-    epochs = _recommended_epochs(n_examples) if t.epochs == "auto" else t.epochs
+    epochs = recommended_epochs(n_examples) if t.epochs == "auto" else t.epochs
     lr = (1e-5 if cfg.method == "full" else 2e-4) if t.lr == "auto" else t.lr
     batch = max(1, t.batch_tokens // cfg.data.max_len) if t.batch_size == "auto" else t.batch_size
     micro = min(t.micro_batch_size, batch)
@@ -638,7 +628,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     if cfg.eval.enabled:
         from tunekit.evaluate import evaluate_from_config
 
-        evaluate_from_config(cfg, run_dir)
+        evaluate_from_config(cfg, run_dir, log=lambda message: say(message, highlight=False))
     return TrainResult(run_dir, summary)
 
 
