@@ -495,7 +495,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     # --- 2. run dir ---------------------------------------------------------------------------------
     run_dir = Path(cfg.output.dir)
     if not resume and run_dir.exists() and cfg.output.overwrite:
-        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml"):
+        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval", "tensorboard"):
             p = run_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -636,6 +636,7 @@ def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_va
     """Position in the data and metrics so far. The epoch order is epoch_rows(seed, epoch)."""
     epoch, batch_index = divmod(step, plan.steps_per_epoch)
     return {"step": step, "epoch": epoch, "batch_index": batch_index, "rows_per_step": plan.batch_size,
+            "order": "tunekit.data.dataset.epoch_rows(lengths, max_len, packing, train.seed, epoch)",
             "trained_tokens": trained_tokens, "initial_valid": initial_valid, "metrics": metrics,
             "time": time.time()}
 
