@@ -352,12 +352,7 @@ def _validate_chat(record: dict) -> list[DataIssue]:
                 issues.append(DataIssue("invalid_tool_call", cp, "function_call needs a 'name' and 'arguments'",
                                         '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}'))
             else:
-                why = _json_object_problem(call.get("arguments"))
-                if why:
-                    issues.append(DataIssue("tool_arguments_not_json", f"{cp}.arguments", why,
-                                            "encode the arguments object with json.dumps"))
-                if declared is not None and call["name"] not in declared:
-                    issues.append(_not_declared(call["name"], f"{cp}.name", declared))
+                issues += _call_issues(call, cp, declared)
                 open_function_call = (i, cp)
 
         if role == "tool":
@@ -426,12 +421,18 @@ def _validate_call(call: Any, cp: str, i: int, declared: set[str] | None,
     if call.get("type", "function") != "function":
         issues.append(DataIssue("invalid_tool_call", f"{cp}.type", f"type {call.get('type')!r} is not supported",
                                 'use "type": "function"'))
+    return issues + _call_issues(fn, f"{cp}.function", declared)
+
+
+def _call_issues(fn: dict, path: str, declared) -> list[DataIssue]:
+    """A function call's {"name", "arguments"}: arguments must be a JSON object, the name a declared tool."""
+    issues = []
     why = _json_object_problem(fn.get("arguments"))
     if why:
-        issues.append(DataIssue("tool_arguments_not_json", f"{cp}.function.arguments", why,
+        issues.append(DataIssue("tool_arguments_not_json", f"{path}.arguments", why,
                                 "encode the arguments object with json.dumps"))
     if declared is not None and fn["name"] not in declared:
-        issues.append(_not_declared(fn["name"], f"{cp}.function.name", declared))
+        issues.append(_not_declared(fn["name"], f"{path}.name", declared))
     return issues
 
 
