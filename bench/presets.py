@@ -56,7 +56,7 @@ PRESETS: dict[str, Preset] = {
     # A few minutes per run on 2 CPU cores.
     "cpu-small": Preset(
         name="cpu-small", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=8192,
-        seq_len=512, n_train=384, n_eval=32, median_tokens=160, steps=24, warmup_steps=4, lr=2e-4,
+        seq_len=512, n_train=192, n_eval=32, median_tokens=160, steps=12, warmup_steps=3, lr=2e-4,
         lora_r=16, lora_alpha=32, dtype="fp32", device="cpu", tokenizer_vocab=4096, threads=2,
     ),
     "cpu-medium": Preset(

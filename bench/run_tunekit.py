@@ -29,14 +29,15 @@ def main() -> None:
     preset = PRESETS[args.preset]
 
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
     from transformers import AutoTokenizer
-    from tunekit.data.pack import best_fit_decreasing
-    from tunekit.model import load_for_inference
-    from tunekit.train import train
 
     from bench import measure
     from bench.data import read_jsonl, render_with_mask
     from tunekit.config import config_from_dict
+    from tunekit.data.pack import best_fit_decreasing
+    from tunekit.model import load_for_inference
+    from tunekit.train import train
 
     train_rows = read_jsonl(args.workdir / "train.jsonl")
     eval_rows = read_jsonl(args.workdir / "eval.jsonl")
@@ -66,7 +67,7 @@ def main() -> None:
             torch.cuda.synchronize()
         ends.append(time.perf_counter())
 
-    handle = torch.optim.optimizer.register_optimizer_step_post_hook(step_done)
+    handle = register_optimizer_step_post_hook(step_done)
     if preset.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     train_start = time.perf_counter()
