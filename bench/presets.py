@@ -33,7 +33,10 @@ class Preset:
     dtype: str  # "fp32" on CPU, "bf16" on GPU
     device: str  # "cpu" | "cuda"
     tokenizer_vocab: int  # BPE vocabulary trained by the bench (<= vocab)
-    threads: int | None = None  # torch threads per run (None: torch's default)
+    # torch threads per run (None: torch's default). The CPU presets use 1: on a machine shared with other
+    # jobs, a 2-thread op waits at its barrier for a descheduled thread (a scheduler quantum, ~10 ms, per op),
+    # which swamps the measurement.
+    threads: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,18 +54,18 @@ PRESETS: dict[str, Preset] = {
     "cpu-tiny": Preset(
         name="cpu-tiny", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=2048,
         seq_len=256, n_train=48, n_eval=8, median_tokens=100, steps=6, warmup_steps=2, lr=2e-4,
-        lora_r=8, lora_alpha=16, dtype="fp32", device="cpu", tokenizer_vocab=1024, threads=2,
+        lora_r=8, lora_alpha=16, dtype="fp32", device="cpu", tokenizer_vocab=1024, threads=1,
     ),
     # A few minutes per run on 2 CPU cores.
     "cpu-small": Preset(
         name="cpu-small", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688, vocab=8192,
         seq_len=512, n_train=192, n_eval=32, median_tokens=160, steps=12, warmup_steps=3, lr=2e-4,
-        lora_r=16, lora_alpha=32, dtype="fp32", device="cpu", tokenizer_vocab=4096, threads=2,
+        lora_r=16, lora_alpha=32, dtype="fp32", device="cpu", tokenizer_vocab=4096, threads=1,
     ),
     "cpu-medium": Preset(
         name="cpu-medium", hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1376, vocab=32000,
         seq_len=1024, n_train=512, n_eval=32, median_tokens=300, steps=24, warmup_steps=4, lr=2e-4,
-        lora_r=16, lora_alpha=32, dtype="fp32", device="cpu", tokenizer_vocab=4096, threads=2,
+        lora_r=16, lora_alpha=32, dtype="fp32", device="cpu", tokenizer_vocab=4096, threads=1,
     ),
     # GPU shapes of Llama 3.2 1B and Llama 3.1 8B with random init (no weights are downloaded).
     "llama-3.2-1b": Preset(

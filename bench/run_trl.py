@@ -18,41 +18,29 @@ import math
 import time
 from pathlib import Path
 
-from bench.presets import PRESETS
+from bench.presets import PRESETS, Preset
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--variant", choices=["default", "packed"], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--no-gc", action="store_true", help="turn off TRL's default gradient checkpointing")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    preset = PRESETS[args.preset]
-
+def build_trainer(preset: Preset, workdir: Path, train_rows: list[dict], *, packed: bool,
+                  gradient_checkpointing: bool, output_dir: Path):
+    """(SFTTrainer, batch per step) for one epoch of `train_rows` in `preset.steps` steps."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
     from trl.data_utils import pack_dataset
 
-    from bench import measure
-    from bench.data import for_trl, read_jsonl, render_with_mask
+    from bench.data import for_trl, render_with_mask
 
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    train_rows = read_jsonl(args.workdir / "train.jsonl")
-    eval_rows = read_jsonl(args.workdir / "eval.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(args.workdir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.workdir / "model", dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype, attn_implementation="sdpa")
 
     # Size the batch so that one epoch takes `preset.steps` steps: examples for padded batches, packed rows
     # (counted with TRL's own packer on the same tokenized lengths) for packing.
-    packed = args.variant == "packed"
     if packed:
         ids = [render_with_mask(ex, tokenizer)[0] for ex in train_rows]
         units = len(pack_dataset(Dataset.from_dict({"input_ids": ids}), preset.seq_len, "bfd"))
@@ -61,7 +49,7 @@ def main() -> None:
     batch = math.ceil(units / preset.steps)
 
     config = SFTConfig(
-        output_dir=str(args.out.parent / f"trl-{args.variant}-out"),
+        output_dir=str(output_dir),
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
         num_train_epochs=1,
@@ -72,7 +60,7 @@ def main() -> None:
         assistant_only_loss=True,
         packing=packed,
         packing_strategy="bfd",
-        gradient_checkpointing=not args.no_gc,
+        gradient_checkpointing=gradient_checkpointing,
         bf16=preset.dtype == "bf16",  # TRL defaults to bf16; on CPU the bench trains in fp32 like tunekit
         use_cpu=preset.device == "cpu",
         logging_steps=1,
@@ -87,6 +75,32 @@ def main() -> None:
     dataset = Dataset.from_list([for_trl(ex) for ex in train_rows])
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+    return trainer, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--variant", choices=["default", "packed"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-gc", action="store_true", help="turn off TRL's default gradient checkpointing")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    preset = PRESETS[args.preset]
+
+    import torch
+    from transformers import TrainerCallback
+
+    from bench import measure
+    from bench.data import read_jsonl
+
+    train_rows = read_jsonl(args.workdir / "train.jsonl")
+    eval_rows = read_jsonl(args.workdir / "eval.jsonl")
+    packed = args.variant == "packed"
+    trainer, batch = build_trainer(preset, args.workdir, train_rows, packed=packed, gradient_checkpointing=not args.no_gc,
+                                   output_dir=args.out.parent / f"trl-{args.variant}-out")
+    tokenizer = trainer.processing_class
 
     # Count what each micro-batch trains and processes as it enters the model (a forward pre-hook, public
     # torch API); the callback closes the step.

@@ -16,7 +16,29 @@ import math
 import time
 from pathlib import Path
 
-from bench.presets import PRESETS
+from bench.presets import PRESETS, Preset
+
+
+def tunekit_config(preset: Preset, workdir: Path, tokenizer, train_rows: list[dict]):
+    """(RunConfig, rows per step) for one epoch of `train_rows` in `preset.steps` steps."""
+    from bench.data import render_with_mask
+    from tunekit.config import config_from_dict
+    from tunekit.data.pack import best_fit_decreasing
+
+    # Packed rows of one epoch (tunekit packs best-fit-decreasing), to size the batch to `preset.steps` steps.
+    lengths = [len(render_with_mask(ex, tokenizer)[0]) for ex in train_rows]
+    rows = len(best_fit_decreasing(lengths, preset.seq_len))
+    batch = math.ceil(rows / preset.steps)
+    cfg = config_from_dict({
+        "model": {"base": str(workdir / "model"), "dtype": preset.dtype, "attn_implementation": "sdpa"},
+        "data": {"train": str(workdir / "train.jsonl"), "max_len": preset.seq_len},
+        "method": "lora",
+        "lora": {"r": preset.lora_r, "alpha": preset.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"},
+        "train": {"epochs": 1, "lr": preset.lr, "batch_size": batch, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "seed": 42, "log_every": 1, "threads": preset.threads, "device": preset.device},
+        "output": {"dir": str(workdir / "tunekit-run"), "overwrite": True},
+    }, source="bench")
+    return cfg, batch
 
 
 def main() -> None:
@@ -33,30 +55,15 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from bench import measure
-    from bench.data import read_jsonl, render_with_mask
-    from tunekit.config import config_from_dict
-    from tunekit.data.pack import best_fit_decreasing
+    from bench.data import read_jsonl
     from tunekit.model import load_for_inference
     from tunekit.train import train
 
     train_rows = read_jsonl(args.workdir / "train.jsonl")
     eval_rows = read_jsonl(args.workdir / "eval.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(args.workdir / "model")
-    # Packed rows of one epoch (tunekit packs best-fit-decreasing), to size the batch to `preset.steps` steps.
-    lengths = [len(render_with_mask(ex, tokenizer)[0]) for ex in train_rows]
-    rows = len(best_fit_decreasing(lengths, preset.seq_len))
-    batch = math.ceil(rows / preset.steps)
-
-    run_dir = args.workdir / "tunekit-run"
-    cfg = config_from_dict({
-        "model": {"base": str(args.workdir / "model"), "dtype": preset.dtype, "attn_implementation": "sdpa"},
-        "data": {"train": str(args.workdir / "train.jsonl"), "max_len": preset.seq_len},
-        "method": "lora",
-        "lora": {"r": preset.lora_r, "alpha": preset.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"epochs": 1, "lr": preset.lr, "batch_size": batch, "scheduler": "constant", "warmup_ratio": 0.0,
-                  "seed": 42, "log_every": 1, "threads": preset.threads, "device": preset.device},
-        "output": {"dir": str(run_dir), "overwrite": True},
-    }, source="bench")
+    cfg, batch = tunekit_config(preset, args.workdir, tokenizer, train_rows)
+    run_dir = Path(cfg.output.dir)
 
     # The end of each optimizer step, seen through torch's global optimizer hook (public API): the clock the
     # TRL runner reads from its step-end callback.
