@@ -37,7 +37,12 @@ def build_trainer(preset: Preset, workdir: Path, train_rows: list[dict], *, pack
         torch.set_num_threads(preset.threads)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype, attn_implementation="sdpa")
+    # TRL's padding-free batches want flash-attn (varlen) on CUDA; sdpa everywhere else, as for tunekit.
+    import importlib.util
+
+    flash = preset.device == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=dtype,
+                                                 attn_implementation="flash_attention_2" if flash else "sdpa")
 
     # Size the batch so that one epoch takes `preset.steps` steps: examples for padded batches, packed rows
     # (counted with TRL's own packer on the same tokenized lengths) for packing.

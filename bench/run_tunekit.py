@@ -30,7 +30,8 @@ def tunekit_config(preset: Preset, workdir: Path, tokenizer, train_rows: list[di
     rows = len(best_fit_decreasing(lengths, preset.seq_len))
     batch = math.ceil(rows / preset.steps)
     cfg = config_from_dict({
-        "model": {"base": str(workdir / "model"), "dtype": preset.dtype, "attn_implementation": "sdpa"},
+        # "auto": sdpa on CPU; on CUDA flash-attn's varlen path when it is installed (tunekit's default).
+        "model": {"base": str(workdir / "model"), "dtype": preset.dtype, "attn_implementation": "auto"},
         "data": {"train": str(workdir / "train.jsonl"), "max_len": preset.seq_len},
         "method": "lora",
         "lora": {"r": preset.lora_r, "alpha": preset.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"},
