@@ -279,7 +279,7 @@ def test_continue_example_config_validates_and_runs(tmp_path, tiny_llama_dir):
 
     example = Path(__file__).resolve().parents[1] / "examples" / "continue" / "continue.yaml"
     cfg = load_config(example, check_files=False)  # its base is a run made by the quickstart
-    assert cfg.model.previous_adapter == "merge" and cfg.model.base.endswith("quickstart/runs/quickstart")
+    assert cfg.model.previous_adapter == "merge" and cfg.model.base.endswith("runs/quickstart")
     first = train(toy_config(tmp_path, tiny_llama_dir, out="first", train={"max_steps": 2})).run_dir
     for mode in ("merge", "continue"):
         cfg = load_config(example, [f"model.base={first}", f"model.previous_adapter={mode}",
