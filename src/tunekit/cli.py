@@ -5,6 +5,7 @@ User errors (`TunekitError`) are printed without a traceback and exit with code 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunekit.errors import TunekitError
+from tunekit.errors import Problem, TunekitError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Check, see, train and evaluate fine-tunes of open LLMs on OpenAI-format chat data.")
@@ -61,6 +62,172 @@ def config_show(file: Path, overrides: Overrides = None) -> None:
     except TunekitError as exc:
         fail(exc)
     sys.stdout.write(cfg.to_yaml())
+
+
+SHOWN_PROBLEMS = 50  # rows of the human problems table; --json has every stored problem
+
+
+def _print_check_report(report) -> None:
+    """Rich tables for a data.check.CheckReport: problems, counts per code, statistics."""
+    from rich.table import Table
+
+    colors = {"error": "red", "warning": "yellow", "info": "blue"}
+    if report.problems:
+        table = Table(title="Problems", show_lines=False)
+        for col in ("where", "code", "message", "hint"):
+            table.add_column(col, overflow="fold")
+        for p in report.problems[:SHOWN_PROBLEMS]:
+            table.add_row(p.where or p.file, f"[{colors[p.severity]}]{p.code}[/]", p.message, p.hint)
+        console.print(table)
+        shown, total = min(len(report.problems), SHOWN_PROBLEMS), sum(report.counts.values())
+        if shown < total:
+            console.print(f"[dim]showing the first {shown} of {total} problems (--json lists "
+                          f"{len(report.problems)})[/]")
+        summary = Table(title="Problems per code")
+        for col in ("code", "severity", "count"):
+            summary.add_column(col, justify="right" if col == "count" else "left")
+        rank = {"error": 0, "warning": 1, "info": 2}
+        for code, n in sorted(report.counts.items(), key=lambda kv: (rank[report.severities[kv[0]]], -kv[1])):
+            sev = report.severities[code]
+            summary.add_row(code, f"[{colors[sev]}]{sev}[/]", str(n))
+        console.print(summary)
+    s = report.stats
+    if s is not None:
+        table = Table(title=f"{report.examples} examples ({report.format}), lengths in {s.unit}")
+        for col in ("per example", "min", "p5", "median", "mean", "p95", "max", "total"):
+            table.add_column(col, justify="left" if col == "per example" else "right")
+        for name, summ in (("messages", s.messages), (s.unit, s.length), (f"trained {s.unit}", s.trained)):
+            if summ is not None:
+                table.add_row(name, *(f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
+                                      for v in (summ.min, summ.p5, summ.median, summ.mean, summ.p95, summ.max,
+                                                summ.total)))
+        console.print(table)
+        console.print(f"recommended epochs: {s.epochs}")
+        if s.max_len is not None:
+            console.print(f"examples longer than {s.max_len} tokens: {s.over_max_len} "
+                          f"({s.trained_lost:,} trained tokens lost)")
+        if s.estimated_trained_tokens is not None:
+            console.print(f"estimated trained tokens: {s.estimated_trained_tokens:,} ({s.epochs} epochs)")
+    for note in report.notes:
+        console.print(f"[dim]note: {note}[/]")
+    if report.validation is not None:
+        console.print(f"validation: {report.validation_examples} examples in {report.validation}")
+    verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors} error(s)[/]"
+    console.print(f"{verdict}, {report.warnings} warning(s)")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path,
+    validation: Annotated[Path | None, typer.Option("--validation", help="Validation JSONL (checked for overlap)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Local model dir or hub id: token statistics")] = None,
+    max_len: Annotated[int | None, typer.Option("--max-len", min=1, help="Count examples longer than this")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, chat, completion or text")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+) -> None:
+    """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
+    from tunekit.data.check import check_file, load_tokenizer
+
+    if fmt not in ("auto", "chat", "completion", "text"):
+        fail(TunekitError(Problem("--format", f"unknown format {fmt!r}", "use auto, chat, completion or text")))
+    try:
+        tokenizer = load_tokenizer(model) if model else None
+        report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt)
+    except TunekitError as exc:
+        fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    else:
+        _print_check_report(report)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@data_app.command("preview")
+def data_preview(
+    file: Path,
+    model: Annotated[str, typer.Option("--model", help="Local model dir or hub id (its tokenizer and template)")],
+    n: Annotated[int, typer.Option("-n", min=1, help="How many examples")] = 3,
+) -> None:
+    """Print examples as the model's chat template renders them, trained tokens highlighted."""
+    from tunekit.data.check import load_tokenizer
+    from tunekit.data.formats import load_examples
+    from tunekit.data.preview import TRAINED_STYLE, preview_example
+    from tunekit.data.render import template_warnings
+
+    try:
+        tokenizer = load_tokenizer(model)
+        _, examples = load_examples(file)
+        if getattr(tokenizer, "chat_template", None):
+            for warning in template_warnings(tokenizer):
+                err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
+        console.print(f"legend: [{TRAINED_STYLE}]trained[/] [dim]not trained[/]")
+        for line, example in examples[:n]:
+            try:
+                shown = preview_example(example, tokenizer)
+            except TunekitError as exc:
+                raise type(exc)([Problem(f"{file}:{line} {p.where}".strip(), p.message, p.hint)
+                                 for p in exc.problems]) from None
+            console.rule(f"{file}:{line}  {shown.tokens} tokens, {shown.trained} trained"
+                         + (f", {shown.sequences} sequences" if shown.sequences > 1 else ""))
+            console.print(shown.text, highlight=False, markup=False)
+    except TunekitError as exc:
+        fail(exc)
+
+
+@data_app.command("convert")
+def data_convert(
+    src: Path,
+    dst: Path,
+    source: Annotated[str, typer.Option("--from", help="Input format: sharegpt or alpaca")],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave bad records out instead of failing")] = False,
+) -> None:
+    """Convert ShareGPT or Alpaca JSONL to OpenAI chat JSONL (written atomically)."""
+    from tunekit.data.convert import convert_file
+
+    if source not in ("sharegpt", "alpaca"):
+        fail(TunekitError(Problem("--from", f"unknown input format {source!r}", "use sharegpt or alpaca")))
+    try:
+        result = convert_file(src, dst, source, skip_bad=skip_bad)  # type: ignore[arg-type]
+    except TunekitError as exc:
+        fail(exc)
+    for issue in result.skipped:
+        err_console.print(f"  [yellow]skipped[/] [bold]{issue.where}[/]: {issue.message}", highlight=False)
+    console.print(f"[green]✓[/] wrote {result.written} examples to {dst}"
+                  + (f" ({len(result.skipped)} bad records left out)" if result.skipped else ""))
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/) or a model dir")],
+    data: Annotated[Path | None, typer.Option("--data", help="Held-out JSONL chat examples "
+                                                             "(default: the run's eval.data / data.validation)")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="base | few-shot:K | a model dir; "
+                                                                          "repeatable (default: base)")] = None,
+    model: Annotated[list[Path] | None, typer.Option("--model", help="Another model dir or run to compare")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: RUN_DIR/eval)")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Evaluate the first N examples")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    scorer: Annotated[str | None, typer.Option("--scorer", help="module:function(prediction, reference, "
+                                                                "example) -> float | dict")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for choosing few-shot examples")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
+) -> None:
+    """Compare the fine-tuned run with baselines on held-out data; write report.md/.html + results.json."""
+    from tunekit.evaluate import evaluate
+    from tunekit.report import write_report
+
+    try:
+        result = evaluate(run_dir, data, baselines=baseline, models=model or [], max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, limit=limit, scorer=scorer, seed=seed, device=device,
+                          log=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False))
+        files = write_report(result.to_dict(), out or run_dir / "eval", metrics_path=run_dir / "metrics.jsonl")
+    except TunekitError as exc:
+        fail(exc)
+    verdict = json.loads(files["results"].read_text(encoding="utf-8"))["verdict"]
+    for line in verdict:
+        console.print(f"• {line}", highlight=False)
+    console.print(f"[green]✓[/] report: {files['html']}  ({files['markdown'].name}, {files['results'].name})")
 
 
 @app.command("chat")

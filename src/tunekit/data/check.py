@@ -1,0 +1,366 @@
+"""`check_file`: every problem of a data file at once, plus length statistics and an epoch estimate.
+
+One streaming pass per file. Per-example numbers are kept in compact `array`s (4-8 bytes each) and
+duplicates are found from 8-byte content digests, so memory grows by well under 100 bytes per example
+(columns, digests and the sort that finds repeats) and never with the size of the examples themselves.
+
+Token statistics need a tokenizer: the caller passes `count_fn(example) -> list[Sequence]` (by default
+`render_example` bound to the tokenizer), so these numbers are exactly what training will see.
+Without one, characters are counted instead and a note says token counts need `--model`.
+
+Percentiles (p5, median, p95) are linear interpolation between the closest ranks (numpy's default,
+equal to `statistics.quantiles(..., method="inclusive")`).
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tunekit.data.formats import (
+    DataIssue,
+    Format,
+    Severity,
+    check_readable,
+    read_jsonl,
+    record_digest,
+    validate_in_file,
+)
+from tunekit.data.types import Sequence
+from tunekit.errors import DataError, Problem, TunekitError
+
+MAX_STORED_PROBLEMS = 1000  # problems kept with their details; all are counted
+MIN_EXAMPLES = 10  # fewer -> too_few_examples (the OpenAI fine-tuning minimum)
+
+# The OpenAI cookbook's default epoch rule: aim for 3 epochs, but see at least ~100 and at most
+# ~25000 examples in total.
+TARGET_EPOCHS = 3
+MIN_TARGET_EXAMPLES = 100
+MAX_TARGET_EXAMPLES = 25000
+MIN_DEFAULT_EPOCHS = 1
+MAX_DEFAULT_EPOCHS = 25
+
+CountFn = Callable[[dict], list[Sequence]]
+
+
+def recommended_epochs(n_examples: int) -> int:
+    """Epochs for `n_examples` by the OpenAI cookbook rule (3, more for tiny sets, fewer for huge ones)."""
+    if n_examples < 1:
+        raise ValueError("recommended_epochs needs at least one example")
+    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return min(MAX_DEFAULT_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / n_examples))
+    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+        return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
+    return TARGET_EPOCHS
+
+
+@dataclass
+class Summary:
+    """Distribution of one per-example number."""
+
+    total: int
+    min: float
+    max: float
+    mean: float
+    median: float
+    p5: float
+    p95: float
+
+
+def summarize(values: array | list[int]) -> Summary | None:
+    """min / max / mean / median / p5 / p95 (linear interpolation between closest ranks); None if empty."""
+    if len(values) == 0:
+        return None
+    a = np.asarray(values)  # an array.array is wrapped through the buffer protocol, not copied
+    p5, median, p95 = np.percentile(a, [5, 50, 95])
+    return Summary(total=int(a.sum()), min=float(a.min()), max=float(a.max()), mean=float(a.mean()),
+                   median=float(median), p5=float(p5), p95=float(p95))
+
+
+@dataclass
+class Stats:
+    examples: int
+    unit: Literal["tokens", "characters"]
+    messages: Summary | None  # messages per example (chat files)
+    length: Summary | None  # tokens (or characters) per example, all sequences of the example
+    trained: Summary | None  # trained tokens (or characters) per example
+    max_len: int | None = None
+    over_max_len: int = 0  # examples with a sequence longer than max_len (tokens only)
+    trained_lost: int = 0  # trained tokens in those sequences (dropped at training)
+    epochs: int | None = None  # recommended_epochs(examples)
+    estimated_trained_tokens: int | None = None  # epochs x trained tokens of the sequences that fit
+
+
+@dataclass
+class CheckReport:
+    path: str
+    format: Format | None
+    lines: int
+    examples: int  # records without errors (the ones statistics describe)
+    problems: list[DataIssue]  # the first MAX_STORED_PROBLEMS, by file then line
+    counts: dict[str, int]  # code -> how many, counting every problem
+    severities: dict[str, Severity]  # code -> its severity
+    stats: Stats | None
+    validation: str | None = None
+    validation_examples: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, severity: Severity) -> int:
+        return sum(n for code, n in self.counts.items() if self.severities[code] == severity)
+
+    @property
+    def errors(self) -> int:
+        return self.count("error")
+
+    @property
+    def warnings(self) -> int:
+        return self.count("warning")
+
+    @property
+    def ok(self) -> bool:
+        return self.errors == 0
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path, "validation": self.validation, "format": self.format, "lines": self.lines,
+            "examples": self.examples, "validation_examples": self.validation_examples,
+            "errors": self.errors, "warnings": self.warnings, "ok": self.ok,
+            "counts": dict(self.counts), "severities": dict(self.severities),
+            "problems": [p.to_dict() for p in self.problems], "problems_stored": len(self.problems),
+            "stats": asdict(self.stats) if self.stats else None, "notes": list(self.notes),
+        }
+
+
+class _Problems:
+    """Counts every problem; keeps the details of the first MAX_STORED_PROBLEMS."""
+
+    def __init__(self) -> None:
+        self.stored: list[DataIssue] = []
+        self.counts: Counter[str] = Counter()
+        self.severities: dict[str, Severity] = {}
+
+    def add(self, issue: DataIssue) -> None:
+        self.counts[issue.code] += 1
+        self.severities.setdefault(issue.code, issue.severity)
+        if len(self.stored) < MAX_STORED_PROBLEMS:
+            self.stored.append(issue)
+
+
+@dataclass
+class _Scan:
+    """What one pass over a file keeps: compact per-example columns, nothing of the examples."""
+
+    format: Format | None = None
+    lines: int = 0
+    line_of: array = field(default_factory=lambda: array("I"))  # line number of each valid example
+    digests: array = field(default_factory=lambda: array("Q"))  # 8-byte content digest of each
+    messages: array = field(default_factory=lambda: array("I"))
+    length: array = field(default_factory=lambda: array("Q"))  # tokens or characters
+    trained: array = field(default_factory=lambda: array("Q"))
+    over_max_len: int = 0
+    trained_lost: int = 0
+    trained_fitting: int = 0  # trained tokens in sequences of at most max_len
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def _char_counts(record: dict, fmt: Format) -> tuple[int, int]:
+    """(characters, trained characters) of a valid record: text plus tool-call arguments."""
+    if fmt == "text":
+        n = len(record["text"])
+        return n, n
+    if fmt == "completion":
+        return len(record["prompt"]) + len(record["completion"]), len(record["completion"])
+    total = trained = 0
+    for msg in record["messages"]:
+        n = len(_text(msg.get("content")))
+        for call in msg.get("tool_calls") or []:
+            n += len(call["function"]["name"]) + len(call["function"].get("arguments") or "")
+        if msg.get("function_call"):
+            n += len(msg["function_call"]["name"]) + len(msg["function_call"].get("arguments") or "")
+        total += n
+        if msg["role"] == "assistant" and msg.get("weight", 1) != 0:
+            trained += n
+    return total, trained
+
+
+def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
+          count_fn: CountFn | None, max_len: int | None) -> _Scan:
+    scan = _Scan(format=fmt)
+    label = str(path)
+    for line in read_jsonl(path):
+        scan.lines = line.number
+        for issue in line.issues:
+            problems.add(_placed(issue, label, line.number))
+        if line.record is None:
+            continue
+        used, issues = validate_in_file(line.record, scan.format)
+        if count_fn is not None and stats and not any(i.severity == "error" for i in issues):
+            try:
+                sequences = count_fn(line.record)
+            except TunekitError as exc:  # e.g. a TemplateError for this example
+                message = "; ".join(p.message for p in exc.problems) or str(exc)
+                hints = [p.hint for p in exc.problems if p.hint]
+                issues.append(DataIssue("render_failed", "", f"cannot render with the tokenizer: {message}",
+                                        hints[0] if hints else "see `tunekit data show` for this line"))
+        for issue in issues:
+            problems.add(_placed(issue, label, line.number))
+        if any(i.severity == "error" for i in issues):
+            continue
+        scan.format = scan.format or used  # fixed by the first valid record
+        scan.line_of.append(line.number)
+        scan.digests.append(record_digest(line.record))
+        if not stats:
+            continue
+        if used == "chat":
+            scan.messages.append(len(line.record["messages"]))
+        if count_fn is None:
+            total, trained = _char_counts(line.record, used)
+        else:
+            total = sum(len(s) for s in sequences)
+            trained = sum(s.num_trained for s in sequences)
+            long = [s for s in sequences if max_len is not None and len(s) > max_len]
+            lost = sum(s.num_trained for s in long)
+            scan.over_max_len += bool(long)
+            scan.trained_lost += lost
+            scan.trained_fitting += trained - lost
+        scan.length.append(total)
+        scan.trained.append(trained)
+    return scan
+
+
+def _placed(issue: DataIssue, file: str, line: int | None) -> DataIssue:
+    return DataIssue(issue.code, issue.path, issue.message, issue.hint, issue.severity,
+                     line if issue.line is None else issue.line, file, issue.column)
+
+
+def _sorted_digests(digests: array) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted digests, order): a stable sort, so among equal digests the earliest line comes first."""
+    d = np.frombuffer(digests, dtype=np.uint64) if len(digests) else np.zeros(0, dtype=np.uint64)
+    order = np.argsort(d, kind="stable")  # (N,) int64
+    return d[order], order
+
+
+def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarray, np.ndarray]:
+    sd, order = _sorted_digests(scan.digests)
+    repeats = np.flatnonzero(sd[1:] == sd[:-1]) + 1  # sorted positions equal to the one before
+    firsts = order[np.searchsorted(sd, sd[repeats], side="left")]  # earliest example with that digest
+    found = sorted((scan.line_of[int(order[p])], scan.line_of[int(f)]) for p, f in zip(repeats, firsts, strict=True))
+    for line, earlier in found:
+        problems.add(DataIssue("duplicate_example", "", f"same content as line {earlier}",
+                               "drop the repeat (it is trained twice as often)", "warning", line, label))
+    return sd, order
+
+
+def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
+               max_len: int | None = None, count_fn: CountFn | None = None,
+               fmt: Literal["auto", "chat", "completion", "text"] = "auto") -> CheckReport:
+    """Check a training file (and optionally a validation file) in one streaming pass each.
+
+    `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given,
+    `tunekit.data.render.render_example` bound to it is used. Raises DataError only when a file cannot
+    be opened at all (missing, a directory); everything else is a problem in the report.
+    """
+    path = check_readable(path)
+    if validation is not None:
+        validation = check_readable(validation)
+    if count_fn is None and tokenizer is not None:
+        from tunekit.data.render import render_example  # imported here: only token statistics need it
+
+        def count_fn(example: dict) -> list[Sequence]:
+            return render_example(example, tokenizer)
+
+    problems = _Problems()
+    scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len)
+    sd, order = _duplicates(scan, str(path), problems)
+    n = len(scan.line_of)
+
+    validation_examples = None
+    if validation is not None:
+        vscan = _scan(validation, scan.format, problems, stats=False, count_fn=None, max_len=None)
+        validation_examples = len(vscan.line_of)
+        _duplicates(vscan, str(validation), problems)
+        v = np.frombuffer(vscan.digests, dtype=np.uint64) if len(vscan.digests) else np.zeros(0, np.uint64)
+        pos = np.searchsorted(sd, v)
+        hit = (pos < len(sd)) & (sd[np.minimum(pos, len(sd) - 1)] == v) if len(sd) else np.zeros(len(v), bool)
+        for k in np.flatnonzero(hit):
+            train_line = scan.line_of[int(order[pos[k]])]  # stable sort: the first train line with it
+            problems.add(DataIssue("train_valid_overlap", "", f"also in the training file {path} at line {train_line}",
+                                   "remove it from one of the files: a validation example seen in training "
+                                   "makes validation loss look better than it is", "warning",
+                                   vscan.line_of[int(k)], str(validation)))
+
+    if n == 0:
+        problems.add(DataIssue("no_examples", "", "no valid examples in the file",
+                               "add one JSON object per line (see the problems above)", "error", None, str(path)))
+    elif n < MIN_EXAMPLES:
+        problems.add(DataIssue("too_few_examples", "", f"only {n} valid examples",
+                               f"at least {MIN_EXAMPLES} are needed to learn anything; 50-100 is a better start",
+                               "warning", None, str(path)))
+
+    notes = []
+    stats = None
+    if n:
+        unit = "characters" if count_fn is None else "tokens"
+        stats = Stats(examples=n, unit=unit, messages=summarize(scan.messages), length=summarize(scan.length),
+                      trained=summarize(scan.trained), epochs=recommended_epochs(n))
+        if count_fn is None:
+            notes.append("lengths are in characters; token counts, max-length and trained-token estimates "
+                         "need a tokenizer (--model)")
+        else:
+            stats.max_len = max_len
+            stats.over_max_len = scan.over_max_len
+            stats.trained_lost = scan.trained_lost
+            stats.estimated_trained_tokens = stats.epochs * scan.trained_fitting
+            if max_len is None:
+                notes.append("no --max-len given: every sequence is counted as fitting")
+    if tokenizer is not None and scan.format == "chat" and getattr(tokenizer, "chat_template", None):
+        from tunekit.data.render import template_warnings
+
+        notes += template_warnings(tokenizer)
+
+    file_order = {str(path): 0, str(validation): 1}
+    stored = sorted(problems.stored, key=lambda p: (file_order.get(p.file or "", 2), p.line or 0))
+    return CheckReport(path=str(path), format=scan.format, lines=scan.lines, examples=n, problems=stored,
+                       counts=dict(problems.counts), severities=problems.severities, stats=stats,
+                       validation=str(validation) if validation is not None else None,
+                       validation_examples=validation_examples, notes=notes)
+
+
+def load_tokenizer(model: str) -> Any:
+    """A transformers tokenizer from a local model dir or a hub id; DataError (not a traceback) if neither."""
+    local = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or local.exists()
+    if looks_local and not local.is_dir():
+        raise DataError(Problem("--model", f"model directory not found: {model}",
+                                "give a local model dir (with tokenizer files) or a hub id like org/name"))
+    from transformers import AutoTokenizer
+
+    if looks_local:
+        attempts = [{}]
+    else:  # a hub id: the local cache first (no network), then the hub
+        attempts = [{"local_files_only": True}, {}]
+    for k, kwargs in enumerate(attempts):
+        try:
+            return AutoTokenizer.from_pretrained(str(local) if looks_local else model, **kwargs)
+        except (OSError, ValueError) as exc:
+            if k + 1 < len(attempts):
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
+                                    "give a local model dir with tokenizer files, or a hub id in the local "
+                                    "cache (set HF_HUB_OFFLINE=1 to skip network retries when offline)")) from None
+    raise AssertionError("unreachable")

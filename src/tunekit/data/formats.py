@@ -1,0 +1,482 @@
+"""Data formats: stream a JSONL file line by line and validate each record.
+
+Three record formats are accepted (one per file):
+  chat        {"messages": [...], "tools"?: [...], "parallel_tool_calls"?: bool, "functions"?: [...]}
+              (the OpenAI fine-tuning format, with tool calls, legacy function calls and `weight`)
+  completion  {"prompt": str, "completion": str}
+  text        {"text": str}
+
+Every problem is a `DataIssue` with a stable `code`, the line, a JSON path inside the record
+(`messages[2].tool_calls[0].function.arguments`), a message, a hint and a severity:
+  error    the example cannot be trained as written (exit code 1 from `tunekit data check`)
+  warning  probably a mistake, training can go on
+  info     accepted, reported so it is not a surprise (e.g. a UTF-8 BOM)
+
+Tool calls left without a tool response (`tool_call_unanswered`): when the assistant message that makes
+the call is the last message of the example, the example teaches the call itself and the response is
+simply not part of it (a common shape for function-calling data) -> info. When other messages follow and
+none answers the call, the conversation is inconsistent (the OpenAI API rejects it, tool-aware chat
+templates render it wrongly) -> error.
+
+Nothing here keeps examples in memory: `read_jsonl` yields one parsed line at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tunekit.errors import DataError, Problem
+
+Severity = Literal["error", "warning", "info"]
+Format = Literal["chat", "completion", "text"]
+
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function")  # "function": legacy function result
+MESSAGE_KEYS = ("role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight")
+TOP_KEYS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages", "tools", "parallel_tool_calls", "functions"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+SHAPES_HINT = ('each line needs {"messages": [...]} (chat), {"prompt": ..., "completion": ...} '
+               'or {"text": ...}')
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    code: str  # stable identifier, e.g. "tool_arguments_not_json"
+    path: str  # JSON path inside the record, "" for the whole record / line
+    message: str
+    hint: str
+    severity: Severity = "error"
+    line: int | None = None  # 1-based; None for a file-level issue (e.g. too_few_examples)
+    file: str | None = None
+    column: int | None = None  # 1-based, for invalid_json / invalid_utf8
+
+    @property
+    def where(self) -> str:
+        place = self.file or ""
+        if self.line is not None:
+            place = f"{place}:{self.line}"
+        if self.column is not None:
+            place = f"{place}:{self.column}"
+        return f"{place} {self.path}".strip()
+
+    def to_problem(self) -> Problem:
+        return Problem(self.where, f"[{self.code}] {self.message}", self.hint)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "line": self.line, "column": self.column, "path": self.path,
+                "code": self.code, "severity": self.severity, "message": self.message, "hint": self.hint}
+
+
+@dataclass
+class Line:
+    """One line of a JSONL file: the parsed record (None when unreadable or empty) and its issues."""
+
+    number: int
+    record: Any | None
+    issues: list[DataIssue] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_line(number: int, raw: bytes) -> Line:
+    issues: list[DataIssue] = []
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+        issues.append(DataIssue("bom", "", "the file starts with a UTF-8 byte order mark", "accepted as is",
+                                "info", number))
+    raw = raw.rstrip(b"\r\n")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        issues.append(DataIssue("invalid_utf8", "", f"invalid UTF-8 at byte {exc.start + 1}: {exc.reason}",
+                                "save the file as UTF-8", "error", number, column=exc.start + 1))
+        return Line(number, None, issues)
+    if not text.strip():
+        issues.append(DataIssue("empty_line", "", "empty line", "remove blank lines (they are skipped)",
+                                "warning", number))
+        return Line(number, None, issues)
+    try:
+        record = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        issues.append(DataIssue("invalid_json", "", f"not valid JSON: {exc.msg} (column {exc.colno})",
+                                "each line must hold one complete JSON object", "error", number,
+                                column=exc.colno))
+        return Line(number, None, issues)
+    except ValueError as exc:  # NaN / Infinity
+        issues.append(DataIssue("invalid_json", "", f"not valid JSON: {exc}",
+                                "use null or a number instead", "error", number))
+        return Line(number, None, issues)
+    return Line(number, record, issues)
+
+
+def check_readable(path: str | Path) -> Path:
+    """Raise a DataError (not a traceback) for a missing file or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(Problem(str(path), "is a directory, not a JSONL file", "give the path of a .jsonl file"))
+    if not path.is_file():
+        raise DataError(Problem(str(path), "file not found", "check the path"))
+    return path
+
+
+def read_jsonl(path: str | Path) -> Iterator[Line]:
+    """Yield every line of a JSONL file, parsed, one at a time (memory does not grow with the file).
+
+    Read in binary and decoded per line, so invalid UTF-8 is reported on its own line and the rest of
+    the file is still read. Issues carry the line number but not the file name (the caller adds it).
+    """
+    path = check_readable(path)
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            yield _parse_line(number, raw)
+
+
+def record_digest(record: Any) -> int:
+    """8-byte blake2b digest of a record's content (key order and whitespace do not matter), as an int."""
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(canonical.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def detect_format(record: Any) -> Format | None:
+    """The format a record is written in, from its keys; None when it matches none."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record or "completion" in record:
+        return "completion"
+    if "text" in record:
+        return "text"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_record(record: Any, fmt: Format = "chat") -> list[DataIssue]:
+    """All problems of one record read as `fmt` (issues carry no line; the caller adds it)."""
+    if not isinstance(record, dict):
+        return [DataIssue("data_type", "", f"each line must be a JSON object, got {type(record).__name__}",
+                          SHAPES_HINT)]
+    issues = [DataIssue("unrecognized_key", key, f"unknown top-level key '{key}' (ignored)",
+                        f"known keys for {fmt}: {', '.join(TOP_KEYS[fmt])}", "warning")
+              for key in record if key not in TOP_KEYS[fmt]]
+    if fmt == "chat":
+        issues += _validate_chat(record)
+    elif fmt == "completion":
+        issues += _validate_strings(record, ("prompt", "completion"))
+        if isinstance(record.get("completion"), str) and not record["completion"]:
+            issues.append(DataIssue("no_trained_tokens", "completion", "the completion is empty",
+                                    "the completion is what is trained; give it text"))
+    else:
+        issues += _validate_strings(record, ("text",))
+        if isinstance(record.get("text"), str) and not record["text"].strip():
+            issues.append(DataIssue("missing_content", "text", "the text is empty", "give it text or drop the line"))
+    return issues
+
+
+def _validate_strings(record: dict, keys: tuple[str, ...]) -> list[DataIssue]:
+    issues = []
+    for key in keys:
+        if key not in record:
+            issues.append(DataIssue("missing_key", key, f"missing key '{key}'", SHAPES_HINT))
+        elif not isinstance(record[key], str):
+            issues.append(DataIssue("data_type", key, f"'{key}' must be a string, got {type(record[key]).__name__}",
+                                    "write it as a JSON string"))
+    return issues
+
+
+def _json_object_problem(arguments: Any) -> str | None:
+    """Why tool-call arguments are not a JSON-object string, or None when they are."""
+    if not isinstance(arguments, str):
+        return f"arguments must be a JSON string, got {type(arguments).__name__}"
+    try:
+        value = json.loads(arguments)
+    except ValueError as exc:
+        return f"arguments are not valid JSON: {exc}"
+    if not isinstance(value, dict):
+        return f"arguments must encode a JSON object, got {type(value).__name__}"
+    return None
+
+
+def _declared_names(record: dict, issues: list[DataIssue]) -> set[str] | None:
+    """Function names declared in `tools` / `functions`; None when neither is given."""
+    names: set[str] | None = None
+    tools = record.get("tools")
+    if tools is not None:
+        names = set()
+        if not isinstance(tools, list):
+            issues.append(DataIssue("data_type", "tools", "'tools' must be a list",
+                                    'e.g. [{"type": "function", "function": {"name": ..., "parameters": {...}}}]'))
+        else:
+            for k, tool in enumerate(tools):
+                fn = tool.get("function") if isinstance(tool, dict) else None
+                if not (isinstance(tool, dict) and tool.get("type") == "function" and isinstance(fn, dict)
+                        and isinstance(fn.get("name"), str)):
+                    issues.append(DataIssue("invalid_tool", f"tools[{k}]", "a tool must look like "
+                                            '{"type": "function", "function": {"name": ...}}',
+                                            "give the type and the function's name"))
+                    continue
+                names.add(fn["name"])
+    functions = record.get("functions")
+    if functions is not None:
+        names = names if names is not None else set()
+        if not isinstance(functions, list):
+            issues.append(DataIssue("data_type", "functions", "'functions' must be a list",
+                                    'e.g. [{"name": ..., "parameters": {...}}]'))
+        else:
+            for k, fn in enumerate(functions):
+                if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+                    issues.append(DataIssue("invalid_tool", f"functions[{k}]", "a function needs a 'name'",
+                                            'e.g. {"name": "get_weather", "parameters": {...}}'))
+                    continue
+                names.add(fn["name"])
+    if "parallel_tool_calls" in record and not isinstance(record["parallel_tool_calls"], bool):
+        issues.append(DataIssue("data_type", "parallel_tool_calls", "'parallel_tool_calls' must be true or false",
+                                "write true or false"))
+    return names
+
+
+def _validate_content(msg: dict, at: str, role: str, has_call: bool) -> list[DataIssue]:
+    if "content" not in msg:
+        if has_call:
+            return []
+        return [DataIssue("message_missing_key", f"{at}.content", "message has no 'content'",
+                          'add "content": "..."')]
+    content = msg["content"]
+    if isinstance(content, list):
+        issues = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                issues.append(DataIssue("invalid_content_part", f"{at}.content[{j}]",
+                                        'a content part must be {"type": "text", "text": "..."}',
+                                        "only text parts are supported"))
+        texts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if not issues and not has_call and not "".join(texts):
+            issues.append(DataIssue("missing_content", f"{at}.content", f"{role} message has no text",
+                                    "give the message text or drop it"))
+        return issues
+    if content is None or content == "":
+        if has_call:
+            return []
+        return [DataIssue("missing_content", f"{at}.content", f"{role} message has empty content",
+                          "give the message text or drop it")]
+    if not isinstance(content, str):
+        return [DataIssue("data_type", f"{at}.content",
+                          f"content must be a string or a list of text parts, got {type(content).__name__}",
+                          "write it as a JSON string")]
+    return []
+
+
+def _validate_chat(record: dict) -> list[DataIssue]:
+    issues: list[DataIssue] = []
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return [DataIssue("missing_messages_list", "messages", "'messages' must be a non-empty list",
+                          'e.g. {"messages": [{"role": "user", "content": "..."}, '
+                          '{"role": "assistant", "content": "..."}]}')]
+    declared = _declared_names(record, issues)
+    # Calls made so far: id -> (message index, path of the call); answered ids are removed.
+    open_calls: dict[str, tuple[int, str]] = {}
+    seen_ids: set[str] = set()
+    open_function_call: tuple[int, str] | None = None  # legacy function_call awaiting a function message
+    weights: list[Any] = []
+    last = len(messages) - 1
+    for i, msg in enumerate(messages):
+        at = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            issues.append(DataIssue("data_type", at, f"a message must be an object, got {type(msg).__name__}",
+                                    '{"role": ..., "content": ...}'))
+            continue
+        for key in msg:
+            if key not in MESSAGE_KEYS:
+                issues.append(DataIssue("message_unrecognized_key", f"{at}.{key}", f"unknown message key '{key}'",
+                                        f"known keys: {', '.join(MESSAGE_KEYS)}"))
+        if "role" not in msg:
+            issues.append(DataIssue("message_missing_key", f"{at}.role", "message has no 'role'",
+                                    f"add a role, one of {', '.join(CHAT_ROLES)}"))
+            continue
+        role = msg["role"]
+        if role not in CHAT_ROLES:
+            issues.append(DataIssue("unrecognized_role", f"{at}.role", f"unknown role {role!r}",
+                                    f"use one of {', '.join(CHAT_ROLES)}"))
+            continue
+        has_call = role == "assistant" and (bool(msg.get("tool_calls")) or msg.get("function_call") is not None)
+        issues += _validate_content(msg, at, role, has_call)
+        if "name" in msg and not isinstance(msg["name"], str):
+            issues.append(DataIssue("data_type", f"{at}.name", "'name' must be a string", "write it as a string"))
+
+        if "weight" in msg:
+            w = msg["weight"]
+            if role != "assistant":
+                issues.append(DataIssue("weight_not_on_assistant", f"{at}.weight",
+                                        f"'weight' on a {role} message", "only assistant messages take a weight"))
+            elif isinstance(w, bool) or not isinstance(w, int | float) or w not in (0, 1):
+                issues.append(DataIssue("invalid_weight", f"{at}.weight", f"weight must be 0 or 1, got {w!r}",
+                                        "1 trains this message, 0 skips it"))
+        if role == "assistant":
+            weights.append(msg.get("weight", 1))
+
+        if "tool_calls" in msg and msg["tool_calls"] is not None:
+            calls = msg["tool_calls"]
+            if role != "assistant":
+                issues.append(DataIssue("invalid_tool_call", f"{at}.tool_calls", f"tool_calls on a {role} message",
+                                        "only assistant messages make tool calls"))
+            elif not isinstance(calls, list) or not calls:
+                issues.append(DataIssue("invalid_tool_call", f"{at}.tool_calls", "'tool_calls' must be a non-empty list",
+                                        'e.g. [{"id": "call_1", "type": "function", "function": {...}}]'))
+            else:
+                for j, call in enumerate(calls):
+                    issues += _validate_call(call, f"{at}.tool_calls[{j}]", i, declared, open_calls, seen_ids)
+        if "function_call" in msg and msg["function_call"] is not None:
+            cp = f"{at}.function_call"
+            call = msg["function_call"]
+            if role != "assistant":
+                issues.append(DataIssue("invalid_tool_call", cp, f"function_call on a {role} message",
+                                        "only assistant messages make function calls"))
+            elif not (isinstance(call, dict) and isinstance(call.get("name"), str)):
+                issues.append(DataIssue("invalid_tool_call", cp, "function_call needs a 'name' and 'arguments'",
+                                        '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}'))
+            else:
+                why = _json_object_problem(call.get("arguments"))
+                if why:
+                    issues.append(DataIssue("tool_arguments_not_json", f"{cp}.arguments", why,
+                                            "encode the arguments object with json.dumps"))
+                if declared is not None and call["name"] not in declared:
+                    issues.append(_not_declared(call["name"], f"{cp}.name", declared))
+                open_function_call = (i, cp)
+
+        if role == "tool":
+            call_id = msg.get("tool_call_id")
+            if call_id is None:
+                issues.append(DataIssue("message_missing_key", f"{at}.tool_call_id", "tool message has no 'tool_call_id'",
+                                        "set it to the id of the assistant tool call it answers"))
+            elif call_id in open_calls:
+                del open_calls[call_id]
+            else:
+                again = call_id in seen_ids
+                issues.append(DataIssue(
+                    "tool_call_id_unmatched", f"{at}.tool_call_id",
+                    f"tool_call_id {call_id!r} " + ("was already answered" if again else "matches no earlier tool call"),
+                    "each tool message answers one earlier assistant tool call, by its id"))
+        if role == "function":
+            if not isinstance(msg.get("name"), str):
+                issues.append(DataIssue("message_missing_key", f"{at}.name", "function message has no 'name'",
+                                        "set it to the name of the function that returned this result"))
+            open_function_call = None
+
+    for call_id, (i, cp) in open_calls.items():
+        at_end = i == last
+        issues.append(DataIssue(
+            "tool_call_unanswered", f"{cp}.id",
+            f"tool call {call_id!r} has no tool response" + (" (it ends the example)" if at_end else ""),
+            "fine when the example teaches the call itself" if at_end
+            else "add a tool message with this tool_call_id after the call",
+            "info" if at_end else "error"))
+    if open_function_call is not None and open_function_call[0] != last:
+        issues.append(DataIssue("tool_call_unanswered", open_function_call[1],
+                                "function call has no function response", "add a function message after the call"))
+    if not weights:
+        issues.append(DataIssue("example_missing_assistant_message", "messages", "no assistant message",
+                                "add at least one assistant message: it is what the model learns"))
+    elif all(isinstance(w, int | float) and not isinstance(w, bool) and w == 0 for w in weights):
+        issues.append(DataIssue("no_trained_tokens", "messages", "every assistant message has weight 0",
+                                "set weight 1 (or drop the key) on at least one assistant message"))
+    return issues
+
+
+def _not_declared(name: str, path: str, declared: set[str]) -> DataIssue:
+    known = ", ".join(sorted(declared)) or "none"
+    return DataIssue("tool_not_declared", path, f"calls {name!r}, which is not declared in tools/functions",
+                     f"declared: {known}; add it to 'tools' or fix the name")
+
+
+def _validate_call(call: Any, cp: str, i: int, declared: set[str] | None,
+                   open_calls: dict[str, tuple[int, str]], seen_ids: set[str]) -> list[DataIssue]:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not (isinstance(call, dict) and isinstance(fn, dict) and isinstance(fn.get("name"), str)):
+        return [DataIssue("invalid_tool_call", cp, "a tool call must look like "
+                          '{"id": ..., "type": "function", "function": {"name": ..., "arguments": "..."}}',
+                          "give the id, the type and the function's name and arguments")]
+    issues = []
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        issues.append(DataIssue("invalid_tool_call", f"{cp}.id", "a tool call needs a string 'id'",
+                                "give each call an id; the tool message answering it repeats it"))
+    elif call_id in seen_ids:
+        issues.append(DataIssue("invalid_tool_call", f"{cp}.id", f"tool call id {call_id!r} is used twice",
+                                "give each call of an example its own id"))
+    else:
+        seen_ids.add(call_id)
+        open_calls[call_id] = (i, cp)
+    if call.get("type", "function") != "function":
+        issues.append(DataIssue("invalid_tool_call", f"{cp}.type", f"type {call.get('type')!r} is not supported",
+                                'use "type": "function"'))
+    why = _json_object_problem(fn.get("arguments"))
+    if why:
+        issues.append(DataIssue("tool_arguments_not_json", f"{cp}.function.arguments", why,
+                                "encode the arguments object with json.dumps"))
+    if declared is not None and fn["name"] not in declared:
+        issues.append(_not_declared(fn["name"], f"{cp}.function.name", declared))
+    return issues
+
+
+def validate_in_file(record: Any, file_fmt: Format | None) -> tuple[Format, list[DataIssue]]:
+    """Validate a record of a file whose format is `file_fmt` (None: not known yet).
+
+    Returns the format the record was read as and its issues. A record of another recognisable format
+    gets `format_mismatch`; a record of no recognisable format is read as the file's format (chat when
+    unknown), so its missing keys are named.
+    """
+    detected = detect_format(record)
+    if file_fmt is not None and detected is not None and detected != file_fmt:
+        return detected, [DataIssue("format_mismatch", "", f"a {detected} record in a {file_fmt} file",
+                                    f"write every line as {file_fmt}, or split the file")]
+    use = file_fmt or detected or "chat"
+    return use, validate_record(record, use)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading for training
+
+
+def load_examples(path: str | Path, fmt: Literal["auto", "chat", "completion", "text"] = "auto"
+                  ) -> tuple[Format, list[tuple[int, dict]]]:
+    """Read and validate a whole file for training: (format, [(line, record)]).
+
+    Raises a DataError listing every error (warnings do not stop it). Use `check.check_file` to see
+    warnings and statistics; this is the strict, in-memory path for files that fit in memory.
+    """
+    errors: list[Problem] = []
+    examples: list[tuple[int, dict]] = []
+    file_fmt: Format | None = None if fmt == "auto" else fmt
+    for line in read_jsonl(path):
+        problems = [i for i in line.issues if i.severity == "error"]
+        if line.record is not None:
+            use, issues = validate_in_file(line.record, file_fmt)
+            problems += [i for i in issues if i.severity == "error"]
+            if not problems:
+                file_fmt = file_fmt or use
+                examples.append((line.number, line.record))
+        errors += [Problem(f"{path}:{line.number} {p.path}".strip(), f"[{p.code}] {p.message}", p.hint)
+                   for p in problems]
+    if not examples and not errors:
+        errors.append(Problem(str(path), "no examples in the file", "add one JSON object per line"))
+    if errors:
+        raise DataError(errors, title=f"{path}: {len(errors)} data error(s); run `tunekit data check {path}`")
+    assert file_fmt is not None
+    return file_fmt, examples

@@ -1,0 +1,49 @@
+"""Show which tokens are trained: an example rendered with its template, trained tokens highlighted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.text import Text
+
+from tunekit.data.render import render_example
+from tunekit.data.types import IGNORE, Sequence
+
+TRAINED_STYLE = "bold black on green"
+PROMPT_STYLE = "dim"
+
+
+@dataclass
+class Preview:
+    text: Text  # the rendered sequence(s); trained runs styled TRAINED_STYLE
+    tokens: int
+    trained: int
+    sequences: int
+
+
+def runs(sequence: Sequence) -> list[tuple[bool, list[int]]]:
+    """Split a sequence into maximal runs of (trained?, token ids), in order."""
+    out: list[tuple[bool, list[int]]] = []
+    for token, label in zip(sequence.input_ids, sequence.labels, strict=True):
+        trained = label != IGNORE
+        if out and out[-1][0] == trained:
+            out[-1][1].append(token)
+        else:
+            out.append((trained, [token]))
+    return out
+
+
+def preview_example(example: dict, tokenizer, *, unstable_template: str = "split") -> Preview:
+    """Render an example and mark its trained tokens. Runs are decoded whole, so characters of several
+    tokens (emoji, CJK under byte-level BPE) print intact."""
+    sequences = render_example(example, tokenizer, unstable_template=unstable_template)
+    text = Text()
+    for k, sequence in enumerate(sequences):
+        if len(sequences) > 1:
+            text.append(f"── sequence {k + 1} of {len(sequences)} ──\n", style="bold")
+        for trained, ids in runs(sequence):
+            piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text.append(piece, style=TRAINED_STYLE if trained else PROMPT_STYLE)
+        text.append("\n")
+    return Preview(text=text, tokens=sum(len(s) for s in sequences),
+                   trained=sum(s.num_trained for s in sequences), sequences=len(sequences))

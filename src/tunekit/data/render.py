@@ -1,0 +1,589 @@
+"""Render one example into token sequences with labels, using the tokenizer's own chat template.
+
+Chat examples are masked by prefix rendering, for each trained assistant message i:
+
+    prompt_i = render(messages[:i], add_generation_prompt=True)    what the model is given at inference
+    upto_i   = render(messages[:i + 1])                            the conversation with reply i
+    reply_i  = upto_i[len(prompt_i):], trailing whitespace removed  what the model must generate
+
+The trained tokens of turn i are the tokens of reply_i: the content, the tool calls and the end-of-turn
+marker the template writes after them (so the model learns to stop). The sequence is the whole conversation
+rendered once; the pieces (untrained text, reply, untrained text, ...) are tokenized one by one and must add
+up exactly to the tokens of the whole render, and the tokens before each reply must be exactly the tokens of
+its prompt. Anything that does not add up is refused with a `TemplateError`, never trained silently.
+
+Templates with `{% generation %}` markers give the trained span themselves (transformers'
+`return_assistant_tokens_mask`); the span must start where the prompt ends and lie inside the reply.
+
+Generation prompts written with template whitespace the conversation render does not have (templates indented
+for reading, e.g. `<|im_start|>assistant\\n` followed by a stray newline) are aligned to the conversation
+ignoring whitespace only: the prompt used is the conversation's own text up to the reply. `render_prompt`
+returns that same prompt, so evaluation feeds the model exactly the tokens training put before each reply.
+
+A template that is not prefix-stable (rendering a longer conversation rewrites earlier turns, e.g. moves the
+tool list before the last user message, or drops earlier reasoning) cannot train such a turn inside the full
+conversation: with `unstable_template="split"` that turn gets its own sequence, `render(messages[:i + 1])`
+with only turn i trained (turns that are stable stay trained in the full conversation's sequence); with
+`"error"` a `TemplateError` names what changed. A template that leaves out a system or user message, or does
+not write an assistant message's content or tool calls, is refused too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from tunekit.data import formats
+from tunekit.data.types import IGNORE, Sequence
+from tunekit.errors import DataError, Problem, TemplateError
+
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_PROBE = "x"  # reply content used to see where the template starts an assistant message
+
+_HINT_TEMPLATE_RAISED = (
+    "change the conversation so the template accepts it (e.g. alternate user and assistant turns, one tool call "
+    "per message if the template says so), or use a model whose chat template supports these messages"
+)
+_HINT_LOCATE = (
+    "the template does not render this reply where the generation prompt ends; use a chat template that "
+    "renders it, or give this message \"weight\": 0"
+)
+_HINT_BOUNDARY = (
+    "the tokenizer joins text across the edge of the reply; remove leading or trailing whitespace from the "
+    "message content"
+)
+
+
+@dataclass
+class Chat:
+    """A chat example normalised for chat templates."""
+
+    messages: list[dict]  # string content, tool-call arguments parsed to dicts, no "weight" key
+    tools: list[dict] | None  # OpenAI tool schemas, None when there are none (templates test `tools is none`)
+    trained: list[bool]  # per message: an assistant message whose weight is not 0
+
+
+@dataclass
+class _Turn:
+    index: int  # position of the assistant message in Chat.messages
+    prompt: str  # text before the reply, as it appears in the conversation render
+    reply: str  # the trained text: content, tool calls, end-of-turn marker
+    upto: str  # render(messages[:index + 1]): the sequence text when this turn is split off
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def detect_format(example: dict) -> str:
+    """"chat" ({"messages": ...}), "completion" ({"prompt", "completion"}) or "text" ({"text"}); else DataError."""
+    fmt = formats.detect_format(example)
+    if fmt is None or (fmt == "completion" and not ("prompt" in example and "completion" in example)):
+        keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
+        raise DataError(Problem("", f"unknown example format (keys: {keys or 'none'})",
+                                'use {"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}'))
+    return fmt
+
+
+def render_example(example: dict, tokenizer, *, unstable_template: str = "split") -> list[Sequence]:
+    """Token sequences with labels for one example: one, or one more per split-off turn (see module doc).
+
+    A chat example with no trained assistant message gives one sequence with no trained token.
+    """
+    if unstable_template not in ("split", "error"):
+        raise ValueError(f"unstable_template must be 'split' or 'error', not {unstable_template!r}")
+    kind = detect_format(example)
+    if kind == "text":
+        return [_render_text(example, tokenizer)]
+    if kind == "completion":
+        return [_render_completion(example, tokenizer)]
+    return _render_chat(example, tokenizer, unstable_template)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # Rendered text already holds its special tokens (templates write bos themselves).
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def _encode_piece(tokenizer, text: str) -> list[int]:
+    """Tokens of `text` as a piece in the middle of a longer text.
+
+    SentencePiece-style tokenizers (Metaspace, prepend_scheme "first") put a word-start marker at the start of
+    a string that they do not put mid-text; encoding after a newline and dropping the newline's tokens avoids
+    it (the same trick as transformers' `_encode_chat_piece`). The pieces are verified against the whole text.
+    """
+    if not text:
+        return []
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    ids = tokenizer.encode("\n" + text, add_special_tokens=False)
+    return ids[len(newline):] if ids[: len(newline)] == newline else _encode(tokenizer, text)
+
+
+def _bos(tokenizer) -> list[int]:
+    """[bos] when the tokenizer defines one and adds it by itself, else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos] else []
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and ids[-1:] != [eos] else ids
+
+
+def _string_field(example: dict, key: str) -> str:
+    value = example[key]
+    if not isinstance(value, str):
+        raise DataError(Problem(key, f"must be a string, not {type(value).__name__}"))
+    return value
+
+
+def _render_text(example: dict, tokenizer) -> Sequence:
+    """Every token is trained; bos as the tokenizer adds it, eos appended."""
+    ids = _with_eos(tokenizer, _bos(tokenizer) + _encode(tokenizer, _string_field(example, "text")))
+    return Sequence(ids, list(ids), source={"format": "text"})
+
+
+def _completion_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return _bos(tokenizer) + _encode(tokenizer, prompt)
+
+
+def _render_completion(example: dict, tokenizer) -> Sequence:
+    """Only the completion (and the eos appended to it) is trained."""
+    prompt, completion = _string_field(example, "prompt"), _string_field(example, "completion")
+    prompt_ids = _encode(tokenizer, prompt)
+    joined = _encode(tokenizer, prompt + completion)
+    if joined[: len(prompt_ids)] == prompt_ids:
+        completion_ids = joined[len(prompt_ids):]
+    else:
+        # The tokenizer merges across the edge (e.g. a prompt ending in a space): keep the prompt's own tokens,
+        # which is what generation starts from, and tokenize the completion on its own.
+        completion_ids = _encode_piece(tokenizer, completion)
+    completion_ids = _with_eos(tokenizer, completion_ids)
+    head = _bos(tokenizer) + prompt_ids
+    return Sequence(head + completion_ids, [IGNORE] * len(head) + completion_ids, source={"format": "completion"})
+
+
+# ------------------------------------------------------------------------------------- normalising chats
+
+
+def _content_text(content, where: str) -> str:
+    if content is None:
+        return ""  # an assistant message with only tool calls
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise TemplateError(Problem(f"{where}[{j}]", f"only text parts can be trained, not {kind!r}",
+                                            "remove the part or turn it into {\"type\": \"text\", \"text\": ...}"))
+            texts.append(part["text"])
+        return "".join(texts)
+    raise TemplateError(Problem(where, f"content must be a string, null or a list of parts, not "
+                                       f"{type(content).__name__}"))
+
+
+def _tool_call(call, where: str) -> dict:
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        raise TemplateError(Problem(where, 'a tool call must be {"id", "type": "function", "function": {...}}'))
+    function = dict(call["function"])
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        # OpenAI stores arguments as a JSON string; templates write them with `arguments|tojson`.
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise TemplateError(Problem(f"{where}.function.arguments", f"is not valid JSON: {exc}",
+                                        "arguments must be a JSON object written as a string")) from None
+    function["arguments"] = arguments
+    return {**call, "type": call.get("type", "function"), "function": function}
+
+
+def prepare_chat(example: dict) -> Chat:
+    """OpenAI chat example -> messages as HF chat templates expect them (see module doc of the formats).
+
+    Legacy `functions` become `tools`, `function_call` one tool call, role "function" role "tool". Tool
+    messages without `name` get the name of the call they answer (some templates require it).
+    """
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(Problem("messages", "must be a non-empty list of messages"))
+    tools = example.get("tools")
+    if tools is None and example.get("functions"):
+        tools = [{"type": "function", "function": f} for f in example["functions"]]
+    if tools is not None and not isinstance(tools, list):
+        raise DataError(Problem("tools", "must be a list of tool schemas"))
+
+    out: list[dict] = []
+    trained: list[bool] = []
+    call_names: dict[str, str] = {}  # tool_call id -> function name, for tool messages without a name
+    pending: list[tuple[str, str]] = []  # (id, name) of the last assistant's calls not yet answered, in order
+    for i, raw in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
+            raise DataError(Problem(where, 'must be an object with a "role"'))
+        message = {k: v for k, v in raw.items() if v is not None and k not in ("weight", "function_call")}
+        role = message["role"]
+        message["content"] = _content_text(raw.get("content"), f"{where}.content")
+        weight = raw.get("weight", 1)
+        if weight not in (0, 1):
+            raise TemplateError(Problem(f"{where}.weight", f"must be 0 or 1, not {weight!r}"))
+        if role == "assistant":
+            calls = list(raw.get("tool_calls") or [])
+            if raw.get("function_call"):
+                calls.append({"id": f"call_{i}", "type": "function", "function": raw["function_call"]})
+            calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            message.pop("tool_calls", None)
+            if calls:  # an empty list would make some templates drop the content
+                message["tool_calls"] = calls
+            pending = [(c.get("id", ""), c["function"].get("name", "")) for c in calls]
+            call_names.update({c["id"]: c["function"].get("name", "") for c in calls if "id" in c})
+        elif role in ("tool", "function"):
+            if role == "function":  # legacy: answers the previous function_call, by name
+                message["role"] = "tool"
+                if pending:
+                    message.setdefault("tool_call_id", pending[0][0])
+            if "name" not in message:
+                name = call_names.get(message.get("tool_call_id", "")) or (pending[0][1] if pending else "")
+                if name:
+                    message["name"] = name
+            answered = [c for c in pending if c[0] == message.get("tool_call_id") or c[1] == message.get("name")]
+            if answered:
+                pending.remove(answered[0])
+        out.append(message)
+        trained.append(role == "assistant" and weight != 0)
+    return Chat(out, tools or None, trained)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def _require_template(tokenizer) -> str:
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str) or not template:
+        raise TemplateError(Problem("model.base", "the tokenizer has no chat template",
+                                    "use a model whose tokenizer has a chat template, or the prompt/completion "
+                                    "or text format"))
+    return template
+
+
+def _apply(tokenizer, messages: list[dict], tools, *, add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # a template is code: it may raise anything (raise_exception, undefined, TypeError)
+        raise TemplateError(Problem(where, f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
+
+
+def _excerpt(text: str, pos: int, width: int = 30) -> str:
+    return repr(text[max(0, pos - width): pos + width])
+
+
+def _first_difference(a, b) -> int:
+    """Index of the first difference of two strings or lists (the shorter length if one prefixes the other)."""
+    n = min(len(a), len(b))
+    return next((k for k in range(n) if a[k] != b[k]), n)
+
+
+def _align(prompt: str, rendered: str) -> tuple[int | None, int, int]:
+    """Where the reply starts in `rendered`, given the template's generation prompt.
+
+    The prompt must equal rendered's beginning up to whitespace. Returns (end, p, r): `end` is the offset in
+    `rendered` just after the prompt (its trailing whitespace as far as `rendered` has it too), or None with
+    the positions p (prompt) and r (rendered) where the non-whitespace text differs.
+    """
+    p = r = 0
+    while True:
+        while p < len(prompt) and prompt[p].isspace():
+            p += 1
+        while r < len(rendered) and rendered[r].isspace():
+            r += 1
+        if p == len(prompt):
+            break
+        if r == len(rendered) or prompt[p] != rendered[r]:
+            return None, p, r
+        p += 1
+        r += 1
+    # Back up to just after the last matched character: both continue with whitespace from there.
+    p_end = len(prompt.rstrip())
+    r_end = r
+    while r_end > 0 and rendered[r_end - 1].isspace():
+        r_end -= 1
+    trailing = prompt[p_end:]
+    return r_end + _first_difference(trailing, rendered[r_end:]), p, r
+
+
+def _prompt_and_probe(tokenizer, chat: Chat, i: int) -> tuple[str, str]:
+    """(prompt text for a reply at messages[i], render of messages[:i] + a probe reply)."""
+    where = f"messages[{i}]"
+    if i == 0:
+        raise TemplateError(Problem(where, "the conversation starts with an assistant message: there is no "
+                                           "prompt to train it on", 'add the user message before it, or give '
+                                                                    'it "weight": 0'))
+    history = chat.messages[:i]
+    generation = _apply(tokenizer, history, chat.tools, add_generation_prompt=True, where=where)
+    probe = _apply(tokenizer, history + [{"role": "assistant", "content": _PROBE}], chat.tools,
+                   add_generation_prompt=False, where=where)
+    end, p, r = _align(generation, probe)
+    if end is None:
+        raise TemplateError(Problem(
+            where,
+            "the generation prompt (add_generation_prompt=True) is not how the template starts an assistant "
+            f"message: the prompt has {_excerpt(generation, p)} where the conversation has {_excerpt(probe, r)}",
+            "use a chat template whose generation prompt matches its assistant turns"))
+    return probe[:end], probe
+
+
+def _prompt_text(tokenizer, chat: Chat, i: int) -> str:
+    return _prompt_and_probe(tokenizer, chat, i)[0]
+
+
+def _locate(chat: Chat, i: int, reply: str) -> None:
+    """Refuse a reply in which the message's content or tool calls cannot be found."""
+    message = chat.messages[i]
+    content = message["content"].strip()
+    if content and content not in reply:
+        raise TemplateError(Problem(f"messages[{i}].content",
+                                    f"the template does not render this content where the reply starts: the "
+                                    f"reply is {reply[:120]!r}", _HINT_LOCATE))
+    for j, call in enumerate(message.get("tool_calls", [])):
+        name = call["function"].get("name", "")
+        if name not in reply:
+            raise TemplateError(Problem(f"messages[{i}].tool_calls[{j}]",
+                                        f"the template does not render the tool call {name!r} in the reply: "
+                                        f"the reply is {reply[:120]!r}", _HINT_LOCATE))
+
+
+def _turn(tokenizer, chat: Chat, i: int) -> _Turn:
+    prompt = _prompt_text(tokenizer, chat, i)
+    upto = _apply(tokenizer, chat.messages[: i + 1], chat.tools, add_generation_prompt=False,
+                  where=f"messages[{i}]")
+    if not upto.startswith(prompt):
+        k = _first_difference(prompt, upto)
+        raise TemplateError(Problem(
+            f"messages[{i}]",
+            f"the prompt before this reply is not the start of the conversation rendered with it: "
+            f"{_excerpt(prompt, k)} vs {_excerpt(upto, k)}", _HINT_LOCATE))
+    # Whitespace the template writes after the end-of-turn marker (e.g. "\n" after <|im_end|>) is not trained.
+    reply = upto[len(prompt):].rstrip()
+    if not reply:
+        raise TemplateError(Problem(f"messages[{i}]", "the template renders nothing for this reply", _HINT_LOCATE))
+    _locate(chat, i, reply)
+    return _Turn(i, prompt, reply, upto)
+
+
+def _unstable_problem(turn: _Turn, full: str) -> Problem:
+    expected = turn.prompt + turn.reply
+    k = _first_difference(expected, full)
+    return Problem(
+        f"messages[{turn.index}]",
+        f"rendering messages[:{turn.index + 1}] is not a prefix of the full render: the text differs at char "
+        f"{k}: {_excerpt(expected, k)} vs {_excerpt(full, k)} (the template rewrites earlier turns when a turn "
+        "is appended, e.g. moves the tool list or drops earlier reasoning)",
+        "set data.unstable_template: split to train such turns on sequences of their own")
+
+
+def _check_rendered(chat: Chat, full: str) -> None:
+    """Refuse a template that leaves out a system or user message (the model would train without it)."""
+    for i, message in enumerate(chat.messages):
+        content = message["content"].strip()
+        if message["role"] in ("system", "user") and content and content not in full:
+            raise TemplateError(Problem(
+                f"messages[{i}].content", f"the chat template does not write this {message['role']} message",
+                "this template ignores such messages: merge the text into the first user message, or remove it"))
+
+
+def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Sequence]:
+    chat = prepare_chat(example)
+    template = _require_template(tokenizer)
+    full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
+    _check_rendered(chat, full)
+    turns = [_turn(tokenizer, chat, i) for i, trained in enumerate(chat.trained) if trained]
+
+    stable = [t for t in turns if full.startswith(t.prompt + t.reply)]
+    unstable = [t for t in turns if not full.startswith(t.prompt + t.reply)]
+    if unstable and unstable_template == "error":
+        raise TemplateError([_unstable_problem(t, full) for t in unstable])
+
+    # (text, number of messages it renders, turns trained in it)
+    groups = [(t.upto, t.index + 1, [t]) for t in unstable]
+    if stable or not unstable:
+        groups.append((full, len(chat.messages), stable))
+    markers = bool(GENERATION_MARKER.search(template))
+    sequences = []
+    for text, n_messages, group in groups:
+        spans = [(t, len(t.prompt), len(t.prompt) + len(t.reply)) for t in group]
+        if markers:
+            spans = _marker_spans(tokenizer, template, chat, n_messages, text, spans)
+        sequences.append(_build(tokenizer, text, spans))
+    return sorted(sequences, key=lambda s: s.source["turns"][:1] or [len(chat.messages)])
+
+
+def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence:
+    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it."""
+    ids: list[int] = []
+    labels: list[int] = []
+    token_starts: list[int] = []  # token index where each turn's trained span starts
+    piece_starts: list[tuple[int, int]] = []  # (token index, char offset) where each piece starts
+    cursor = 0
+    for _, start, end in spans:
+        piece_starts.append((len(ids), cursor))
+        before = (_encode if cursor == 0 else _encode_piece)(tokenizer, text[cursor:start])
+        ids += before
+        labels += [IGNORE] * len(before)
+        piece_starts.append((len(ids), start))
+        token_starts.append(len(ids))
+        trained = (_encode if start == 0 else _encode_piece)(tokenizer, text[start:end])
+        ids += trained
+        labels += trained
+        cursor = end
+    piece_starts.append((len(ids), cursor))
+    rest = (_encode if cursor == 0 else _encode_piece)(tokenizer, text[cursor:])
+    ids += rest
+    labels += [IGNORE] * len(rest)
+
+    whole = _encode(tokenizer, text)
+    if ids != whole:
+        k = _first_difference(ids, whole)
+        char = max(c for t, c in piece_starts if t <= k)
+        turn = min(spans, key=lambda s: min(abs(s[1] - char), abs(s[2] - char)))[0]
+        raise TemplateError(Problem(
+            f"messages[{turn.index}]",
+            f"the reply's tokens do not add up to the tokens of the whole conversation near char {char}: "
+            f"{_excerpt(text, char)}", _HINT_BOUNDARY))
+    for (turn, _, _), start in zip(spans, token_starts, strict=True):
+        if whole[:start] != _encode(tokenizer, turn.prompt):
+            raise TemplateError(Problem(
+                f"messages[{turn.index}]",
+                "the tokens before this reply differ from the tokens of its prompt on its own, so training "
+                "would not match generation", _HINT_BOUNDARY))
+    return Sequence(ids, labels, source={"turns": [turn.index for turn, _, _ in spans]})
+
+
+def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: str,
+                  spans: list[tuple[_Turn, int, int]]) -> list[tuple[_Turn, int, int]]:
+    """Trained char spans from the template's {% generation %} blocks, checked against prefix rendering.
+
+    transformers 5.23 `apply_chat_template(return_assistant_tokens_mask=True)` maps a block's end with
+    `char_to_token(end - 1)`, which leaves out the later tokens of a character split over several byte-level
+    tokens (an emoji at the end of a reply). So the blocks are taken as characters from `render_jinja_template`
+    (the function apply_chat_template renders with) and tokenized here like every other span.
+    """
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = chat.messages[:n_messages]
+    try:
+        rendered, indices = render_jinja_template(
+            conversations=[messages], tools=chat.tools, chat_template=template, return_assistant_tokens_mask=True,
+            add_generation_prompt=False, **tokenizer.special_tokens_map)
+    except Exception as exc:  # see _apply
+        raise TemplateError(Problem("messages", f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
+    if rendered[0] != text:
+        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
+                                                "than rendering without it", _HINT_LOCATE))
+    blocks = [(s, e) for s, e in indices[0] if e > s]
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(blocks) != len(assistants):
+        raise TemplateError(Problem("messages", f"the template marks {len(blocks)} {{% generation %}} blocks for "
+                                                f"{len(assistants)} assistant messages", _HINT_LOCATE))
+    out = []
+    for turn, start, end in spans:
+        s, e = blocks[assistants.index(turn.index)]
+        e = s + len(text[s:e].rstrip())  # as in prefix rendering: whitespace after the end of turn is not trained
+        if s != start or e > end or e == s:
+            raise TemplateError(Problem(
+                f"messages[{turn.index}]",
+                f"the {{% generation %}} block covers chars {s}..{e} but the reply after the prompt covers "
+                f"{start}..{end}: {_excerpt(text, s)}", _HINT_LOCATE))
+        out.append((turn, s, e))
+    return out
+
+
+# ------------------------------------------------------------------------------------- generation helpers
+
+
+def _as_example(example_or_messages, tools) -> dict:
+    if isinstance(example_or_messages, dict):
+        return example_or_messages if tools is None else {**example_or_messages, "tools": tools}
+    return {"messages": list(example_or_messages), "tools": tools}
+
+
+def render_prompt_text(example_or_messages, tokenizer, *, tools=None) -> str:
+    """The prompt text for generation: the messages (without a final assistant message, the reference answer)
+    rendered with the generation prompt.
+
+    Exactly the text training puts before that reply (see module doc). For a prompt/completion example:
+    the prompt (bos not included in the text).
+    """
+    example = _as_example(example_or_messages, tools)
+    kind = detect_format(example)
+    if kind == "completion":
+        return _string_field(example, "prompt")
+    if kind == "text":
+        raise TemplateError(Problem("text", "a text example has no prompt to generate from",
+                                    "use chat or prompt/completion examples for evaluation"))
+    chat = prepare_chat(example)
+    _require_template(tokenizer)
+    # A final assistant message is the reference answer: the prompt is everything before it.
+    n = len(chat.messages)
+    return _prompt_text(tokenizer, chat, n - 1 if chat.messages[-1]["role"] == "assistant" else n)
+
+
+def render_prompt(example_or_messages, tokenizer, *, tools=None) -> list[int]:
+    """Token ids of `render_prompt_text` (with bos for prompt/completion when the tokenizer adds it)."""
+    example = _as_example(example_or_messages, tools)
+    text = render_prompt_text(example, tokenizer)
+    if detect_format(example) == "completion":
+        return _completion_prompt_ids(tokenizer, text)
+    return _encode(tokenizer, text)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the special tokens the template writes after a reply, then eos.
+
+    Found by rendering a one-turn conversation, so `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `<|end|>`
+    or eos come from the template itself.
+    """
+    found: list[int] = []
+    if tokenizer.chat_template:
+        chat = Chat([{"role": "user", "content": "Hi"}], None, [False])
+        try:
+            prompt, probe = _prompt_and_probe(tokenizer, chat, 1)
+        except TemplateError:
+            prompt, probe = "", ""
+        reply = probe[len(prompt):].rstrip() if probe.startswith(prompt) else ""
+        tail = reply[reply.rfind(_PROBE) + len(_PROBE):] if _PROBE in reply else ""
+        special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+        found = [t for t in _encode(tokenizer, tail) if t in special]
+    if tokenizer.eos_token_id is not None:
+        found.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(found))
+
+
+def template_warnings(tokenizer) -> list[str]:
+    """Things about the tokenizer's chat template a user should know before training with it.
+
+    Today: a generation prompt that differs from how the template writes assistant turns in whitespace only.
+    Training and tunekit's evaluation then use the conversation's own text before each reply; a server that
+    applies the raw template with add_generation_prompt=True gives the model a slightly different prompt.
+    """
+    _require_template(tokenizer)
+    history = [{"role": "user", "content": "hi"}]
+    generation = _apply(tokenizer, history, None, add_generation_prompt=True, where="template")
+    probe = _apply(tokenizer, history + [{"role": "assistant", "content": _PROBE}], None,
+                   add_generation_prompt=False, where="template")
+    if probe.startswith(generation):
+        return []
+    end, _, _ = _align(generation, probe)
+    if end is None:
+        return []  # not a whitespace difference: render_example refuses such examples with its own error
+    return [
+        "the template's generation prompt differs from its assistant turns in whitespace: it ends "
+        f"{generation[-24:]!r} but turns start {probe[:end][-24:]!r}; tunekit trains and evaluates with the "
+        "latter, so serve the model with the same text (or strip the template's indentation)"
+    ]

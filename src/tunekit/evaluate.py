@@ -1,0 +1,659 @@
+"""Is fine-tuning worth it? Compare the tuned run against baselines on a held-out chat set.
+
+    evaluate(run_dir, data, baselines=["base", "few-shot:3"]) -> EvalResult
+
+reads top to bottom as:
+
+1. validate everything up front (run dir, its config.yaml, the data, baselines, scorer, few-shot pool),
+   reporting every problem at once, before any weight loads;
+2. for each model to load (the run, its base, other dirs given with `models`), load it once and, for each
+   candidate that uses it (base zero-shot and few-shot share the base):
+   - teacher-forced metrics on the held-out set: loss / perplexity / token accuracy at trained positions
+     (`render_example`; few-shot shots sit in the prompt with weight 0, so they are never scored),
+   - greedy generation of the last assistant message (`render_prompt`, stopping at the template's
+     end-of-turn ids), scored against the reference with `tunekit.metrics`,
+   - cost: prompt tokens and latency per request;
+3. return an `EvalResult`; `EvalResult.to_dict()` is what results.json holds and what `tunekit.report`
+   renders.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import importlib.util
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunekit.config import RunConfig, load_config
+from tunekit.data.formats import read_jsonl
+from tunekit.data.types import IGNORE, Sequence
+from tunekit.errors import ConfigError, DataError, Problem, TemplateError, TunekitError
+from tunekit.metrics import METRIC_LABELS, Reference, reference_display, reference_of, score_example
+
+# Upper bound on floats in one (B, T, V) logits tensor for teacher forcing (2^27 floats = 512 MiB fp32):
+# rows per forward shrink so that long sequences with a large vocabulary still fit.
+LOGITS_BUDGET = 2**27
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: the held-out examples, the candidates, the few-shot pool
+
+
+@dataclass
+class EvalExample:
+    line: int  # 1-based line in the data file
+    example: dict  # the raw OpenAI chat record
+    reference: Reference
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    """(line number, parsed record or None, error message or None) for each non-blank line."""
+    for line in read_jsonl(path):
+        errors = [issue.message for issue in line.issues if issue.severity == "error"]
+        if errors:
+            yield line.number, None, "; ".join(errors)
+        elif line.record is not None:
+            yield line.number, line.record, None
+
+
+def read_eval_examples(path: str | Path, *, limit: int | None = None) -> list[EvalExample]:
+    """The chat examples of a JSONL file (the first `limit`), each with its reference answer.
+
+    Every unusable line is reported at once (DataError naming file:line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(Problem(str(path), "evaluation data file not found",
+                                "pass --data with a JSONL file of OpenAI chat examples"))
+    examples, problems = [], []
+    for line, record, error in _jsonl_records(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        where = f"{path}:{line}"
+        if error:
+            problems.append(Problem(where, error, "fix the line or check the file with `tunekit data check`"))
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            problems.append(Problem(where, "not a chat example (no 'messages' list)",
+                                    "evaluation compares assistant answers; use OpenAI chat records"))
+            continue
+        try:
+            reference = reference_of(record)
+        except ValueError:
+            problems.append(Problem(f"{where} messages", "no assistant message to compare against",
+                                    "the last assistant message of each example is the reference answer"))
+            continue
+        examples.append(EvalExample(line, record, reference))
+    if problems:
+        raise DataError(problems, title=f"{path}: cannot evaluate on this file")
+    if not examples:
+        raise DataError(Problem(str(path), "the file holds no examples", "give a JSONL file with chat examples"))
+    return examples
+
+
+@dataclass
+class CandidateSpec:
+    name: str  # "fine-tuned", "base", "few-shot:3", or the other model's folder name
+    kind: str  # "tuned" | "base" | "few-shot" | "model"
+    path: str  # what load_for_inference gets: a run dir, a model dir or a hub id
+    shots: int = 0
+
+
+def parse_baseline(spec: str) -> tuple[str, int]:
+    """"base" -> ("base", 0); "few-shot:3" -> ("few-shot", 3); anything else -> ("model", 0) (a model dir)."""
+    text = spec.strip()
+    if text == "base":
+        return "base", 0
+    if text.startswith("few-shot"):
+        _, _, k = text.partition(":")
+        if not k.strip().isdigit() or int(k) < 1:
+            raise ConfigError(Problem(f"baseline '{spec}'", "few-shot needs a number of shots >= 1",
+                                      "write it as few-shot:K, e.g. few-shot:3"))
+        return "few-shot", int(k)
+    return "model", 0
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _last_assistant(example: dict) -> int:
+    return max(i for i, m in enumerate(example["messages"]) if isinstance(m, dict) and m.get("role") == "assistant")
+
+
+def _prompt_messages(example: dict) -> list:
+    """Messages before the last assistant message (what the model is asked)."""
+    return example["messages"][:_last_assistant(example)]
+
+
+def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: int) -> list[tuple[int, dict]]:
+    """K (line, example) pairs from the training file, chosen uniformly with `seed` (reservoir sampling,
+    one pass, memory O(K)).
+
+    Never an evaluated example: lines whose messages equal an evaluated example's are skipped, and so are
+    lines asking the same prompt (the answer would sit in the prompt). Unusable lines are skipped.
+    """
+    train_path = Path(train_path)
+    if not train_path.is_file():
+        raise DataError(Problem(str(train_path), "training file for few-shot examples not found",
+                                "few-shot shots come from data.train of the run's config.yaml"))
+    seen_messages = {_canonical(ex["messages"]) for ex in evaluated}
+    seen_prompts = {_canonical(_prompt_messages(ex)) for ex in evaluated}
+    rng = random.Random(seed)
+    chosen: list[tuple[int, dict]] = []
+    usable = 0
+    for line, record, error in _jsonl_records(train_path):
+        if error or not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            continue
+        messages = record["messages"]
+        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+            continue
+        if _canonical(messages) in seen_messages or _canonical(_prompt_messages(record)) in seen_prompts:
+            continue
+        usable += 1
+        if len(chosen) < k:
+            chosen.append((line, record))
+        else:
+            j = rng.randrange(usable)  # keep each of the `usable` lines with probability k / usable
+            if j < k:
+                chosen[j] = (line, record)
+    if usable < k:
+        raise DataError(Problem(str(train_path), f"only {usable} training examples can serve as shots, "
+                                                 f"few-shot:{k} needs {k}",
+                                "lower K; evaluated examples (and training lines with the same prompt) "
+                                "are never used as shots"))
+    return sorted(chosen, key=lambda pair: pair[0])
+
+
+def with_shots(example: dict, shots: list[dict]) -> dict:
+    """The example with the shots' conversations as earlier turns (after its system message).
+
+    Shot assistant turns get weight 0 so teacher forcing never scores them; tools declared by shots are
+    added to the example's tools (by function name) so a template can render their calls.
+    """
+    messages = list(example["messages"])
+    head = [messages.pop(0)] if messages and messages[0].get("role") == "system" else []
+    shot_turns = []
+    for shot in shots:
+        for m in shot["messages"]:
+            if m.get("role") == "system":
+                continue
+            shot_turns.append({**m, "weight": 0} if m.get("role") == "assistant" else dict(m))
+    out = {**example, "messages": head + shot_turns + messages}
+    tools = list(example.get("tools") or [])
+    names = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
+    for shot in shots:
+        for t in shot.get("tools") or []:
+            name = (t.get("function") or t).get("name") if isinstance(t, dict) else None
+            if name not in names:
+                tools.append(t)
+                names.add(name)
+    if tools:
+        out["tools"] = tools
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorer
+
+
+Scorer = Callable[[str, str, dict], Any]
+
+
+def load_scorer(spec: str) -> Scorer:
+    """`module:function` or `path/to/file.py:function` -> the function (errors name the spec)."""
+    module_name, sep, func_name = spec.rpartition(":")
+    where = f"scorer '{spec}'"
+    hint = "write it as module:function or path/to/file.py:function"
+    if not sep or not module_name or not func_name:
+        raise ConfigError(Problem(where, "not of the form module:function", hint))
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise ConfigError(Problem(where, f"file not found: {file}", hint))
+            loader_spec = importlib.util.spec_from_file_location(file.stem, file)
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except TunekitError:
+        raise
+    except Exception as exc:  # the user's module failed to import: show why, not a traceback
+        raise ConfigError(Problem(where, f"cannot import {module_name}: {type(exc).__name__}: {exc}", hint)) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(Problem(where, f"{module_name} has no function {func_name}", hint))
+    return func
+
+
+def run_scorer(scorer: Scorer, prediction: str, reference: str, example: dict, where: str) -> dict[str, float]:
+    """The scorer's value(s) as {"scorer": x} or {"scorer.key": x, ...}."""
+    try:
+        value = scorer(prediction, reference, example)
+    except Exception as exc:  # user code: report with the example's place
+        raise TunekitError(Problem(where, f"the scorer raised {type(exc).__name__}: {exc}",
+                                   "fix the scorer; it is called as f(prediction, reference, example)")) from None
+    if isinstance(value, bool) or not isinstance(value, int | float | dict):
+        raise TunekitError(Problem(where, f"the scorer returned {type(value).__name__}",
+                                   "return a float or a dict of floats"))
+    if isinstance(value, dict):
+        out = {}
+        for key, v in value.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise TunekitError(Problem(where, f"the scorer returned {key!r}: {type(v).__name__}",
+                                           "return a float or a dict of floats"))
+            out[f"scorer.{key}"] = float(v)
+        return out
+    return {"scorer": float(value)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Model computations: teacher forcing and generation
+
+
+@dataclass
+class TeacherForced:
+    loss: float  # mean cross-entropy (nats) over trained tokens
+    perplexity: float  # exp(loss)
+    token_accuracy: float  # fraction of trained tokens where the argmax of the logits is the label
+    trained_tokens: int
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+def teacher_forced(model, sequences: list[Sequence], *, batch_size: int, pad_id: int) -> TeacherForced:
+    """Loss, perplexity and argmax accuracy at trained positions (labels != IGNORE), token-weighted."""
+    import torch
+    import torch.nn.functional as F
+
+    device = _device(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    loss_sum, correct, count = 0.0, 0, 0
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths -> less padding
+    start = 0
+    while start < len(order):
+        longest = len(sequences[order[min(start + batch_size, len(order)) - 1]])
+        rows = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
+        batch = [sequences[i] for i in order[start:start + rows]]
+        start += rows
+        width = max(len(s) for s in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, seq in enumerate(batch):  # right padding: positions of real tokens are unchanged
+            ids[row, :len(seq)] = torch.tensor(seq.input_ids)
+            labels[row, :len(seq)] = torch.tensor(seq.labels)
+            mask[row, :len(seq)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+        targets = labels[:, 1:].to(device)  # token t is predicted from positions < t
+        trained = targets != IGNORE  # (B, T-1)
+        picked = logits[:, :-1][trained].float()  # (N, V) logits only at trained positions
+        wanted = targets[trained]  # (N,)
+        loss_sum += F.cross_entropy(picked, wanted, reduction="sum").item()
+        correct += int((picked.argmax(-1) == wanted).sum())
+        count += int(trained.sum())
+    if count == 0:
+        return TeacherForced(float("nan"), float("nan"), float("nan"), 0)
+    loss = loss_sum / count
+    return TeacherForced(loss, math.exp(min(loss, 700.0)), correct / count, count)
+
+
+@dataclass
+class Generation:
+    ids: list[int]  # generated tokens up to (not including) the first end-of-turn id
+    stopped: bool  # an end-of-turn id was generated (False: cut by max_new_tokens)
+    latency_ms: float  # wall time of its batch / requests in the batch
+
+
+def generate(model, prompts: list[list[int]], *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+             batch_size: int) -> list[Generation]:
+    """Greedy continuation of each prompt, batched with left padding, stopping at any of `stop_ids`.
+
+    Left padding keeps every prompt's last token at the end of its row, so the next token of all rows is
+    read from the same column; the attention mask hides the pads and generate() derives position ids
+    from it, which makes batched output equal to one-by-one output. Decoding is greedy even when the
+    model's own generation_config asks for sampling (values set here take precedence); an empty
+    `stop_ids` falls back to the model's configured eos.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    device = _device(model)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
+    results: list[Generation | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            n = len(prompts[i])
+            ids[row, width - n:] = torch.tensor(prompts[i])
+            mask[row, width - n:] = 1
+        began = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        new = out[:, width:].tolist()  # (B, new tokens); rows that stopped early are padded after the stop
+        per_request_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)  # after tolist: GPU work is done
+        stops = set(stop_ids)
+        for row, i in enumerate(chunk):
+            tokens = new[row]
+            cut = next((j for j, t in enumerate(tokens) if t in stops), None)
+            results[i] = Generation(tokens if cut is None else tokens[:cut], cut is not None, per_request_ms)
+    return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class CandidateResult:
+    name: str
+    kind: str
+    path: str
+    metrics: dict[str, float | None]  # rates in [0, 1]; loss / perplexity; cost; None where nothing applied
+    counts: dict[str, int]  # examples each generation metric applied to
+    shot_lines: list[int] = field(default_factory=list)  # training-file lines used as shots
+    predictions: list[str] = field(default_factory=list)  # one per example, same order
+    scores: list[dict[str, float]] = field(default_factory=list)  # per example, the metrics that applied
+    prompt_tokens: list[int] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+    stopped: list[bool] = field(default_factory=list)  # per example: ended at an end-of-turn id
+
+
+@dataclass
+class EvalResult:
+    run_dir: str
+    data: str
+    examples: list[EvalExample]
+    candidates: list[CandidateResult]
+    settings: dict
+
+    def candidate(self, name: str) -> CandidateResult:
+        return next(c for c in self.candidates if c.name == name)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready data: what results.json holds and what the report reads."""
+        return {
+            "run_dir": self.run_dir,
+            "data": self.data,
+            "n_examples": len(self.examples),
+            "settings": self.settings,
+            "metric_labels": METRIC_LABELS,
+            "candidates": [
+                {"name": c.name, "kind": c.kind, "path": c.path, "metrics": c.metrics, "counts": c.counts,
+                 "shot_lines": c.shot_lines}
+                for c in self.candidates
+            ],
+            "examples": [
+                {"line": ex.line, "reference": reference_display(ex.reference),
+                 "predictions": {c.name: c.predictions[i] for c in self.candidates},
+                 "scores": {c.name: c.scores[i] for c in self.candidates},
+                 "prompt_tokens": {c.name: c.prompt_tokens[i] for c in self.candidates}}
+                for i, ex in enumerate(self.examples)
+            ],
+        }
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _summarise(name: str, kind: str, path: str, tf: TeacherForced, predictions: list[str],
+               scores: list[dict[str, float]], prompt_tokens: list[int], gens: list[Generation],
+               shot_lines: list[int]) -> CandidateResult:
+    keys = list(METRIC_LABELS) + sorted({k for s in scores for k in s if k not in METRIC_LABELS})
+    metrics: dict[str, float | None] = {"loss": tf.loss, "perplexity": tf.perplexity,
+                                        "token_accuracy": tf.token_accuracy}
+    counts = {"trained_tokens": tf.trained_tokens}
+    for key in keys:
+        values = [s[key] for s in scores if key in s]
+        metrics[key] = _mean(values)
+        counts[key] = len(values)
+    metrics["prompt_tokens"] = _mean([float(n) for n in prompt_tokens])
+    metrics["new_tokens"] = _mean([float(len(g.ids)) for g in gens])
+    metrics["latency_ms"] = _mean([g.latency_ms for g in gens])
+    metrics["stopped"] = _mean([float(g.stopped) for g in gens])
+    return CandidateResult(name, kind, path, metrics, counts, shot_lines, predictions, scores, prompt_tokens,
+                           [g.latency_ms for g in gens], [g.stopped for g in gens])
+
+
+# --------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def _check_model_path(path: Path, where: str) -> Problem | None:
+    if not path.exists():
+        return Problem(where, f"not found: {path}", "give a tunekit run dir or a saved model dir")
+    if not (_is_model_dir(path) or (path / "final").is_dir()):
+        return Problem(where, f"{path} holds no model (no final/, config.json or adapter_config.json)",
+                       "give a finished run dir, its final/ or a checkpoint, or a saved model dir")
+    return None
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _at(where: str, exc: TemplateError) -> TemplateError:
+    """The same template problems, with the example's file:line in front."""
+    return TemplateError([Problem(f"{where} {p.where}".strip(), p.message, p.hint) for p in exc.problems],
+                         title=exc.title)
+
+
+def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample], shots: list[dict],
+                   shot_lines: list[int], *, data: str, max_new_tokens: int, batch_size: int,
+                   scorer: Scorer | None, log: Callable[[str], None]) -> CandidateResult:
+    from tunekit.data.render import end_of_turn_ids, render_example, render_prompt
+
+    # The prompt ends before the reference (the last assistant message); later messages play no part.
+    asked = [{**ex.example, "messages": ex.example["messages"][:_last_assistant(ex.example) + 1]} for ex in examples]
+    shown = [with_shots(record, shots) if shots else record for record in asked]
+    sequences: list[Sequence] = []
+    prompts: list[list[int]] = []
+    for ex, record in zip(examples, shown, strict=True):
+        try:
+            sequences += render_example(record, tokenizer)
+            prompts.append(list(render_prompt(record, tokenizer)))
+        except TemplateError as exc:
+            raise _at(f"{data}:{ex.line}", exc) from None
+    pad = _pad_id(tokenizer)
+    log(f"{spec.name}: teacher-forced loss on {len(examples)} examples")
+    tf = teacher_forced(model, sequences, batch_size=batch_size, pad_id=pad)
+    log(f"{spec.name}: generating up to {max_new_tokens} tokens for {len(examples)} examples")
+    gens = generate(model, prompts, stop_ids=list(end_of_turn_ids(tokenizer)), pad_id=pad,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = [tokenizer.decode(g.ids, skip_special_tokens=False).strip() for g in gens]
+    scores = []
+    for ex, prediction in zip(examples, predictions, strict=True):
+        s = score_example(prediction, ex.reference)
+        if scorer is not None:
+            s.update(run_scorer(scorer, prediction, reference_display(ex.reference), ex.example,
+                                f"{data}:{ex.line}"))
+        scores.append(s)
+    return _summarise(spec.name, spec.kind, spec.path, tf, predictions, scores, [len(p) for p in prompts], gens,
+                      shot_lines)
+
+
+def plan_candidates(run_dir: Path, config: RunConfig | None, baselines: list[str],
+                    models: list[str | Path]) -> tuple[list[CandidateSpec], list[Problem]]:
+    """The candidates in report order (the tuned run first) and every problem found in the request."""
+    specs = [CandidateSpec("fine-tuned", "tuned", str(run_dir))]
+    problems = []
+    names = {"fine-tuned"}
+    others = [str(m) for m in models]
+    for spec in baselines:
+        try:
+            kind, k = parse_baseline(spec)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        if kind == "model":
+            others.append(spec)
+            continue
+        if config is None:
+            problems.append(Problem(str(run_dir / "config.yaml"), f"not found; baseline '{spec}' needs the "
+                                    "run's base model (model.base)", "evaluate a tunekit run dir, or compare "
+                                    "against a model dir with --model"))
+            continue
+        name = "base" if kind == "base" else f"few-shot:{k}"
+        if name not in names:
+            specs.append(CandidateSpec(name, kind, config.model.base, k))
+            names.add(name)
+    for other in others:
+        problem = _check_model_path(Path(other), f"model '{other}'")
+        if problem:
+            problems.append(problem)
+            continue
+        name = Path(other).name or other
+        while name in names:
+            name += "'"
+        specs.append(CandidateSpec(name, "model", other))
+        names.add(name)
+    return specs, problems
+
+
+def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: list[str] | tuple[str, ...] | None = None,
+             models: list[str | Path] | tuple = (), max_new_tokens: int = 256, batch_size: int = 8,
+             limit: int | None = None, scorer: str | None = None, seed: int = 0,
+             device: str = "auto", config: RunConfig | None = None,
+             log: Callable[[str], None] | None = None) -> EvalResult:
+    """Evaluate the run at `run_dir` and its baselines on the chat examples of `data`.
+
+    data: a JSONL file of chat examples (default: eval.data, else data.validation of the run's config).
+    baselines: "base" (model.base zero-shot), "few-shot:K" (the base with K training examples as earlier
+    turns), or a model dir / run dir; default ["base"] when the run has a config.yaml. models: more model
+    dirs or runs to compare. device: "auto" (cuda when available), "cpu" or "cuda". config: the run's
+    RunConfig (read from run_dir/config.yaml when not given).
+    Raises TunekitError listing every problem before any weight loads.
+    """
+    from tunekit.model import load_for_inference
+
+    log = log or (lambda message: None)
+    run_dir = Path(run_dir)
+    problem = _check_model_path(run_dir, "run dir")
+    if problem:
+        raise TunekitError(problem, title="cannot evaluate")
+    if config is None and (run_dir / "config.yaml").is_file():
+        config = load_config(run_dir / "config.yaml", check_files=False)
+
+    if baselines is None:
+        baselines = ["base"] if config is not None else []
+    problems: list[Problem] = []
+    if device not in ("auto", "cpu", "cuda"):
+        problems.append(Problem("device", f"unknown device '{device}'", "use auto, cpu or cuda"))
+    elif device == "cuda" and not _cuda_available():
+        problems.append(Problem("device", "cuda was asked for but torch sees no GPU", "use --device cpu or auto"))
+    if data is None:
+        data = config.eval.data or config.data.validation if config is not None else None
+        if data is None:
+            problems.append(Problem("--data", "no evaluation data given and the run names none",
+                                    "pass --data valid.jsonl (held-out chat examples)"))
+    specs, plan_problems = plan_candidates(run_dir, config, list(baselines), list(models))
+    problems += plan_problems
+    examples: list[EvalExample] = []
+    if data is not None:
+        try:
+            examples = read_eval_examples(data, limit=limit)
+        except DataError as exc:
+            problems += exc.problems
+    scorer_fn = None
+    if scorer:
+        try:
+            scorer_fn = load_scorer(scorer)
+        except TunekitError as exc:
+            problems += exc.problems
+    shots_by_k: dict[int, list[tuple[int, dict]]] = {}
+    if examples and config is not None:
+        for spec in specs:
+            if spec.kind == "few-shot":
+                try:
+                    shots_by_k[spec.shots] = choose_shots(config.data.train, [e.example for e in examples],
+                                                          spec.shots, seed)
+                except DataError as exc:
+                    problems += exc.problems
+    if problems:
+        raise TunekitError(problems, title="cannot evaluate")
+
+    # One load per distinct model; base zero-shot and few-shot share it. The tuned run's tokenizer is
+    # used for its base when the vocabularies agree, so every candidate sees the same prompt text.
+    results: dict[str, CandidateResult] = {}
+    run_tokenizer = None
+    for path in dict.fromkeys(s.path for s in specs):
+        log(f"loading {path}")
+        model, tokenizer = load_for_inference(path, device=_resolve_device(device))
+        if path == str(run_dir):
+            run_tokenizer = tokenizer
+        elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
+                and len(run_tokenizer) == len(tokenizer):
+            tokenizer = run_tokenizer
+        for spec in (s for s in specs if s.path == path):
+            shots = shots_by_k.get(spec.shots, []) if spec.kind == "few-shot" else []
+            results[spec.name] = _run_candidate(
+                model, tokenizer, spec, examples, [ex for _, ex in shots], [line for line, _ in shots],
+                data=str(data), max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer_fn, log=log)
+        del model
+        gc.collect()
+        _empty_cuda_cache()
+
+    settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy",
+                "shots_from": str(config.data.train) if config is not None and shots_by_k else None}
+    return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if _cuda_available() else "cpu"
+    return device
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_from_config(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] | None = None,
+                         out_dir: str | Path | None = None) -> EvalResult:
+    """The `eval` section of a run config: evaluate the finished run and write RUN_DIR/eval/ (the report)."""
+    from tunekit.report import write_report
+
+    data = cfg.eval.data or cfg.data.validation
+    if data is None:
+        raise ConfigError(Problem("eval.data", "eval is enabled but there is no held-out file",
+                                  "set eval.data or data.validation (a file the run did not train on)"))
+    result = evaluate(run_dir, data, baselines=cfg.eval.baselines, max_new_tokens=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size, limit=cfg.eval.limit, scorer=cfg.eval.scorer,
+                      seed=cfg.eval.seed, device=cfg.train.device, config=cfg, log=log)
+    write_report(result.to_dict(), Path(out_dir) if out_dir else Path(run_dir) / "eval",
+                 metrics_path=Path(run_dir) / "metrics.jsonl")
+    return result

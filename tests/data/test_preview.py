@@ -1,0 +1,58 @@
+from tunekit.data.preview import TRAINED_STYLE, preview_example, runs
+from tunekit.data.render import render_example, template_warnings
+
+EXAMPLE = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Say hi to café 😀"},
+    {"role": "assistant", "content": "hi café 😀"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": "not this one", "weight": 0},
+]}
+
+
+def test_runs_cover_the_sequence_in_order(chat_tokenizer):
+    [sequence] = render_example(EXAMPLE, chat_tokenizer)
+    pieces = runs(sequence)
+    assert [t for _, ids in pieces for t in ids] == sequence.input_ids
+    assert sum(len(ids) for trained, ids in pieces if trained) == sequence.num_trained
+    assert all(a[0] != b[0] for a, b in zip(pieces, pieces[1:], strict=False))  # maximal runs
+
+
+def test_preview_highlights_exactly_the_trained_reply(chat_tokenizer):
+    preview = preview_example(EXAMPLE, chat_tokenizer)
+    trained_text = "".join(preview.text.plain[span.start:span.end] for span in preview.text.spans
+                           if span.style == TRAINED_STYLE)
+    assert trained_text == "hi café 😀<|im_end|>"  # intact unicode; weight-0 reply and prompts not highlighted
+    assert "not this one" in preview.text.plain and preview.sequences == 1
+    assert preview.trained == len(chat_tokenizer("hi café 😀<|im_end|>", add_special_tokens=False)["input_ids"])
+
+
+def test_whitespace_only_prompt_difference_is_reported(chat_tokenizer):
+    import copy
+
+    assert template_warnings(chat_tokenizer) == []
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = chat_tokenizer.chat_template.replace("'<|im_start|>assistant\\n'",
+                                                             "'<|im_start|>assistant\\n\\n'")
+    [warning] = template_warnings(tok)
+    assert "whitespace" in warning
+
+
+def test_preview_cli_shows_counts_and_names_bad_lines(tmp_path, chat_tokenizer):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    chat_tokenizer.save_pretrained(tmp_path / "tok")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(EXAMPLE) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "preview", str(good), "--model", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    assert f"{good}:1" in result.output and "trained" in result.output and "hi café 😀" in result.output
+
+    bad = tmp_path / "bad.jsonl"  # an assistant turn first: no prompt to train it on
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "preview", str(bad), "--model", str(tmp_path / "tok")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
