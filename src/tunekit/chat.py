@@ -33,9 +33,9 @@ def reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int = 256, 
     """The assistant's next message for `messages` (greedy when temperature is 0)."""
     import torch
 
-    from tunekit.data.render import end_of_turn_ids
+    from tunekit.data.render import end_of_turn_ids, render_prompt
 
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    prompt = render_prompt(messages, tokenizer)  # exactly the text training puts before a reply
     input_ids = torch.tensor([prompt], device=model.device)  # (1, T) prompt tokens
     stop = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
