@@ -230,6 +230,23 @@ def eval_cmd(
     console.print(f"[green]✓[/] report: {files['html']}  ({files['markdown'].name}, {files['results'].name})")
 
 
+@app.command("train")
+def train_cmd(
+    file: Path,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run dir's last checkpoint")] = False,
+) -> None:
+    """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
+    from tunekit.config import load_config
+    from tunekit.train import train
+
+    try:
+        result = train(load_config(file, overrides or []), resume=resume, console=err_console)
+    except TunekitError as exc:
+        fail(exc)
+    console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+
+
 @app.command("chat")
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="A run dir (or its final/), or a model dir")],

@@ -1,0 +1,287 @@
+"""Load a base model (hub id, local dir, or an earlier tunekit run) and make it trainable.
+
+`load_base(cfg)` gives the model training starts from; `apply_method(model, cfg)` makes the
+parameters that train trainable: all of them (full), or a LoRA adapter (lora; qlora = the same adapter
+over a bitsandbytes 4-bit base). `load_for_inference(path)` loads what a run produced.
+
+Run dir layout (written by tunekit.train): RUN_DIR/config.yaml, RUN_DIR/final/ (a peft adapter or a full
+model, plus the tokenizer), RUN_DIR/checkpoints/step-NNNNNN/ (same weight format).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunekit.config import RunConfig, load_config
+from tunekit.errors import ConfigError, Problem, TunekitError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings resolved from "auto"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a CUDA device that supports it, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_attn(name: str, device: torch.device) -> str:
+    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and flash_attn_installed() else "sdpa"
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Earlier runs used as a base
+
+
+@dataclass
+class RunDir:
+    """An earlier tunekit run: its resolved config and its final weights."""
+
+    path: Path
+    cfg: RunConfig
+    final: Path
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.final / ADAPTER_CONFIG).is_file()
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A tunekit run dir has the resolved config.yaml (a model dir has config.json)."""
+    return (Path(path) / "config.yaml").is_file()
+
+
+def read_run_dir(path: str | Path) -> RunDir | None:
+    """The run at `path`, or None for anything else (a hub id, a plain model dir)."""
+    path = Path(path).expanduser()
+    if not is_run_dir(path):
+        return None
+    cfg = load_config(path / "config.yaml", check_files=False)
+    final = path / "final"
+    if not final.is_dir():
+        raise ConfigError(Problem(str(path), "this run has no final/ weights (it did not finish)",
+                                  f"resume it first: tunekit train {path / 'config.yaml'} --resume"))
+    return RunDir(path, cfg, final)
+
+
+def _continues_adapter(cfg: RunConfig, run: RunDir | None) -> bool:
+    """True when training keeps training the earlier run's adapter (model.previous_adapter: continue)."""
+    return (run is not None and run.has_adapter and cfg.method in ("lora", "qlora")
+            and cfg.model.previous_adapter == "continue")
+
+
+def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, quantize: bool):
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.model.attn_implementation, device),
+                  trust_remote_code=cfg.model.trust_remote_code, device_map={"": str(device)})
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if cfg.quant.compute_dtype == "auto" else resolve_dtype(cfg.quant.compute_dtype, device)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.quant.quant_type,
+            bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=compute)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise TunekitError(Problem("model.base", f"cannot load a causal LM from {path}: {exc}",
+                                   "give a local model dir, an earlier run dir, or a reachable hub id")) from None
+
+
+def _adapter_base(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool):
+    """The model the adapter in `run.final` was trained on top of (rebuilt from the run's own config)."""
+    prev = read_run_dir(run.cfg.model.base)
+    if prev is None:
+        return _from_pretrained(run.cfg.model.base, cfg, device, quantize=quantize)
+    if not prev.has_adapter:
+        return _from_pretrained(prev.final, cfg, device, quantize=quantize)
+    if _continues_adapter(run.cfg, prev):
+        return _adapter_base(prev, cfg, device, quantize=quantize)
+    return _merged(prev, cfg, device, quantize=quantize)
+
+
+def _merged(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool):
+    """The run's adapter folded into its base weights (a plain transformers model)."""
+    from peft import PeftModel
+
+    if quantize:
+        raise ConfigError(Problem("model.previous_adapter", "cannot fold an adapter into a 4-bit base",
+                                  "use model.previous_adapter: continue, or method: lora"))
+    base = _adapter_base(run, cfg, device, quantize=False)
+    return PeftModel.from_pretrained(base, str(run.final)).merge_and_unload()
+
+
+def load_tokenizer(cfg: RunConfig):
+    """The tokenizer of the base (for an earlier run: the one saved in its final/)."""
+    from transformers import AutoTokenizer
+
+    run = read_run_dir(cfg.model.base)
+    source = run.final if run is not None else cfg.model.base
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise TunekitError(Problem("model.base", f"cannot load a tokenizer from {source}: {exc}",
+                                   "the model dir must hold tokenizer files")) from None
+    return tok
+
+
+def load_base(cfg: RunConfig, device: torch.device | None = None):
+    """The model training starts from, on `device`, before any adapter is added.
+
+    - a hub id or model dir: that model (4-bit when method is qlora);
+    - an earlier run with a full model: its final weights;
+    - an earlier run with an adapter: merged into its base (previous_adapter: merge), or its base alone
+      (previous_adapter: continue; apply_method then loads the adapter to keep training it).
+    """
+    device = device or resolve_device(cfg.train.device)
+    quantize = cfg.method == "qlora"
+    run = read_run_dir(cfg.model.base)
+    if run is None:
+        model = _from_pretrained(cfg.model.base, cfg, device, quantize=quantize)
+    elif not run.has_adapter:
+        model = _from_pretrained(run.final, cfg, device, quantize=quantize)
+    elif _continues_adapter(cfg, run):
+        model = _adapter_base(run, cfg, device, quantize=quantize)
+    else:
+        model = _merged(run, cfg, device, quantize=quantize)
+    model.config.use_cache = False  # training: no KV cache (and packed position_ids need none)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods
+
+
+def _keep_4bit_layers_differentiable(model) -> None:
+    """Workaround for bitsandbytes 0.50.x on CPUs with AVX512-BF16.
+
+    `Linear4bit.forward` repacks its weight into an inference-only layout the first time it runs in
+    eval mode on an input that does not require grad (e.g. a validation pass). From then on
+    `matmul_4bit` uses `gemv_4bit`, which has no autograd: gradients stop flowing through the base
+    layers and every LoRA before the last layer silently gets zero gradient. The layer reads its own
+    `support_avx512bf16_for_cpu` flag to decide; clearing it keeps the differentiable path.
+    tests/test_model.py::test_qlora_lora_gets_gradients_after_eval_pass fails if this stops working.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def apply_method(model, cfg: RunConfig):
+    """Make the trained parameters trainable: all (full) or a LoRA adapter (lora, qlora)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        # Casts the non-quantized params (norms, embeddings) to fp32 and freezes the base.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        _keep_4bit_layers_differentiable(model)
+
+    run = read_run_dir(cfg.model.base)
+    if _continues_adapter(cfg, run):
+        # The earlier adapter keeps its own r / alpha / targets (from its adapter_config.json).
+        return PeftModel.from_pretrained(model, str(run.final), is_trainable=True)
+
+    lora = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        # "all-linear": peft picks every nn.Linear / Linear4bit in the blocks, never the output layer.
+        target_modules=lora.target_modules, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def body_and_head(model):
+    """(decoder body, LM head) of a plain or peft-wrapped causal LM.
+
+    LoRA layers are injected into the wrapped model's modules, so calling the body runs them.
+    """
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+
+
+def _find_run_for(weights: Path) -> RunDir | None:
+    """The run that wrote `weights` (its final/ or a checkpoints/step-N dir), if any."""
+    if weights.name == "final" and is_run_dir(weights.parent):
+        return read_run_dir(weights.parent)
+    if weights.parent.name == "checkpoints" and is_run_dir(weights.parent.parent):
+        return read_run_dir(weights.parent.parent)
+    return None
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) in eval mode from a run dir, its final/, a checkpoint, or a plain model dir."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device)
+    if not Path(path).expanduser().exists():  # a hub id
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map={"": str(device)})
+            return model.eval(), AutoTokenizer.from_pretrained(str(path))
+        except OSError as exc:
+            raise TunekitError(Problem(str(path), f"not a run dir, checkpoint, model dir or reachable hub id: {exc}",
+                                       "give RUN_DIR, RUN_DIR/final, a checkpoint dir, or a model dir")) from None
+    path = Path(path).expanduser()
+    run = read_run_dir(path) if is_run_dir(path) else None
+    weights = run.final if run is not None else path
+    if run is None:
+        run = _find_run_for(path)
+    tok_source = weights if (weights / "tokenizer_config.json").is_file() else (
+        run.final if run is not None else weights)
+
+    if (weights / ADAPTER_CONFIG).is_file():
+        if run is not None:
+            cfg = run.cfg.model_copy(update={"method": "lora"})  # a full-precision base for inference
+            base = _adapter_base(run, cfg, device, quantize=False)
+        else:
+            base_name = json.loads((weights / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": str(device)})
+        model = PeftModel.from_pretrained(base, str(weights))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(weights), dtype="auto", device_map={"": str(device)})
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,642 @@
+"""The training loop: setup -> epochs of steps -> checkpoints -> final weights, top to bottom.
+
+`train(cfg, resume=False)` is what `tunekit train` runs. The loss is the mean next-token NLL over the
+trained tokens of a whole optimizer step: the trained tokens of all its micro-batches are counted first,
+and each micro-batch's summed NLL is divided by that count, so accumulating 4 micro-batches of 2 rows
+equals one batch of 8 rows. The LM head is applied only at positions whose next token is trained.
+
+A run dir holds config.yaml, metrics.jsonl, summary.json, final/ and checkpoints/step-NNNNNN/. A
+checkpoint holds everything needed to continue exactly where it was written: weights, optimizer and
+scheduler state, RNG states, the position in the data (whose order is a pure function of seed and
+epoch), and the metrics so far.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tunekit.config import RunConfig, load_config
+from tunekit.data.check import recommended_epochs
+from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
+from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
+from tunekit.data.types import IGNORE, Sequence
+from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.model import (
+    apply_method,
+    body_and_head,
+    flash_attn_installed,
+    is_run_dir,
+    load_base,
+    load_tokenizer,
+    read_run_dir,
+    resolve_device,
+)
+
+STATE_FILE = "trainer_state.json"
+OPTIM_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+# Config fields a resumed run may change: they do not alter the math of training.
+RESUME_MAY_CHANGE = {"output.overwrite", "output.trackers", "train.threads", "train.log_every",
+                     "train.save_every", "train.keep_last", "train.eval_every", "train.device"}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+
+
+@dataclass
+class Plan:
+    """Hyperparameters with every "auto" resolved."""
+
+    epochs: int
+    lr: float
+    batch_size: int  # rows per optimizer step
+    micro_batch_size: int  # rows per forward/backward
+    rows_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Up-front checks (before any weight loads)
+
+
+def check_setup(cfg: RunConfig, *, resume: bool) -> list[Problem]:
+    """Everything that can be checked without loading weights, reported together."""
+    problems = []
+    device = resolve_device(cfg.train.device)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        problems.append(Problem("train.device", "cuda was asked for but no CUDA device is visible",
+                                "use train.device: auto or cpu"))
+    if cfg.method == "full" and cfg.model.dtype == "fp16":
+        problems.append(Problem("model.dtype", "full fine-tuning in fp16 weights is unstable (no loss scaling)",
+                                "use bf16 (on GPUs that support it) or fp32"))
+    if cfg.model.attn_implementation == "flash_attention_2" and not (device.type == "cuda" and flash_attn_installed()):
+        problems.append(Problem("model.attn_implementation", "flash_attention_2 needs CUDA and the flash-attn package",
+                                "use attn_implementation: auto (sdpa here)"))
+    if cfg.method == "qlora":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(Problem("method", "qlora needs the bitsandbytes package",
+                                    "pip install 'tunekit[qlora]', or use method: lora"))
+    if cfg.train.compile:
+        problems.append(Problem("train.compile", "torch.compile is not supported by the training loop yet",
+                                "set train.compile: false"))
+    base = Path(cfg.model.base).expanduser()
+    if is_run_dir(base):
+        try:
+            run = read_run_dir(base)
+        except TunekitError as exc:
+            problems += exc.problems
+        else:
+            if run.has_adapter and cfg.method == "qlora" and cfg.model.previous_adapter == "merge":
+                problems.append(Problem("model.previous_adapter", "cannot fold the earlier adapter into a 4-bit base",
+                                        "use model.previous_adapter: continue, or method: lora"))
+    for tracker in cfg.output.trackers:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[tracker]
+        import importlib.util
+
+        if importlib.util.find_spec(module) is None:
+            problems.append(Problem("output.trackers", f"{tracker} is configured but not installed",
+                                    f"pip install {module}, or remove it from output.trackers"))
+    if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
+        problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
+                                "set eval.data or data.validation (a file the run does not train on)"))
+    problems += _run_dir_problems(cfg, resume=resume)
+    return problems
+
+
+def _run_dir_problems(cfg: RunConfig, *, resume: bool) -> list[Problem]:
+    run_dir = cfg.output.dir
+    ckpts = list_checkpoints(run_dir)
+    if resume:
+        if not ckpts:
+            return [Problem("output.dir", f"nothing to resume: {run_dir} has no checkpoints",
+                            "run without --resume to start the run")]
+        saved = load_config(run_dir / "config.yaml", check_files=False)
+        changed = [k for k in _diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+                   if k not in RESUME_MAY_CHANGE]
+        if changed:
+            return [Problem("output.dir", f"the config differs from the run's config.yaml in: {', '.join(changed)}",
+                            "resume with the same config, or set output.dir to a new run dir")]
+        return []
+    if cfg.output.overwrite:
+        return []
+    if ckpts:
+        return [Problem("output.dir", f"{run_dir} has checkpoints (last: {ckpts[-1].name})",
+                        "continue it with --resume, or set output.overwrite: true to start over")]
+    if (run_dir / "config.yaml").exists() or (run_dir / "final").exists():
+        return [Problem("output.dir", f"{run_dir} already holds a run",
+                        "set output.dir to a new dir, or output.overwrite: true to replace it")]
+    return []
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+def make_plan(cfg: RunConfig, n_examples: int, rows_per_epoch: int) -> Plan:
+    t = cfg.train
+    epochs = recommended_epochs(n_examples) if t.epochs == "auto" else t.epochs
+    lr = (1e-5 if cfg.method == "full" else 2e-4) if t.lr == "auto" else t.lr
+    batch = max(1, t.batch_tokens // cfg.data.max_len) if t.batch_size == "auto" else t.batch_size
+    micro = min(t.micro_batch_size, batch)
+    steps_per_epoch = math.ceil(rows_per_epoch / batch)
+    total = epochs * steps_per_epoch
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    warmup = math.ceil(t.warmup_ratio * total)
+    return Plan(epochs, lr, batch, micro, rows_per_epoch, steps_per_epoch, total, warmup)
+
+
+def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss: LM head only at trained positions
+
+
+def forward_hidden(model, batch: Batch) -> torch.Tensor:
+    """(B, T, H) final hidden states of the decoder body."""
+    body, _ = body_and_head(model)
+    # use_cache=False is what lets transformers build the per-sequence mask from packed position_ids.
+    out = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
+               attention_mask=batch.attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (chunk, V), fp32 for the softmax
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, target, reduction="sum")
+
+
+def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
+    """(summed NLL over trained positions, their count) for one micro-batch.
+
+    Hidden states are gathered at the N positions whose next token is trained, then projected through
+    the LM head `chunk` rows at a time. With grad enabled each chunk is recomputed in backward
+    (activation checkpointing), so at most one (chunk, V) logits block is alive at a time.
+    """
+    _, head = body_and_head(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden = forward_hidden(model, batch)  # (B, T, H)
+    keep = batch.targets != IGNORE  # (B, T)
+    h = hidden[keep]  # (N, H)
+    target = batch.targets[keep]  # (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        h_c, t_c = h[start:start + chunk], target[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_nll, head, softcap, h_c, t_c, use_reentrant=False)
+        else:
+            total = total + _chunk_nll(head, softcap, h_c, t_c)
+    return total, int(target.numel())
+
+
+def backward_step(model, micro_batches: list[Batch], chunk: int, device) -> tuple[float, int]:
+    """Forward + backward of one optimizer step; returns (summed NLL, trained tokens) of the step.
+
+    The trained tokens of ALL micro-batches are counted first and every micro-batch's summed NLL is
+    divided by that one count, so the gradients equal those of a single batch holding every row.
+    """
+    n_trained = sum(b.num_trained for b in micro_batches)  # across ranks: all-reduce this count here
+    step_nll = 0.0
+    for batch in micro_batches:
+        nll_sum, _ = trained_nll(model, batch.to(device), chunk)
+        (nll_sum / n_trained).backward()
+        step_nll += float(nll_sum.detach())
+    return step_nll, n_trained
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[Batch], chunk: int, device) -> tuple[float, float]:
+    """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`."""
+    was_training = model.training
+    model.eval()
+    _, head = body_and_head(model)
+    nll, correct, count = 0.0, 0, 0
+    for batch in batches:
+        batch = batch.to(device)
+        hidden = forward_hidden(model, batch)
+        keep = batch.targets != IGNORE
+        h, target = hidden[keep], batch.targets[keep]
+        for start in range(0, h.shape[0], chunk):
+            logits = head(h[start:start + chunk]).float()
+            softcap = getattr(model.config, "final_logit_softcapping", None)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            t_c = target[start:start + chunk]
+            nll += float(F.cross_entropy(logits, t_c, reduction="sum"))
+            correct += int((logits.argmax(-1) == t_c).sum())
+        count += int(target.numel())
+    model.train(was_training)
+    return nll / max(1, count), correct / max(1, count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches
+
+
+def make_batches(seqs: list[Sequence], rows: list[list[int]], micro: int, packing: bool,
+                 pad_id: int) -> list[Batch]:
+    """Rows (lists of sequence indices) -> micro-batches of `micro` rows."""
+    out = []
+    for start in range(0, len(rows), micro):
+        group = rows[start:start + micro]
+        if packing:
+            out.append(collate_packed([[seqs[i] for i in row] for row in group], pad_id))
+        else:
+            out.append(collate_padded([seqs[row[0]] for row in group], pad_id))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Make a fully written dir visible under its final name in one rename."""
+    _fsync_tree(tmp)
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
+def _save_weights(model, tokenizer, path: Path) -> None:
+    """peft adapter (adapter_config.json + adapter_model.safetensors) or the full model, safetensors."""
+    model.save_pretrained(str(path), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:06d}"
+    tmp = ckpt_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_weights(model, None, tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM_FILE)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / RNG_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    dest = ckpt_dir / name
+    _publish(tmp, dest)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return dest
+
+
+def _load_trainable_weights(model, ckpt: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (ckpt / "adapter_config.json").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+        bad = [k for k in result.unexpected_keys]
+        if bad:
+            raise TunekitError(Problem(str(ckpt), f"checkpoint weights do not fit the adapter: {bad[:3]}",
+                                       "resume with the same lora settings"))
+        return
+    state = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise TunekitError(Problem(str(ckpt), "checkpoint weights do not fit the model "
+                                   f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})",
+                                   "resume with the same model.base"))
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler; returns the trainer state. RNG is restored by the caller."""
+    _load_trainable_weights(model, ckpt)
+    opt = torch.load(ckpt / OPTIM_FILE, weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def restore_rng(ckpt: Path) -> None:
+    rng = torch.load(ckpt / RNG_FILE, weights_only=False)
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Logging
+
+
+@dataclass
+class Trackers:
+    """Optional experiment trackers, each imported only when configured."""
+
+    tb: object = None
+    wandb: object = None
+    mlflow: object = None
+    names: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, cfg: RunConfig, run_dir: Path) -> Trackers:
+        t = cls(names=list(cfg.output.trackers))
+        if "tensorboard" in cfg.output.trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            t.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if "wandb" in cfg.output.trackers:
+            import wandb
+
+            t.wandb = wandb.init(project="tunekit", dir=str(run_dir), config=cfg.model_dump(mode="json"))
+        if "mlflow" in cfg.output.trackers:
+            import mlflow
+
+            mlflow.start_run(run_name=run_dir.name)
+            t.mlflow = mlflow
+        return t
+
+    def log(self, row: dict) -> None:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=row["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(numbers, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
+
+
+def _progress(console):
+    """A progress bar with loss, trained tokens/s and time left; off when the console is not a TTY."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                    TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
+                    console=console, disable=not console.is_terminal)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
+    """Train as configured; write the run dir; return its path and summary."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    say = console.print
+    wall_start = time.time()
+
+    # --- 1. checks that need no weights, then data (tokenizer only) --------------------------------
+    problems = check_setup(cfg, resume=resume)
+    if problems:
+        raise ConfigError(problems, title="cannot start training")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg.train.device)
+    tokenizer = load_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    data: DataSplits = load_splits(cfg.data, tokenizer)
+    for note in data.notes:
+        say(f"[yellow]note:[/] {note}", highlight=False)
+    lengths = [len(s) for s in data.train]
+    rows0 = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, 0)
+    plan = make_plan(cfg, data.n_train_examples, len(rows0))
+    v_rows = valid_rows([len(s) for s in data.valid], cfg.data.max_len, cfg.data.packing)
+    valid_batches = make_batches(data.valid, v_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
+    say(f"{data.n_train_examples} train examples -> {len(data.train)} sequences, "
+        f"{data.train_fit.trained_tokens} trained tokens, {plan.rows_per_epoch} rows/epoch "
+        f"(packing efficiency {packing_efficiency(rows0, lengths, cfg.data.max_len):.1%}); "
+        f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, {plan.total_steps} steps; "
+        f"batch {plan.batch_size} rows = {plan.micro_batch_size} x "
+        f"{math.ceil(plan.batch_size / plan.micro_batch_size)} accumulated; lr {plan.lr:g}", highlight=False)
+
+    # --- 2. run dir ---------------------------------------------------------------------------------
+    run_dir = Path(cfg.output.dir)
+    if not resume and run_dir.exists() and cfg.output.overwrite:
+        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval", "tensorboard"):
+            p = run_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+
+    # --- 3. model, optimizer, schedule --------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model = apply_method(load_base(cfg, device), cfg)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant: gradients reach LoRA weights even though the frozen inputs need no grad.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, betas=tuple(cfg.train.adam_betas),
+                                  weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+
+    step, metrics, trained_total, initial_valid = 0, [], 0, {}
+    if resume:
+        ckpt = list_checkpoints(run_dir)[-1]
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        restore_rng(ckpt)
+        step, metrics, trained_total = state["step"], state["metrics"], state["trained_tokens"]
+        initial_valid = state["initial_valid"]
+        say(f"resumed from {ckpt} (step {step})", highlight=False)
+    elif valid_batches:
+        # The starting point, so the summary shows what training changed (eval mode: no RNG is used).
+        loss, acc = evaluate_loss(model, valid_batches, cfg.train.lm_head_chunk, device)
+        initial_valid = {"valid_loss": loss, "valid_token_accuracy": acc}
+    # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more).
+    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in metrics)
+    trackers = Trackers.start(cfg, run_dir)
+    max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+
+    # --- 4. the loop --------------------------------------------------------------------------------
+    window_trained, window_real, window_start = 0, 0, time.time()
+    real_seen, row_seen, train_time, last_loss = 0, 0, 0.0, None
+    trained_this_run = 0
+    with _progress(console) as progress:
+        task = progress.add_task("train", total=plan.total_steps, completed=step, loss="-", tps="-")
+        while step < plan.total_steps:
+            epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+            rows = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, epoch)
+            step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
+            micro_batches = make_batches(data.train, step_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
+
+            t0 = time.time()
+            step_nll, n_trained = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            lr_now = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_time += time.time() - t0
+
+            step += 1
+            last_loss = step_nll / n_trained
+            trained_total += n_trained
+            trained_this_run += n_trained
+            window_trained += n_trained
+            window_real += sum(b.real_tokens for b in micro_batches)
+            real_seen += sum(b.real_tokens for b in micro_batches)
+            row_seen += sum(b.input_ids.numel() for b in micro_batches)
+
+            do_eval = bool(valid_batches) and (
+                step == plan.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
+            if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
+                elapsed = max(1e-9, time.time() - window_start)
+                row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
+                       "train_loss": last_loss, "grad_norm": grad_norm, "trained_tokens": trained_total,
+                       "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
+                if do_eval:
+                    row["valid_loss"], row["valid_token_accuracy"] = evaluate_loss(
+                        model, valid_batches, cfg.train.lm_head_chunk, device)
+                metrics.append(row)
+                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                trackers.log(row)
+                if not console.is_terminal:
+                    extra = f"  valid {row['valid_loss']:.4f}" if do_eval else ""
+                    say(f"step {step}/{plan.total_steps}  loss {last_loss:.4f}{extra}  "
+                        f"{row['tokens_per_s']:.0f} trained tok/s", highlight=False)
+                window_trained, window_real, window_start = 0, 0, time.time()
+            progress.update(task, completed=step, loss=f"{last_loss:.4f}",
+                            tps=f"{n_trained / max(1e-9, time.time() - t0):.0f}")
+
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.total_steps:
+                save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
+                                cfg.train.keep_last)
+
+    # --- 5. final weights, summary ------------------------------------------------------------------
+    save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
+                    cfg.train.keep_last)
+    tmp = run_dir / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_weights(model, tokenizer, tmp)
+    _publish(tmp, run_dir / "final")
+    trackers.close()
+
+    last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
+    summary = {
+        "steps": step, "epochs": round(step / plan.steps_per_epoch, 4), "planned_epochs": plan.epochs,
+        "final_train_loss": last_loss if last_loss is not None else (metrics[-1]["train_loss"] if metrics else None),
+        "initial_valid_loss": initial_valid.get("valid_loss"),
+        "final_valid_loss": last_valid.get("valid_loss"),
+        "final_valid_token_accuracy": last_valid.get("valid_token_accuracy"),
+        "trained_tokens": trained_total,
+        "tokens_per_s": trained_this_run / train_time if train_time else None,  # trained tokens/s, this process
+        "packing": cfg.data.packing,
+        "packing_efficiency": packing_efficiency(rows0, lengths, cfg.data.max_len),
+        "batch_fill": real_seen / row_seen if row_seen else None,  # real / tensor tokens actually run
+        "train_examples": data.n_train_examples, "valid_examples": data.n_valid_examples,
+        "train_sequences": len(data.train),
+        "dropped_too_long": data.train_fit.dropped_too_long,
+        "dropped_trained_tokens": data.train_fit.dropped_trained_tokens,
+        "truncated": data.train_fit.truncated, "lost_trained_tokens": data.train_fit.lost_trained_tokens,
+        "no_trained_tokens": data.train_fit.no_trained_tokens,
+        "plan": asdict(plan), "wall_time_s": time.time() - wall_start, "resumed": resume,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    say(f"[green]done[/]: {step} steps, train loss {summary['final_train_loss']:.4f} -> {run_dir / 'final'}",
+        highlight=False)
+
+    if cfg.eval.enabled:
+        from tunekit.evaluate import evaluate_from_config
+
+        evaluate_from_config(cfg, run_dir, log=lambda message: say(message, highlight=False))
+    return TrainResult(run_dir, summary)
+
+
+def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_valid: dict) -> dict:
+    """Position in the data and metrics so far. The epoch order is epoch_rows(seed, epoch)."""
+    epoch, batch_index = divmod(step, plan.steps_per_epoch)
+    return {"step": step, "epoch": epoch, "batch_index": batch_index, "rows_per_step": plan.batch_size,
+            "order": "tunekit.data.dataset.epoch_rows(lengths, max_len, packing, train.seed, epoch)",
+            "trained_tokens": trained_tokens, "initial_valid": initial_valid, "metrics": metrics,
+            "time": time.time()}
+
