@@ -10,7 +10,7 @@ Steps, all deterministic from --seed:
      <|im_end|> as eos, a ChatML chat template.
   3. a random-init model dir (LlamaConfig, tied embeddings) saved with the tokenizer.
   4. pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
-  5. the final weights saved in bf16 (safetensors <= 16 MB) with the tokenizer and a model card.
+  5. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer and a model card.
 
     python scripts/make_tiny_model.py                     # ~20 min on 2 CPU cores
     python scripts/make_tiny_model.py --max-steps 20 --out /tmp/tiny   # a quick trial
@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -325,11 +324,11 @@ structure and JSON lists, and little else.
 | vocabulary | {vocab} byte-level BPE tokens; `<|im_start|>`, `<|im_end|>` (eos, end of turn), `<|endoftext|>` (pad) |
 | chat template | ChatML (`<|im_start|>role\\n...<|im_end|>\\n`) |
 | context | {max_len} tokens trained (positions up to 1024) |
-| weights | bf16 safetensors, {size_mb:.1f} MB |
+| weights | fp32 safetensors, {size_mb:.1f} MiB |
 | corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 55% ChatML chats, 20% prose, 15% recipe cards, 10% JSON records |
 | pretraining | {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, seed {seed} |
 | final train loss | {final_loss} |
-| time | {minutes:.1f} min on {threads} CPU threads |
+| pretraining time | {minutes:.1f} min on {threads} CPU threads (2-core machine shared with other jobs) |
 
 ## Corpus
 
@@ -381,52 +380,54 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ship-only", action="store_true",
+                        help="skip pretraining: write --out from the finished run in --work")
     args = parser.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
     from tunekit.train import train
 
     args.work.mkdir(parents=True, exist_ok=True)
     docs = make_corpus(args.docs, args.seed)
     corpus = args.work / "corpus.jsonl"
-    with corpus.open("w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps({"text": doc}) + "\n")
-
-    tokenizer = train_tokenizer(docs, args.vocab)
-    corpus_tokens = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])
-    print(f"corpus: {len(docs)} documents, {corpus_tokens} tokens (vocab {len(tokenizer)})", flush=True)
-
     init_dir = args.work / "init"
-    params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.seed)
-    print(f"random init: {params} parameters in {init_dir}", flush=True)
+    if args.ship_only:  # the pretraining run in --work is done: only write --out again
+        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    else:
+        with corpus.open("w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+        tokenizer = train_tokenizer(docs, args.vocab)
+        params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.seed)
+        print(f"random init: {params} parameters in {init_dir}", flush=True)
+        train(pretrain_config(init_dir, corpus, args.work / "run", args))
+    corpus_tokens = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # + eos
+    ship(args.work / "run", args.out, tokenizer, args, n_docs=len(docs), corpus_tokens=corpus_tokens)
 
-    cfg = pretrain_config(init_dir, corpus, args.work / "run", args)
-    start = time.time()
-    result = train(cfg)
-    minutes = (time.time() - start) / 60
-    run_dir = Path(result.run_dir)
+
+def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, n_docs: int, corpus_tokens: int) -> None:
+    """Write the final weights (fp32: 4 bytes x ~3.8M parameters < 16 MB), tokenizer and model card."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    losses = [m["train_loss"] for m in metrics if "train_loss" in m]
-
-    # Ship bf16 weights: half the size of fp32; loaders upcast with model.dtype: fp32 for CPU training.
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    model.to(torch.bfloat16).save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    size_mb = sum(p.stat().st_size for p in args.out.glob("*.safetensors")) / 2**20
-    (args.out / "README.md").write_text(CARD.format(
+    params = sum(p.numel() for p in model.parameters())
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20
+    final_loss = summary["final_train_loss"]
+    (out / "README.md").write_text(CARD.format(
         params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
-        inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len, size_mb=size_mb, n_docs=len(docs),
-        corpus_tokens=corpus_tokens, steps=summary.get("steps", len(losses)),
-        trained_tokens=summary.get("trained_tokens", 0), batch_tokens=args.batch_tokens, lr=args.lr,
-        seed=args.seed, final_loss=f"{losses[-1]:.3f}" if losses else "n/a", minutes=minutes,
-        threads=args.threads), encoding="utf-8")
-    print(f"wrote {args.out} ({size_mb:.1f} MB, final train loss {losses[-1] if losses else 'n/a'}, "
-          f"{minutes:.1f} min)")
+        inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len, size_mb=size_mb, n_docs=n_docs,
+        corpus_tokens=corpus_tokens, steps=summary["steps"], trained_tokens=summary["trained_tokens"],
+        batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed, final_loss=f"{final_loss:.3f}",
+        minutes=summary["wall_time_s"] / 60, threads=args.threads), encoding="utf-8")
+    print(f"wrote {out} ({size_mb:.1f} MiB, final train loss {final_loss:.3f}, "
+          f"pretraining {summary['wall_time_s'] / 60:.1f} min)")
 
 
 if __name__ == "__main__":
