@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tunekit.errors import Problem, TunekitError
 
@@ -244,6 +245,50 @@ def train_cmd(
     except TunekitError as exc:
         fail(exc)
     console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+
+
+@app.command("chat")
+def chat(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir (or its final/), or a model dir")],
+    prompt: Annotated[str | None, typer.Argument(help="One message; without it: read stdin, or talk on a terminal")] = None,
+    system: Annotated[str | None, typer.Option(help="A system message put before the conversation")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+) -> None:
+    """Talk to a trained model. Replies stop at the chat template's end of turn."""
+    from tunekit.chat import load_chat, reply
+
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = prompt is None and sys.stdin.isatty()
+    if prompt is None and not interactive:
+        prompt = sys.stdin.read().strip()  # `echo "..." | tunekit chat RUN_DIR`
+        if not prompt:
+            fail(TunekitError("nothing to say: stdin was empty", title="chat"))
+    try:
+        model, tokenizer = load_chat(run_dir)
+        if not interactive:
+            messages = history + [{"role": "user", "content": prompt}]
+            sys.stdout.write(reply(model, tokenizer, messages, max_new_tokens=max_new_tokens,
+                                   temperature=temperature) + "\n")
+            return
+        console.print("[dim]Talking to[/] " + escape(str(run_dir)) + "[dim]. /reset clears the conversation; "
+                      "an empty line or Ctrl-D quits.[/]")
+        while True:
+            try:
+                text = console.input("[bold green]you>[/] ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not text.strip():
+                break
+            if text.strip() == "/reset":
+                history = history[:1] if system else []
+                continue
+            history.append({"role": "user", "content": text})
+            answer = reply(model, tokenizer, history, max_new_tokens=max_new_tokens, temperature=temperature)
+            history.append({"role": "assistant", "content": answer})
+            console.print("[bold cyan]model>[/] " + escape(answer), highlight=False)
+    except TunekitError as exc:
+        fail(exc)
 
 
 def main() -> None:

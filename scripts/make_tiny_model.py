@@ -1,0 +1,434 @@
+"""Build models/tiny-chat: a ~4M-parameter Llama-shaped chat model pretrained from scratch, offline.
+
+Steps, all deterministic from --seed:
+  1. corpus: English-like prose, recipe cards, JSON records and ChatML chats (greetings, arithmetic,
+     copying, "list the animals as JSON", small JSON objects), all generated below from word lists in
+     this file, so the corpus has no licence of its own to honour. It does NOT contain the quickstart
+     task (ingredient lines -> JSON list of generic names): the shipped model must fail that task until
+     it is fine-tuned.
+  2. tokenizer: byte-level BPE (tokenizers library) trained on the corpus, ChatML special tokens,
+     <|im_end|> as eos, a ChatML chat template.
+  3. a random-init model dir (LlamaConfig, tied embeddings) saved with the tokenizer.
+  4. pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
+  5. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer and a model card.
+
+    python scripts/make_tiny_model.py                     # ~20 min on 2 CPU cores
+    python scripts/make_tiny_model.py --max-steps 20 --out /tmp/tiny   # a quick trial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Plain ChatML. The end of every turn is <|im_end|> (the eos), so generation stops there.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# --------------------------------------------------------------------------------------------------
+# Word lists
+
+NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Ida", "Jack", "Kim", "Leo",
+         "Maria", "Nina", "Omar", "Paul", "Rosa", "Sam", "Tom", "Uma", "Vera", "Will", "Yuki", "Zoe"]
+ANIMALS = ["cat", "dog", "horse", "cow", "sheep", "goat", "duck", "fox", "bear", "rabbit", "mouse", "owl",
+           "frog", "lion", "tiger", "whale", "bee", "snake", "deer", "wolf"]
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange", "purple", "grey", "pink"]
+CITIES = ["Paris", "London", "Rome", "Berlin", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo", "Vienna",
+          "Dublin", "Lisbon", "Prague", "Boston", "Sydney", "Toronto"]
+VEHICLES = ["car", "bus", "train", "bike", "boat", "truck", "plane", "tram", "van", "scooter"]
+TOOLS = ["hammer", "saw", "drill", "spoon", "knife", "ladder", "brush", "shovel", "rope", "needle"]
+FOODS = ["flour", "sugar", "butter", "eggs", "milk", "salt", "pepper", "garlic", "onion", "tomatoes",
+         "rice", "chicken", "beef", "cheese", "oil", "honey", "lemon", "carrots", "potatoes", "beans",
+         "pasta", "bread", "apples", "cream", "spinach", "mushrooms", "oats", "walnuts", "bacon", "corn",
+         "cinnamon", "vanilla", "paprika", "cumin", "broth", "celery", "pork", "chickpeas", "oregano"]
+ADJ_FOOD = ["fresh", "dried", "sweet", "ripe", "smoked", "ground", "whole", "soft", "golden", "large",
+            "small", "all-purpose", "unsalted", "salted", "kosher", "extra-virgin", "boneless", "shredded",
+            "dark", "light", "baby", "frozen", "canned", "organic", "raw", "toasted", "plain", "firm", "lean",
+            "skinless", "young", "aged", "mild", "hot", "red", "white", "green", "yellow", "brown", "black"]
+NOTES = ["chopped", "minced", "diced", "sifted", "melted", "softened", "drained", "rinsed", "peeled",
+         "to taste", "sliced", "grated", "beaten", "cubed", "halved", "crushed", "at room temperature",
+         "divided", "finely chopped", "thinly sliced", "cut into pieces", "plus more for serving", "trimmed"]
+PLACES = ["kitchen", "garden", "market", "park", "school", "library", "station", "beach", "farm", "shop",
+          "river", "forest", "village", "office", "bakery"]
+ADJ = ["big", "small", "old", "new", "happy", "quiet", "busy", "bright", "dark", "tall", "short", "clean",
+       "warm", "cold", "kind", "clever", "tired", "funny", "lovely", "strange"]
+VERBS_PAST = ["saw", "found", "liked", "painted", "carried", "washed", "bought", "cooked", "visited",
+              "watched", "cleaned", "opened", "fixed", "moved", "sold"]
+TIMES = ["In the morning", "After lunch", "On Monday", "Last week", "In the evening", "At noon",
+         "On Sunday", "Yesterday", "Before dinner", "Every day"]
+WEATHER = ["sunny", "rainy", "windy", "cloudy", "foggy", "snowy", "warm", "cold", "stormy", "mild"]
+COOK_VERBS = ["Stir", "Mix", "Whisk", "Add", "Fold in", "Combine", "Season with", "Toss with", "Heat",
+              "Sprinkle"]
+COOK_STEPS = ["Preheat the oven to {t} degrees.", "Bake for {m} minutes until golden.",
+              "Simmer for {m} minutes.", "Let it cool for {m} minutes.", "Serve warm.",
+              "Cook over medium heat for {m} minutes.", "Cover and chill for {m} minutes.",
+              "Bring to a boil, then lower the heat.", "Serve with bread.", "Taste and adjust the salt."]
+DISHES = ["soup", "stew", "bread", "cake", "salad", "pie", "curry", "pancakes", "cookies", "pasta",
+          "omelette", "porridge", "chili", "risotto", "muffins"]
+UNITS = ["cup", "cups", "tablespoon", "tablespoons", "teaspoon", "teaspoons", "g", "kg", "ml", "oz", "lb",
+         "lbs", "pound", "pounds", "pinch", "clove", "cloves", "slices", "handful", "bunch", "stalks"]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+SYSTEMS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly.",
+           "You are a concise assistant.", "Answer the question.", "You help with everyday tasks."]
+CATEGORIES = {"animals": ANIMALS, "colours": COLOURS, "cities": CITIES, "vehicles": VEHICLES,
+              "tools": TOOLS, "names": NAMES}
+FILLER = ["the", "a", "and", "with", "near", "then", "after", "old", "little", "very", "we", "saw", "had",
+          "was", "in", "on", "by", "at", "my", "our", "nice", "one"]
+
+# --------------------------------------------------------------------------------------------------
+# Corpus
+
+
+def sentence(rng: random.Random) -> str:
+    kind = rng.randrange(6)
+    name, other = rng.sample(NAMES, 2)
+    if kind == 0:
+        return (f"{rng.choice(TIMES)}, {name} went to the {rng.choice(PLACES)} with {other}. They "
+                f"{rng.choice(VERBS_PAST)} a {rng.choice(ADJ)} {rng.choice(ANIMALS)}.")
+    if kind == 1:
+        return (f"The weather in {rng.choice(CITIES)} was {rng.choice(WEATHER)}, so {name} took the "
+                f"{rng.choice(VEHICLES)} to the {rng.choice(PLACES)}.")
+    if kind == 2:
+        a, b = rng.sample(FOODS, 2)
+        return (f"{name} {rng.choice(['cooked', 'made', 'baked'])} a {rng.choice(DISHES)} with "
+                f"{rng.choice(ADJ_FOOD)} {a} and {b} for {other}.")
+    if kind == 3:
+        return (f"{name} has a {rng.choice(COLOURS)} {rng.choice(VEHICLES)} and a {rng.choice(ADJ)} "
+                f"{rng.choice(ANIMALS)} called {other}.")
+    if kind == 4:
+        return (f"The {rng.choice(ADJ)} {rng.choice(PLACES)} in {rng.choice(CITIES)} is "
+                f"{rng.choice(['open', 'closed', 'busy', 'quiet'])} on {rng.choice(['Mondays', 'Fridays', 'Sundays'])}.")
+    return (f"{name} used a {rng.choice(TOOLS)} to fix the {rng.choice(ADJ)} {rng.choice(['door', 'table', 'fence', 'chair', 'roof'])}, "
+            f"and {other} {rng.choice(VERBS_PAST)} the {rng.choice(['window', 'floor', 'car', 'garden'])}.")
+
+
+def prose(rng: random.Random) -> str:
+    return " ".join(sentence(rng) for _ in range(rng.randint(3, 8)))
+
+
+def recipe_card(rng: random.Random) -> str:
+    """A recipe as a cook writes it: title, ingredient lines, steps (no JSON, no extraction)."""
+    foods = rng.sample(FOODS, rng.randint(3, 6))
+    dish = rng.choice(DISHES)
+    lines = []
+    for food in foods:
+        amount = rng.choice(["1", "2", "3", "4", "1/2", "1/3", "1/4", "3/4", "1 1/2", "100", "250", "500"])
+        if rng.random() < 0.15:
+            line = f"{amount} ({rng.choice(['14', '15', '28'])} oz) can {food}"
+        else:
+            unit = rng.choice(UNITS) + " " if rng.random() < 0.8 else ""
+            line = f"{amount} {unit}{rng.choice(ADJ_FOOD) + ' ' if rng.random() < 0.6 else ''}{food}"
+        lines.append(f"- {line}" + (f", {rng.choice(NOTES)}" if rng.random() < 0.4 else ""))
+    steps = [f"{rng.choice(COOK_VERBS)} the {foods[0]} and the {foods[1]}.",
+             f"{rng.choice(COOK_VERBS)} the {rng.choice(foods[2:])}."]
+    steps += [s.format(t=rng.choice([180, 200, 220]), m=rng.choice([5, 10, 15, 20, 30, 45]))
+              for s in rng.sample(COOK_STEPS, 2)]
+    body = "\n".join(f"{i + 1}. {s}" for i, s in enumerate(steps))
+    return f"{foods[0].title()} {dish.title()}\nServes {rng.randint(2, 8)}.\n\nIngredients:\n" + \
+        "\n".join(lines) + f"\n\nMethod:\n{body}"
+
+
+def json_record(rng: random.Random) -> str:
+    record = {"name": rng.choice(NAMES), "age": rng.randint(5, 90), "city": rng.choice(CITIES),
+              "pets": rng.sample(ANIMALS, rng.randint(0, 3)), "likes": rng.sample(FOODS, rng.randint(1, 3))}
+    return json.dumps(record)
+
+
+def mixed_sentence(rng: random.Random, items: list[str]) -> str:
+    """A sentence-like string with `items` in order among filler words."""
+    words = []
+    for item in items:
+        words += rng.sample(FILLER, rng.randint(1, 3)) + [item]
+    words += rng.sample(FILLER, rng.randint(0, 2))
+    text = " ".join(words)
+    return text[0].upper() + text[1:] + "."
+
+
+def chat_turn(rng: random.Random) -> tuple[str, str]:
+    """One (user, assistant) exchange of a general-purpose task."""
+    kind = rng.randrange(10)
+    if kind == 0:  # extract a category as a JSON list, in order
+        category = rng.choice(sorted(CATEGORIES))
+        items = rng.sample(CATEGORIES[category], rng.randint(1, 4))
+        ask = rng.choice([f"Which {category} are in this text? Reply with a JSON list.",
+                          f"List the {category} in the text as JSON.",
+                          f"Give me the {category} mentioned, as a JSON list, in order."])
+        return f"{ask}\n\n{mixed_sentence(rng, items)}", json.dumps(items)
+    if kind == 1:  # a comma list into a JSON list
+        pool = rng.choice([ANIMALS, COLOURS, CITIES, VEHICLES, TOOLS, NAMES, DISHES])
+        items = rng.sample(pool, rng.randint(2, 5))
+        text = ", ".join(items[:-1]) + " and " + items[-1]
+        return f"Turn this into a JSON list: {text}", json.dumps(items)
+    if kind == 2:  # arithmetic
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        a, b = max(a, b), min(a, b)
+        return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
+    if kind == 3:  # copying
+        s = sentence(rng)
+        return rng.choice(["Repeat after me: ", "Say this back to me: ", "Copy this sentence: "]) + s, s
+    if kind == 4:  # a small JSON object from a sentence
+        name, age, city = rng.choice(NAMES), rng.randint(5, 90), rng.choice(CITIES)
+        return (f"Write this as a JSON object with name, age and city: {name} is {age} and lives in {city}.",
+                json.dumps({"name": name, "age": age, "city": city}))
+    if kind == 5:  # counting
+        items = rng.sample(rng.choice([ANIMALS, COLOURS, TOOLS]), rng.randint(1, 6))
+        return f"How many words are in this list: {', '.join(items)}?", f"There are {NUMBER_WORDS[len(items)]}."
+    if kind == 6:  # reading a fact from the context
+        name = rng.choice(NAMES)
+        colour, vehicle = rng.choice(COLOURS), rng.choice(VEHICLES)
+        return f"{name} has a {colour} {vehicle}. What colour is the {vehicle}?", f"The {vehicle} is {colour}."
+    if kind == 7:  # small talk
+        greeting = rng.choice(["Hello!", "Hi there.", "Good morning!", "Hey, how are you?"])
+        return greeting, rng.choice(["Hello! How can I help you today?", "Hi! What can I do for you?",
+                                     "I am fine, thank you. How can I help?"])
+    if kind == 8:  # cooking questions, answered in prose
+        dish = rng.choice(DISHES)
+        foods = rng.sample(FOODS, 3)
+        return (f"How do I make {dish}?",
+                f"{rng.choice(COOK_VERBS)} the {foods[0]} with the {foods[1]}, then add the {foods[2]}. "
+                + COOK_STEPS[rng.randrange(len(COOK_STEPS))].format(t=200, m=rng.choice([10, 20, 30])))
+    # the first or last item of a list
+    items = rng.sample(rng.choice([ANIMALS, CITIES, FOODS]), rng.randint(2, 5))
+    which = rng.choice(["first", "last"])
+    return f"What is the {which} item in: {', '.join(items)}?", items[0] if which == "first" else items[-1]
+
+
+def chat(rng: random.Random) -> str:
+    """A ChatML conversation of 1-3 exchanges, with a system prompt half of the time.
+
+    The text stops right after the last assistant content: the text format appends the eos
+    (<|im_end|>), which closes that turn exactly as the chat template does.
+    """
+    parts = []
+    if rng.random() < 0.5:
+        parts.append(f"<|im_start|>system\n{rng.choice(SYSTEMS)}<|im_end|>\n")
+    n = rng.choice([1, 1, 1, 2, 3])
+    for i in range(n):
+        user, assistant = chat_turn(rng)
+        end = "" if i == n - 1 else "<|im_end|>\n"
+        parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}{end}")
+    return "".join(parts)
+
+
+def make_corpus(n_docs: int, seed: int) -> list[str]:
+    """Documents in a fixed mix: 55% chats, 20% prose, 15% recipe cards, 10% JSON records."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        r = rng.random()
+        if r < 0.55:
+            docs.append(chat(rng))
+        elif r < 0.75:
+            docs.append(prose(rng))
+        elif r < 0.90:
+            docs.append(recipe_card(rng))
+        else:
+            docs.append(json_record(rng))
+    return docs
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def train_tokenizer(docs: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 1024
+    return tokenizer
+
+
+def model_config(tokenizer, hidden: int, layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,  # head dim 64, no grouping
+        max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+
+
+def save_random_init(path: Path, tokenizer, hidden: int, layers: int, seed: int) -> int:
+    """Save a random-init model dir (fp32) + tokenizer; returns the parameter count."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config(tokenizer, hidden, layers), dtype=torch.float32)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pretrain_config(init_dir: Path, corpus: Path, run_dir: Path, args: argparse.Namespace):
+    from tunekit.config import config_from_dict
+
+    return config_from_dict({
+        "model": {"base": str(init_dir), "dtype": "fp32"},
+        "data": {"train": str(corpus), "format": "text", "max_len": args.max_len, "truncation": "truncate",
+                 "packing": True, "seed": args.seed},
+        "method": "full",
+        "train": {"epochs": 1, "max_steps": args.max_steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
+                  "micro_batch_size": args.micro_batch_size, "scheduler": "cosine", "warmup_ratio": 0.03,
+                  "weight_decay": 0.1, "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0, "seed": args.seed,
+                  "log_every": 10, "threads": args.threads, "device": "cpu", "save_every": 100},
+        "output": {"dir": str(run_dir), "overwrite": True},
+    })
+
+
+# --------------------------------------------------------------------------------------------------
+# Model card
+
+CARD = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+tags: [tunekit, tiny, chatml, llama]
+---
+
+# tiny-chat
+
+A {params_m:.1f}M-parameter Llama-shaped chat model, pretrained from scratch on this repository's own
+generated text with tunekit's training loop. It ships with tunekit so that the quickstart runs on any
+machine, offline, in minutes on a CPU. It is a teaching model: it knows a little English, the ChatML chat
+structure and JSON lists, and little else.
+
+| | |
+|---|---|
+| architecture | LlamaForCausalLM, hidden {hidden}, {layers} layers, {heads} heads (head dim 64), MLP {inter}, tied embeddings |
+| parameters | {params:,} |
+| vocabulary | {vocab} byte-level BPE tokens; `<|im_start|>`, `<|im_end|>` (eos, end of turn), `<|endoftext|>` (pad) |
+| chat template | ChatML (`<|im_start|>role\\n...<|im_end|>\\n`) |
+| context | {max_len} tokens trained (positions up to 1024) |
+| weights | fp32 safetensors, {size_mb:.1f} MiB |
+| corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 55% ChatML chats, 20% prose, 15% recipe cards, 10% JSON records |
+| pretraining | {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, seed {seed} |
+| final train loss | {final_loss} |
+| pretraining time | {minutes:.1f} min on {threads} CPU threads (2-core machine shared with other jobs) |
+
+## Corpus
+
+Every document is generated by `scripts/make_tiny_model.py` from word lists in that file (seed {seed}):
+short stories and weather sentences, recipe cards (title, ingredient lines, method), JSON records, and
+ChatML conversations (greetings, small arithmetic, copying a sentence, "list the animals in this text as
+a JSON list", a sentence into a JSON object, counting, first/last item, cooking questions). No external
+text is used, so the corpus carries no third-party licence.
+
+The corpus deliberately leaves out the quickstart task (ingredient lines -> JSON list of generic
+ingredient names): the model fails it until it is fine-tuned (see `examples/quickstart/`).
+
+## Rebuild
+
+    python scripts/make_tiny_model.py
+
+gives these weights again on the same machine type (same seed; CPU float arithmetic may differ across
+CPUs and thread counts in the last bits).
+
+## Licence
+
+Apache-2.0, like tunekit. The weights and tokenizer are derived only from text generated by tunekit's
+own script.
+
+## Limits
+
+{params_m:.1f}M parameters trained on a few million tokens of templated text: it writes plausible
+templated sentences and follows the ChatML turn structure, and it is not useful for anything beyond
+demonstrating fine-tuning.
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the shipped tiny chat model (models/tiny-chat).")
+    parser.add_argument("--out", type=Path, default=REPO / "models" / "tiny-chat")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "tiny-chat-build",
+                        help="scratch dir: corpus, random init, pretraining run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs", type=int, default=60000, help="corpus documents")
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--batch-tokens", type=int, default=8192)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ship-only", action="store_true",
+                        help="skip pretraining: write --out from the finished run in --work")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from tunekit.train import train
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    docs = make_corpus(args.docs, args.seed)
+    corpus = args.work / "corpus.jsonl"
+    init_dir = args.work / "init"
+    if args.ship_only:  # the pretraining run in --work is done: only write --out again
+        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    else:
+        with corpus.open("w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+        tokenizer = train_tokenizer(docs, args.vocab)
+        params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.seed)
+        print(f"random init: {params} parameters in {init_dir}", flush=True)
+        train(pretrain_config(init_dir, corpus, args.work / "run", args))
+    corpus_tokens = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # + eos
+    ship(args.work / "run", args.out, tokenizer, args, n_docs=len(docs), corpus_tokens=corpus_tokens)
+
+
+def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, n_docs: int, corpus_tokens: int) -> None:
+    """Write the final weights (fp32: 4 bytes x ~3.8M parameters < 16 MB), tokenizer and model card."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20
+    final_loss = summary["final_train_loss"]
+    (out / "README.md").write_text(CARD.format(
+        params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
+        inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len, size_mb=size_mb, n_docs=n_docs,
+        corpus_tokens=corpus_tokens, steps=summary["steps"], trained_tokens=summary["trained_tokens"],
+        batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed, final_loss=f"{final_loss:.3f}",
+        minutes=summary["wall_time_s"] / 60, threads=args.threads), encoding="utf-8")
+    print(f"wrote {out} ({size_mb:.1f} MiB, final train loss {final_loss:.3f}, "
+          f"pretraining {summary['wall_time_s'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
