@@ -72,3 +72,135 @@ def test_generator_seed_changes_the_data():
     a, _ = make_data.make_split(50, 5, seed=0)
     b, _ = make_data.make_split(50, 5, seed=1)
     assert a != b
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped tiny model and its corpus
+
+
+def load_make_tiny_model():
+    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_model_files_and_size():
+    names = {p.name for p in TINY.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= names
+    assert sum(p.stat().st_size for p in TINY.glob("*.safetensors")) <= 16_000_000
+
+
+def test_shipped_tokenizer_speaks_chatml():
+    from transformers import AutoTokenizer
+
+    from tunekit.data.render import end_of_turn_ids
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>"
+    assert end_of_turn_ids(tok)[0] == im_end
+    assert tok("<|im_start|>user<|im_end|>", add_special_tokens=False)["input_ids"][::2] == [
+        tok.convert_tokens_to_ids("<|im_start|>"), im_end]
+
+
+def test_corpus_is_deterministic_and_leaves_out_the_quickstart_task():
+    make_tiny_model = load_make_tiny_model()
+    make_data = load_make_data()
+    assert make_tiny_model.make_corpus(300, seed=0) == make_tiny_model.make_corpus(300, seed=0)
+    assert make_tiny_model.make_corpus(300, seed=0) != make_tiny_model.make_corpus(300, seed=1)
+    corpus = "\n".join(make_tiny_model.make_corpus(60000, seed=0))  # the shipped model's corpus
+    assert make_data.SYSTEM not in corpus
+    assert "generic" not in corpus
+    answers = [row["messages"][2]["content"] for row in read_jsonl(QUICKSTART / "valid.jsonl")]
+    assert not [a for a in answers if a in corpus]
+
+
+def test_chat_command_stops_at_end_of_turn():
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    result = CliRunner().invoke(app, ["chat", str(TINY), "Hello!", "--max-new-tokens", "30"])
+    assert result.exit_code == 0, result.output
+    reply = result.stdout.strip()
+    assert reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
+
+
+def test_chat_command_reads_stdin_when_no_prompt_is_given():
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    runner = CliRunner()
+    piped = runner.invoke(app, ["chat", str(TINY), "--max-new-tokens", "20"], input="Hello!\n")
+    direct = runner.invoke(app, ["chat", str(TINY), "Hello!", "--max-new-tokens", "20"])
+    assert piped.exit_code == 0, piped.output
+    assert piped.stdout == direct.stdout != ""
+
+
+def test_chat_command_names_a_missing_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    result = CliRunner().invoke(app, ["chat", str(tmp_path / "nope"), "Hello!"])
+    assert result.exit_code == 1
+    assert "nope" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------------
+# The quickstart run
+
+
+def _evaluate(run_dir: Path, limit: int):
+    from tunekit.evaluate import evaluate
+
+    result = evaluate(run_dir, QUICKSTART / "valid.jsonl", baselines=["base"], limit=limit, max_new_tokens=48,
+                      batch_size=16, device="cpu")
+    names = [c.name for c in result.candidates]
+    tuned = next(c for c in result.candidates if c.kind != "base")
+    base = next(c for c in result.candidates if c.kind == "base")
+    return tuned.metrics, base.metrics, names
+
+
+def test_quickstart_short_run_learns(tmp_path):
+    """A few LoRA steps of the quickstart config: outputs exist, validation loss falls, JSON gets valid."""
+    from tunekit.config import load_config
+    from tunekit.train import train
+
+    cfg = load_config(QUICKSTART / "config.yaml", ["train.max_steps=10", f"output.dir={tmp_path / 'run'}"])
+    result = train(cfg)
+    run_dir = Path(result.run_dir)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/adapter_model.safetensors",
+                 "final/adapter_config.json"):
+        assert (run_dir / name).is_file(), name
+    summary = result.summary
+    assert summary["steps"] == 10
+    assert summary["final_valid_loss"] < 0.7 * summary["initial_valid_loss"]
+    tuned, base, _ = _evaluate(run_dir, limit=20)
+    assert tuned["loss"] < base["loss"]
+    assert tuned["json_valid"] >= base["json_valid"]
+
+
+@pytest.mark.slow
+def test_quickstart_as_shipped(tmp_path):
+    """The commands of scripts/quickstart.sh (after setup): the numbers the README quotes."""
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+
+    runner = CliRunner()
+    run_dir = tmp_path / "quickstart"
+    check = runner.invoke(app, ["data", "check", str(QUICKSTART / "train.jsonl"), "--validation",
+                                str(QUICKSTART / "valid.jsonl"), "--model", str(TINY), "--max-len", "256"])
+    assert check.exit_code == 0, check.output
+    trained = runner.invoke(app, ["train", str(QUICKSTART / "config.yaml"), f"output.dir={run_dir}"])
+    assert trained.exit_code == 0, trained.output
+    tuned, base, _ = _evaluate(run_dir, limit=100)
+    assert base["exact_match"] <= 0.05
+    assert tuned["exact_match"] >= 0.8
+    assert tuned["json_valid"] >= 0.95
