@@ -111,11 +111,15 @@ def test_corpus_is_deterministic_and_leaves_out_the_quickstart_task():
     make_data = load_make_data()
     assert make_tiny_model.make_corpus(300, seed=0) == make_tiny_model.make_corpus(300, seed=0)
     assert make_tiny_model.make_corpus(300, seed=0) != make_tiny_model.make_corpus(300, seed=1)
-    corpus = "\n".join(make_tiny_model.make_corpus(60000, seed=0))  # the shipped model's corpus
+    corpus = "\n".join(make_tiny_model.make_corpus(90000, seed=0))  # the corpus size of the shipped model
     assert make_data.SYSTEM not in corpus
     assert "generic" not in corpus
-    answers = [row["messages"][2]["content"] for row in read_jsonl(QUICKSTART / "valid.jsonl")]
-    assert not [a for a in answers if a in corpus]
+    rows = read_jsonl(QUICKSTART / "valid.jsonl")
+    # No held-out recipe prompt is in the corpus, nor any answer of 3+ names. Two-name lists of food
+    # words do occur by chance in the corpus's "turn this list into a JSON list" chats.
+    assert not [row for row in rows if row["messages"][1]["content"] in corpus]
+    answers = [row["messages"][2]["content"] for row in rows]
+    assert not [a for a in answers if len(json.loads(a)) >= 3 and a in corpus]
 
 
 def test_chat_command_stops_at_end_of_turn():
