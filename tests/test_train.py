@@ -273,6 +273,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_di
         torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5)
 
 
+def test_bf16_mixed_precision_keeps_fp32_weights_and_close_gradients(tmp_path, tiny_llama_dir):
+    cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
+    model = apply_method(load_base(cfg), cfg)
+    batch = packed(random_sequences(4, 5))
+    nll32, n = backward_step(model, [batch], 64, "cpu")
+    fp32 = grads(model)
+    model.zero_grad()
+    nll16, n16 = backward_step(model, [batch], 64, "cpu", mixed_precision="bf16")
+    bf16 = grads(model)
+    assert n == n16 and nll16 == pytest.approx(nll32, rel=2e-2) and nll16 != nll32  # bf16 did run
+    assert fp32.keys() == bf16.keys() and fp32
+    for name, g in bf16.items():
+        assert g.dtype == torch.float32 and dict(model.named_parameters())[name].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), fp32[name].flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))
+
+
+def test_bf16_mixed_precision_run_lowers_loss(tmp_path, tiny_llama_dir):
+    cfg = toy_config(tmp_path, tiny_llama_dir, method="full",
+                     train={"lr": 3e-3, "epochs": 8, "mixed_precision": "bf16", "eval_every": 4})
+    result = train(cfg)
+    assert result.summary["final_valid_loss"] < result.summary["initial_valid_loss"] * 0.7
+
+
 def test_continue_example_config_validates_and_runs(tmp_path, tiny_llama_dir):
     """examples/continue/continue.yaml is a valid config, and it trains from an earlier run."""
     from tunekit.config import load_config

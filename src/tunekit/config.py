@@ -89,6 +89,9 @@ class TrainConfig(Section):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     max_grad_norm: Annotated[float, Field(gt=0)] | None = 1.0
     gradient_checkpointing: bool = False
+    # "bf16": forward in bfloat16 autocast (weights, gradients, optimizer and loss stay in model.dtype).
+    # Fast on GPUs and on CPUs with AVX512-BF16/AMX; slower than fp32 on CPUs without them.
+    mixed_precision: Literal["no", "bf16"] = "no"
     seed: int = 42
     log_every: Annotated[int, Field(ge=1)] = 1
     eval_every: Annotated[int, Field(ge=1)] | None = None

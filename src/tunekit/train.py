@@ -230,7 +230,17 @@ def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
     return total, int(target.numel())
 
 
-def backward_step(model, micro_batches: list[Batch], chunk: int, device) -> tuple[float, int]:
+def autocast(device: torch.device | str, mixed_precision: str = "no"):
+    """The forward's precision context: bfloat16 autocast for "bf16", else a no-op.
+
+    Checkpointed LM-head chunks recompute under the same autocast state in backward (torch.utils.checkpoint
+    restores it), and the logits are cast to fp32 before the softmax either way.
+    """
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
+def backward_step(model, micro_batches: list[Batch], chunk: int, device,
+                  mixed_precision: str = "no") -> tuple[float, int]:
     """Forward + backward of one optimizer step; returns (summed NLL, trained tokens) of the step.
 
     The trained tokens of ALL micro-batches are counted first and every micro-batch's summed NLL is
@@ -239,14 +249,15 @@ def backward_step(model, micro_batches: list[Batch], chunk: int, device) -> tupl
     n_trained = sum(b.num_trained for b in micro_batches)  # across ranks: all-reduce this count here
     step_nll = 0.0
     for batch in micro_batches:
-        nll_sum, _ = trained_nll(model, batch.to(device), chunk)
+        with autocast(device, mixed_precision):
+            nll_sum, _ = trained_nll(model, batch.to(device), chunk)
         (nll_sum / n_trained).backward()
         step_nll += float(nll_sum.detach())
     return step_nll, n_trained
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[Batch], chunk: int, device) -> tuple[float, float]:
+def evaluate_loss(model, batches: list[Batch], chunk: int, device, mixed_precision: str = "no") -> tuple[float, float]:
     """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`."""
     was_training = model.training
     model.eval()
@@ -254,11 +265,13 @@ def evaluate_loss(model, batches: list[Batch], chunk: int, device) -> tuple[floa
     nll, correct, count = 0.0, 0, 0
     for batch in batches:
         batch = batch.to(device)
-        hidden = forward_hidden(model, batch)
+        with autocast(device, mixed_precision):
+            hidden = forward_hidden(model, batch)
         keep = batch.targets != IGNORE
         h, target = hidden[keep], batch.targets[keep]
         for start in range(0, h.shape[0], chunk):
-            logits = head(h[start:start + chunk]).float()
+            with autocast(device, mixed_precision):
+                logits = head(h[start:start + chunk]).float()
             softcap = getattr(model.config, "final_logit_softcapping", None)
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
@@ -526,7 +539,8 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
         say(f"resumed from {ckpt} (step {step})", highlight=False)
     elif valid_batches:
         # The starting point, so the summary shows what training changed (eval mode: no RNG is used).
-        loss, acc = evaluate_loss(model, valid_batches, cfg.train.lm_head_chunk, device)
+        loss, acc = evaluate_loss(model, valid_batches, cfg.train.lm_head_chunk, device,
+                                  cfg.train.mixed_precision)
         initial_valid = {"valid_loss": loss, "valid_token_accuracy": acc}
     # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more).
     with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
@@ -547,7 +561,8 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             micro_batches = make_batches(data.train, step_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
 
             t0 = time.time()
-            step_nll, n_trained = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device)
+            step_nll, n_trained = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device,
+                                                cfg.train.mixed_precision)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -575,7 +590,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
                 if do_eval:
                     row["valid_loss"], row["valid_token_accuracy"] = evaluate_loss(
-                        model, valid_batches, cfg.train.lm_head_chunk, device)
+                        model, valid_batches, cfg.train.lm_head_chunk, device, cfg.train.mixed_precision)
                 metrics.append(row)
                 with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
