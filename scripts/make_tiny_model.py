@@ -1,9 +1,10 @@
 """Build models/tiny-chat: a ~4M-parameter Llama-shaped chat model pretrained from scratch, offline.
 
 Steps, all deterministic from --seed:
-  1. corpus: English-like prose, recipe cards, JSON records and ChatML chats (greetings, arithmetic,
-     copying, "list the animals as JSON", small JSON objects), all generated below from word lists in
-     this file, so the corpus has no licence of its own to honour. It does NOT contain the quickstart
+  1. corpus: English-like prose, recipe cards, JSON records and ChatML chats, mostly copying tasks
+     (repeat random words, "list the animals as JSON", a bulleted list of counted things into a JSON
+     list, the k-th line), all generated below from word lists in this file, so the corpus has no
+     licence of its own to honour. It does NOT contain the quickstart
      task (ingredient lines -> JSON list of generic names): the shipped model must fail that task until
      it is fine-tuned.
   2. tokenizer: byte-level BPE (tokenizers library) trained on the corpus, ChatML special tokens,
@@ -12,7 +13,7 @@ Steps, all deterministic from --seed:
   4. pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
   5. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer and a model card.
 
-    python scripts/make_tiny_model.py       # 140 steps: ~5 min on 2 idle CPU cores (23 min on a busy one)
+    python scripts/make_tiny_model.py       # 2000 steps: ~25 min on 2 CPU cores with AVX512-BF16
     python scripts/make_tiny_model.py --max-steps 20 --out /tmp/tiny   # a quick trial
 """
 
@@ -49,11 +50,22 @@ TOOLS = ["hammer", "saw", "drill", "spoon", "knife", "ladder", "brush", "shovel"
 FOODS = ["flour", "sugar", "butter", "eggs", "milk", "salt", "pepper", "garlic", "onion", "tomatoes",
          "rice", "chicken", "beef", "cheese", "oil", "honey", "lemon", "carrots", "potatoes", "beans",
          "pasta", "bread", "apples", "cream", "spinach", "mushrooms", "oats", "walnuts", "bacon", "corn",
-         "cinnamon", "vanilla", "paprika", "cumin", "broth", "celery", "pork", "chickpeas", "oregano"]
+         "cinnamon", "vanilla", "paprika", "cumin", "broth", "celery", "pork", "chickpeas", "oregano",
+         # Names of two words and brand-like kinds: a cook's vocabulary, so that the tokenizer and the model
+         # know the words of real ingredient lines (recipe cards use them; nothing extracts them).
+         "soy sauce", "baking soda", "baking powder", "lemon juice", "olive oil", "vegetable oil", "canola oil",
+         "brown sugar", "black pepper", "chocolate chips", "spaghetti", "macaroni", "penne", "cheddar",
+         "parmesan", "mozzarella", "garbanzo beans", "kidney beans", "chicken breasts", "chicken thighs",
+         "pork chops", "pork shoulder", "beef chuck", "corn kernels", "vanilla extract", "chicken broth",
+         "heavy cream", "sea salt", "walnut halves", "rolled oats", "chocolate", "juice", "sauce", "stock"]
 ADJ_FOOD = ["fresh", "dried", "sweet", "ripe", "smoked", "ground", "whole", "soft", "golden", "large",
             "small", "all-purpose", "unsalted", "salted", "kosher", "extra-virgin", "boneless", "shredded",
             "dark", "light", "baby", "frozen", "canned", "organic", "raw", "toasted", "plain", "firm", "lean",
-            "skinless", "young", "aged", "mild", "hot", "red", "white", "green", "yellow", "brown", "black"]
+            "skinless", "young", "aged", "mild", "hot", "red", "white", "green", "yellow", "brown", "black",
+            "granulated", "caster", "packed", "heavy", "whipping", "double", "skim", "russet", "basmati",
+            "jasmine", "long-grain", "cremini", "button", "rolled", "quick", "old-fashioned", "semisweet",
+            "thick-cut", "cracked", "pure", "low-sodium", "tart", "clover", "elbow", "pinto", "yukon gold",
+            "granny smith", "whole wheat", "bread", "cold", "warm", "sliced", "crushed", "peeled"]
 NOTES = ["chopped", "minced", "diced", "sifted", "melted", "softened", "drained", "rinsed", "peeled",
          "to taste", "sliced", "grated", "beaten", "cubed", "halved", "crushed", "at room temperature",
          "divided", "finely chopped", "thinly sliced", "cut into pieces", "plus more for serving", "trimmed"]
@@ -79,10 +91,16 @@ UNITS = ["cup", "cups", "tablespoon", "tablespoons", "teaspoon", "teaspoons", "g
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 SYSTEMS = ["You are a helpful assistant.", "You are a friendly assistant. Answer briefly.",
            "You are a concise assistant.", "Answer the question.", "You help with everyday tasks."]
+THINGS = ["nails", "screws", "pens", "pencils", "books", "cups", "plates", "lamps", "chairs", "shoes", "coins",
+          "socks", "hats", "bags", "keys", "cards", "balls", "candles", "batteries", "bottles", "bricks", "tiles",
+          "stamps", "buttons", "kites", "maps", "bells", "flags", "ropes", "bolts"]
+COUNTS = ["1", "2", "3", "4", "5", "6", "8", "10", "12", "20", "1/2", "a dozen", "two", "three"]
+SIZES = ["2 m", "10 cm", "5 kg", "large", "size 4", "pack of 6", "3 inch", "1 litre"]
+CONTAINERS = ["boxes", "bags", "packs", "sets", "crates", "rolls", "jars", "pairs"]
 CATEGORIES = {"animals": ANIMALS, "colours": COLOURS, "cities": CITIES, "vehicles": VEHICLES,
               "tools": TOOLS, "names": NAMES}
 ANY_WORD = sorted(set(NAMES + ANIMALS + COLOURS + CITIES + VEHICLES + TOOLS + FOODS + ADJ_FOOD + PLACES + ADJ
-                      + DISHES + WEATHER))
+                      + DISHES + WEATHER + THINGS))
 LIST_NOTES = ["for the trip", "in the garden", "washed", "from the market", "if you have them", "for Sunday",
               "in a box", "or more", "new ones", "at the station", "to share", "cut in half"]
 FILLER = ["the", "a", "and", "with", "near", "then", "after", "old", "little", "very", "we", "saw", "had",
@@ -157,73 +175,127 @@ def mixed_sentence(rng: random.Random, items: list[str]) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def chat_turn(rng: random.Random) -> tuple[str, str]:
-    """One (user, assistant) exchange of a general-purpose task.
+def _extract(rng: random.Random) -> tuple[str, str]:
+    """A category's words among filler words -> a JSON list, in order."""
+    category = rng.choice(sorted(CATEGORIES))
+    items = rng.sample(CATEGORIES[category], rng.randint(1, 5))
+    ask = rng.choice([f"Which {category} are in this text? Reply with a JSON list.",
+                      f"List the {category} in the text as JSON.",
+                      f"Give me the {category} mentioned, as a JSON list, in order."])
+    return f"{ask}\n\n{mixed_sentence(rng, items)}", json.dumps(items)
 
-    Most kinds make the model copy words from the user's message into its reply (extraction, lists,
-    repeating): the skill a small model needs most before it can be fine-tuned on a task like that.
+
+def _comma_list(rng: random.Random) -> tuple[str, str]:
+    """A comma list into a JSON list. Any word, foods included: copying must not depend on the word."""
+    pool = rng.choice([ANIMALS, COLOURS, CITIES, VEHICLES, TOOLS, NAMES, DISHES, FOODS, ANY_WORD, ANY_WORD])
+    items = rng.sample(pool, rng.randint(2, 6))
+    text = ", ".join(items[:-1]) + " and " + items[-1]
+    return f"Turn this into a JSON list: {text}", json.dumps(items)
+
+
+def _counted_list(rng: random.Random) -> tuple[str, str]:
+    """A bulleted list of counted things -> a JSON list of the things, in order.
+
+    Lines carry other words before and after the thing, as real lists do ("- 3 boxes of old red boats,
+    washed"). No food words and no cooking units: reading ingredient lines is left to the quickstart.
     """
-    kind = rng.choices(range(11), weights=[4, 4, 1, 3, 1.5, 0.5, 1, 0.5, 1, 1.5, 3])[0]
-    if kind == 0:  # extract a category as a JSON list, in order
-        category = rng.choice(sorted(CATEGORIES))
-        items = rng.sample(CATEGORIES[category], rng.randint(1, 4))
-        ask = rng.choice([f"Which {category} are in this text? Reply with a JSON list.",
-                          f"List the {category} in the text as JSON.",
-                          f"Give me the {category} mentioned, as a JSON list, in order."])
-        return f"{ask}\n\n{mixed_sentence(rng, items)}", json.dumps(items)
-    if kind == 1:  # a comma list into a JSON list
-        # Any word, foods included: copying must not depend on the kind of word.
-        pool = rng.choice([ANIMALS, COLOURS, CITIES, VEHICLES, TOOLS, NAMES, DISHES, FOODS, ANY_WORD, ANY_WORD])
-        items = rng.sample(pool, rng.randint(2, 5))
-        text = ", ".join(items[:-1]) + " and " + items[-1]
-        return f"Turn this into a JSON list: {text}", json.dumps(items)
-    if kind == 10:  # a bulleted list with counts into a JSON list of the things counted
-        # Lines carry other words before and after the thing, as real lists do ("- 3 old red boats, washed").
-        pool = rng.choice([ANIMALS, VEHICLES, TOOLS, FOODS, ANY_WORD])
-        items = rng.sample(pool, rng.randint(2, 5))
-        lines = []
-        for item in items:
-            words = [str(rng.randint(1, 12))] + rng.sample(ADJ + COLOURS, rng.choice([0, 0, 1, 2])) + [item]
-            note = f", {rng.choice(LIST_NOTES)}" if rng.random() < 0.4 else ""
-            lines.append("- " + " ".join(words) + note)
-        lines = "\n".join(lines)
-        ask = rng.choice(["Put the things in this list into a JSON list, without the numbers.",
-                          "Which things are counted here? Reply with a JSON list."])
-        return f"{ask}\n\n{lines}", json.dumps(items)
-    if kind == 2:  # arithmetic
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        if rng.random() < 0.5:
-            return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
-        a, b = max(a, b), min(a, b)
-        return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
-    if kind == 3:  # copying
-        s = sentence(rng)
-        return rng.choice(["Repeat after me: ", "Say this back to me: ", "Copy this sentence: "]) + s, s
-    if kind == 4:  # a small JSON object from a sentence
-        name, age, city = rng.choice(NAMES), rng.randint(5, 90), rng.choice(CITIES)
-        return (f"Write this as a JSON object with name, age and city: {name} is {age} and lives in {city}.",
-                json.dumps({"name": name, "age": age, "city": city}))
-    if kind == 5:  # counting
-        items = rng.sample(rng.choice([ANIMALS, COLOURS, TOOLS]), rng.randint(1, 6))
-        return f"How many words are in this list: {', '.join(items)}?", f"There are {NUMBER_WORDS[len(items)]}."
-    if kind == 6:  # reading a fact from the context
-        name = rng.choice(NAMES)
-        colour, vehicle = rng.choice(COLOURS), rng.choice(VEHICLES)
-        return f"{name} has a {colour} {vehicle}. What colour is the {vehicle}?", f"The {vehicle} is {colour}."
-    if kind == 7:  # small talk
-        greeting = rng.choice(["Hello!", "Hi there.", "Good morning!", "Hey, how are you?"])
-        return greeting, rng.choice(["Hello! How can I help you today?", "Hi! What can I do for you?",
-                                     "I am fine, thank you. How can I help?"])
-    if kind == 8:  # cooking questions, answered in prose
-        dish = rng.choice(DISHES)
-        foods = rng.sample(FOODS, 3)
-        return (f"How do I make {dish}?",
-                f"{rng.choice(COOK_VERBS)} the {foods[0]} with the {foods[1]}, then add the {foods[2]}. "
-                + COOK_STEPS[rng.randrange(len(COOK_STEPS))].format(t=200, m=rng.choice([10, 20, 30])))
-    # the first or last item of a list
-    items = rng.sample(rng.choice([ANIMALS, CITIES, FOODS]), rng.randint(2, 5))
+    items = rng.sample(rng.choice([ANIMALS, VEHICLES, TOOLS, THINGS, THINGS]), rng.randint(2, 6))
+    lines = []
+    for item in items:
+        words = [rng.choice(COUNTS)]
+        if rng.random() < 0.3:
+            words.append(f"({rng.choice(SIZES)})")
+        if rng.random() < 0.35:
+            words.append(rng.choice(CONTAINERS) + " of")
+        words += rng.sample(ADJ + COLOURS, rng.choice([0, 0, 1, 2])) + [item]
+        note = f", {rng.choice(LIST_NOTES)}" if rng.random() < 0.45 else ""
+        lines.append("- " + " ".join(words) + note)
+    ask = rng.choice(["Put the things in this list into a JSON list, without the numbers.",
+                      "Which things are counted here? Reply with a JSON list.",
+                      "List the items, in order, as JSON. Leave out amounts and notes."])
+    return f"{ask}\n\n" + "\n".join(lines), json.dumps(items)
+
+
+def _copy_sentence(rng: random.Random) -> tuple[str, str]:
+    s = sentence(rng)
+    return rng.choice(["Repeat after me: ", "Say this back to me: ", "Copy this sentence: "]) + s, s
+
+
+def _copy_words(rng: random.Random) -> tuple[str, str]:
+    """Random words, so that only copying (not the grammar of the corpus) predicts them."""
+    words = [rng.choice(ANY_WORD) for _ in range(rng.randint(2, 16))]
+    return rng.choice(["Repeat these words: ", "Copy exactly: ", "Say back: "]) + " ".join(words), " ".join(words)
+
+
+def _nth_line(rng: random.Random) -> tuple[str, str]:
+    """Which line is where: the k-th line of a bulleted list, copied whole."""
+    lines = [" ".join(rng.choice(ANY_WORD) for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(2, 6))]
+    k = rng.randrange(len(lines))
+    ask = rng.choice([f"What is on line {k + 1}?", f"Copy line {k + 1} of this list."])
+    if rng.random() < 0.3:
+        ask, k = "What is on the last line?", len(lines) - 1
+    return f"{ask}\n\n" + "\n".join(f"- {line}" for line in lines), lines[k]
+
+
+def _first_last(rng: random.Random) -> tuple[str, str]:
+    items = rng.sample(rng.choice([ANIMALS, CITIES, FOODS, ANY_WORD]), rng.randint(2, 6))
     which = rng.choice(["first", "last"])
     return f"What is the {which} item in: {', '.join(items)}?", items[0] if which == "first" else items[-1]
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    a, b = max(a, b), min(a, b)
+    return f"What is {a} minus {b}?", f"{a} minus {b} is {a - b}."
+
+
+def _json_object(rng: random.Random) -> tuple[str, str]:
+    name, age, city = rng.choice(NAMES), rng.randint(5, 90), rng.choice(CITIES)
+    return (f"Write this as a JSON object with name, age and city: {name} is {age} and lives in {city}.",
+            json.dumps({"name": name, "age": age, "city": city}))
+
+
+def _count(rng: random.Random) -> tuple[str, str]:
+    items = rng.sample(rng.choice([ANIMALS, COLOURS, TOOLS]), rng.randint(1, 6))
+    return f"How many words are in this list: {', '.join(items)}?", f"There are {NUMBER_WORDS[len(items)]}."
+
+
+def _fact(rng: random.Random) -> tuple[str, str]:
+    name, colour, vehicle = rng.choice(NAMES), rng.choice(COLOURS), rng.choice(VEHICLES)
+    return f"{name} has a {colour} {vehicle}. What colour is the {vehicle}?", f"The {vehicle} is {colour}."
+
+
+def _small_talk(rng: random.Random) -> tuple[str, str]:
+    greeting = rng.choice(["Hello!", "Hi there.", "Good morning!", "Hey, how are you?"])
+    return greeting, rng.choice(["Hello! How can I help you today?", "Hi! What can I do for you?",
+                                 "I am fine, thank you. How can I help?"])
+
+
+def _cooking(rng: random.Random) -> tuple[str, str]:
+    """Cooking questions, answered in prose."""
+    dish, foods = rng.choice(DISHES), rng.sample(FOODS, 3)
+    return (f"How do I make {dish}?",
+            f"{rng.choice(COOK_VERBS)} the {foods[0]} with the {foods[1]}, then add the {foods[2]}. "
+            + COOK_STEPS[rng.randrange(len(COOK_STEPS))].format(t=200, m=rng.choice([10, 20, 30])))
+
+
+# Chat tasks and their weights. Most make the model copy words from the user's message into its reply
+# (extraction, lists, repeating, reading a line): the skill a small model needs most before it can be
+# fine-tuned on a task like the quickstart's. Random words make copying the only way to predict them.
+CHAT_TASKS = {
+    "extract": (_extract, 3), "comma_list": (_comma_list, 3), "counted_list": (_counted_list, 4),
+    "copy_sentence": (_copy_sentence, 2), "copy_words": (_copy_words, 6), "nth_line": (_nth_line, 2.5),
+    "first_last": (_first_last, 1.5), "arithmetic": (_arithmetic, 0.7), "json_object": (_json_object, 1),
+    "count": (_count, 0.4), "fact": (_fact, 0.8), "small_talk": (_small_talk, 0.4), "cooking": (_cooking, 0.7),
+}
+
+
+def chat_turn(rng: random.Random) -> tuple[str, str]:
+    """One (user, assistant) exchange of a task drawn from CHAT_TASKS by weight."""
+    task = rng.choices(list(CHAT_TASKS.values()), weights=[w for _, w in CHAT_TASKS.values()])[0][0]
+    return task(rng)
 
 
 def chat(rng: random.Random) -> str:
@@ -244,16 +316,16 @@ def chat(rng: random.Random) -> str:
 
 
 def make_corpus(n_docs: int, seed: int) -> list[str]:
-    """Documents in a fixed mix: 70% chats, 10% prose, 12% recipe cards, 8% JSON records."""
+    """Documents in a fixed mix: 78% chats, 7% prose, 10% recipe cards, 5% JSON records."""
     rng = random.Random(seed)
     docs = []
     for _ in range(n_docs):
         r = rng.random()
-        if r < 0.70:
+        if r < 0.78:
             docs.append(chat(rng))
-        elif r < 0.80:
+        elif r < 0.85:
             docs.append(prose(rng))
-        elif r < 0.92:
+        elif r < 0.95:
             docs.append(recipe_card(rng))
         else:
             docs.append(json_record(rng))
@@ -281,24 +353,24 @@ def train_tokenizer(docs: list[str], vocab_size: int):
     return tokenizer
 
 
-def model_config(tokenizer, hidden: int, layers: int):
+def model_config(tokenizer, hidden: int, layers: int, heads: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,  # head dim 64, no grouping
+        num_attention_heads=heads, num_key_value_heads=heads,  # no grouping
         max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-5,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
 
 
-def save_random_init(path: Path, tokenizer, hidden: int, layers: int, seed: int) -> int:
+def save_random_init(path: Path, tokenizer, hidden: int, layers: int, heads: int, seed: int) -> int:
     """Save a random-init model dir (fp32) + tokenizer; returns the parameter count."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(model_config(tokenizer, hidden, layers), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config(tokenizer, hidden, layers, heads), dtype=torch.float32)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
@@ -317,7 +389,8 @@ def pretrain_config(init_dir: Path, corpus: Path, run_dir: Path, args: argparse.
         "train": {"epochs": 1, "max_steps": args.max_steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
                   "micro_batch_size": args.micro_batch_size, "scheduler": "cosine", "warmup_ratio": 0.03,
                   "weight_decay": 0.1, "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0, "seed": args.seed,
-                  "log_every": 10, "threads": args.threads, "device": "cpu", "save_every": 100},
+                  "mixed_precision": args.mixed_precision, "log_every": 10, "threads": args.threads,
+                  "device": "cpu", "save_every": 100},
         "output": {"dir": str(run_dir), "overwrite": True},
     })
 
@@ -341,35 +414,39 @@ structure and JSON lists, and little else.
 
 | | |
 |---|---|
-| architecture | LlamaForCausalLM, hidden {hidden}, {layers} layers, {heads} heads (head dim 64), MLP {inter}, tied embeddings |
+| architecture | LlamaForCausalLM, hidden {hidden}, {layers} layers, {heads} heads (head dim {head_dim}), MLP {inter}, tied embeddings |
 | parameters | {params:,} |
 | vocabulary | {vocab} byte-level BPE tokens; `<|im_start|>`, `<|im_end|>` (eos, end of turn), `<|endoftext|>` (pad) |
 | chat template | ChatML (`<|im_start|>role\\n...<|im_end|>\\n`) |
 | context | {max_len} tokens trained (positions up to 1024) |
 | weights | fp32 safetensors, {size_mb:.1f} MiB |
-| corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 70% ChatML chats, 10% prose, 12% recipe cards, 8% JSON records |
-| pretraining | {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, seed {seed} |
+| corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 78% ChatML chats, 7% prose, 10% recipe cards, 5% JSON records |
+| pretraining | {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, {precision}, seed {seed} |
 | final train loss | {final_loss} |
-| pretraining time | {minutes:.1f} min on {threads} CPU threads (2-core machine shared with other jobs) |
+| pretraining time | {minutes:.1f} min on {threads} CPU threads (a 2-core machine with AVX512-BF16) |
 
 ## Corpus
 
 Every document is generated by `scripts/make_tiny_model.py` from word lists in that file (seed {seed}):
 short stories and weather sentences, recipe cards (title, ingredient lines, method), JSON records, and
-ChatML conversations (greetings, small arithmetic, copying a sentence, "list the animals in this text as
-a JSON list", a comma or bulleted list into a JSON list, a sentence into a JSON object, counting,
-first/last item, cooking questions). No external
-text is used, so the corpus carries no third-party licence.
+ChatML conversations. Most chats make the model copy from the user's message: repeating random words or
+a sentence, "list the animals in this text as a JSON list", a comma list or a bulleted list of counted
+things ("- 3 boxes of red kites, for Sunday") into a JSON list, the k-th line of a list, the first or last
+item; the rest are small arithmetic, a sentence into a JSON object, counting, a fact from the
+context, greetings and cooking questions. No external text is used, so the corpus carries no
+third-party licence.
 
 The corpus deliberately leaves out the quickstart task (ingredient lines -> JSON list of generic
-ingredient names): the model fails it until it is fine-tuned (see `examples/quickstart/`).
+ingredient names): its bulleted lists never hold food words or cooking units, and recipe cards appear
+only as plain text, so the model fails the task until it is fine-tuned (see `examples/quickstart/`).
 
 ## Rebuild
 
     python scripts/make_tiny_model.py
 
-gives these weights again on the same machine type (same seed; CPU float arithmetic may differ across
-CPUs and thread counts in the last bits).
+rebuilds the model from the same seed with the settings above (the shipped weights were made by exactly
+this command). Float arithmetic differs across CPU types and thread counts, so a rebuild on another
+machine gives a model of the same recipe, not bit-identical weights.
 
 ## Licence
 
@@ -393,16 +470,19 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "tiny-chat-build",
                         help="scratch dir: corpus, random init, pretraining run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", type=int, default=90000, help="corpus documents")
+    parser.add_argument("--docs", type=int, default=130000, help="corpus documents")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--batch-tokens", type=int, default=8192)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-steps", type=int, default=600)
+    parser.add_argument("--max-steps", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
+                        help="bf16 autocast: ~2x faster on CPUs with AVX512-BF16, fp32 weights either way")
     parser.add_argument("--ship-only", action="store_true",
                         help="skip pretraining: write --out from the finished run in --work")
     args = parser.parse_args()
@@ -422,7 +502,7 @@ def main() -> None:
             for doc in docs:
                 f.write(json.dumps({"text": doc}) + "\n")
         tokenizer = train_tokenizer(docs, args.vocab)
-        params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.seed)
+        params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.heads, args.seed)
         print(f"random init: {params} parameters in {init_dir}", flush=True)
         train(pretrain_config(init_dir, corpus, args.work / "run", args))
     corpus_tokens = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # + eos
@@ -445,11 +525,12 @@ def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, n_doc
     size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20
     final_loss = summary["final_train_loss"]
     (out / "README.md").write_text(CARD.format(
-        params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.hidden // 64,
+        params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.heads, head_dim=args.hidden // args.heads,
         inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len, size_mb=size_mb, n_docs=n_docs,
         corpus_tokens=corpus_tokens, steps=summary["steps"], trained_tokens=summary["trained_tokens"],
         batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed, final_loss=f"{final_loss:.3f}",
-        minutes=summary["wall_time_s"] / 60, threads=args.threads), encoding="utf-8")
+        minutes=summary["wall_time_s"] / 60, threads=args.threads,
+        precision="bf16 autocast (fp32 weights)" if args.mixed_precision == "bf16" else "fp32"), encoding="utf-8")
     print(f"wrote {out} ({size_mb:.1f} MiB, final train loss {final_loss:.3f}, "
           f"pretraining {summary['wall_time_s'] / 60:.1f} min)")
 

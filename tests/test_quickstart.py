@@ -111,9 +111,13 @@ def test_corpus_is_deterministic_and_leaves_out_the_quickstart_task():
     make_data = load_make_data()
     assert make_tiny_model.make_corpus(300, seed=0) == make_tiny_model.make_corpus(300, seed=0)
     assert make_tiny_model.make_corpus(300, seed=0) != make_tiny_model.make_corpus(300, seed=1)
-    corpus = "\n".join(make_tiny_model.make_corpus(90000, seed=0))  # the corpus size of the shipped model
+    docs = make_tiny_model.make_corpus(130000, seed=0)  # the corpus of the shipped model
+    corpus = "\n".join(docs)
     assert make_data.SYSTEM not in corpus
     assert "generic" not in corpus
+    # Ingredient lines occur only in plain-text recipe cards: no chat ever reads or extracts them.
+    cards = [doc for doc in docs if "Ingredients:" in doc]
+    assert cards and not [doc for doc in cards if "<|im_start|>" in doc]
     rows = read_jsonl(QUICKSTART / "valid.jsonl")
     # No held-out recipe prompt is in the corpus, nor any answer of 3+ names. Two-name lists of food
     # words do occur by chance in the corpus's "turn this list into a JSON list" chats.

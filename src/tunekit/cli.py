@@ -6,7 +6,9 @@ User errors (`TunekitError`) are printed without a traceback and exit with code 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +27,12 @@ app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
+
+# Third-party notices that tell a tunekit user nothing they can act on (filters, not patches): peft
+# 0.18-0.21 reads transformers 5's deprecated `is_gradient_checkpointing`, and bitsandbytes on
+# AVX512-BF16 CPUs logs at import that an optional 4-bit kernel package is not installed.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=2e-4")]
 
