@@ -39,6 +39,15 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["train.nope=1"])
 
 
+def test_mixed_precision_no_survives_yaml(tmp_path):
+    # YAML 1.1 reads a bare `no` as false; the config still means "no".
+    path = write(tmp_path, "model:\n  base: org/model\ndata:\n  train: train.jsonl\ntrain:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
+    with pytest.raises(ConfigError, match="'no' or 'bf16'"):
+        load_config(path, ["train.mixed_precision=yes"])
+
+
 def test_missing_files_named(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model:\n  base: ./nowhere\ndata:\n  train: missing.jsonl\n")

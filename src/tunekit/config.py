@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunekit.errors import ConfigError, Problem
 
@@ -102,6 +102,12 @@ class TrainConfig(Section):
     threads: Annotated[int, Field(ge=1)] | None = None
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML reads a bare `no` as false: `mixed_precision: no` means "no".
+        return "no" if value is False else value
 
 
 class EvalConfig(Section):
