@@ -90,6 +90,20 @@ def test_shipped_model_files_and_size():
     assert sum(p.stat().st_size for p in TINY.glob("*.safetensors")) <= 16_000_000
 
 
+def test_shipped_model_loads_with_plain_transformers():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    tok = AutoTokenizer.from_pretrained(TINY)
+    assert model.config.model_type == "llama" and model.config.vocab_size == len(tok)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(logits).all()
+
+
 def test_shipped_tokenizer_speaks_chatml():
     from transformers import AutoTokenizer
 
