@@ -39,10 +39,14 @@ def test_overrides_are_typed_and_validated(tmp_path):
         load_config(path, ["train.nope=1"])
 
 
-def test_mixed_precision_no_survives_yaml(tmp_path):
-    # YAML 1.1 reads a bare `no` as false; the config still means "no".
-    path = write(tmp_path, "model:\n  base: org/model\ndata:\n  train: train.jsonl\ntrain:\n  mixed_precision: no\n")
-    assert load_config(path).train.mixed_precision == "no"
+def test_yes_no_are_words_for_literals_and_booleans_for_bools(tmp_path):
+    # YAML 1.1 would read a bare `no` as false; configs read it as the word, and bool fields still take it.
+    path = write(tmp_path, "model:\n  base: org/model\ndata:\n  train: train.jsonl\n  packing: no\n"
+                           "train:\n  mixed_precision: no\n  gradient_checkpointing: yes\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.data.packing is False and cfg.train.gradient_checkpointing is True
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(path, ["data.packing=true"]).data.packing is True
     assert load_config(path, ["train.mixed_precision=bf16"]).train.mixed_precision == "bf16"
     with pytest.raises(ConfigError, match="'no' or 'bf16'"):
         load_config(path, ["train.mixed_precision=yes"])

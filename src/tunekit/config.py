@@ -11,11 +11,12 @@ the directory of that file, so a config works from any working directory.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunekit.errors import ConfigError, Problem
 
@@ -103,12 +104,6 @@ class TrainConfig(Section):
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value):
-        # YAML reads a bare `no` as false: `mixed_precision: no` means "no".
-        return "no" if value is False else value
-
 
 class EvalConfig(Section):
     enabled: bool = False
@@ -155,10 +150,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(Problem(text, "the override has no key", "e.g. train.lr=2e-4"))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false are booleans; yes/no/on/off stay strings.
+
+    So a literal value such as `mixed_precision: no` keeps its meaning; bool fields still accept
+    yes/no/on/off, which pydantic reads as booleans.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
 
 
 def _set_dotted(data: dict, path: list[str], value: Any) -> None:
@@ -176,7 +190,7 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
     """Map each mapping-key path in a YAML document to its 1-based line number."""
     lines: dict[tuple[str, ...], int] = {}
     try:
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError:
         return lines
 
@@ -313,7 +327,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, check_f
         raise ConfigError(Problem(str(path), "config file not found", "check the path"))
     text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
