@@ -28,12 +28,6 @@ app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 
-# Third-party notices that tell a tunekit user nothing they can act on (filters, not patches): peft
-# 0.18-0.21 reads transformers 5's deprecated `is_gradient_checkpointing`, and bitsandbytes on
-# AVX512-BF16 CPUs logs at import that an optional 4-bit kernel package is not installed.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=2e-4")]
 
 
@@ -300,6 +294,12 @@ def chat(
 
 
 def main() -> None:
+    # Set for the command-line process only (importing tunekit.cli changes nothing): third-party
+    # notices that tell a tunekit user nothing they can act on. peft 0.18-0.21 reads transformers 5's
+    # deprecated `is_gradient_checkpointing`; bitsandbytes on AVX512-BF16 CPUs logs at import that an
+    # optional 4-bit kernel package is not installed.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         app()
     except TunekitError as exc:  # a library call outside a command's own handler

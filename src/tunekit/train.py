@@ -200,11 +200,15 @@ def forward_hidden(model, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def _chunk_logits(head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
     logits = head(h).float()  # (chunk, V), fp32 for the softmax
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, target, reduction="sum")
+    return logits
+
+
+def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_chunk_logits(head, softcap, h), target, reduction="sum")
 
 
 def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
@@ -262,22 +266,19 @@ def evaluate_loss(model, batches: list[Batch], chunk: int, device, mixed_precisi
     was_training = model.training
     model.eval()
     _, head = body_and_head(model)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     nll, correct, count = 0.0, 0, 0
     for batch in batches:
         batch = batch.to(device)
         with autocast(device, mixed_precision):
             hidden = forward_hidden(model, batch)
-        keep = batch.targets != IGNORE
-        h, target = hidden[keep], batch.targets[keep]
-        for start in range(0, h.shape[0], chunk):
-            with autocast(device, mixed_precision):
-                logits = head(h[start:start + chunk]).float()
-            softcap = getattr(model.config, "final_logit_softcapping", None)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            t_c = target[start:start + chunk]
-            nll += float(F.cross_entropy(logits, t_c, reduction="sum"))
-            correct += int((logits.argmax(-1) == t_c).sum())
+            keep = batch.targets != IGNORE
+            h, target = hidden[keep], batch.targets[keep]
+            for start in range(0, h.shape[0], chunk):
+                logits = _chunk_logits(head, softcap, h[start:start + chunk])
+                t_c = target[start:start + chunk]
+                nll += float(F.cross_entropy(logits, t_c, reduction="sum"))
+                correct += int((logits.argmax(-1) == t_c).sum())
         count += int(target.numel())
     model.train(was_training)
     return nll / max(1, count), correct / max(1, count)
