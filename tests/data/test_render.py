@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+from canary import still_broken
 from conftest import chatml_template, shared_template, shared_template_names
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -315,17 +316,26 @@ CONTENT_ONLY_GENERATION = CHATML_GENERATION.replace("{{- m.content + '<|im_end|>
                                                    "{{- m.content }}{% endgeneration %}{{- '<|im_end|>' }}")
 
 
-def test_transformers_assistant_mask_drops_the_end_of_a_split_character(base_tokenizer):
+def test_generation_block_ending_in_a_split_character_is_trained_whole(base_tokenizer):
+    # tunekit takes {% generation %} blocks as characters, so a block that ends inside a multi-token
+    # character ("🚀" is several byte-level tokens) is trained to its last byte, whatever transformers does.
+    tok = with_template(base_tokenizer, CONTENT_ONLY_GENERATION)
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok 🚀"}]
+    assert len(encode(tok, "🚀")) > 1
+    (seq,) = render_example({"messages": messages}, tok)
+    assert [t for _, t in trained_runs(tok, seq)] == ["ok 🚀"]
+
+
+def test_canary_transformers_assistant_mask_drops_the_end_of_a_split_character(base_tokenizer):
     # Why render.py takes {% generation %} blocks as characters: transformers 5.23 maps a block's end with
-    # char_to_token(end - 1), so the last bytes of "🚀" fall outside the mask. When this test fails,
-    # transformers has changed and the workaround in render._marker_spans can be reconsidered.
+    # char_to_token(end - 1), so the last bytes of "🚀" fall outside the mask (fixed in 5.24). When this
+    # skips, the workaround in render._marker_spans can be reconsidered.
     tok = with_template(base_tokenizer, CONTENT_ONLY_GENERATION)
     messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok 🚀"}]
     out = tok.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
-    assert len(encode(tok, "🚀")) > 1 and decode(tok, marked) != "ok 🚀"
-    (seq,) = render_example({"messages": messages}, tok)
-    assert [t for _, t in trained_runs(tok, seq)] == ["ok 🚀"]
+    still_broken(decode(tok, marked) != "ok 🚀", "transformers",
+                 "assistant_masks now cover a {% generation %} block that ends inside a multi-token character")
 
 
 def test_generation_markers_decide_the_trained_span(base_tokenizer):
