@@ -116,10 +116,32 @@ class EvalConfig(Section):
     seed: int = 0
 
 
+class WandbConfig(Section):
+    """Weights & Biases (`pip install 'tunekit[trackers]'`)."""
+
+    project: str = "tunekit"
+    entity: str | None = None
+    name: str | None = None  # default: the run dir's name
+    tags: list[str] = Field(default_factory=list)
+    # offline: written under RUN_DIR/wandb, nothing sent (upload later with `wandb sync`).
+    # None: wandb's own default (the WANDB_MODE environment variable, else online).
+    mode: Literal["online", "offline", "disabled"] | None = None
+
+
+class MlflowConfig(Section):
+    """MLflow (`pip install 'tunekit[trackers]'`)."""
+
+    # None: $MLFLOW_TRACKING_URI, else a local file store in RUN_DIR/mlruns.
+    tracking_uri: str | None = None
+    experiment: str = "tunekit"
+
+
 class OutputConfig(Section):
     dir: Path = Path("runs/default")
     overwrite: bool = False
-    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard
+    wandb: WandbConfig | None = None  # `wandb: {}` turns it on with the defaults
+    mlflow: MlflowConfig | None = None  # `mlflow: {}` turns it on with the defaults
 
 
 class RunConfig(Section):
@@ -225,6 +247,8 @@ def _hint(err: dict) -> str | None:
     loc = tuple(err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
+        if loc == ("output", "trackers"):
+            return "trackers are sections now: output.tensorboard: true, output.wandb: {project: ...}, output.mlflow: {}"
         owner = _model_for(loc)
         if owner is not None:
             close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1)

@@ -19,13 +19,14 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from tunekit import trackers
 from tunekit.config import RunConfig, load_config
 from tunekit.data.check import recommended_epochs
 from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
@@ -47,8 +48,8 @@ STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 # Config fields a resumed run may change: they do not alter the math of training.
-RESUME_MAY_CHANGE = {"output.overwrite", "output.trackers", "train.threads", "train.log_every",
-                     "train.save_every", "train.keep_last", "train.eval_every", "train.device"}
+RESUME_MAY_CHANGE = {"output.overwrite", "output.tensorboard", "output.wandb", "output.mlflow", "train.threads",
+                     "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.device"}
 
 
 @dataclass
@@ -107,13 +108,7 @@ def check_setup(cfg: RunConfig, *, resume: bool) -> list[Problem]:
             if run.has_adapter and cfg.method == "qlora" and cfg.model.previous_adapter == "merge":
                 problems.append(Problem("model.previous_adapter", "cannot fold the earlier adapter into a 4-bit base",
                                         "use model.previous_adapter: continue, or method: lora"))
-    for tracker in cfg.output.trackers:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[tracker]
-        import importlib.util
-
-        if importlib.util.find_spec(module) is None:
-            problems.append(Problem("output.trackers", f"{tracker} is configured but not installed",
-                                    f"pip install {module}, or remove it from output.trackers"))
+    problems += trackers.check(cfg)
     if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
         problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
                                 "set eval.data or data.validation (a file the run does not train on)"))
@@ -130,7 +125,7 @@ def _run_dir_problems(cfg: RunConfig, *, resume: bool) -> list[Problem]:
                             "run without --resume to start the run")]
         saved = load_config(run_dir / "config.yaml", check_files=False)
         changed = [k for k in _diff(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
-                   if k not in RESUME_MAY_CHANGE]
+                   if not any(k == free or k.startswith(free + ".") for free in RESUME_MAY_CHANGE)]
         if changed:
             return [Problem("output.dir", f"the config differs from the run's config.yaml in: {', '.join(changed)}",
                             "resume with the same config, or set output.dir to a new run dir")]
@@ -397,14 +392,14 @@ def _load_trainable_weights(model, ckpt: Path) -> None:
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler; returns the trainer state. RNG is restored by the caller."""
     _load_trainable_weights(model, ckpt)
-    opt = torch.load(ckpt / OPTIM_FILE, weights_only=False)
+    opt = torch.load(ckpt / OPTIM_FILE, weights_only=True)  # tensors and plain values only: runs no code
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
 def restore_rng(ckpt: Path) -> None:
-    rng = torch.load(ckpt / RNG_FILE, weights_only=False)
+    rng = torch.load(ckpt / RNG_FILE, weights_only=True)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -413,52 +408,6 @@ def restore_rng(ckpt: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Logging
-
-
-@dataclass
-class Trackers:
-    """Optional experiment trackers, each imported only when configured."""
-
-    tb: object = None
-    wandb: object = None
-    mlflow: object = None
-    names: list = field(default_factory=list)
-
-    @classmethod
-    def start(cls, cfg: RunConfig, run_dir: Path) -> Trackers:
-        t = cls(names=list(cfg.output.trackers))
-        if "tensorboard" in cfg.output.trackers:
-            from torch.utils.tensorboard import SummaryWriter
-
-            t.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        if "wandb" in cfg.output.trackers:
-            import wandb
-
-            t.wandb = wandb.init(project="tunekit", dir=str(run_dir), config=cfg.model_dump(mode="json"))
-        if "mlflow" in cfg.output.trackers:
-            import mlflow
-
-            mlflow.start_run(run_name=run_dir.name)
-            t.mlflow = mlflow
-        return t
-
-    def log(self, row: dict) -> None:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
-        if self.tb is not None:
-            for k, v in numbers.items():
-                self.tb.add_scalar(k, v, row["step"])
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=row["step"])
-        if self.mlflow is not None:
-            self.mlflow.log_metrics(numbers, step=row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-        if self.mlflow is not None:
-            self.mlflow.end_run()
 
 
 def _progress(console):
@@ -509,7 +458,8 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     # --- 2. run dir ---------------------------------------------------------------------------------
     run_dir = Path(cfg.output.dir)
     if not resume and run_dir.exists() and cfg.output.overwrite:
-        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval", "tensorboard"):
+        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval",
+                     *trackers.RUN_DIR_FOLDERS):
             p = run_dir / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -546,7 +496,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more).
     with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(row) + "\n" for row in metrics)
-    trackers = Trackers.start(cfg, run_dir)
+    tracking = trackers.Trackers.start(cfg, run_dir, resume=resume)
     max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
 
     # --- 4. the loop --------------------------------------------------------------------------------
@@ -595,7 +545,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                 metrics.append(row)
                 with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(row) + "\n")
-                trackers.log(row)
+                tracking.log(row)
                 if not console.is_terminal:
                     extra = f"  valid {row['valid_loss']:.4f}" if do_eval else ""
                     say(f"step {step}/{plan.total_steps}  loss {last_loss:.4f}{extra}  "
@@ -615,7 +565,6 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     shutil.rmtree(tmp, ignore_errors=True)
     _save_weights(model, tokenizer, tmp)
     _publish(tmp, run_dir / "final")
-    trackers.close()
 
     last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
     summary = {
@@ -641,10 +590,20 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     say(f"[green]done[/]: {step} steps, train loss {summary['final_train_loss']:.4f} -> {run_dir / 'final'}",
         highlight=False)
 
+    tracking.log_summary(summary)
+
     if cfg.eval.enabled:
         from tunekit.evaluate import evaluate_from_config
 
-        evaluate_from_config(cfg, run_dir, log=lambda message: say(message, highlight=False))
+        try:
+            evaluate_from_config(cfg, run_dir, log=lambda message: say(message, highlight=False))
+        except BaseException:
+            tracking.close(failed=True)
+            raise
+        results = json.loads((run_dir / "eval" / "results.json").read_text(encoding="utf-8"))
+        tracking.log_summary({"verdict": results["verdict"],
+                              **{c["name"]: c["metrics"] for c in results["candidates"]}}, name="eval")
+    tracking.close()
     return TrainResult(run_dir, summary)
 
 
