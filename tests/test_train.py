@@ -17,9 +17,9 @@ from toy_runs import packed, random_sequences, toy_config
 
 from tunekit.data.pack import collate_packed
 from tunekit.data.types import IGNORE, Sequence
-from tunekit.errors import ConfigError, DataError
+from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.model import apply_method, load_base, load_for_inference
-from tunekit.train import backward_step, lr_factor, make_plan, train, trained_nll
+from tunekit.train import backward_step, list_checkpoints, lr_factor, make_plan, train, trained_nll
 
 
 def full_logits_loss(model, batch) -> torch.Tensor:
@@ -193,6 +193,32 @@ def test_existing_run_dir_is_not_overwritten_without_resume(tmp_path, tiny_llama
     with pytest.raises(ConfigError) as err:  # resuming under a changed config would not be exact
         train(toy_config(tmp_path, tiny_llama_dir, train={"max_steps": 2, "lr": 1e-4}), resume=True)
     assert "train.lr" in err.value.problems[0].message
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled by a loader that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_never_runs_code_from_a_checkpoint_file(tmp_path, tiny_llama_dir):
+    cfg = toy_config(tmp_path, tiny_llama_dir, train={"max_steps": 4, "save_every": 2})
+    train(cfg)
+    ckpt = list_checkpoints(cfg.output.dir)[-1]
+    marker = tmp_path / "code-ran"
+    # The optimizer and RNG files tunekit writes load under weights_only=True: tensors and plain values.
+    assert set(torch.load(ckpt / "optimizer.pt", weights_only=True)) == {"optimizer", "scheduler"}
+    assert set(torch.load(ckpt / "rng.pt", weights_only=True)) >= {"python", "torch"}
+    torch.save({"optimizer": _RunsCode(marker), "scheduler": {}}, ckpt / "optimizer.pt")
+    with pytest.raises(TunekitError) as err:
+        train(cfg, resume=True)
+    assert not marker.exists()
+    (problem,) = err.value.problems
+    assert problem.where.endswith("optimizer.pt") and "safely" in problem.message
 
 
 def _run_cli(config: Path, *args: str) -> subprocess.Popen:

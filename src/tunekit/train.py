@@ -389,17 +389,31 @@ def _load_trainable_weights(model, ckpt: Path) -> None:
                                    "resume with the same model.base"))
 
 
+def _load_state(path: Path) -> dict:
+    """A checkpoint's optimizer / RNG file, read with weights_only=True: tensors and plain Python values
+    only, so opening a checkpoint folder never runs code from it."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunekitError(Problem(str(path), f"cannot read this checkpoint file safely: {first[:300]}",
+                                   "it must hold only tensors and plain values as tunekit writes them; "
+                                   "resume from another checkpoint or start the run again")) from None
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler; returns the trainer state. RNG is restored by the caller."""
     _load_trainable_weights(model, ckpt)
-    opt = torch.load(ckpt / OPTIM_FILE, weights_only=True)  # tensors and plain values only: runs no code
+    opt = _load_state(ckpt / OPTIM_FILE)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
 def restore_rng(ckpt: Path) -> None:
-    rng = torch.load(ckpt / RNG_FILE, weights_only=True)
+    rng = _load_state(ckpt / RNG_FILE)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
