@@ -126,6 +126,8 @@ def data_check(
     max_len: Annotated[int | None, typer.Option("--max-len", min=1, help="Count examples longer than this")] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, chat, completion or text")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
+    max_line_bytes: Annotated[int, typer.Option("--max-line-bytes", min=1,
+                                                help="Longer lines are reported, not loaded")] = 16 * 2**20,
 ) -> None:
     """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
     from tunekit.data.check import check_file, load_tokenizer
@@ -134,7 +136,8 @@ def data_check(
         fail(TunekitError(Problem("--format", f"unknown format {fmt!r}", "use auto, chat, completion or text")))
     try:
         tokenizer = load_tokenizer(model) if model else None
-        report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt)
+        report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt,
+                            max_line_bytes=max_line_bytes)
     except TunekitError as exc:
         fail(exc)
     if as_json:

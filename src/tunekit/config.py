@@ -172,9 +172,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise ConfigError(Problem(text, "the override has no key", "e.g. train.lr=2e-4"))
     try:
-        value = _load_yaml(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = _read_yaml(raw, text) if raw.strip() else None
+    except ConfigError:
+        value = raw  # not YAML: taken as the literal string (validation decides)
     return path, value
 
 
@@ -193,8 +193,49 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader: no arbitrary objects
+# What one config may cost to read: its size, its nesting, and the number of values it expands to
+# (YAML aliases let a few lines stand for billions of values).
+MAX_CONFIG_BYTES = 2**20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 10_000
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text with bounded cost; every failure is a ConfigError naming `source` (and the line).
+
+    Safe loading only (_Loader is a SafeLoader: tags that would build Python objects are errors).
+    """
+    def error(message: str, hint: str, line: int | None = None) -> ConfigError:
+        return ConfigError(Problem(f"{source}:{line}" if line else source, message, hint))
+
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise error(f"the config is larger than {MAX_CONFIG_BYTES // 2**20} MiB", "a run config is a few dozen lines")
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+        stack, seen = [(root, 1)], 0
+        while stack:  # iterative: counts values as aliases expand them, without building them
+            node, depth = stack.pop()
+            seen += 1
+            if seen > MAX_CONFIG_VALUES:
+                raise error(f"the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML aliases)",
+                            "write the values out instead of nesting anchors and aliases")
+            if depth > MAX_CONFIG_DEPTH:
+                raise error(f"the config is nested more than {MAX_CONFIG_DEPTH} levels deep", "flatten it",
+                            node.start_mark.line + 1)
+            if isinstance(node, yaml.MappingNode):
+                stack += [(n, depth + 1) for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                stack += [(n, depth + 1) for n in node.value]
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise error(f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
+                    "check indentation and quoting on that line", mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise error("the config is nested too deeply to read", "flatten it") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of thousands of digits
+        kind = "a number has too many digits" if "digits" in str(exc) else f"a value cannot be read: {exc}"
+        raise error(kind, "write numbers as plain decimals of reasonable size") from None
 
 
 def _set_dotted(data: dict, path: list[str], value: Any) -> None:
@@ -349,14 +390,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, check_f
     path = Path(path)
     if not path.is_file():
         raise ConfigError(Problem(str(path), "config file not found", "check the path"))
-    text = path.read_text(encoding="utf-8")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(Problem(str(path), f"the config is larger than {MAX_CONFIG_BYTES // 2**20} MiB",
+                                  "a run config is a few dozen lines"))
     try:
-        data = _load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}",
-                                  "check indentation and quoting on that line")) from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(Problem(str(path), f"not UTF-8 text (byte {exc.start + 1})", "save the config as UTF-8")) from None
+    data = _read_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

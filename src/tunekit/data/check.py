@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tunekit.data.formats import (
+    MAX_LINE_BYTES,
     DataIssue,
     Format,
     Severity,
@@ -198,10 +199,10 @@ def _char_counts(record: dict, fmt: Format) -> tuple[int, int]:
 
 
 def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
-          count_fn: CountFn | None, max_len: int | None) -> _Scan:
+          count_fn: CountFn | None, max_len: int | None, max_line_bytes: int) -> _Scan:
     scan = _Scan(format=fmt)
     label = str(path)
-    for line in read_jsonl(path):
+    for line in read_jsonl(path, max_line_bytes=max_line_bytes):
         scan.lines = line.number
         for issue in line.issues:
             problems.add(_placed(issue, label, line.number))
@@ -267,12 +268,14 @@ def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarra
 
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
                max_len: int | None = None, count_fn: CountFn | None = None,
-               fmt: Literal["auto", "chat", "completion", "text"] = "auto") -> CheckReport:
+               fmt: Literal["auto", "chat", "completion", "text"] = "auto",
+               max_line_bytes: int = MAX_LINE_BYTES) -> CheckReport:
     """Check a training file (and optionally a validation file) in one streaming pass each.
 
     `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given,
     `tunekit.data.render.render_example` bound to it is used. Raises DataError only when a file cannot
-    be opened at all (missing, a directory); everything else is a problem in the report.
+    be opened at all (missing, a directory); everything else is a problem in the report. A line longer
+    than `max_line_bytes` is reported (`line_too_long`) and never loaded.
     """
     path = check_readable(path)
     if validation is not None:
@@ -284,13 +287,15 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
             return render_example(example, tokenizer)
 
     problems = _Problems()
-    scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len)
+    scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,
+                 max_line_bytes=max_line_bytes)
     sd, order = _duplicates(scan, str(path), problems)
     n = len(scan.line_of)
 
     validation_examples = None
     if validation is not None:
-        vscan = _scan(validation, scan.format, problems, stats=False, count_fn=None, max_len=None)
+        vscan = _scan(validation, scan.format, problems, stats=False, count_fn=None, max_len=None,
+                      max_line_bytes=max_line_bytes)
         validation_examples = len(vscan.line_of)
         _duplicates(vscan, str(validation), problems)
         v = np.frombuffer(vscan.digests, dtype=np.uint64) if len(vscan.digests) else np.zeros(0, np.uint64)

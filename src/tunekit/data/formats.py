@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,45 @@ class Line:
 # Reading
 
 
+# Bounds on what one line may cost. A line longer than MAX_LINE_BYTES is reported (`line_too_long`)
+# and skipped without being held in memory; JSON nested deeper than MAX_DEPTH is reported (`too_deep`).
+# A chat example of a 128k-token context is well under 1 MiB; tool schemas nest a few levels.
+MAX_LINE_BYTES = 16 * 2**20
+MAX_DEPTH = 64
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe unpaired
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _shape_issue(record: Any, check_depth: bool, check_surrogates: bool) -> DataIssue | None:
+    """Nesting deeper than MAX_DEPTH, or a string holding an unpaired surrogate (not encodable as UTF-8).
+
+    Iterative (no recursion), and only run when a cheap byte count says the line could have either.
+    """
+    stack = [(record, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            items = list(value.keys()) + list(value.values())
+        elif isinstance(value, list):
+            items = value
+        elif isinstance(value, str) and check_surrogates:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return DataIssue("invalid_unicode", "", f"a string holds an unpaired surrogate "
+                                 f"(\\u{ord(value[exc.start]):04x}), which is not text",
+                                 "escape characters outside the BMP as a surrogate pair, or write them as UTF-8")
+            continue
+        else:
+            continue
+        if check_depth and depth > MAX_DEPTH:
+            return DataIssue("too_deep", "", f"JSON nested more than {MAX_DEPTH} levels deep",
+                             "chat examples nest a few levels; flatten the record")
+        stack.extend((item, depth + 1) for item in items)
+    return None
 
 
 def _parse_line(number: int, raw: bytes) -> Line:
@@ -115,10 +153,29 @@ def _parse_line(number: int, raw: bytes) -> Line:
                                 "each line must hold one complete JSON object", "error", number,
                                 column=exc.colno))
         return Line(number, None, issues)
-    except ValueError as exc:  # NaN / Infinity
-        issues.append(DataIssue("invalid_json", "", f"not valid JSON: {exc}",
-                                "use null or a number instead", "error", number))
+    except RecursionError:
+        issues.append(DataIssue("too_deep", "", "JSON nested too deeply to read",
+                                "chat examples nest a few levels; flatten the record", "error", number))
         return Line(number, None, issues)
+    except MemoryError:
+        issues.append(DataIssue("line_too_long", "", "not enough memory to read this line",
+                                "split the example or shorten it", "error", number))
+        return Line(number, None, issues)
+    except ValueError as exc:  # NaN / Infinity, or an integer of thousands of digits
+        if "digits" in str(exc):
+            issues.append(DataIssue("number_too_large", "", "a number has too many digits to read",
+                                    "write it with fewer digits, or as a string", "error", number))
+        else:
+            issues.append(DataIssue("invalid_json", "", f"not valid JSON: {exc}",
+                                    "use null or a number instead", "error", number))
+        return Line(number, None, issues)
+    deep = raw.count(b"[") + raw.count(b"{") > MAX_DEPTH
+    surrogates = _LONE_SURROGATE.search(raw) is not None
+    if deep or surrogates:
+        issue = _shape_issue(record, deep, surrogates)
+        if issue is not None:
+            issues.append(DataIssue(issue.code, "", issue.message, issue.hint, "error", number))
+            return Line(number, None, issues)
     return Line(number, record, issues)
 
 
@@ -132,15 +189,26 @@ def check_readable(path: str | Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> Iterator[Line]:
+def read_jsonl(path: str | Path, *, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Line]:
     """Yield every line of a JSONL file, parsed, one at a time (memory does not grow with the file).
 
     Read in binary and decoded per line, so invalid UTF-8 is reported on its own line and the rest of
-    the file is still read. Issues carry the line number but not the file name (the caller adds it).
+    the file is still read. A line of more than `max_line_bytes` is reported as `line_too_long` and
+    skipped without being held in memory. Issues carry the line number but not the file name.
     """
     path = check_readable(path)
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        number = 0
+        while raw := f.readline(max_line_bytes + 1):
+            number += 1
+            if len(raw) > max_line_bytes and not (len(raw) == max_line_bytes + 1 and raw.endswith(b"\n")):
+                size = len(raw)
+                while not raw.endswith(b"\n") and (raw := f.readline(2**20)):  # skip the rest, 1 MiB at a time
+                    size += len(raw)
+                yield Line(number, None, [DataIssue(
+                    "line_too_long", "", f"the line is {size:,} bytes, over the limit of {max_line_bytes:,}",
+                    "split or shorten the example, or raise the limit (--max-line-bytes)", "error", number)])
+                continue
             yield _parse_line(number, raw)
 
 
