@@ -133,6 +133,19 @@ def test_hostile_lines_are_problems_on_their_line(tmp_path, raw, code):
     assert check_cli(path, "--max-line-bytes", str(2**20)) == 1
 
 
+def test_records_built_to_cost_time_or_memory_are_bounded(tmp_path, chat_tokenizer):
+    many_turns = {"messages": [{"role": r, "content": "x"} for _ in range(3000) for r in ("user", "assistant")]}
+    many_keys = {"messages": [{"role": "user", "content": "hi", **{f"k{i}": i for i in range(50_000)}},
+                              {"role": "assistant", "content": "ok"}]}
+    path = tmp_path / "costly.jsonl"
+    path.write_text(json.dumps(many_turns) + "\n" + json.dumps(many_keys) + "\n" + json.dumps(VALID[0]) + "\n")
+    t0 = time.perf_counter()
+    report = check_file(path, tokenizer=chat_tokenizer)
+    assert time.perf_counter() - t0 < 30  # bounded cost, not a timing goal
+    assert report.counts["too_many_messages"] == 1 and report.counts["more_problems"] == 1
+    assert report.counts["message_unrecognized_key"] == 100 and report.examples == 1
+
+
 def test_line_limit_is_configurable(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text(json.dumps({"text": "x" * 500}) + "\n" + json.dumps({"text": "short"}) + "\n")

@@ -93,6 +93,11 @@ class Line:
 # A chat example of a 128k-token context is well under 1 MiB; tool schemas nest a few levels.
 MAX_LINE_BYTES = 16 * 2**20
 MAX_DEPTH = 64
+# Messages per chat example: masking renders each assistant turn's prefix, so cost grows with the square
+# of the turns; longer conversations are reported instead of rendered for hours.
+MAX_MESSAGES = 1024
+# Problems kept per record (a hostile line could otherwise name millions of unknown keys).
+MAX_ISSUES_PER_RECORD = 100
 _LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe unpaired
 
 
@@ -357,6 +362,9 @@ def _validate_chat(record: dict) -> list[DataIssue]:
         return [DataIssue("missing_messages_list", "messages", "'messages' must be a non-empty list",
                           'e.g. {"messages": [{"role": "user", "content": "..."}, '
                           '{"role": "assistant", "content": "..."}]}')]
+    if len(messages) > MAX_MESSAGES:
+        return [DataIssue("too_many_messages", "messages", f"{len(messages):,} messages in one example "
+                          f"(the limit is {MAX_MESSAGES:,})", "split the conversation into several examples")]
     declared = _declared_names(record, issues)
     # Calls made so far: id -> (message index, path of the call); answered ids are removed.
     open_calls: dict[str, tuple[int, str]] = {}
@@ -516,7 +524,13 @@ def validate_in_file(record: Any, file_fmt: Format | None) -> tuple[Format, list
         return detected, [DataIssue("format_mismatch", "", f"a {detected} record in a {file_fmt} file",
                                     f"write every line as {file_fmt}, or split the file")]
     use = file_fmt or detected or "chat"
-    return use, validate_record(record, use)
+    issues = validate_record(record, use)
+    if len(issues) > MAX_ISSUES_PER_RECORD:
+        more = len(issues) - MAX_ISSUES_PER_RECORD
+        issues = issues[:MAX_ISSUES_PER_RECORD] + [DataIssue(
+            "more_problems", "", f"{more:,} more problems in this record are not listed",
+            "fix the ones listed first", "error" if any(i.severity == "error" for i in issues) else "warning")]
+    return use, issues
 
 
 # --------------------------------------------------------------------------------------------------
