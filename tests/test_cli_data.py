@@ -51,7 +51,9 @@ def test_errors_exit_1_and_name_line_path_and_code(tmp_path):
     path = write(tmp_path, [good(i) for i in range(11)] + [bad])
     result = run("data", "check", path)
     assert result.exit_code == 1
-    assert f"{path}:12 messages[1].weight" in result.output and "invalid_weight" in result.output
+    assert result.output.startswith(f"{path}: 12 lines")  # the file is named once, then each line
+    assert "line 12" in result.output and "messages[1].weight" in result.output
+    assert "invalid_weight" in result.output
     assert "1 error" in result.output
 
 

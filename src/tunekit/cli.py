@@ -66,36 +66,58 @@ def config_show(file: Path, overrides: Overrides = None) -> None:
     sys.stdout.write(cfg.to_yaml())
 
 
-SHOWN_PROBLEMS = 50  # rows of the human problems table; --json has every stored problem
+SHOWN_PER_SEVERITY = 30  # rows per severity in the human output; --show all lists every stored one
+NOTE_LINES = 5  # line numbers named per note code
 
 
-def _print_check_report(report) -> None:
-    """Rich tables for a data.check.CheckReport: problems, counts per code, statistics."""
+def _print_check_report(report, show_all: bool = False) -> None:
+    """Human report of a data.check.CheckReport, readable at 80 columns: errors first (line, field,
+    message, hint), then warnings, then notes summarised per code; statistics and token estimates."""
     from rich.table import Table
 
     colors = {"error": "red", "warning": "yellow", "info": "blue"}
-    if report.problems:
-        table = Table(title="Problems", show_lines=False)
-        for col in ("where", "code", "message", "hint"):
-            table.add_column(col, overflow="fold")
-        for p in report.problems[:SHOWN_PROBLEMS]:
-            table.add_row(p.where or p.file, f"[{colors[p.severity]}]{p.code}[/]", p.message, p.hint)
+    main = report.path
+
+    def place(p) -> str:
+        where = "file" if p.line is None else f"line {p.line}" + (f":{p.column}" if p.column else "")
+        return where if (p.file or main) == main else f"{Path(p.file).name} {where}"
+
+    head = f"[bold]{escape(main)}[/]: {report.lines:,} lines, {report.examples:,} valid examples"
+    if report.validation is not None:
+        head += f"; validation [bold]{escape(report.validation)}[/]: {report.validation_examples:,} valid examples"
+    console.print(head, highlight=False)
+    for severity, title in (("error", "Errors"), ("warning", "Warnings")):
+        total = report.count(severity)
+        if not total:
+            continue
+        rows = [p for p in report.problems if p.severity == severity]
+        shown = rows if show_all else rows[:SHOWN_PER_SEVERITY]
+        table = Table(title=f"{title} ({total:,})", title_justify="left", title_style=f"bold {colors[severity]}")
+        table.add_column("where", no_wrap=True)
+        table.add_column("field, problem and hint", overflow="fold", ratio=1)
+        for p in shown:
+            table.add_row(place(p), (f"[bold]{escape(p.path)}[/]\n" if p.path else "")
+                          + f"[{colors[severity]}]{p.code}[/]: {escape(p.message)}"
+                          + (f"\n[dim]hint: {escape(p.hint)}[/]" if p.hint else ""))
         console.print(table)
-        shown, total = min(len(report.problems), SHOWN_PROBLEMS), sum(report.counts.values())
-        if shown < total:
-            console.print(f"[dim]showing the first {shown} of {total} problems (--json lists "
-                          f"{len(report.problems)})[/]")
-        summary = Table(title="Problems per code")
-        for col in ("code", "severity", "count"):
-            summary.add_column(col, justify="right" if col == "count" else "left")
-        rank = {"error": 0, "warning": 1, "info": 2}
-        for code, n in sorted(report.counts.items(), key=lambda kv: (rank[report.severities[kv[0]]], -kv[1])):
-            sev = report.severities[code]
-            summary.add_row(code, f"[{colors[sev]}]{sev}[/]", str(n))
-        console.print(summary)
+        if len(shown) < total:
+            console.print(f"[dim]{len(shown):,} of {total:,} {title.lower()} shown: --show all lists "
+                          f"{len(rows):,}, --json gives them as data[/]")
+    notes = [code for code, sev in report.severities.items() if sev == "info" and report.counts.get(code)]
+    if notes:
+        console.print("[bold blue]Notes[/]")
+    for code in sorted(notes, key=lambda c: -report.counts[c]):
+        stored = [p for p in report.problems if p.code == code]
+        lines = [place(p).removeprefix("line ") for p in (stored if show_all else stored[:NOTE_LINES])]
+        more = ", ..." if report.counts[code] > len(lines) else ""
+        console.print(f"  [blue]{code}[/]: {report.counts[code]:,}, line{'s' if len(lines) > 1 else ''} "
+                      f"{', '.join(lines)}{more}", highlight=False)
+        if stored and stored[0].hint:
+            console.print(f"    [dim]{escape(stored[0].message)}: {escape(stored[0].hint)}[/]", highlight=False)
     s = report.stats
     if s is not None:
-        table = Table(title=f"{report.examples} examples ({report.format}), lengths in {s.unit}")
+        table = Table(title=f"{report.examples:,} examples ({report.format}), lengths in {s.unit}",
+                      title_justify="left")
         for col in ("per example", "min", "p5", "median", "mean", "p95", "max", "total"):
             table.add_column(col, justify="left" if col == "per example" else "right")
         for name, summ in (("messages", s.messages), (s.unit, s.length), (f"trained {s.unit}", s.trained)):
@@ -104,18 +126,22 @@ def _print_check_report(report) -> None:
                                       for v in (summ.min, summ.p5, summ.median, summ.mean, summ.p95, summ.max,
                                                 summ.total)))
         console.print(table)
+        if s.without_system_message is not None:
+            console.print(f"examples without a system message: {s.without_system_message:,}; "
+                          f"without a user message: {s.without_user_message:,}")
         console.print(f"recommended epochs: {s.epochs}")
         if s.max_len is not None:
-            console.print(f"examples longer than {s.max_len} tokens: {s.over_max_len} "
-                          f"({s.trained_lost:,} trained tokens lost)")
-        if s.estimated_trained_tokens is not None:
-            console.print(f"estimated trained tokens: {s.estimated_trained_tokens:,} ({s.epochs} epochs)")
+            fate = "dropped" if s.truncation == "drop" else "cut"
+            console.print(f"examples longer than {s.max_len} tokens: {s.over_max_len:,} ({fate}; "
+                          f"{s.trained_lost:,} trained tokens lost)")
+        if s.tokens_per_epoch is not None:
+            console.print(f"tokens per epoch: {s.tokens_per_epoch:,} processed, {s.trained_tokens_per_epoch:,} trained")
+            console.print(f"estimated for {s.epochs} epochs: {s.estimated_tokens:,} tokens processed "
+                          f"(compute and cost follow these), {s.estimated_trained_tokens:,} trained")
     for note in report.notes:
-        console.print(f"[dim]note: {note}[/]")
-    if report.validation is not None:
-        console.print(f"validation: {report.validation_examples} examples in {report.validation}")
-    verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors} error(s)[/]"
-    console.print(f"{verdict}, {report.warnings} warning(s)")
+        console.print(f"[dim]note: {escape(note)}[/]")
+    verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors:,} error(s)[/]"
+    console.print(f"{verdict}, {report.warnings:,} warning(s), {report.count('info'):,} note(s)")
 
 
 @data_app.command("check")
@@ -128,22 +154,29 @@ def data_check(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     max_line_bytes: Annotated[int, typer.Option("--max-line-bytes", min=1,
                                                 help="Longer lines are reported, not loaded")] = 16 * 2**20,
+    truncation: Annotated[str, typer.Option("--truncation", help="What training does past --max-len: "
+                                                                 "drop (the default) or truncate")] = "drop",
+    show: Annotated[str, typer.Option("--show", help="summary (30 rows per severity) or all")] = "summary",
 ) -> None:
     """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
     from tunekit.data.check import check_file, load_tokenizer
 
     if fmt not in ("auto", "chat", "completion", "text"):
         fail(TunekitError(Problem("--format", f"unknown format {fmt!r}", "use auto, chat, completion or text")))
+    if truncation not in ("drop", "truncate"):
+        fail(TunekitError(Problem("--truncation", f"unknown mode {truncation!r}", "use drop or truncate")))
+    if show not in ("summary", "all"):
+        fail(TunekitError(Problem("--show", f"unknown value {show!r}", "use summary or all")))
     try:
         tokenizer = load_tokenizer(model) if model else None
         report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt,
-                            max_line_bytes=max_line_bytes)
+                            max_line_bytes=max_line_bytes, truncation=truncation)  # type: ignore[arg-type]
     except TunekitError as exc:
         fail(exc)
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     else:
-        _print_check_report(report)
+        _print_check_report(report, show_all=show == "all")
     raise typer.Exit(0 if report.ok else 1)
 
 

@@ -463,7 +463,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     v_rows = valid_rows([len(s) for s in data.valid], cfg.data.max_len, cfg.data.packing)
     valid_batches = make_batches(data.valid, v_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
     say(f"{data.n_train_examples} train examples -> {len(data.train)} sequences, "
-        f"{data.train_fit.trained_tokens} trained tokens, {plan.rows_per_epoch} rows/epoch "
+        f"{data.train_fit.tokens} tokens ({data.train_fit.trained_tokens} trained) per epoch, {plan.rows_per_epoch} rows/epoch "
         f"(packing efficiency {packing_efficiency(rows0, lengths, cfg.data.max_len):.1%}); "
         f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, {plan.total_steps} steps; "
         f"batch {plan.batch_size} rows = {plan.micro_batch_size} x "
@@ -588,6 +588,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
         "final_valid_loss": last_valid.get("valid_loss"),
         "final_valid_token_accuracy": last_valid.get("valid_token_accuracy"),
         "trained_tokens": trained_total,
+        "tokens_per_epoch": data.train_fit.tokens, "trained_tokens_per_epoch": data.train_fit.trained_tokens,
         "tokens_per_s": trained_this_run / train_time if train_time else None,  # trained tokens/s, this process
         "packing": cfg.data.packing,
         "packing_efficiency": packing_efficiency(rows0, lengths, cfg.data.max_len),

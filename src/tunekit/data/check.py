@@ -93,10 +93,18 @@ class Stats:
     length: Summary | None  # tokens (or characters) per example, all sequences of the example
     trained: Summary | None  # trained tokens (or characters) per example
     max_len: int | None = None
+    truncation: Literal["drop", "truncate"] = "drop"  # what training does with sequences over max_len
     over_max_len: int = 0  # examples with a sequence longer than max_len (tokens only)
-    trained_lost: int = 0  # trained tokens in those sequences (dropped at training)
+    trained_lost: int = 0  # trained tokens dropped or cut away with those sequences
     epochs: int | None = None  # recommended_epochs(examples)
-    estimated_trained_tokens: int | None = None  # epochs x trained tokens of the sequences that fit
+    # Per epoch, exactly as training fits the sequences (tunekit.data.dataset.fit_to_max_len): every
+    # token processed, and the tokens that carry loss. Compute and cost follow the first.
+    tokens_per_epoch: int | None = None
+    trained_tokens_per_epoch: int | None = None
+    estimated_tokens: int | None = None  # epochs x tokens_per_epoch
+    estimated_trained_tokens: int | None = None  # epochs x trained_tokens_per_epoch
+    without_system_message: int | None = None  # chat examples with no system message
+    without_user_message: int | None = None  # chat examples with an assistant reply but no user message
 
 
 @dataclass
@@ -140,17 +148,20 @@ class CheckReport:
 
 
 class _Problems:
-    """Counts every problem; keeps the details of the first MAX_STORED_PROBLEMS."""
+    """Counts every problem; keeps the details of the first MAX_STORED_PROBLEMS of each severity, so
+    thousands of notes never crowd out an error further down the file."""
 
     def __init__(self) -> None:
         self.stored: list[DataIssue] = []
+        self.stored_per: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self.severities: dict[str, Severity] = {}
 
     def add(self, issue: DataIssue) -> None:
         self.counts[issue.code] += 1
         self.severities.setdefault(issue.code, issue.severity)
-        if len(self.stored) < MAX_STORED_PROBLEMS:
+        if self.stored_per[issue.severity] < MAX_STORED_PROBLEMS:
+            self.stored_per[issue.severity] += 1
             self.stored.append(issue)
 
 
@@ -167,7 +178,10 @@ class _Scan:
     trained: array = field(default_factory=lambda: array("Q"))
     over_max_len: int = 0
     trained_lost: int = 0
-    trained_fitting: int = 0  # trained tokens in sequences of at most max_len
+    tokens_fitting: int = 0  # tokens of the sequences training keeps (after dropping or cutting)
+    trained_fitting: int = 0  # trained tokens of those
+    without_system: int = 0
+    without_user: int = 0
 
 
 def _text(content: Any) -> str:
@@ -199,7 +213,8 @@ def _char_counts(record: dict, fmt: Format) -> tuple[int, int]:
 
 
 def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
-          count_fn: CountFn | None, max_len: int | None, max_line_bytes: int) -> _Scan:
+          count_fn: CountFn | None, max_len: int | None, max_line_bytes: int,
+          truncation: Literal["drop", "truncate"] = "drop") -> _Scan:
     scan = _Scan(format=fmt)
     label = str(path)
     for line in read_jsonl(path, max_line_bytes=max_line_bytes):
@@ -228,16 +243,21 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
             continue
         if used == "chat":
             scan.messages.append(len(line.record["messages"]))
+            roles = {m["role"] for m in line.record["messages"]}
+            scan.without_system += "system" not in roles
+            scan.without_user += "user" not in roles
         if count_fn is None:
             total, trained = _char_counts(line.record, used)
         else:
             total = sum(len(s) for s in sequences)
             trained = sum(s.num_trained for s in sequences)
-            long = [s for s in sequences if max_len is not None and len(s) > max_len]
-            lost = sum(s.num_trained for s in long)
-            scan.over_max_len += bool(long)
-            scan.trained_lost += lost
-            scan.trained_fitting += trained - lost
+            from tunekit.data.dataset import fit_to_max_len  # token statistics only: pack imports torch
+
+            _, fit = fit_to_max_len(sequences, max_len or max(total, 1), truncation)  # as training does
+            scan.over_max_len += bool(fit.dropped_too_long or fit.truncated)
+            scan.trained_lost += fit.dropped_trained_tokens + fit.lost_trained_tokens
+            scan.tokens_fitting += fit.tokens
+            scan.trained_fitting += fit.trained_tokens
         scan.length.append(total)
         scan.trained.append(trained)
     return scan
@@ -269,7 +289,7 @@ def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarra
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
                max_len: int | None = None, count_fn: CountFn | None = None,
                fmt: Literal["auto", "chat", "completion", "text"] = "auto",
-               max_line_bytes: int = MAX_LINE_BYTES) -> CheckReport:
+               max_line_bytes: int = MAX_LINE_BYTES, truncation: Literal["drop", "truncate"] = "drop") -> CheckReport:
     """Check a training file (and optionally a validation file) in one streaming pass each.
 
     `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given,
@@ -288,7 +308,7 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
 
     problems = _Problems()
     scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,
-                 max_line_bytes=max_line_bytes)
+                 max_line_bytes=max_line_bytes, truncation=truncation)
     sd, order = _duplicates(scan, str(path), problems)
     n = len(scan.line_of)
 
@@ -322,13 +342,19 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
         unit = "characters" if count_fn is None else "tokens"
         stats = Stats(examples=n, unit=unit, messages=summarize(scan.messages), length=summarize(scan.length),
                       trained=summarize(scan.trained), epochs=recommended_epochs(n))
+        if scan.format == "chat":
+            stats.without_system_message, stats.without_user_message = scan.without_system, scan.without_user
         if count_fn is None:
             notes.append("lengths are in characters; token counts, max-length and trained-token estimates "
                          "need a tokenizer (--model)")
         else:
             stats.max_len = max_len
+            stats.truncation = truncation
             stats.over_max_len = scan.over_max_len
             stats.trained_lost = scan.trained_lost
+            stats.tokens_per_epoch = scan.tokens_fitting
+            stats.trained_tokens_per_epoch = scan.trained_fitting
+            stats.estimated_tokens = stats.epochs * scan.tokens_fitting
             stats.estimated_trained_tokens = stats.epochs * scan.trained_fitting
             if max_len is None:
                 notes.append("no --max-len given: every sequence is counted as fitting")

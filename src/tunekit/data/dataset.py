@@ -72,6 +72,7 @@ class FitReport:
     lost_trained_tokens: int = 0  # trained tokens past the cut of truncated sequences
     no_trained_tokens: int = 0  # sequences left out because nothing in them is trained
     trained_tokens: int = 0  # trained tokens kept
+    tokens: int = 0  # all tokens of the sequences kept (what an epoch processes)
 
     def messages(self, name: str, max_len: int) -> list[str]:
         out = []
@@ -106,6 +107,7 @@ def fit_to_max_len(seqs: list[Sequence], max_len: int, mode: str) -> tuple[list[
             report.no_trained_tokens += 1
             continue
         report.trained_tokens += n
+        report.tokens += len(seq)
         kept.append(seq)
     report.kept = len(kept)
     return kept, report
