@@ -45,11 +45,11 @@ class ModelSpec:
 
 
 def parse_model_arg(text: str) -> ModelSpec:
-    """`NAME=PATH` or `PATH` (named after the dir, or the hub id itself)."""
+    """`NAME=PATH` or `PATH` (named after the dir, or the hub id itself). NAME may hold `/` and `:`."""
     name, sep, path = text.partition("=")
-    if sep and name and path and "/" not in name:
-        return ModelSpec(name, path)
     local = Path(text).expanduser()
+    if sep and name and path and not local.exists():
+        return ModelSpec(name, path)
     if local.exists():
         return ModelSpec(local.resolve().name, text)
     return ModelSpec(text, text)
@@ -230,6 +230,17 @@ class _Row:
 # The worker
 
 
+def _cache_argument(model) -> str:
+    """The name of the KV-cache argument and output: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    import inspect
+
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class Engine:
     """Dynamic batching over one worker thread (see module doc)."""
 
@@ -335,9 +346,10 @@ class Engine:
         stop = set(served.stop_ids)
         self.batches += 1
 
+        cache_arg = _cache_argument(model)
         with torch.inference_mode(), adapter_context:
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache = out.past_key_values
+            cache = getattr(out, cache_arg)
             logits = out.logits[:, -1, :].float()  # (B, V) next-token logits of every row
             while rows:
                 tokens = self._choose(logits, rows)  # (B,)
@@ -367,8 +379,8 @@ class Engine:
                 mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T + 1)
                 positions = positions[:, -1:] + 1  # (B, 1)
                 out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                            use_cache=True, **{cache_arg: cache})
+                cache = getattr(out, cache_arg)
                 logits = out.logits[:, -1, :].float()
 
     @staticmethod
