@@ -303,6 +303,8 @@ def serve(
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder for the server's state")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
     max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
+                                                                          "(default: all cores but one)")] = None,
 ) -> None:
     """Serve models, runs and their adapters behind an OpenAI-compatible API (/v1/chat/completions)."""
     import os
@@ -317,7 +319,7 @@ def serve(
         fail(TunekitError(Problem("MODEL", "no model to serve", "give a model dir, a run dir or NAME=PATH")))
     try:
         settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
-                                 device=device, max_adapters=max_adapters)
+                                 device=device, max_adapters=max_adapters, threads=threads)
     except ValidationError as exc:
         fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
                            for e in exc.errors()]))

@@ -13,14 +13,18 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import openai
 import pytest
-from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run
 
-from tunekit.data.render import end_of_turn_ids, render_prompt
-from tunekit.evaluate import generate
-from tunekit.model import load_for_inference
-from tunekit.serve.app import ServeSettings, create_app
+openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("uvicorn", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
+
+from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run  # noqa: E402
+
+from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
+from tunekit.evaluate import generate  # noqa: E402
+from tunekit.model import load_for_inference  # noqa: E402
+from tunekit.serve.app import ServeSettings, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CHAT = REPO / "models" / "tiny-chat"

@@ -50,6 +50,9 @@ class ServeSettings(BaseModel):
     batch_window_ms: float = Field(10.0, ge=0)  # requests arriving this close together run as one batch
     max_batch: int = Field(32, ge=1)  # rows (choices) per batch
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    # torch CPU threads while serving; None: all cores but one, which the HTTP side needs (on a 2-core
+    # machine 2 torch threads made single requests ~5x slower than 1: docs/benchmarks.md)
+    threads: int | None = Field(None, ge=1)
 
 
 def is_loopback(host: str) -> bool:
@@ -81,6 +84,11 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        import os
+
+        import torch
+
+        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
         engine.start()
         try:
             yield

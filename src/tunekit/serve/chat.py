@@ -232,6 +232,7 @@ class Reply:
             else:
                 for marker in MARKERS:
                     safe = min(safe, len(self.text) - _partial_suffix(self.text, marker))
+            safe = len(self.text[:safe].rstrip())  # whitespace before a call is not content
             if final:
                 safe = self.sent if start is not None else len(self.text)
         safe = max(safe, self.sent)

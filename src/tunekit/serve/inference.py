@@ -348,7 +348,8 @@ class Engine:
 
         cache_arg = _cache_argument(model)
         with torch.inference_mode(), adapter_context:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)  # logits of the last position only: (B, 1, V)
             cache = getattr(out, cache_arg)
             logits = out.logits[:, -1, :].float()  # (B, V) next-token logits of every row
             while rows:
