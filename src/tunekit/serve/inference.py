@@ -7,11 +7,14 @@ past `max_adapters` the least recently used adapter is unloaded. A run whose bas
 (a chain) is loaded on its own with `load_for_inference` (merged), so it answers exactly as `tunekit chat`.
 
 Generation (`Engine`): one worker thread owns the models. Requests that arrive within `window_s` of each other
-form a batch; the batch is split per (weights, adapter) and each part runs as one left-padded batch through the
-loop in `Engine._generate`, which reads top to bottom: prefill, then per step choose a token for every row
-(greedy, or sampled with the row's temperature / top_p / seed), hand it to the request, stop rows at the
-template's end-of-turn ids, at their token limit, or when their request is gone, and drop finished rows from
-the batch (and its KV cache). Requests read what the worker produces from an asyncio queue (`Job.events`).
+form a batch of one part (the same weights and adapter); it runs as one left-padded batch through the loop in
+`Engine._generate`, which reads top to bottom: prefill, then per step choose a token for every row (greedy, or
+sampled with the row's temperature / top_p / seed), hand it to the request, stop rows at the template's
+end-of-turn ids, at their token limit, or when their request is gone, drop finished rows from the batch and
+its KV cache, and let requests for the same part that arrived meanwhile join: they are prefilled on their own
+and merged into the batch (cache and mask left-padded to one length), so a new request waits one step, not a
+whole batch. Requests for another part wait until the batch ends. Requests read what the worker produces from
+an asyncio queue (`Job.events`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,6 +233,36 @@ class _Row:
 # The worker
 
 
+def _part_key(job: Job) -> tuple:
+    """Jobs with the same key run in one batch: the same weights with the same adapter (or none)."""
+    return id(job.served.weights), str(job.served.adapter) if job.served.adapter else None
+
+
+def _mergeable(cache) -> bool:
+    """Rows can join a running batch when every cache layer is a plain growing (B, H, T, D) key/value pair."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """`x` with zeros put before its entries along `dim` up to `width` (masked positions)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge_caches(cache, new, width: int) -> None:
+    """Append the rows of `new` to `cache`, both left-padded to `width` positions: (B, H, T, D) per layer."""
+    for layer, extra in zip(cache.layers, new.layers, strict=True):
+        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(extra.keys, width, 2)])
+        layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(extra.values, width, 2)])
+
+
 def _cache_argument(model) -> str:
     """The name of the KV-cache argument and output: `cache` from transformers 5.24 on (where
     `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
@@ -269,28 +302,41 @@ class Engine:
         self._queue.put(job)
 
     def _run(self) -> None:
+        pending: deque[Job] = deque()  # submitted, not yet in a batch, in arrival order
         while not self._stopping.is_set():
-            try:
-                first = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            jobs = [first]
-            deadline = time.monotonic() + self.window_s
-            while sum(j.n for j in jobs) < self.max_batch:
+            if not pending:
                 try:
-                    jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    pending.append(self._queue.get(timeout=0.1))
                 except queue.Empty:
-                    break
-            parts: dict[tuple[int, str | None], list[Job]] = {}
-            for job in jobs:
-                adapter = str(job.served.adapter) if job.served.adapter else None
-                parts.setdefault((id(job.served.weights), adapter), []).append(job)
-            for part in parts.values():
-                try:
-                    self._generate(part)
-                except Exception as exc:  # a bug or an out-of-memory: the requests get a 500, the server lives
-                    for job in part:
-                        job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+                    continue
+                self._take(pending, wait_s=self.window_s)
+            part = self._admit(pending, _part_key(pending[0]), self.max_batch) or [pending.popleft()]  # n > max
+            try:
+                self._generate(part, pending)
+            except Exception as exc:  # a bug or an out-of-memory: the requests get a 500, the server lives
+                for job in part:
+                    job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+
+    def _take(self, pending: deque[Job], wait_s: float) -> None:
+        """Move submitted jobs to `pending`: all that arrive within `wait_s` (0: those already there)."""
+        deadline = time.monotonic() + wait_s
+        while len(pending) < 4 * self.max_batch:
+            try:
+                pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                               if wait_s > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                return
+
+    @staticmethod
+    def _admit(pending: deque[Job], key: tuple, room: int) -> list[Job]:
+        """The jobs at the front of `pending` for the part `key` that fit in `room` rows, taken out of it.
+
+        Only the front: a job for another model or adapter waits for the running batch to end, and later jobs
+        do not overtake it (no starvation)."""
+        taken: list[Job] = []
+        while pending and _part_key(pending[0]) == key and sum(j.n for j in taken) + pending[0].n <= room:
+            taken.append(pending.popleft())
+        return taken
 
     # ---- adapters
 
@@ -319,39 +365,19 @@ class Engine:
 
     # ---- the loop
 
-    def _generate(self, jobs: list[Job]) -> None:
+    def _generate(self, jobs: list[Job], pending: deque[Job]) -> None:
+        """Run `jobs` (one model + adapter) to the end; jobs for the same part that arrive meanwhile join
+        the batch between two steps (prefilled on their own, then merged into the batch and its cache)."""
         served = jobs[0].served
+        key = _part_key(jobs[0])
         model, adapter_context = self._select(served)
         device = next(model.parameters()).device
-        rows: list[_Row] = []
-        for job in jobs:
-            for choice in range(job.n):
-                generator = None
-                if job.sampling.temperature > 0:
-                    generator = torch.Generator(device="cpu")
-                    if job.sampling.seed is not None:
-                        generator.manual_seed(job.sampling.seed + choice)
-                    else:
-                        generator.seed()
-                rows.append(_Row(job, choice, generator))
-        prompts = [r.job.prompt for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(rows), width), served.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, prompt in enumerate(prompts):  # left padding: every row's next token is read from the last column
-            ids[b, width - len(prompt):] = torch.tensor(prompt)
-            mask[b, width - len(prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) pads get position 0, real tokens 0..n-1
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         stop = set(served.stop_ids)
-        self.batches += 1
-
         cache_arg = _cache_argument(model)
+        self.batches += 1
         with torch.inference_mode(), adapter_context:
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1)  # logits of the last position only: (B, 1, V)
-            cache = getattr(out, cache_arg)
-            logits = out.logits[:, -1, :].float()  # (B, V) next-token logits of every row
+            rows, cache, mask, positions, logits = self._prefill(model, served, jobs, device, cache_arg)
+            joinable = _mergeable(cache)
             while rows:
                 tokens = self._choose(logits, rows)  # (B,)
                 want_logprobs = any(r.job.sampling.top_logprobs is not None for r in rows)
@@ -370,19 +396,61 @@ class Engine:
                         job.emit(Finished(row.choice, "length"))
                     else:
                         keep.append(b)
-                if not keep:
-                    break
                 if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
-                    index = torch.tensor(keep, device=device)
+                    index = torch.tensor(keep, dtype=torch.long, device=device)
                     cache.batch_select_indices(index)
                     tokens, mask, positions = tokens[index], mask[index], positions[index]
                     rows = [rows[b] for b in keep]
-                mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T + 1)
-                positions = positions[:, -1:] + 1  # (B, 1)
-                out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                            use_cache=True, **{cache_arg: cache})
-                cache = getattr(out, cache_arg)
-                logits = out.logits[:, -1, :].float()
+                if rows:
+                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T + 1)
+                    positions = positions[:, -1:] + 1  # (B, 1)
+                    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                                use_cache=True, **{cache_arg: cache})
+                    cache = getattr(out, cache_arg)
+                    logits = out.logits[:, -1, :].float()
+                if not joinable or self._stopping.is_set():
+                    continue
+                self._take(pending, wait_s=0.0)
+                joining = self._admit(pending, key, self.max_batch - len(rows))
+                if not joining:
+                    continue
+                new = self._prefill(model, served, joining, device, cache_arg)
+                if not rows:
+                    rows, cache, mask, positions, logits = new
+                    continue
+                new_rows, new_cache, new_mask, new_positions, new_logits = new
+                width = max(mask.shape[1], new_mask.shape[1])
+                _merge_caches(cache, new_cache, width)
+                mask = torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)])
+                positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
+                logits = torch.cat([logits, new_logits])
+                rows = rows + new_rows
+
+    def _prefill(self, model, served: Served, jobs: list[Job], device, cache_arg: str):
+        """(rows, cache, mask, positions, next-token logits) of `jobs` as one left-padded batch."""
+        rows: list[_Row] = []
+        for job in jobs:
+            for choice in range(job.n):
+                generator = None
+                if job.sampling.temperature > 0:
+                    generator = torch.Generator(device="cpu")
+                    if job.sampling.seed is not None:
+                        generator.manual_seed(job.sampling.seed + choice)
+                    else:
+                        generator.seed()
+                rows.append(_Row(job, choice, generator))
+        width = max(len(r.job.prompt) for r in rows)
+        ids = torch.full((len(rows), width), served.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):  # left padding: every row's next token is read from the last column
+            n = len(row.job.prompt)
+            ids[b, width - n:] = torch.tensor(row.job.prompt)
+            mask[b, width - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) pads get position 0, real tokens 0..n-1
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)  # logits of the last position only: (B, 1, V)
+        return rows, getattr(out, cache_arg), mask, positions, out.logits[:, -1, :].float()
 
     @staticmethod
     def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
