@@ -173,6 +173,18 @@ def test_sampling_with_a_seed_repeats(tiny_server):
     ask = dict(model="tiny", messages=HELLO, temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
     first = sdk.chat.completions.create(**ask).choices[0].message.content
     assert sdk.chat.completions.create(**ask).choices[0].message.content == first
+    assert sdk.chat.completions.create(**{**ask, "seed": -3}).choices[0].message.content  # any int is a seed
+
+
+def test_unknown_fields_are_ignored_and_developer_is_system(tiny_server):
+    url, _ = tiny_server
+    sdk = client(url)
+    as_system = sdk.chat.completions.create(model="tiny", temperature=0, max_tokens=8, messages=[
+        {"role": "system", "content": "Be brief."}] + HELLO).choices[0].message.content
+    reply = sdk.chat.completions.create(model="tiny", temperature=0, max_tokens=8, user="u1", metadata={"k": "v"},
+                                        extra_body={"not_an_openai_field": 1}, messages=[
+                                            {"role": "developer", "content": "Be brief."}] + HELLO)
+    assert reply.choices[0].message.content == as_system
 
 
 def test_bad_requests_are_400_naming_the_param(tiny_server):

@@ -47,7 +47,8 @@ class ServeSettings(BaseModel):
     data_dir: Path | None = None  # where later features (files, jobs) keep state
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_adapters: int = Field(4, ge=1)  # adapters kept attached per base; the least recently used go
-    batch_window_ms: float = Field(10.0, ge=0)  # requests arriving this close together run as one batch
+    # requests arriving this close together start as one batch (later ones join the running batch between steps)
+    batch_window_ms: float = Field(2.0, ge=0)
     max_batch: int = Field(32, ge=1)  # rows (choices) per batch
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     # torch CPU threads while serving; None: all cores but one, which the HTTP side needs (on a 2-core

@@ -410,8 +410,11 @@ async def chat_completions(request: Request):
     request.app.state.engine.submit(job)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": served.name,
             "system_fingerprint": None}
-    usage_of = lambda: {"prompt_tokens": len(prompt), "completion_tokens": sum(r.tokens for r in replies),  # noqa: E731
-                        "total_tokens": len(prompt) + sum(r.tokens for r in replies)}
+    def usage_of() -> dict:  # exact: prompt tokens once, every generated token of every choice (end of turn too)
+        completion = sum(r.tokens for r in replies)
+        return {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                "total_tokens": len(prompt) + completion}
+
     log = request.scope.setdefault("state", {})
 
     if req.stream:

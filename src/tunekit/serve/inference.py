@@ -435,7 +435,7 @@ class Engine:
                 if job.sampling.temperature > 0:
                     generator = torch.Generator(device="cpu")
                     if job.sampling.seed is not None:
-                        generator.manual_seed(job.sampling.seed + choice)
+                        generator.manual_seed((job.sampling.seed + choice) % 2**63)  # any int the client sends
                     else:
                         generator.seed()
                 rows.append(_Row(job, choice, generator))
