@@ -37,9 +37,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def serving(**settings):
-    """(base_url, app) of a server running in a thread on 127.0.0.1; stopped on exit."""
+def start(**settings):
+    """(uvicorn server, its thread, base_url, app): a server running in a thread on 127.0.0.1."""
     import uvicorn
 
     port = free_port()
@@ -52,8 +51,15 @@ def serving(**settings):
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}/v1", app
+
+
+@contextmanager
+def serving(**settings):
+    """(base_url, app) of a server running in a thread on 127.0.0.1; stopped on exit."""
+    server, thread, url, app = start(**settings)
     try:
-        yield f"http://127.0.0.1:{port}/v1", app
+        yield url, app
     finally:
         server.should_exit = True
         thread.join(30)
@@ -115,6 +121,19 @@ def test_stream_and_non_stream_equal_greedy_generate(tiny_server):
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
         assert chunks[-1].choices == [] and usage.completion_tokens == completion_tokens
         assert len({c.id for c in chunks}) == 1
+
+
+def test_one_log_line_per_request(tiny_server, caplog):
+    url, _ = tiny_server
+    with caplog.at_level("INFO", logger="tunekit.serve"):
+        reply = client(url).chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=5)
+        deadline = time.monotonic() + 5
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    [record] = [r for r in caplog.records if r.name == "tunekit.serve"]
+    message = record.getMessage()
+    assert message.startswith("POST /v1/chat/completions 200 ") and message.endswith(
+        f"ms tokens={reply.usage.completion_tokens}")
 
 
 def test_models_list_and_ids_with_slash_and_colon(tiny_server):
@@ -270,6 +289,22 @@ def test_server_survives_a_client_that_disconnects_mid_stream(tiny_server):
     reply = sdk.chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=8)
     assert reply.choices[0].message.content == text
     assert client(url).with_options(timeout=5).models.list().data
+
+
+def test_shutdown_lets_a_running_stream_finish():
+    server, thread, url, app = start(models=[f"tiny={TINY_CHAT}"])
+    text, _, _ = greedy(TINY_CHAT, HELLO, 24)
+    stream = client(url).chat.completions.create(model="tiny", messages=HELLO, temperature=0, max_tokens=24,
+                                                 stream=True)
+    chunks = [next(iter(stream))]
+    server.should_exit = True  # what Ctrl-C / SIGTERM does
+    chunks += list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    thread.join(30)
+    assert not thread.is_alive()
+    with pytest.raises(openai.APIConnectionError):  # it is gone
+        client(url).models.list()
 
 
 # --------------------------------------------------------------------------------------------------
