@@ -389,6 +389,19 @@ def test_tool_calls_in_both_modes(tool_run):
                                             temperature=0, max_tokens=40)
         assert reply.choices[0].message.tool_calls is None and "<tool_call>" in reply.choices[0].message.content
 
+        forced = {"type": "function", "function": {"name": "get_weather"}}
+        reply = sdk.chat.completions.create(model="tools", messages=ask, tools=[WEATHER_TOOL], tool_choice=forced,
+                                            temperature=0, max_tokens=40)
+        assert reply.choices[0].message.tool_calls[0].function.name == "get_weather"
+        with pytest.raises(openai.UnprocessableEntityError) as err:  # it answers a greeting in text
+            sdk.chat.completions.create(model="tools", messages=[{"role": "user", "content": "hello"}],
+                                        tools=[WEATHER_TOOL], tool_choice="required", temperature=0, max_tokens=8)
+        assert err.value.param == "tool_choice"
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.chat.completions.create(model="tools", messages=ask, tools=[WEATHER_TOOL], max_tokens=8,
+                                        tool_choice={"type": "function", "function": {"name": "other"}})
+        assert err.value.param == "tool_choice"
+
 
 # --------------------------------------------------------------------------------------------------
 # Keys and exposure

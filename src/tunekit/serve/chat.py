@@ -269,8 +269,19 @@ def _tool_call_json(call: ToolCall, index: int, call_id: str) -> dict:
     return {"index": index, "id": call_id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
-def _check_format(fmt: ResponseFormat | None, reply: Reply, choice: int) -> APIError | None:
-    """The error for a reply that is not the JSON `response_format` asks for (None when it is)."""
+def _check_reply(req: ChatRequest, reply: Reply, choice: int) -> APIError | None:
+    """The error for a reply that is not what the request asks for (None when it is): no tool call where
+    `tool_choice` requires one, or not the JSON `response_format` asks for. Decoding is not constrained, so
+    the output is checked instead."""
+    if req.tool_choice == "required" or isinstance(req.tool_choice, dict):
+        if not reply.calls:
+            return APIError(422, f"choice {choice}: tool_choice asks for a tool call but the model answered "
+                                 f"with text: {reply.content[:200]!r}", param="tool_choice",
+                            code="invalid_model_output",
+                            hint="this server does not force tool calls; use tool_choice auto, or a model "
+                                 "trained to call this tool")
+        return None
+    fmt = req.response_format
     if fmt is None or fmt.type == "text" or reply.calls:
         return None
     try:
@@ -429,7 +440,7 @@ async def chat_completions(request: Request):
         job.cancel()
     log["tokens"] = usage_of()["completion_tokens"]
     for i, reply in enumerate(replies):
-        error = _check_format(req.response_format, reply, i)
+        error = _check_reply(req, reply, i)
         if error:
             raise error
     choices = []
@@ -513,7 +524,7 @@ async def _stream(job: Job, replies: list[Reply], meta: dict, req: ChatRequest, 
                 first["function"]["arguments"] = ""
                 yield chunk([delta(event.choice, {"tool_calls": [first]})])
                 yield chunk([delta(event.choice, {"tool_calls": [{"index": k, "function": {"arguments": arguments}}]})])
-            error = _check_format(req.response_format, reply, event.choice)
+            error = _check_reply(req, reply, event.choice)
             if error:
                 yield f"data: {json.dumps(error.body())}\n\n"
                 return
