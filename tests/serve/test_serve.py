@@ -335,6 +335,19 @@ def test_adapters_answer_like_their_runs_on_one_base(lora_runs, tiny_llama_dir):
                                                             stream=True))
         assert joined == want["b"]
 
+        got: dict[int, tuple[str, str]] = {}  # concurrent requests for all three: batched per adapter
+
+        def one(i: int, name: str) -> None:
+            reply = client(url).chat.completions.create(model=name, messages=ask, temperature=0, max_tokens=10)
+            got[i] = (name, reply.choices[0].message.content)
+
+        threads = [threading.Thread(target=one, args=(i, name)) for i, name in enumerate(["a", "b", "base"] * 3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(got) == 9 and all(text == want[name] for name, text in got.values())
+
 
 # --------------------------------------------------------------------------------------------------
 # Tool calls through the hermes template
