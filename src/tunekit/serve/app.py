@@ -146,14 +146,18 @@ class _Guard:
         status = {"code": 0}
         state = scope.setdefault("state", {})
 
+        def log_line(note: str = "") -> None:
+            status["logged"] = True
+            tokens = state.get("tokens")
+            log.info("%s %s %d %.0fms%s%s", scope["method"], scope["path"], status["code"],
+                     (time.perf_counter() - began) * 1000, f" tokens={tokens}" if tokens is not None else "", note)
+
         async def logged_send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                tokens = state.get("tokens")
-                log.info("%s %s %d %.0fms%s", scope["method"], scope["path"], status["code"],
-                         (time.perf_counter() - began) * 1000, f" tokens={tokens}" if tokens is not None else "")
+                log_line()  # before the last bytes go, so a client never sees the line late
+            await send(message)
 
         headers = dict(scope.get("headers") or [])
         error = self._refusal(scope, headers)
@@ -170,7 +174,11 @@ class _Guard:
                     raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
             return message
 
-        await self.app(scope, limited_receive, logged_send)
+        try:
+            await self.app(scope, limited_receive, logged_send)
+        finally:
+            if not status.get("logged"):
+                log_line(" (ended early: the client went away or the server stopped)")
 
     def _refusal(self, scope, headers: dict) -> APIError | None:
         if self.keys and scope["path"].startswith("/v1"):

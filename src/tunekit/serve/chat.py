@@ -393,7 +393,7 @@ async def chat_completions(request: Request):
     served = _find(request, req.model)
     example = _example(req)
     try:
-        prompt = render_prompt(example, served.tokenizer)
+        prompt = await asyncio.to_thread(render_prompt, example, served.tokenizer)  # off the event loop
     except TunekitError as exc:
         p = exc.problems[0]
         raise APIError(400, f"{p.message}" + (f" ({p.hint})" if p.hint else ""), param=p.where or "messages") from None
