@@ -312,10 +312,12 @@ class Engine:
                 self._take(pending, wait_s=self.window_s)
             part = self._admit(pending, _part_key(pending[0]), self.max_batch) or [pending.popleft()]  # n > max
             try:
-                self._generate(part, pending)
+                self._generate(part, pending)  # jobs that join the batch are appended to `part`
             except Exception as exc:  # a bug or an out-of-memory: the requests get a 500, the server lives
                 for job in part:
                     job.emit(Failed(f"generation failed: {type(exc).__name__}: {exc}"))
+        for job in pending:
+            job.emit(Failed("the server is shutting down"))
 
     def _take(self, pending: deque[Job], wait_s: float) -> None:
         """Move submitted jobs to `pending`: all that arrive within `wait_s` (0: those already there)."""
@@ -414,6 +416,7 @@ class Engine:
                 joining = self._admit(pending, key, self.max_batch - len(rows))
                 if not joining:
                     continue
+                jobs.extend(joining)
                 new = self._prefill(model, served, joining, device, cache_arg)
                 if not rows:
                     rows, cache, mask, positions, logits = new
