@@ -329,6 +329,51 @@ def chat(
         fail(exc)
 
 
+@app.command("serve")
+def serve(
+    models: Annotated[list[str] | None, typer.Argument(help="Model dir, hub id, run dir, or NAME=PATH; repeatable")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (other than loopback needs --api-key)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted bearer key; repeatable "
+                                                                          "(also TUNEKIT_API_KEYS=K1,K2)")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder for the server's state")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
+    max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
+                                                                          "(default: all cores but one)")] = None,
+) -> None:
+    """Serve models, runs and their adapters behind an OpenAI-compatible API (/v1/chat/completions)."""
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from tunekit.serve.app import ServeSettings, check_exposure, create_app
+
+    keys = list(api_key or []) + [k.strip() for k in os.environ.get("TUNEKIT_API_KEYS", "").split(",") if k.strip()]
+    if not models:
+        fail(TunekitError(Problem("MODEL", "no model to serve", "give a model dir, a run dir or NAME=PATH")))
+    try:
+        settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
+                                 device=device, max_adapters=max_adapters, threads=threads)
+    except ValidationError as exc:
+        fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
+                           for e in exc.errors()]))
+    try:
+        check_exposure(settings)  # before any weight loads
+        if data_dir is not None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        application = create_app(settings)
+    except TunekitError as exc:
+        fail(exc)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    names = ", ".join(application.state.models)
+    err_console.print(f"[green]✓[/] serving {names} at http://{host}:{port}/v1"
+                      + ("" if keys else " (no API key: loopback only)"), highlight=False)
+    uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning",
+                timeout_graceful_shutdown=30)
+
+
 def main() -> None:
     # Set for the command-line process only (importing tunekit.cli changes nothing): third-party
     # notices that tell a tunekit user nothing they can act on. peft 0.18-0.21 reads transformers 5's

@@ -8,7 +8,7 @@ rules are testable on hand-made cases:
   both ends ("Paris." == " paris").
 - JSON valid / JSON equal: the prediction parses as JSON (a single ```json fence around it is allowed);
   equal = the parsed values are equal, with object key order ignored and `true` != `1`.
-- tool calls: parsed from the generated text in the common formats (Hermes/Qwen `<tool_call>{...}</tool_call>`,
+- tool calls: parsed from the generated text by `tunekit.toolcalls` (Hermes/Qwen `<tool_call>{...}</tool_call>`,
   Mistral `[TOOL_CALLS][...]`, bare `{"name": .., "arguments"/"parameters": ..}` as Llama 3.1 emits);
   a call matches when the function name is equal and the arguments are equal as parsed JSON.
 """
@@ -16,19 +16,14 @@ rules are testable on hand-made cases:
 from __future__ import annotations
 
 import json
-import re
 import string
 from dataclasses import dataclass
 from typing import Any
 
+from tunekit.toolcalls import ToolCall, parse_arguments, parse_tool_calls, strip_fence
+
 # --------------------------------------------------------------------------------------------------
 # Reference: what the last assistant message of an example says
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: Any  # parsed JSON value (usually a dict); the raw string when it does not parse
 
 
 @dataclass(frozen=True)
@@ -52,16 +47,6 @@ def message_text(content: Any) -> str:
     return str(content)
 
 
-def _parse_arguments(arguments: Any) -> Any:
-    """OpenAI keeps tool arguments as a JSON string; templates and models often give a dict."""
-    if isinstance(arguments, str):
-        try:
-            return json.loads(arguments)
-        except json.JSONDecodeError:
-            return arguments
-    return arguments
-
-
 def reference_of(example: dict) -> Reference:
     """The reference answer of a chat example: its last assistant message (content, or its tool calls)."""
     messages = example.get("messages") or []
@@ -71,10 +56,10 @@ def reference_of(example: dict) -> Reference:
     calls = []
     for call in last.get("tool_calls") or []:
         fn = call.get("function", call)
-        calls.append(ToolCall(str(fn.get("name", "")), _parse_arguments(fn.get("arguments", {}))))
+        calls.append(ToolCall(str(fn.get("name", "")), parse_arguments(fn.get("arguments", {}))))
     if not calls and isinstance(last.get("function_call"), dict):  # legacy single call
         fn = last["function_call"]
-        calls.append(ToolCall(str(fn.get("name", "")), _parse_arguments(fn.get("arguments", {}))))
+        calls.append(ToolCall(str(fn.get("name", "")), parse_arguments(fn.get("arguments", {}))))
     return Reference(text=message_text(last.get("content")), tool_calls=tuple(calls))
 
 
@@ -102,7 +87,6 @@ def normalized_match(prediction: str, reference: str) -> float:
 # --------------------------------------------------------------------------------------------------
 # JSON
 
-_FENCE = re.compile(r"^```[a-zA-Z0-9_-]*\s*\n(.*?)\n?```$", re.DOTALL)
 _MISSING = object()
 
 
@@ -111,12 +95,8 @@ def parse_json(text: str) -> Any:
 
     A single Markdown code fence around the value is removed first (```json ... ```).
     """
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
     try:
-        return json.loads(text)
+        return json.loads(strip_fence(text))
     except (json.JSONDecodeError, RecursionError):
         return _MISSING
 
@@ -155,69 +135,6 @@ def reference_is_json(reference: str) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # Tool calls
-
-_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_MISTRAL_V11 = re.compile(r"\s*([A-Za-z0-9_.\-]+)\[ARGS\]")
-
-
-def _as_call(obj: Any) -> ToolCall | None:
-    """{"name", "arguments"|"parameters"} or OpenAI's {"type": "function", "function": {...}}."""
-    if not isinstance(obj, dict):
-        return None
-    if isinstance(obj.get("function"), dict):
-        obj = obj["function"]
-    name = obj.get("name")
-    if not isinstance(name, str):
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    return ToolCall(name, _parse_arguments(args))
-
-
-def _calls_from_value(value: Any) -> list[ToolCall]:
-    items = value if isinstance(value, list) else [value]
-    calls = [_as_call(item) for item in items]
-    return [c for c in calls if c is not None]
-
-
-def _leading_json(text: str) -> Any:
-    """The JSON value at the start of `text` (trailing text ignored), or _MISSING."""
-    text = text.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        text = fenced.group(1).strip()
-    if not text.startswith(("{", "[")):
-        return _MISSING
-    try:
-        value, _ = json.JSONDecoder().raw_decode(text)
-    except (json.JSONDecodeError, RecursionError):
-        return _MISSING
-    return value
-
-
-def parse_tool_calls(text: str) -> list[ToolCall]:
-    """Tool calls in a generated text, in the order written; [] when there are none (or none parse)."""
-    text = text.replace("<|python_tag|>", "")
-    if "<tool_call>" in text:  # Hermes / Qwen: one JSON object per <tool_call> block
-        calls = []
-        for block in _HERMES.findall(text):
-            calls += _calls_from_value(_leading_json(block))
-        return calls
-    if "[TOOL_CALLS]" in text:  # Mistral: [TOOL_CALLS][{...}, ...]  or v11: [TOOL_CALLS]name[ARGS]{...}
-        rest = text.split("[TOOL_CALLS]", 1)[1]
-        named = _MISTRAL_V11.match(rest)
-        if named:
-            calls = []
-            for part in rest.split("[TOOL_CALLS]"):
-                m = _MISTRAL_V11.match(part)
-                if m:
-                    args = _leading_json(part[m.end():])
-                    calls.append(ToolCall(m.group(1), {} if args is _MISSING else args))
-            return calls
-        value = _leading_json(rest)
-        return [] if value is _MISSING else _calls_from_value(value)
-    value = _leading_json(text)  # Llama 3.1 JSON tools or any bare {"name": .., "arguments": ..}
-    return [] if value is _MISSING else _calls_from_value(value)
-
 
 def _same_calls(pred: list[ToolCall], ref: list[ToolCall], *, with_arguments: bool) -> bool:
     """Multiset equality: every reference call matched by exactly one predicted call (order ignored)."""

@@ -1,0 +1,230 @@
+"""`tunekit serve` under load: 1, 4 and 16 concurrent openai-SDK clients against plain `model.generate`.
+
+    python -m bench.serve                          # models/tiny-chat, 48 requests per level, 32 tokens each
+    python -m bench.serve --clients 1 4 16 --requests 48 --max-tokens 32 --threads 2
+
+1. Sequential baseline: the same requests one by one through `model.generate` (greedy, batch 1, the prompt
+   rendered by `data.render` exactly as the server renders it), in this process.
+2. The server: `tunekit serve` started as a subprocess on a free loopback port; for each level C, C threads
+   each send their share of the requests one after another with the openai SDK (non-streaming, greedy).
+   Throughput = completion tokens (from `usage`) / wall time; latency per request as the client sees it.
+3. Optionally (`--continuous`), transformers' own continuous batching (`model.generate_batch`) on all the
+   requests at once against the server's batch loop (`Engine`) on the same requests, in this process, and
+   whether their tokens equal sequential greedy generation.
+
+Every request asks for `--max-tokens` tokens and ends early at the end of turn, so the token counts are
+what the model produced; the same prompts are used everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("apples rain bread river soup moon garlic dog snow pancakes sea onions garden rice storm butter salt "
+         "pepper lemon honey").split()
+
+
+def prompts(n: int, words: int = 14) -> list[list[dict]]:
+    """Copy tasks (tiny-chat learned to copy): replies of about `words` words, each request different."""
+    return [[{"role": "user", "content": "Copy exactly: " + " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)]
+                                                                   for k in range(words))}] for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def sequential(model_dir: Path, requests: list[list[dict]], max_tokens: int) -> dict:
+    import torch
+
+    from tunekit.data.render import end_of_turn_ids, render_prompt
+    from tunekit.model import load_for_inference
+
+    model, tokenizer = load_for_inference(model_dir)
+    stop = end_of_turn_ids(tokenizer)
+    latencies, tokens, outputs = [], 0, []
+    began = time.perf_counter()
+    for messages in requests:
+        start = time.perf_counter()
+        ids = torch.tensor([render_prompt(messages, tokenizer)])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        latencies.append(time.perf_counter() - start)
+        tokens += len(new)
+        outputs.append(new)
+    wall = time.perf_counter() - began
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "p50_s": statistics.median(latencies),
+            "p95_s": percentile(latencies, 0.95), "outputs": outputs}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "tunekit.cli", "serve", f"tiny={model_dir}", "--port", str(port),
+                             "--device", "cpu", "--threads", str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if json.load(r)["status"] == "ok":
+                    return proc, f"http://127.0.0.1:{port}/v1"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def load(base_url: str, requests: list[list[dict]], clients: int, max_tokens: int) -> dict:
+    import openai
+
+    sdk = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+    latencies: list[float] = []
+    tokens = [0]
+    lock = threading.Lock()
+
+    def worker(share: list[list[dict]]) -> None:
+        for messages in share:
+            start = time.perf_counter()
+            reply = sdk.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                max_completion_tokens=max_tokens)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                tokens[0] += reply.usage.completion_tokens
+
+    threads = [threading.Thread(target=worker, args=(requests[i::clients],)) for i in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {"clients": clients, "tokens": tokens[0], "wall_s": wall, "tokens_per_s": tokens[0] / wall,
+            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
+
+
+def continuous(model_dir: Path, requests: list[list[dict]], max_tokens: int, reference: list[list[int]]) -> dict:
+    """transformers' generate_batch against the server's batch loop, offline, same prompts."""
+    from transformers import GenerationConfig
+
+    from tunekit.data.render import render_prompt
+    from tunekit.serve.inference import Engine, Finished, Job, Sampling, Token, load_models, parse_model_arg
+
+    served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
+    tokenizer, model = served.tokenizer, served.weights.model
+    rendered = [render_prompt(m, tokenizer) for m in requests]
+    out: dict = {}
+
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=served.stop_ids,
+                              pad_token_id=served.pad_id, max_batch_tokens=512)
+    try:
+        began = time.perf_counter()
+        results = model.generate_batch(inputs=rendered, generation_config=config, progress_bar=False)
+        wall = time.perf_counter() - began
+        outputs = [list(results[k].generated_tokens) for k in sorted(results, key=lambda k: int(k.split("_")[-1]))]
+        tokens = sum(len(o) for o in outputs)
+        out["generate_batch"] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                                 "equal_to_sequential": sum(o == r for o, r in zip(outputs, reference, strict=True))}
+    except Exception as exc:  # report, do not hide: transformers' CB may not run on this machine
+        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def engine_run() -> list[list[int]]:
+        engine = Engine(window_s=0.0, max_batch=len(rendered))
+        loop = asyncio.get_running_loop()
+        jobs = [Job(served, p, Sampling(max_tokens=max_tokens), 1, loop) for p in rendered]
+        for job in jobs:  # queued before the worker starts: one batch
+            engine.submit(job)
+        engine.start()
+        tokens_out = []
+        for job in jobs:
+            ids = []
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Token):
+                    ids.append(event.id)
+                elif isinstance(event, Finished):
+                    break
+            tokens_out.append(ids)
+        engine.stop()
+        return tokens_out
+
+    began = time.perf_counter()
+    outputs = asyncio.run(engine_run())
+    wall = time.perf_counter() - began
+    tokens = sum(len(o) for o in outputs)
+    out["serve_engine"] = {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                           "equal_to_sequential": sum(o == r for o, r in zip(outputs, reference, strict=True))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "tiny-chat")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, sequential and server alike")
+    parser.add_argument("--continuous", action="store_true", help="also time transformers' generate_batch")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    requests = prompts(args.requests)
+    seq = sequential(args.model, requests, args.max_tokens)
+    reference = seq.pop("outputs")
+    print(f"sequential generate: {seq['tokens']} tokens in {seq['wall_s']:.1f}s = {seq['tokens_per_s']:.0f} tok/s, "
+          f"p50 {seq['p50_s'] * 1000:.0f} ms, p95 {seq['p95_s'] * 1000:.0f} ms", flush=True)
+    results = {"settings": vars(args) | {"model": str(args.model), "out": str(args.out)}, "sequential": seq,
+               "server": []}
+    proc, url = start_server(args.model, args.threads)
+    try:
+        load(url, requests[:4], 1, args.max_tokens)  # warm-up
+        for clients in args.clients:
+            r = load(url, requests, clients, args.max_tokens)
+            r["speedup"] = r["tokens_per_s"] / seq["tokens_per_s"]
+            r["p95_vs_single_p50"] = None
+            results["server"].append(r)
+            print(f"{clients:>3} clients: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tokens_per_s']:.0f} tok/s "
+                  f"({r['speedup']:.2f}x sequential), p50 {r['p50_s'] * 1000:.0f} ms, p95 {r['p95_s'] * 1000:.0f} ms",
+                  flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    single = next((r for r in results["server"] if r["clients"] == 1), None)
+    for r in results["server"]:
+        if single:
+            r["p95_vs_single_p50"] = r["p95_s"] / single["p50_s"]
+    if args.continuous:
+        results["continuous"] = continuous(args.model, requests[:16], args.max_tokens, reference[:16])
+        for name, r in results["continuous"].items():
+            print(f"{name}: " + (r["error"] if "error" in r else
+                                 f"{r['tokens']} tokens in {r['wall_s']:.2f}s = {r['tokens_per_s']:.0f} tok/s, "
+                                 f"{r['equal_to_sequential']}/{min(16, len(requests))} equal to sequential greedy"), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The server as a library: `create_app(settings)` loads the models and returns the FastAPI app.
+
+    from tunekit.serve.app import ServeSettings, create_app
+    app = create_app(ServeSettings(models=["tiny=models/tiny-chat"]))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Around every request (`_Guard`, a plain ASGI middleware so it also sees streamed replies end): API keys on `/v1` (when
+any are configured), the request-body size limit, and one log line (method, path, status, latency, tokens).
+Errors of any kind leave in OpenAI's shape (`errors.APIError`); a bug gives a 500 with its message, logged
+with its traceback.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from tunekit.errors import Problem, TunekitError
+from tunekit.serve.chat import router as chat_router
+from tunekit.serve.errors import APIError
+from tunekit.serve.inference import Engine, Served, load_models, parse_model_arg
+
+log = logging.getLogger("tunekit.serve")
+
+
+class ServeSettings(BaseModel):
+    """Everything `tunekit serve` takes; defaults are the command's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=list)  # MODEL arguments: dir, hub id, run dir or NAME=PATH
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)  # empty: loopback only, any bearer accepted
+    data_dir: Path | None = None  # where later features (files, jobs) keep state
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_adapters: int = Field(4, ge=1)  # adapters kept attached per base; the least recently used go
+    # requests arriving this close together start as one batch (later ones join the running batch between steps)
+    batch_window_ms: float = Field(2.0, ge=0)
+    max_batch: int = Field(32, ge=1)  # rows (choices) per batch
+    max_body_bytes: int = Field(4 * 2**20, ge=1024)
+    # torch CPU threads while serving; None: all cores but one, which the HTTP side needs (on a 2-core
+    # machine 2 torch threads made single requests ~5x slower than 1: docs/benchmarks.md)
+    threads: int | None = Field(None, ge=1)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: ServeSettings) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if not settings.api_keys and not is_loopback(settings.host):
+        raise TunekitError(Problem(
+            "--host", f"{settings.host} is reachable from other machines and no API key is set",
+            "pass --api-key KEY (or set TUNEKIT_API_KEYS=KEY1,KEY2), or bind 127.0.0.1"))
+
+
+def create_app(settings: ServeSettings, models: dict[str, Served] | None = None) -> FastAPI:
+    """The app; `models` (from `inference.load_models`) are loaded from `settings.models` when not given."""
+    from tunekit.model import resolve_device
+
+    check_exposure(settings)
+    if models is None:
+        models = load_models([parse_model_arg(m) for m in settings.models], resolve_device(settings.device))
+    engine = Engine(window_s=settings.batch_window_ms / 1000.0, max_batch=settings.max_batch,
+                    max_adapters=settings.max_adapters)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import os
+
+        import torch
+
+        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="tunekit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings, app.state.models, app.state.engine = settings, models, engine
+    app.include_router(chat_router)
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "models": list(models)}
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return api_error_response(APIError.from_validation(list(exc.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return api_error_response(APIError(exc.status_code, message, code=code))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return api_error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                           type="server_error", code="server_error"))
+
+    app.add_middleware(_Guard, settings=settings)
+    return app
+
+
+def api_error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+class _Guard:
+    """ASGI middleware: API keys on /v1, body size limit, one log line per request."""
+
+    def __init__(self, app, settings: ServeSettings):
+        self.app, self.settings = app, settings
+        self.keys = [k.encode() for k in settings.api_keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        began = time.perf_counter()
+        status = {"code": 0}
+        state = scope.setdefault("state", {})
+
+        def log_line(note: str = "") -> None:
+            status["logged"] = True
+            tokens = state.get("tokens")
+            log.info("%s %s %d %.0fms%s%s", scope["method"], scope["path"], status["code"],
+                     (time.perf_counter() - began) * 1000, f" tokens={tokens}" if tokens is not None else "", note)
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_line()  # before the last bytes go, so a client never sees the line late
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        error = self._refusal(scope, headers)
+        if error is not None:
+            return await self._reply(error, logged_send)
+
+        limit, seen = self.settings.max_body_bytes, {"bytes": 0}
+
+        async def limited_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen["bytes"] += len(message.get("body", b""))
+                if seen["bytes"] > limit:
+                    raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+            return message
+
+        try:
+            await self.app(scope, limited_receive, logged_send)
+        finally:
+            if not status.get("logged"):
+                log_line(" (ended early: the client went away or the server stopped)")
+
+    def _refusal(self, scope, headers: dict) -> APIError | None:
+        if self.keys and scope["path"].startswith("/v1"):
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
+            if not any(hmac.compare_digest(token, key) for key in self.keys):
+                return APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY with one of "
+                                     "the server's keys", code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            return APIError(413, f"the request body is larger than {self.settings.max_body_bytes} bytes",
+                            code="request_too_large")
+        return None
+
+    @staticmethod
+    async def _reply(error: APIError, send) -> None:
+        body = json.dumps(error.body()).encode()
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
