@@ -231,3 +231,10 @@ def test_hostile_override_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["train.epochs=" + "9" * 10_000], check_files=False)
     assert "train.epochs" in err.value.problems[0].where
+
+
+@pytest.mark.parametrize("text", ["-: \n", "model: {base: m}\ndata: {train: t}\nlora: {int: 1, my-key: 2}\n"])
+def test_keys_that_look_like_pydantic_tags_are_named(tmp_path, text):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, text), check_files=False)
+    assert any("unknown key" in p.message for p in err.value.problems)

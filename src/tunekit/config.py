@@ -315,6 +315,8 @@ def _validation_problems(exc: ValidationError, source: str, key_lines: dict) -> 
     for err in exc.errors():
         # Drop pydantic's union branch tags like "int" / "literal['auto']" from the location.
         loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            loc = tuple(p for p in err["loc"][:-1] if not _is_union_tag(p)) + (err["loc"][-1],)  # the user's key
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         line = None
         for n in range(len(loc), 0, -1):
@@ -323,7 +325,7 @@ def _validation_problems(exc: ValidationError, source: str, key_lines: dict) -> 
                 break
         where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
         msg = err["msg"]
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc:
             msg = f"unknown key '{loc[-1]}'"
         problems.append(Problem(where, msg, _hint({**err, "loc": loc})))
     # Union errors report one problem per branch; keep the first per location.

@@ -436,6 +436,10 @@ def _validate_chat(record: dict) -> list[DataIssue]:
             if call_id is None:
                 issues.append(DataIssue("message_missing_key", f"{at}.tool_call_id", "tool message has no 'tool_call_id'",
                                         "set it to the id of the assistant tool call it answers"))
+            elif not isinstance(call_id, str):
+                issues.append(DataIssue("data_type", f"{at}.tool_call_id",
+                                        f"'tool_call_id' must be a string, got {type(call_id).__name__}",
+                                        "set it to the id of the assistant tool call it answers"))
             elif call_id in open_calls:
                 del open_calls[call_id]
             else:
