@@ -85,19 +85,24 @@ def detect_format(example: dict) -> str:
     return fmt
 
 
-def render_example(example: dict, tokenizer, *, unstable_template: str = "split") -> list[Sequence]:
+def render_example(example: dict, tokenizer, *, unstable_template: str = "split",
+                   method: str = "auto") -> list[Sequence]:
     """Token sequences with labels for one example: one, or one more per split-off turn (see module doc).
 
     A chat example with no trained assistant message gives one sequence with no trained token.
+    `method`: "auto" renders a chat once where the template's layout proves the answer (see "Rendering once")
+    and by prefixes otherwise; "prefix" always renders by prefixes. Both give the same sequences.
     """
     if unstable_template not in ("split", "error"):
         raise ValueError(f"unstable_template must be 'split' or 'error', not {unstable_template!r}")
+    if method not in ("auto", "prefix"):
+        raise ValueError(f"method must be 'auto' or 'prefix', not {method!r}")
     kind = detect_format(example)
     if kind == "text":
         return [_render_text(example, tokenizer)]
     if kind == "completion":
         return [_render_completion(example, tokenizer)]
-    return _render_chat(example, tokenizer, unstable_template)
+    return _render_chat(example, tokenizer, unstable_template, method)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -398,11 +403,15 @@ def _check_rendered(chat: Chat, full: str) -> None:
                 "this template ignores such messages: merge the text into the first user message, or remove it"))
 
 
-def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Sequence]:
+def _render_chat(example: dict, tokenizer, unstable_template: str, method: str) -> list[Sequence]:
     chat = prepare_chat(example)
     template = _require_template(tokenizer)
     full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
     _check_rendered(chat, full)
+    if method == "auto":
+        fast = _render_chat_fast(tokenizer, template, chat, full)
+        if fast is not None:
+            return [fast]
     turns = [_turn(tokenizer, chat, i) for i, trained in enumerate(chat.trained) if trained]
 
     stable = [t for t in turns if full.startswith(t.prompt + t.reply)]
@@ -424,8 +433,12 @@ def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Seque
     return sorted(sequences, key=lambda s: s.source["turns"][:1] or [len(chat.messages)])
 
 
-def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence:
-    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it."""
+def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]], *, local_prompt_check: bool = False) -> Sequence:
+    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it.
+
+    The tokens before each reply are checked against the tokens of its prompt, `text[:start]`, on its own:
+    whole, or with `local_prompt_check` from the last added token before the reply (see `_prompt_tokens_agree`).
+    """
     ids: list[int] = []
     labels: list[int] = []
     token_starts: list[int] = []  # token index where each turn's trained span starts
@@ -447,7 +460,11 @@ def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequenc
     ids += rest
     labels += [IGNORE] * len(rest)
 
-    whole = _encode(tokenizer, text)
+    if local_prompt_check:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    else:
+        whole, offsets = _encode(tokenizer, text), None
     if ids != whole:
         k = _first_difference(ids, whole)
         char = max(c for t, c in piece_starts if t <= k)
@@ -456,8 +473,13 @@ def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequenc
             f"messages[{turn.index}]",
             f"the reply's tokens do not add up to the tokens of the whole conversation near char {char}: "
             f"{_excerpt(text, char)}", _HINT_BOUNDARY))
-    for (turn, _, _), start in zip(spans, token_starts, strict=True):
-        if whole[:start] != _encode(tokenizer, turn.prompt):
+    added = set(tokenizer.added_tokens_decoder) if local_prompt_check else set()
+    for (turn, char_start, _), start in zip(spans, token_starts, strict=True):
+        if local_prompt_check:
+            agree = _prompt_tokens_agree(tokenizer, text, whole, offsets, added, char_start, start)
+        else:
+            agree = whole[:start] == _encode(tokenizer, turn.prompt)
+        if not agree:
             raise TemplateError(Problem(
                 f"messages[{turn.index}]",
                 "the tokens before this reply differ from the tokens of its prompt on its own, so training "
@@ -502,6 +524,209 @@ def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: s
                 f"{start}..{end}: {_excerpt(text, s)}", _HINT_LOCATE))
         out.append((turn, s, e))
     return out
+
+
+# ------------------------------------------------------------------------------------------ rendering once
+#
+# Prefix rendering renders each trained turn's prompt and the conversation up to it on their own, so its cost
+# grows with the square of the turns. Most templates write a plain conversation message by message, each from
+# its own role and content (the layout of the template):
+#
+#     render(messages)                             = head(system) + wrap[role](content) + ... (one per message)
+#     render(messages, add_generation_prompt=True) = render(messages) + generation        (after a user message)
+#
+# Then the render of messages[:i] is the start of the render of the whole conversation, and what prefix
+# rendering finds for turn i (prompt, reply, stable) follows from the one render. The layout is learned once per
+# template from probe conversations (every probe render, prefixes and generation prompts included, must be the
+# layout's text) and checked on each example: its render must be exactly the layout's text for its messages.
+# The prompt's end is aligned like `_align` on a window starting at the last non-whitespace character before
+# the reply's message (what `_align` does from there does not depend on the text before it), and the prompt's
+# tokens are checked from the last added token before the reply (`_prompt_tokens_agree`). Anything else goes
+# to prefix rendering, which gives the answer or the error: tools, tool calls or other message keys, a system
+# message after the first, a turn that does not follow a user message, a template without such a layout, an
+# example whose render differs from its layout's text, and every refusal.
+#
+# What the layout cannot see is a template that branches on content the probes do not have and changes the
+# render of a prefix without changing the render of the whole conversation; tests compare both methods on every
+# shared template and on random conversations.
+
+RENDER_VERSION = 2  # bump when rendering changes the tokens or labels of any example (keys the on-disk cache)
+
+
+@dataclass(frozen=True)
+class _Wrap:
+    pre: str
+    post: str
+    strip: bool  # the template writes `content | trim`
+
+    def text(self, content: str) -> str:
+        return self.pre + (content.strip() if self.strip else content) + self.post
+
+
+@dataclass
+class _Layout:
+    head: _Wrap  # around the system message that starts a conversation; pre alone when it starts with a user
+    wraps: dict[str, _Wrap]  # "user", "assistant"
+    generation: str  # what add_generation_prompt=True appends after a user message
+    aligned: dict[str, int | None]  # window -> `_align` end within it (memo)
+
+
+_LAYOUTS: dict[tuple, _Layout | None] = {}  # (template, special tokens, starts with system) -> layout or None
+_MAX_ALIGNED = 4096
+
+
+def _probe_contents(padded: bool) -> list[str]:
+    """Distinct contents for the probe messages; padded ones show whether the template trims content."""
+    return [f" \n tkprobe{k} é😀 {{}}\"' \n " if padded else f"tkprobe{k}" for k in range(8)]
+
+
+def _split_around(text: str, content: str) -> _Wrap | None:
+    at = text.find(content)
+    if at < 0 or text.find(content, at + 1) >= 0:
+        return None
+    return _Wrap(text[:at], text[at + len(content):], False)
+
+
+def _layout_parts(layout: _Layout, messages: list[dict]) -> list[str] | None:
+    """The layout's text for a plain conversation, one part per message (the first part holds the head)."""
+    first = messages[0]
+    system = first["role"] == "system"
+    parts = [layout.head.text(first["content"] if system else "")]
+    for m in messages[1:] if system else messages:
+        wrap = layout.wraps.get(m["role"])
+        if wrap is None:
+            return None
+        parts.append(wrap.text(m["content"]))
+    if not system:  # the head and the first message are one part
+        parts[:2] = [parts[0] + parts[1]]
+    return parts
+
+
+def _learn_layout(tokenizer, system: bool) -> _Layout | None:
+    """The template's layout (see "rendering once"), or None when its probe renders do not fit one."""
+    roles = (["system"] if system else []) + ["user", "assistant"] * 3
+    probes = []  # (messages, renders of messages[:k] for k = 1.., generation renders by k)
+    try:
+        for padded in (False, True):
+            messages = [{"role": r, "content": c} for r, c in zip(roles, _probe_contents(padded), strict=False)]
+            renders = [_apply(tokenizer, messages[:k], None, add_generation_prompt=False, where="template")
+                       for k in range(1, len(messages) + 1)]
+            generations = {k: _apply(tokenizer, messages[:k], None, add_generation_prompt=True, where="template")
+                           for k in range(1, len(messages) + 1) if roles[k - 1] == "user"}
+            probes.append((messages, renders, generations))
+    except TemplateError:
+        return None
+    messages, renders, generations = probes[0]
+    wraps: dict[str, _Wrap] = {}
+    for k in range(1, len(messages)):
+        if not renders[k].startswith(renders[k - 1]):
+            return None
+        wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
+        if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
+            return None
+    if system:
+        head = _split_around(renders[0], messages[0]["content"])
+        if head is None:
+            return None
+    else:
+        first = wraps["user"].text(messages[0]["content"])
+        if not renders[0].endswith(first):
+            return None
+        head = _Wrap(renders[0][: len(renders[0]) - len(first)], "", False)
+    k = min(generations)
+    generation = generations[k][len(renders[k - 1]):]
+    # Which roles' content the template trims: the flags under which every probe render is the layout's text.
+    for flags in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]:
+        layout = _Layout(_Wrap(head.pre, head.post, flags[0] and system),
+                         {"user": _Wrap(wraps["user"].pre, wraps["user"].post, flags[1]),
+                          "assistant": _Wrap(wraps["assistant"].pre, wraps["assistant"].post, flags[2])},
+                         generation, {})
+        if all("".join(_layout_parts(layout, messages[:k]) or []) == renders[k - 1]
+               and all("".join(_layout_parts(layout, messages[:g]) or []) + generation == text
+                       for g, text in generations.items())
+               for messages, renders, generations in probes for k in range(1, len(messages) + 1)):
+            return layout
+    return None
+
+
+def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
+    key = (template, system, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _learn_layout(tokenizer, system)
+    return _LAYOUTS[key]
+
+
+def _render_chat_fast(tokenizer, template: str, chat: Chat, full: str) -> Sequence | None:
+    """The sequence prefix rendering gives for `chat`, from its one render `full`; None where not proven."""
+    messages = chat.messages
+    if chat.tools is not None or not getattr(tokenizer, "is_fast", False):
+        return None
+    for k, m in enumerate(messages):
+        if len(m) != 2 or not isinstance(m["content"], str) or not (
+                m["role"] in ("user", "assistant") or (k == 0 and m["role"] == "system")):
+            return None
+    layout = _layout(tokenizer, template, messages[0]["role"] == "system")
+    if layout is None:
+        return None
+    parts = _layout_parts(layout, messages)
+    if parts is None or "".join(parts) != full:
+        return None
+    reply_probe = layout.wraps["assistant"].text(_PROBE)  # what prefix rendering's probe appends to the prompt
+    starts = [0]  # char offset where each part starts, and the end
+    for part in parts:
+        starts.append(starts[-1] + len(part))
+    spans = []
+    for i, trained in enumerate(chat.trained):
+        if not trained:
+            continue
+        if i == 0 or messages[i - 1]["role"] != "user":
+            return None
+        begin, end_of_message = starts[i], starts[i + 1]  # message i is part i
+        t = begin
+        while t > 0 and full[t - 1].isspace():
+            t -= 1
+        t = max(t - 1, 0)  # the window starts at the last non-whitespace character before the message
+        window = full[t:begin]
+        if window not in layout.aligned:
+            if len(layout.aligned) >= _MAX_ALIGNED:
+                layout.aligned.clear()
+            layout.aligned[window] = _align(window + layout.generation, window + reply_probe)[0]
+        aligned = layout.aligned[window]
+        if aligned is None:
+            return None
+        prompt_end = t + aligned
+        if prompt_end > begin and full[begin:prompt_end] != reply_probe[: prompt_end - begin]:
+            return None  # the prompt does not end the way this reply's message starts
+        reply = full[prompt_end:end_of_message].rstrip()
+        if not reply:
+            return None
+        try:
+            _locate(chat, i, reply)
+        except TemplateError:
+            return None
+        spans.append((_Turn(i, "", reply, ""), prompt_end, prompt_end + len(reply)))
+    try:
+        if GENERATION_MARKER.search(template):
+            spans = _marker_spans(tokenizer, template, chat, len(messages), full, spans)
+        return _build(tokenizer, full, spans, local_prompt_check=True)
+    except TemplateError:
+        return None
+
+
+def _prompt_tokens_agree(tokenizer, text: str, whole: list[int], offsets, added: set[int], char_start: int,
+                         start: int) -> bool:
+    """Whether the tokens of `text[:char_start]` on their own are `whole[:start]` (the tokens of `text`).
+
+    The tokenizers library cuts a text at its added tokens before it normalizes, pre-tokenizes and runs the
+    model on the pieces between them, so the tokens after an added token do not depend on the text before it:
+    only the tokens from the last added token before `start` need to be encoded again.
+    """
+    j = start - 1
+    while j >= 0 and whole[j] not in added:
+        j -= 1
+    if j < 0:
+        return whole[:start] == _encode(tokenizer, text[:char_start])
+    return whole[j:start] == _encode(tokenizer, text[offsets[j][0]:char_start])
 
 
 # ------------------------------------------------------------------------------------- generation helpers
