@@ -30,6 +30,7 @@ not write an assistant message's content or tool calls, is refused too.
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from dataclasses import dataclass
@@ -433,12 +434,8 @@ def _render_chat(example: dict, tokenizer, unstable_template: str, method: str) 
     return sorted(sequences, key=lambda s: s.source["turns"][:1] or [len(chat.messages)])
 
 
-def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]], *, local_prompt_check: bool = False) -> Sequence:
-    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it.
-
-    The tokens before each reply are checked against the tokens of its prompt, `text[:start]`, on its own:
-    whole, or with `local_prompt_check` from the last added token before the reply (see `_prompt_tokens_agree`).
-    """
+def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence:
+    """Tokenize `text` piece by piece (untrained, trained [start, end) chars, untrained, ...) and verify it."""
     ids: list[int] = []
     labels: list[int] = []
     token_starts: list[int] = []  # token index where each turn's trained span starts
@@ -460,11 +457,7 @@ def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]], *, local_p
     ids += rest
     labels += [IGNORE] * len(rest)
 
-    if local_prompt_check:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        whole, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    else:
-        whole, offsets = _encode(tokenizer, text), None
+    whole = _encode(tokenizer, text)
     if ids != whole:
         k = _first_difference(ids, whole)
         char = max(c for t, c in piece_starts if t <= k)
@@ -473,13 +466,8 @@ def _build(tokenizer, text: str, spans: list[tuple[_Turn, int, int]], *, local_p
             f"messages[{turn.index}]",
             f"the reply's tokens do not add up to the tokens of the whole conversation near char {char}: "
             f"{_excerpt(text, char)}", _HINT_BOUNDARY))
-    added = set(tokenizer.added_tokens_decoder) if local_prompt_check else set()
-    for (turn, char_start, _), start in zip(spans, token_starts, strict=True):
-        if local_prompt_check:
-            agree = _prompt_tokens_agree(tokenizer, text, whole, offsets, added, char_start, start)
-        else:
-            agree = whole[:start] == _encode(tokenizer, turn.prompt)
-        if not agree:
+    for (turn, _, _), start in zip(spans, token_starts, strict=True):
+        if whole[:start] != _encode(tokenizer, turn.prompt):
             raise TemplateError(Problem(
                 f"messages[{turn.index}]",
                 "the tokens before this reply differ from the tokens of its prompt on its own, so training "
@@ -540,8 +528,8 @@ def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: s
 # template from probe conversations (every probe render, prefixes and generation prompts included, must be the
 # layout's text) and checked on each example: its render must be exactly the layout's text for its messages.
 # The prompt's end is aligned like `_align` on a window starting at the last non-whitespace character before
-# the reply's message (what `_align` does from there does not depend on the text before it), and the prompt's
-# tokens are checked from the last added token before the reply (`_prompt_tokens_agree`). Anything else goes
+# the reply's message (what `_align` does from there does not depend on the text before it), and the tokens
+# are checked as `_build` does, re-encoding only the text around each reply (`_build_once`). Anything else goes
 # to prefix rendering, which gives the answer or the error: tools, tool calls or other message keys, a system
 # message after the first, a turn that does not follow a user message, a template without such a layout, an
 # example whose render differs from its layout's text, and every refusal.
@@ -708,25 +696,88 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat, full: str) -> Sequen
     try:
         if GENERATION_MARKER.search(template):
             spans = _marker_spans(tokenizer, template, chat, len(messages), full, spans)
-        return _build(tokenizer, full, spans, local_prompt_check=True)
+        return _build_once(tokenizer, full, spans)
     except TemplateError:
         return None
 
 
-def _prompt_tokens_agree(tokenizer, text: str, whole: list[int], offsets, added: set[int], char_start: int,
-                         start: int) -> bool:
-    """Whether the tokens of `text[:char_start]` on their own are `whole[:start]` (the tokens of `text`).
+def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence | None:
+    """What `_build` gives for `text` and `spans`, tokenizing `text` once and the text around each reply again;
+    None where it would refuse (prefix rendering then gives the error).
 
-    The tokenizers library cuts a text at its added tokens before it normalizes, pre-tokenizes and runs the
-    model on the pieces between them, so the tokens after an added token do not depend on the text before it:
-    only the tokens from the last added token before `start` need to be encoded again.
+    The tokenizers library cuts a text at its added tokens (the template's markers) before it normalizes,
+    pre-tokenizes and runs the model on the stretches between them, so the tokens of a stretch do not depend on
+    the text outside it. A piece (untrained or trained text) that holds added tokens therefore tokenizes as: its
+    text up to the first one (as `_build` encodes a piece), the whole text's tokens from there to the last one,
+    then the last one with the text after it. Only those ends are encoded again, and each prompt's tokens are
+    compared from the last added token before its reply.
     """
-    j = start - 1
-    while j >= 0 and whole[j] not in added:
-        j -= 1
-    if j < 0:
-        return whole[:start] == _encode(tokenizer, text[:char_start])
-    return whole[j:start] == _encode(tokenizer, text[offsets[j][0]:char_start])
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None or \
+            backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
+        return None  # the backend would not encode as tokenizer.encode does
+
+    def encode(piece: str) -> list[int]:
+        return backend.encode(piece, add_special_tokens=False).ids if piece else []
+
+    newline = encode("\n")
+
+    def encode_piece(piece: str) -> list[int]:  # as _encode_piece
+        if not piece:
+            return []
+        ids = encode("\n" + piece)
+        return ids[len(newline):] if ids[: len(newline)] == newline else encode(piece)
+
+    encoding = backend.encode(text, add_special_tokens=False)
+    whole, offsets = encoding.ids, encoding.offsets
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken
+    anchors = [(k, offsets[k][0], offsets[k][1]) for k, t in enumerate(whole) if t in added]
+    anchors = [(k, a, b) for k, a, b in anchors if text[a:b] == added[whole[k]].content]
+
+    anchor_ends = [end for _, _, end in anchors]
+
+    def anchor_start_before(c: int) -> int:  # start of the last added token that ends at or before c, else -1
+        j = bisect.bisect_right(anchor_ends, c) - 1
+        return anchors[j][1] if j >= 0 else -1
+
+    bounds = [0] + [c for _, start, end in spans for c in (start, end)] + [len(text)]
+    ids: list[int] = []
+    labels: list[int] = []
+    token_starts = []
+    first = 0  # index of the first anchor not before the current piece
+    for p in range(len(bounds) - 1):
+        a, b = bounds[p], bounds[p + 1]
+        trained = p % 2 == 1
+        while first < len(anchors) and anchors[first][1] < a:
+            first += 1
+        last = first
+        while last < len(anchors) and anchors[last][2] <= b:
+            last += 1
+        head_encode = encode if a == 0 else encode_piece
+        if last == first:  # no added token in the piece
+            piece = head_encode(text[a:b])
+        else:
+            (k1, s1, _), (kl, sl, _) = anchors[first], anchors[last - 1]
+            tail = encode(text[sl:b])
+            if tail[:1] != [whole[kl]]:
+                return None
+            piece = head_encode(text[a:s1]) + whole[k1:kl] + tail
+        if trained and p > 0 and not (bounds[p - 1] <= anchor_start_before(a) < a):
+            # The prompt piece holds no added token: compare the prompt's own tokens below. (When it holds one,
+            # its tail was encoded from the last one to the reply, and ids == whole checks exactly that.)
+            token_starts.append((len(ids), a))
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if ids != whole:
+        return None
+    for start, char_start in token_starts:
+        j = bisect.bisect_right(anchor_ends, char_start) - 1
+        if j < 0:
+            if whole[:start] != encode(text[:char_start]):
+                return None
+        elif whole[anchors[j][0]:start] != encode(text[anchors[j][1]:char_start]):
+            return None
+    return Sequence(ids, labels, source={"turns": [turn.index for turn, _, _ in spans]})
 
 
 # ------------------------------------------------------------------------------------- generation helpers
