@@ -49,6 +49,9 @@ class DataConfig(Section):
     # "split" trains each assistant turn in its own sequence, as the model sees it at inference;
     # "error" refuses such examples.
     unstable_template: Literal["split", "error"] = "split"
+    # Processes that render examples (chat template + masking), results in file order. "auto": every core
+    # this process may use.
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     seed: int = 0
 
     @model_validator(mode="after")

@@ -13,28 +13,29 @@ from pathlib import Path
 from tunekit.config import DataConfig
 from tunekit.data.pack import best_fit_decreasing, num_trained_targets
 from tunekit.data.types import Sequence
-from tunekit.errors import DataError, Problem, TunekitError
+from tunekit.errors import DataError, Problem
 
 
 def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence]]:
     """Validate and render every example of a JSONL file: one list of sequences per example.
 
     Several sequences come from one example when a template is not prefix-stable (data.unstable_template:
-    split). Every problem names the file and line. Validation is `tunekit.data.formats`, rendering (chat
+    split). Every problem names the file and line. Examples render in data.num_workers processes, in file order. Validation is `tunekit.data.formats`, rendering (chat
     template + masking) is `tunekit.data.render`.
     """
     from tunekit.data.formats import load_examples  # imported here: render pulls in jinja and templates
-    from tunekit.data.render import render_example
+    from tunekit.data.workers import render_records, resolve_workers
 
     _, records = load_examples(path, data.format)
     examples: list[list[Sequence]] = []
     problems: list[Problem] = []
-    for line_no, record in records:
-        try:
-            seqs = render_example(record, tokenizer, unstable_template=data.unstable_template)
-        except TunekitError as exc:
-            problems += [Problem(f"{path}:{line_no} {p.where}".strip(), p.message, p.hint) for p in exc.problems]
+    rendered = render_records(list(records), tokenizer, unstable_template=data.unstable_template,
+                              num_workers=resolve_workers(data.num_workers))
+    for line_no, seqs, errors in rendered:
+        if errors:
+            problems += [Problem(f"{path}:{line_no} {p.where}".strip(), p.message, p.hint) for p in errors]
             if len(problems) >= 50:
+                rendered.close()  # stops the workers
                 break
             continue
         for seq in seqs:

@@ -1,0 +1,100 @@
+"""Render many examples on every core, results in input order.
+
+`render_records` renders (line, record) pairs with `render_example` in `num_workers` processes: chunks of
+records go to the workers in order and come back in order (`Pool.imap`), so the output is exactly what one
+process gives, line for line. Workers are forked where the platform allows it (the tokenizer is inherited, not
+pickled) and spawned elsewhere. A progress bar shows on long renders when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from collections.abc import Iterator
+
+from tunekit.data.types import Sequence
+from tunekit.errors import Problem, TunekitError
+
+_CHUNK = 64  # records per task: large enough that pickling and queueing cost little against rendering
+_PROGRESS_MIN = 2000  # records from which a progress bar is worth showing
+_state: dict = {}  # a worker's tokenizer and options, set once by _init
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(num_workers: int | str) -> int:
+    return available_cores() if num_workers == "auto" else int(num_workers)
+
+
+def _init(tokenizer, unstable_template: str) -> None:
+    _state["tokenizer"] = tokenizer
+    _state["unstable_template"] = unstable_template
+
+
+def _render_chunk(chunk: list[tuple[int, dict]]) -> list[tuple[int, list[Sequence], list[Problem]]]:
+    from tunekit.data.render import render_example
+
+    out = []
+    for line_no, record in chunk:
+        try:
+            out.append((line_no, render_example(record, _state["tokenizer"],
+                                                unstable_template=_state["unstable_template"]), []))
+        except TunekitError as exc:
+            out.append((line_no, [], exc.problems))
+    return out
+
+
+def render_records(records: list[tuple[int, dict]], tokenizer, *, unstable_template: str = "split",
+                   num_workers: int = 1, progress: bool | None = None
+                   ) -> Iterator[tuple[int, list[Sequence], list[Problem]]]:
+    """(line, sequences, problems) for each record, in the order of `records`.
+
+    Problems are the `TunekitError` problems of a record that cannot be rendered (it has no sequences then). `progress`:
+    None shows a bar for long renders when stderr is a terminal.
+    """
+    chunks = [records[i:i + _CHUNK] for i in range(0, len(records), _CHUNK)]
+    workers = max(1, min(num_workers, len(chunks)))
+    if progress is None:
+        progress = len(records) >= _PROGRESS_MIN and sys.stderr.isatty()
+    with _progress_bar(len(records), progress) as advance:
+        if workers == 1:
+            _init(tokenizer, unstable_template)
+            for chunk in chunks:
+                results = _render_chunk(chunk)
+                advance(len(results))
+                yield from results
+            return
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with context.Pool(workers, initializer=_init, initargs=(tokenizer, unstable_template)) as pool:
+            for results in pool.imap(_render_chunk, chunks):
+                advance(len(results))
+                yield from results
+
+
+class _progress_bar:
+    """A rich progress bar as a context manager that yields `advance(n)`; nothing when not shown."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.total, self.show, self.bar = total, show, None
+
+    def __enter__(self):
+        if not self.show:
+            return lambda n: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress("rendering", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("render", total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
