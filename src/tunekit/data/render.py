@@ -407,12 +407,12 @@ def _check_rendered(chat: Chat, full: str) -> None:
 def _render_chat(example: dict, tokenizer, unstable_template: str, method: str) -> list[Sequence]:
     chat = prepare_chat(example)
     template = _require_template(tokenizer)
-    full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
-    _check_rendered(chat, full)
     if method == "auto":
-        fast = _render_chat_fast(tokenizer, template, chat, full)
+        fast = _render_chat_fast(tokenizer, template, chat)
         if fast is not None:
             return [fast]
+    full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
+    _check_rendered(chat, full)
     turns = [_turn(tokenizer, chat, i) for i, trained in enumerate(chat.trained) if trained]
 
     stable = [t for t in turns if full.startswith(t.prompt + t.reply)]
@@ -484,26 +484,39 @@ def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: s
     tokens (an emoji at the end of a reply). So the blocks are taken as characters from `render_jinja_template`
     (the function apply_chat_template renders with) and tokenized here like every other span.
     """
+    messages = chat.messages[:n_messages]
+    rendered, blocks = _render_tracked(tokenizer, template, messages, chat.tools)
+    if rendered != text:
+        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
+                                                "than rendering without it", _HINT_LOCATE))
+    return _spans_from_blocks(messages, text, spans, blocks)
+
+
+def _render_tracked(tokenizer, template: str, messages: list[dict], tools, *,
+                    tracked: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered as apply_chat_template renders it, with its non-empty {% generation %} blocks
+    as char spans when `tracked` (transformers renders the same text with or without tracking)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    messages = chat.messages[:n_messages]
     try:
         rendered, indices = render_jinja_template(
-            conversations=[messages], tools=chat.tools, chat_template=template, return_assistant_tokens_mask=True,
+            conversations=[messages], tools=tools, chat_template=template, return_assistant_tokens_mask=tracked,
             add_generation_prompt=False, **tokenizer.special_tokens_map)
     except Exception as exc:  # see _apply
         raise TemplateError(Problem("messages", f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
-    if rendered[0] != text:
-        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
-                                                "than rendering without it", _HINT_LOCATE))
-    blocks = [(s, e) for s, e in indices[0] if e > s]
+    return rendered[0], [(s, e) for s, e in indices[0] if e > s] if tracked else []
+
+
+def _spans_from_blocks(messages: list[dict], text: str, spans: list[tuple[_Turn, int, int]],
+                       blocks: list[tuple[int, int]]) -> list[tuple[_Turn, int, int]]:
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    position = {i: k for k, i in enumerate(assistants)}  # message index -> its block
     if len(blocks) != len(assistants):
         raise TemplateError(Problem("messages", f"the template marks {len(blocks)} {{% generation %}} blocks for "
                                                 f"{len(assistants)} assistant messages", _HINT_LOCATE))
     out = []
     for turn, start, end in spans:
-        s, e = blocks[assistants.index(turn.index)]
+        s, e = blocks[position[turn.index]]
         e = s + len(text[s:e].rstrip())  # as in prefix rendering: whitespace after the end of turn is not trained
         if s != start or e > end or e == s:
             raise TemplateError(Problem(
@@ -644,8 +657,8 @@ def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
     return _LAYOUTS[key]
 
 
-def _render_chat_fast(tokenizer, template: str, chat: Chat, full: str) -> Sequence | None:
-    """The sequence prefix rendering gives for `chat`, from its one render `full`; None where not proven."""
+def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
+    """The sequence prefix rendering gives for `chat`, from one render; None where not proven."""
     messages = chat.messages
     if chat.tools is not None or not getattr(tokenizer, "is_fast", False):
         return None
@@ -655,6 +668,12 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat, full: str) -> Sequen
             return None
     layout = _layout(tokenizer, template, messages[0]["role"] == "system")
     if layout is None:
+        return None
+    markers = bool(GENERATION_MARKER.search(template))
+    try:
+        full, blocks = _render_tracked(tokenizer, template, messages, None, tracked=markers)
+        _check_rendered(chat, full)
+    except TemplateError:
         return None
     parts = _layout_parts(layout, messages)
     if parts is None or "".join(parts) != full:
@@ -694,8 +713,8 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat, full: str) -> Sequen
             return None
         spans.append((_Turn(i, "", reply, ""), prompt_end, prompt_end + len(reply)))
     try:
-        if GENERATION_MARKER.search(template):
-            spans = _marker_spans(tokenizer, template, chat, len(messages), full, spans)
+        if markers:
+            spans = _spans_from_blocks(messages, full, spans, blocks)
         return _build_once(tokenizer, full, spans)
     except TemplateError:
         return None
