@@ -736,8 +736,14 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
             backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
         return None  # the backend would not encode as tokenizer.encode does
 
+    short: dict[str, list[int]] = {}  # short texts recur in every turn (markers, role headers, indentation)
+
     def encode(piece: str) -> list[int]:
-        return backend.encode(piece, add_special_tokens=False).ids if piece else []
+        if len(piece) > 64:
+            return backend.encode(piece, add_special_tokens=False).ids
+        if piece not in short:
+            short[piece] = backend.encode(piece, add_special_tokens=False).ids if piece else []
+        return short[piece]
 
     newline = encode("\n")
 
@@ -776,8 +782,8 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
         if last == first:  # no added token in the piece
             piece = head_encode(text[a:b])
         else:
-            (k1, s1, _), (kl, sl, _) = anchors[first], anchors[last - 1]
-            tail = encode(text[sl:b])
+            (k1, s1, _), (kl, sl, el) = anchors[first], anchors[last - 1]
+            tail = [whole[kl]] if el == b else encode(text[sl:b])  # a piece that ends with the added token
             if tail[:1] != [whole[kl]]:
                 return None
             piece = head_encode(text[a:s1]) + whole[k1:kl] + tail
