@@ -52,6 +52,10 @@ class DataConfig(Section):
     # Processes that render examples (chat template + masking), results in file order. "auto": every core
     # this process may use.
     num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Rendered data is kept on disk and reused while the file, tokenizer, template and these options are the
+    # same (tunekit.data.cache). cache_dir: None is $TUNEKIT_DATA_CACHE or ~/.cache/tunekit/data.
+    cache: bool = True
+    cache_dir: Path | None = None
     seed: int = 0
 
     @model_validator(mode="after")

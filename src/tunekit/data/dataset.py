@@ -20,12 +20,20 @@ def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence
     """Validate and render every example of a JSONL file: one list of sequences per example.
 
     Several sequences come from one example when a template is not prefix-stable (data.unstable_template:
-    split). Every problem names the file and line. Examples render in data.num_workers processes, in file order. Validation is `tunekit.data.formats`, rendering (chat
+    split). Every problem names the file and line. Examples render in data.num_workers processes, in file order,
+    and are read from the on-disk cache (data.cache) when the file, tokenizer and template were rendered before. Validation is `tunekit.data.formats`, rendering (chat
     template + masking) is `tunekit.data.render`.
     """
+    from tunekit.data import cache
     from tunekit.data.formats import load_examples  # imported here: render pulls in jinja and templates
     from tunekit.data.workers import render_records, resolve_workers
 
+    if data.cache:
+        cache_dir = data.cache_dir or cache.default_dir()
+        key, parts = cache.cache_key(path, tokenizer, data.format, data.unstable_template)
+        cached = cache.load(cache_dir, key, path)
+        if cached is not None:
+            return cached
     _, records = load_examples(path, data.format)
     examples: list[list[Sequence]] = []
     problems: list[Problem] = []
@@ -43,6 +51,8 @@ def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence
         examples.append(seqs)
     if problems:
         raise DataError(problems, title=f"{path}: examples that cannot be rendered for training")
+    if data.cache:
+        cache.store(cache_dir, key, parts, path, examples)
     return examples
 
 
