@@ -10,7 +10,10 @@ core (tokenizers' own thread pool limited to 1):
 - tunekit prefix: `render_example(method="prefix")`, one render per trained turn (the method before);
 - transformers: `apply_chat_template(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)`,
   the path TRL's `assistant_only_loss` takes;
-- tunekit with `--workers` processes (`tunekit.data.workers.render_records`), the speed-up against one.
+- tunekit with `--workers` processes (`tunekit.data.workers.render_records`, pool start included) on
+  `--workers-n` conversations of 4 turns, against one process;
+- the on-disk cache: `read_examples` on `--cache-n` conversations of 8 turns with an empty cache (render with
+  `--workers` processes, write the entry) and again (read the entry).
 
 Each timing is the best of `--repeat` rounds (the stacks interleaved). The trained-token count of tunekit and
 of the transformers mask are compared on every conversation. Results: bench/results/data_render.json.
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--turns", default="1,4,8,16")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers-n", type=int, default=2000, help="conversations for the workers timing")
+    parser.add_argument("--cache-n", type=int, default=2000, help="conversations for the cache timing")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -80,10 +85,6 @@ def main() -> None:
             tokenizer.apply_chat_template(ex["messages"], tokenize=True, return_dict=True,
                                           return_assistant_tokens_mask=True)
 
-    def workers(examples):
-        for _ in render_records(list(enumerate(examples)), tokenizer, num_workers=args.workers, progress=False):
-            pass
-
     rows = []
     for turns in [int(t) for t in args.turns.split(",")]:
         examples = conversations(turns, args.n, seed=turns)
@@ -96,24 +97,29 @@ def main() -> None:
             marked = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
             same += seq.input_ids == list(out["input_ids"]) and trained == marked
         best: dict[str, float] = {}
-        stacks = {"tunekit": tunekit, "transformers": transformers, "tunekit_prefix": prefix,
-                  f"tunekit_{args.workers}_workers": workers}
+        stacks = {"tunekit": tunekit, "transformers": transformers, "tunekit_prefix": prefix}
         for _ in range(args.repeat):
             for name, fn in stacks.items():
                 best[name] = max(best.get(name, 0.0), rate(fn, examples))
         row = {"turns": turns, "conversations": len(examples), "same_tokens_and_mask": same, **best,
-               "ratio": best["tunekit"] / best["transformers"],
-               "speedup_workers": best[f"tunekit_{args.workers}_workers"] / best["tunekit"]}
+               "ratio": best["tunekit"] / best["transformers"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    w = f"tunekit_{args.workers}_workers"
-    print(f"\n| turns | tunekit ex/s | transformers + mask ex/s | ratio | tunekit prefix ex/s | "
-          f"tunekit {args.workers} workers ex/s | speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    workers_row = worker_timings(tokenizer, args.workers_n, args.workers, render_records)
+    print(json.dumps(workers_row), flush=True)
+    cache_row = cache_timings(tokenizer, args.cache_n, args.workers)
+    print(json.dumps(cache_row), flush=True)
+
+    print("\n| turns | tunekit ex/s | transformers + mask ex/s | ratio | tunekit prefix ex/s |")
+    print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['turns']} | {r['tunekit']:,.0f} | {r['transformers']:,.0f} | {r['ratio']:.2f} | "
-              f"{r['tunekit_prefix']:,.0f} | {r[w]:,.0f} | {r['speedup_workers']:.2f}x |")
+              f"{r['tunekit_prefix']:,.0f} |")
+    print(f"\nworkers: {workers_row['conversations']} conversations of {workers_row['turns']} turns: "
+          f"1 process {workers_row['one_seconds']:.2f} s, {args.workers} processes "
+          f"{workers_row['many_seconds']:.2f} s: {workers_row['speedup']:.2f}x (a pure-Python loop on "
+          f"{args.workers} processes: {workers_row['control_speedup']:.2f}x on this machine now)")
     import tokenizers
     import transformers as tf
 
@@ -123,7 +129,70 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cores": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
                     "transformers": tf.__version__, "tokenizers": tokenizers.__version__},
-        "rows": rows}, indent=2) + "\n")
+        "rows": rows, "workers": workers_row, "cache": cache_row}, indent=2) + "\n")
+    print(f"\ncache: {cache_row['conversations']} conversations of {cache_row['turns']} turns, "
+          f"{cache_row['workers']} workers: cold {cache_row['cold_seconds']:.2f} s (render + write), "
+          f"warm {cache_row['warm_seconds']:.2f} s (read), {cache_row['entry_mib']:.1f} MiB on disk")
+
+
+def worker_timings(tokenizer, n: int, num_workers: int, render_records, turns: int = 4) -> dict:
+    """`render_records` on `n` conversations in one process and in `num_workers` (pool start included)."""
+    records = list(enumerate(conversations(turns, n, seed=77)))
+    seconds = {}
+    for workers in (1, num_workers):
+        start = time.perf_counter()
+        for _ in render_records(records, tokenizer, num_workers=workers, progress=False):
+            pass
+        seconds[workers] = time.perf_counter() - start
+    return {"conversations": n, "turns": turns, "workers": num_workers, "one_seconds": seconds[1],
+            "many_seconds": seconds[num_workers], "speedup": seconds[1] / seconds[num_workers],
+            "control_speedup": control_speedup(num_workers)}
+
+
+def _busy(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def control_speedup(num_workers: int, n: int = 5_000_000) -> float:
+    """What the machine gives `num_workers` processes now: the same pure-Python loop `num_workers` times, in
+    one process and in `num_workers` (on a shared, loaded machine this is well under `num_workers`)."""
+    import multiprocessing
+
+    start = time.perf_counter()
+    for _ in range(num_workers):
+        _busy(n)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+        pool.map(_busy, [n] * num_workers)
+    return one / (time.perf_counter() - start)
+
+
+def cache_timings(tokenizer, n: int, num_workers: int, turns: int = 8) -> dict:
+    """`read_examples` on a JSONL file with an empty cache (render, then write the entry) and again (read)."""
+    import tempfile
+
+    from tunekit.config import DataConfig
+    from tunekit.data import cache
+    from tunekit.data.dataset import read_examples
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.jsonl"
+        path.write_text("".join(json.dumps(ex) + "\n" for ex in conversations(turns, n, seed=99)))
+        data = DataConfig(train=path, cache_dir=Path(tmp) / "cache", num_workers=num_workers)
+        start = time.perf_counter()
+        cold = read_examples(path, tokenizer, data)
+        cold_s = time.perf_counter() - start
+        start = time.perf_counter()
+        warm = read_examples(path, tokenizer, data)
+        warm_s = time.perf_counter() - start
+        assert [[s.input_ids for s in ex] for ex in warm] == [[s.input_ids for s in ex] for ex in cold]
+        (entry,) = cache.entries(Path(tmp) / "cache")
+        return {"conversations": n, "turns": turns, "workers": num_workers, "cold_seconds": cold_s,
+                "warm_seconds": warm_s, "tokens": entry.meta["tokens"], "entry_mib": entry.size_bytes / 2**20}
 
 
 if __name__ == "__main__":
