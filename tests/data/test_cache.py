@@ -45,7 +45,8 @@ def test_second_read_comes_from_the_cache_unchanged(tmp_path, chat_tokenizer, mo
     (entry,) = cache.entries(folder)
     assert entry.meta["examples"] == 30 and entry.meta["data_file"] == str(path)
     assert sorted(p.name for p in entry.path.iterdir()) == [
-        "example.npy", "ids.npy", "meta.json", "offsets.npy", "sources.json", "trained.npy"]
+        "example.npy", "ids.bin", "kind.npy", "line.npy", "meta.json", "offsets.npy", "targets.npy",
+        "trained.bin", "turn_offsets.npy", "turns.npy"]
     assert entry.meta["tokens"] == sum(len(s) for ex in first for s in ex)
     assert entry.meta["trained_tokens"] == sum(s.num_trained for ex in first for s in ex)
     no_rendering(monkeypatch)
@@ -108,3 +109,85 @@ def test_cli_info_and_clear(tmp_path, chat_tokenizer):
     cleared = runner.invoke(app, ["data", "cache", "clear", "--dir", str(folder)])
     assert cleared.exit_code == 0 and "removed 1 entries" in cleared.output
     assert cache.entries(folder) == [] and list(folder.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ training from the cache
+
+
+def splits_plain(splits):
+    return ([(s.input_ids, s.labels, s.source) for s in splits.train],
+            [(s.input_ids, s.labels, s.source) for s in splits.valid],
+            splits.n_train_examples, splits.n_valid_examples, splits.train_fit, splits.valid_fit, splits.notes,
+            splits.train_lengths())
+
+
+@pytest.mark.parametrize("options", [
+    {"max_len": 96, "truncation": "drop", "validation_fraction": 0.2},
+    {"max_len": 96, "truncation": "truncate", "validation_fraction": 0.2},
+    {"max_len": 2048, "truncation": "drop", "validation_fraction": 0.0},
+])
+def test_load_splits_from_the_cache_equals_rendering_in_memory(tmp_path, chat_tokenizer, options):
+    from tunekit.data.dataset import SequenceView, load_splits
+
+    path, folder = write(tmp_path / "train.jsonl", 40), tmp_path / "cache"
+    with path.open("a") as f:  # a long example: cut or left out at max_len 96
+        f.write(json.dumps({"messages": [{"role": "user", "content": "word " * 100},
+                                         {"role": "assistant", "content": "done " * 60}]}) + "\n")
+    in_memory = load_splits(config(path, folder, cache=False, **options), chat_tokenizer)
+    cold = load_splits(config(path, folder, **options), chat_tokenizer)
+    warm = load_splits(config(path, folder, **options), chat_tokenizer)
+    assert isinstance(warm.train, SequenceView)
+    assert splits_plain(cold) == splits_plain(warm) == splits_plain(in_memory)
+    if options["max_len"] == 96:
+        assert in_memory.train_fit.dropped_too_long + in_memory.train_fit.truncated + \
+               in_memory.valid_fit.dropped_too_long + in_memory.valid_fit.truncated == 1
+
+
+@pytest.mark.parametrize("record", [lambda i: {"text": f"flour sugar {i} 日本語"},
+                                    lambda i: {"prompt": f"Question {i}:", "completion": " Paris"}])
+def test_text_and_completion_files_from_the_cache(tmp_path, chat_tokenizer, record):
+    from tunekit.data.dataset import load_splits
+
+    path, folder = tmp_path / "train.jsonl", tmp_path / "cache"
+    path.write_text("".join(json.dumps(record(i)) + "\n" for i in range(10)))
+    cached = load_splits(config(path, folder, validation_fraction=0.2), chat_tokenizer)
+    assert splits_plain(cached) == splits_plain(load_splits(config(path, folder, cache=False,
+                                                                    validation_fraction=0.2), chat_tokenizer))
+    assert cached.train[0].source["format"] in ("text", "completion")
+
+
+def test_validation_file_from_the_cache(tmp_path, chat_tokenizer):
+    from tunekit.data.dataset import load_splits
+
+    train, valid, folder = write(tmp_path / "t.jsonl", 12), write(tmp_path / "v.jsonl", 5, "reply"), tmp_path / "c"
+    cached = load_splits(config(train, folder, validation=valid), chat_tokenizer)
+    plain_ = load_splits(config(train, folder, validation=valid, cache=False), chat_tokenizer)
+    assert splits_plain(cached) == splits_plain(plain_)
+    assert {s.source["file"] for s in cached.valid} == {str(valid)}
+
+
+def test_memory_does_not_grow_with_tokens(tmp_path):
+    """Opening and fitting an entry of 100,000 sequences (2.4M tokens) allocates per-sequence arrays only."""
+    import tracemalloc
+
+    from tunekit.data.dataset import fit_store
+    from tunekit.data.types import IGNORE, Sequence
+
+    def examples():
+        for e in range(100_000):
+            ids = [(e + k) % 500 for k in range(24)]
+            yield e + 1, [Sequence(ids, [IGNORE] * 12 + ids[12:], {"turns": [1]})]
+
+    cache.store_stream(tmp_path, "k", {}, tmp_path / "big.jsonl", examples())
+    tracemalloc.start()
+    store = cache.open_entry(tmp_path, "k", tmp_path / "big.jsonl")
+    view, report = fit_store(store, list(range(store.n_examples)), 16, "truncate")
+    lengths = view.lengths()
+    first, last = view[0], view[len(view) - 1]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert report.truncated == 100_000 and report.tokens == 1_600_000 and len(lengths) == 100_000
+    assert first.input_ids == list(range(16)) and first.labels == [IGNORE] * 12 + [12, 13, 14, 15]
+    assert last.source == {"file": str(tmp_path / "big.jsonl"), "line": 100_000, "turns": [1]}
+    # 2.4M tokens as Python ints would take > 60 MB; the per-sequence arrays and lists take about 12 MB.
+    assert peak < 24 * 2**20, peak

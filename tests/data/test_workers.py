@@ -43,8 +43,8 @@ def test_read_examples_with_workers_matches_one_process(tmp_path, chat_tokenizer
     path = tmp_path / "train.jsonl"
     good = [(line, r) for line, r in records(200) if r["messages"][0]["role"] == "user"]
     path.write_text("".join(json.dumps(r) + "\n" for _, r in good))
-    single = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=1))
-    multi = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=2))
+    single = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=1, cache=False))
+    multi = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=2, cache=False))
     assert [[(s.input_ids, s.labels, s.source) for s in ex] for ex in multi] == \
            [[(s.input_ids, s.labels, s.source) for s in ex] for ex in single]
     assert len(multi) == len(good) and multi[0][0].source["line"] == 1
@@ -54,7 +54,7 @@ def test_problems_name_file_and_line_with_workers(tmp_path, chat_tokenizer):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for _, r in records(120)))
     with pytest.raises(DataError) as info:
-        read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=2))
+        read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=2, cache=False))
     wheres = [p.where for p in info.value.problems]
     assert wheres == [f"{path}:18 messages[0]", f"{path}:68 messages[0]", f"{path}:118 messages[0]"]
 

@@ -6,16 +6,20 @@ bytes, the tokenizer (its tokenizers JSON, special tokens, class), the chat temp
 clock (`strftime_now`). A changed file, tokenizer or template gives another key, so a stale entry is never
 read; `tunekit data cache clear` removes old ones.
 
-An entry holds numpy arrays, read back memory-mapped:
+An entry holds flat arrays, read back memory-mapped (S sequences, T tokens):
 
-    ids.npy      int32 (T,)       every sequence's tokens, one after the other
-    trained.npy  uint8 (T,)       1 where the token is trained (its label is the token itself), else 0
-    offsets.npy  int64 (S + 1,)   sequence s is ids[offsets[s]:offsets[s + 1]]
-    example.npy  int32 (S,)       the example (0-based, in file order) each sequence comes from
-    meta.json    the data file, counts, the key's parts; sources.json: each sequence's line and source
+    ids.bin        int32 (T,)      every sequence's tokens, one after the other
+    trained.bin    uint8 (T,)      1 where the token is trained (its label is the token itself), else 0
+    offsets.npy    int64 (S + 1,)  sequence s is ids[offsets[s]:offsets[s + 1]]
+    example.npy    int32 (S,)      the example (0-based, in file order) each sequence comes from
+    line.npy       int32 (S,)      its line in the data file
+    targets.npy    int64 (S,)      its trained tokens once shifted (a trained first token predicts nothing)
+    kind.npy       uint8 (S,)      0 chat, 1 text, 2 completion
+    turns.npy, turn_offsets.npy    the trained assistant messages of each chat sequence
+    meta.json      the data file, counts, the key's parts
 
-Entries are written to a temporary folder beside the cache and renamed into place, so a reader sees a whole
-entry or none.
+so nothing in memory grows with the number of tokens, and per-sequence arrays stay numpy arrays. Entries are
+written to a temporary folder beside the cache and renamed into place, so a reader sees a whole entry or none.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,48 +92,122 @@ class Entry:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file())
 
 
-def load(cache_dir: Path, key: str, data_file: Path) -> list[list[Sequence]] | None:
-    """The cached examples (each a list of sequences) for `key`, or None when there is no whole entry."""
+_KINDS = {"chat": 0, "text": 1, "completion": 2}
+
+
+class Store:
+    """An entry opened for reading: token arrays memory-mapped, per-sequence arrays in memory."""
+
+    def __init__(self, folder: Path, data_file: Path) -> None:
+        self.folder, self.data_file = folder, data_file
+        self.meta = json.loads((folder / "meta.json").read_text())
+        tokens = self.meta["tokens"]
+        self.ids = np.memmap(folder / "ids.bin", dtype=np.int32, mode="r", shape=(tokens,)) if tokens else \
+            np.zeros(0, dtype=np.int32)
+        self.trained = np.memmap(folder / "trained.bin", dtype=np.uint8, mode="r", shape=(tokens,)) if tokens \
+            else np.zeros(0, dtype=np.uint8)
+        self.offsets = np.load(folder / "offsets.npy")
+        self.example = np.load(folder / "example.npy")
+        self.line = np.load(folder / "line.npy")
+        self.targets = np.load(folder / "targets.npy")
+        self.kind = np.load(folder / "kind.npy")
+        self.turns = np.load(folder / "turns.npy")
+        self.turn_offsets = np.load(folder / "turn_offsets.npy")
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.meta["examples"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def source(self, s: int) -> dict:
+        source: dict = {"file": str(self.data_file), "line": int(self.line[s])}
+        kind = int(self.kind[s])
+        if kind == _KINDS["chat"]:
+            source["turns"] = self.turns[self.turn_offsets[s]:self.turn_offsets[s + 1]].tolist()
+        else:
+            source["format"] = "text" if kind == _KINDS["text"] else "completion"
+        return source
+
+    def sequence(self, s: int, limit: int | None = None) -> Sequence:
+        """Sequence s (its first `limit` tokens when given) with labels and source as rendering gave them."""
+        a, b = int(self.offsets[s]), int(self.offsets[s + 1])
+        if limit is not None:
+            b = min(b, a + limit)
+        ids = np.asarray(self.ids[a:b])
+        labels = np.where(self.trained[a:b] != 0, ids, IGNORE)
+        return Sequence(ids.tolist(), labels.tolist(), self.source(s))
+
+    def trained_targets(self, s: int, limit: int) -> int:
+        """Trained tokens once shifted in the first `limit` tokens of sequence s."""
+        a = int(self.offsets[s])
+        return int(self.trained[a + 1:min(a + limit, int(self.offsets[s + 1]))].sum())
+
+    def examples(self) -> list[list[Sequence]]:
+        """Every example as its list of sequences (in memory: for small files and the Python API)."""
+        out: list[list[Sequence]] = [[] for _ in range(self.n_examples)]
+        for s in range(len(self.example)):
+            out[int(self.example[s])].append(self.sequence(s))
+        return out
+
+
+def open_entry(cache_dir: Path, key: str, data_file: Path) -> Store | None:
+    """The entry for `key`, or None when there is no whole entry."""
     folder = cache_dir / key
     if not (folder / "meta.json").is_file():
         return None
-    ids = np.load(folder / "ids.npy", mmap_mode="r")
-    trained = np.load(folder / "trained.npy", mmap_mode="r")
-    offsets = np.load(folder / "offsets.npy")
-    example = np.load(folder / "example.npy")
-    sources = json.loads((folder / "sources.json").read_text())
-    examples: list[list[Sequence]] = []
-    for s, source in enumerate(sources):
-        a, b = int(offsets[s]), int(offsets[s + 1])
-        seq_ids = ids[a:b].tolist()
-        labels = np.where(trained[a:b] != 0, ids[a:b], IGNORE).tolist()
-        if int(example[s]) == len(examples):
-            examples.append([])
-        examples[-1].append(Sequence(seq_ids, labels, {"file": str(data_file), **source}))
-    return examples
+    return Store(folder, data_file)
 
 
-def store(cache_dir: Path, key: str, parts: dict, data_file: Path, examples: list[list[Sequence]]) -> Path:
-    """Write the entry for `key` atomically (a temporary folder renamed into place); returns its folder."""
+def load(cache_dir: Path, key: str, data_file: Path) -> list[list[Sequence]] | None:
+    """The cached examples (each a list of sequences) for `key`, or None when there is no whole entry."""
+    store = open_entry(cache_dir, key, data_file)
+    return None if store is None else store.examples()
+
+
+def store_stream(cache_dir: Path, key: str, parts: dict, data_file: Path,
+                 examples: Iterable[tuple[int, list[Sequence]]]) -> Path:
+    """Write the entry for `key` from (line, sequences) per example, in file order, without holding them all.
+
+    Written to a temporary folder renamed into place when whole; returns the entry's folder.
+    """
+    from array import array
+
+    from tunekit.data.pack import num_trained_targets
+
     cache_dir.mkdir(parents=True, exist_ok=True)
-    seqs = [(e, seq) for e, ex in enumerate(examples) for seq in ex]
-    lengths = np.array([len(seq) for _, seq in seqs], dtype=np.int64)
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    ids = np.fromiter((t for _, seq in seqs for t in seq.input_ids), dtype=np.int32, count=int(offsets[-1]))
-    trained = np.fromiter((label != IGNORE for _, seq in seqs for label in seq.labels), dtype=np.uint8,
-                          count=int(offsets[-1]))
-    sources = [{k: v for k, v in seq.source.items() if k != "file"} for _, seq in seqs]
-    meta = {"data_file": str(data_file), "examples": len(examples), "sequences": len(seqs),
-            "tokens": int(offsets[-1]), "trained_tokens": int(trained.sum()),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **parts}
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+    offsets, example, line, targets, kind = array("q", [0]), array("i"), array("i"), array("q"), array("B")
+    turns, turn_offsets = array("i"), array("q", [0])
+    n_examples = trained_total = 0
     try:
-        np.save(tmp / "ids.npy", ids)
-        np.save(tmp / "trained.npy", trained)
-        np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "example.npy", np.array([e for e, _ in seqs], dtype=np.int32))
-        (tmp / "sources.json").write_text(json.dumps(sources))
+        with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "trained.bin", "wb") as trained_file:
+            for e, (line_no, seqs) in enumerate(examples):
+                n_examples = e + 1
+                for seq in seqs:
+                    ids_file.write(np.asarray(seq.input_ids, dtype=np.int32).tobytes())
+                    mask = np.asarray(seq.labels) != IGNORE
+                    trained_file.write(mask.astype(np.uint8).tobytes())
+                    trained_total += int(mask.sum())
+                    offsets.append(offsets[-1] + len(seq))
+                    example.append(e)
+                    line.append(line_no)
+                    targets.append(num_trained_targets(seq))
+                    fmt = seq.source.get("format", "chat")
+                    kind.append(_KINDS.get(fmt, 0))
+                    turns.extend(seq.source.get("turns", []))
+                    turn_offsets.append(len(turns))
+        for name, values, dtype in (("offsets", offsets, np.int64), ("example", example, np.int32),
+                                    ("line", line, np.int32), ("targets", targets, np.int64),
+                                    ("kind", kind, np.uint8), ("turns", turns, np.int32),
+                                    ("turn_offsets", turn_offsets, np.int64)):
+            np.save(tmp / f"{name}.npy", np.frombuffer(values, dtype=dtype) if len(values) else
+                    np.zeros(0, dtype=dtype))
+        meta = {"data_file": str(data_file), "examples": n_examples, "sequences": len(example),
+                "tokens": int(offsets[-1]), "trained_tokens": trained_total,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **parts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a whole entry
         target = cache_dir / key
         if target.is_dir() and not (target / "meta.json").is_file():
@@ -141,6 +220,13 @@ def store(cache_dir: Path, key: str, parts: dict, data_file: Path, examples: lis
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cache_dir / key
+
+
+def store(cache_dir: Path, key: str, parts: dict, data_file: Path, examples: list[list[Sequence]]) -> Path:
+    """Write the entry for `key` from examples in memory (each a list of sequences with a source line)."""
+    return store_stream(cache_dir, key, parts, data_file,
+                        ((seqs[0].source.get("line", e + 1) if seqs else e + 1, seqs)
+                         for e, seqs in enumerate(examples)))
 
 
 def entries(cache_dir: Path) -> list[Entry]:
