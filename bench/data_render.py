@@ -13,7 +13,9 @@ core (tokenizers' own thread pool limited to 1):
 - tunekit with `--workers` processes (`tunekit.data.workers.render_records`, pool start included) on
   `--workers-n` conversations of 4 turns, against one process;
 - the on-disk cache: `read_examples` on `--cache-n` conversations of 8 turns with an empty cache (render with
-  `--workers` processes, write the entry) and again (read the entry).
+  `--workers` processes, write the entry) and again (read the entry);
+- memory: what a fresh process's resident memory gains by opening an entry of N short sequences, fitting it,
+  packing an epoch from the lengths and building 100 rows (`--rss-sizes`).
 
 Each timing is the best of `--repeat` rounds (the stacks interleaved). The trained-token count of tunekit and
 of the transformers mask are compared on every conversation. Results: bench/results/data_render.json.
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workers-n", type=int, default=2000, help="conversations for the workers timing")
     parser.add_argument("--cache-n", type=int, default=2000, help="conversations for the cache timing")
+    parser.add_argument("--rss-sizes", default="10000,1000000", help="sequences per entry for the memory "
+                                                                      "measure ('' to skip)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -110,6 +114,7 @@ def main() -> None:
     print(json.dumps(workers_row), flush=True)
     cache_row = cache_timings(tokenizer, args.cache_n, args.workers)
     print(json.dumps(cache_row), flush=True)
+    rss_rows = rss_growth([int(n) for n in args.rss_sizes.split(",")]) if args.rss_sizes else []
 
     print("\n| turns | tunekit ex/s | transformers + mask ex/s | ratio | tunekit prefix ex/s |")
     print("|---:|---:|---:|---:|---:|")
@@ -129,10 +134,14 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cores": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg(),
                     "transformers": tf.__version__, "tokenizers": tokenizers.__version__},
-        "rows": rows, "workers": workers_row, "cache": cache_row}, indent=2) + "\n")
+        "rows": rows, "workers": workers_row, "cache": cache_row, "rss": rss_rows}, indent=2) + "\n")
     print(f"\ncache: {cache_row['conversations']} conversations of {cache_row['turns']} turns, "
           f"{cache_row['workers']} workers: cold {cache_row['cold_seconds']:.2f} s (render + write), "
           f"warm {cache_row['warm_seconds']:.2f} s (read), {cache_row['entry_mib']:.1f} MiB on disk")
+    for r in rss_rows:
+        print(f"memory: {r['sequences']:,} sequences ({r['tokens']:,} tokens): anonymous resident memory grows "
+              f"by {r['rss_anon_growth_mib']:.0f} MiB, file-backed (the memory-mapped entry, reclaimable) by "
+              f"{r['rss_file_growth_mib']:.0f} MiB")
 
 
 def worker_timings(tokenizer, n: int, num_workers: int, render_records, turns: int = 4) -> dict:
@@ -169,6 +178,54 @@ def control_speedup(num_workers: int, n: int = 5_000_000) -> float:
     with multiprocessing.get_context("fork").Pool(num_workers) as pool:
         pool.map(_busy, [n] * num_workers)
     return one / (time.perf_counter() - start)
+
+
+_RSS_CHILD = """
+import sys
+from pathlib import Path
+def rss():
+    fields = dict(line.split(':') for line in open('/proc/self/status') if line.startswith('Rss'))
+    return {k: int(v.split()[0]) * 1024 for k, v in fields.items()}
+from tunekit.data import cache
+from tunekit.data.dataset import fit_store, epoch_rows
+before = rss()
+store = cache.open_entry(Path(sys.argv[1]), 'k', Path('train.jsonl'))
+view, report = fit_store(store, list(range(store.n_examples)), 2048, 'drop')
+lengths = view.lengths()
+rows = epoch_rows(lengths, 2048, True, 0, 0)
+for row in rows[:50] + rows[-50:]:
+    batch = [view[i] for i in row]
+after = rss()
+print(after['RssAnon'] - before['RssAnon'], after['RssFile'] - before['RssFile'], report.tokens)
+"""
+
+
+def rss_growth(sizes: list[int], tokens_each: int = 48) -> list[dict]:
+    """Resident memory a fresh process gains by opening a cache entry of N short sequences, fitting it, packing
+    an epoch from the lengths and building 100 rows of sequences (the entry is written beforehand): anonymous
+    (Python objects, arrays) and file-backed (pages of the memory-mapped entry, which the kernel can drop)."""
+    import subprocess
+    import tempfile
+
+    from tunekit.data import cache
+    from tunekit.data.types import IGNORE, Sequence
+
+    out = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            def examples(n=n):
+                for e in range(n):
+                    ids = [(e * 7 + k) % 4000 for k in range(tokens_each)]
+                    yield e + 1, [Sequence(ids, [IGNORE] * (tokens_each // 2) + ids[tokens_each // 2:], {"turns": [1]})]
+            cache.store_stream(Path(tmp), "k", {}, Path("train.jsonl"), examples())
+            env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+            result = subprocess.run([sys.executable, "-c", _RSS_CHILD, tmp], capture_output=True, text=True,
+                                    env=env, check=True)
+            anon, file_backed, tokens = result.stdout.split()
+            out.append({"sequences": n, "tokens": int(tokens), "rss_anon_growth_mib": int(anon) / 2**20,
+                        "rss_file_growth_mib": int(file_backed) / 2**20})
+            print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def cache_timings(tokenizer, n: int, num_workers: int, turns: int = 8) -> dict:
