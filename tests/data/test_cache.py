@@ -191,3 +191,25 @@ def test_memory_does_not_grow_with_tokens(tmp_path):
     assert last.source == {"file": str(tmp_path / "big.jsonl"), "line": 100_000, "turns": [1]}
     # 2.4M tokens as Python ints would take > 60 MB; the per-sequence arrays and lists take about 12 MB.
     assert peak < 24 * 2**20, peak
+
+
+def test_damaged_entries_are_rendered_again_and_unwritable_caches_named(tmp_path, chat_tokenizer):
+    path, folder = write(tmp_path / "train.jsonl", 6), tmp_path / "cache"
+    first = read_examples(path, chat_tokenizer, config(path, folder))
+    (entry,) = cache.entries(folder)
+    (entry.path / "ids.bin").write_bytes(b"\0\0")  # cut short
+    assert cache.entries(folder) == []
+    assert plain(read_examples(path, chat_tokenizer, config(path, folder))) == plain(first)
+    (entry,) = cache.entries(folder)
+    (entry.path / "meta.json").write_text("{not json")
+    runner = CliRunner()
+    info = runner.invoke(app, ["data", "cache", "info", "--dir", str(folder)])
+    assert info.exit_code == 0 and "0 entries" in info.output and "Traceback" not in info.output
+    assert plain(read_examples(path, chat_tokenizer, config(path, folder))) == plain(first)
+
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("")
+    with pytest.raises(DataError) as err:
+        read_examples(path, chat_tokenizer, config(path, blocked / "cache"))
+    (problem,) = err.value.problems
+    assert problem.where == "data.cache_dir" and "cannot write" in problem.message and "data.cache: false" in problem.hint

@@ -153,12 +153,31 @@ class Store:
         return out
 
 
+_ARRAYS = ("offsets", "example", "line", "targets", "kind", "turns", "turn_offsets")
+
+
+def _read_meta(folder: Path) -> dict | None:
+    """meta.json of a whole entry (every file there, with the sizes meta.json gives), else None."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        tokens, sequences = int(meta["tokens"]), int(meta["sequences"])
+        whole = ((folder / "ids.bin").stat().st_size == 4 * tokens
+                 and (folder / "trained.bin").stat().st_size == tokens
+                 and all((folder / f"{name}.npy").is_file() for name in _ARRAYS))
+        return meta if whole and sequences >= 0 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def open_entry(cache_dir: Path, key: str, data_file: Path) -> Store | None:
     """The entry for `key`, or None when there is no whole entry."""
     folder = cache_dir / key
-    if not (folder / "meta.json").is_file():
+    if _read_meta(folder) is None:
         return None
-    return Store(folder, data_file)
+    try:
+        return Store(folder, data_file)
+    except (OSError, ValueError):  # a damaged array file: render again
+        return None
 
 
 def load(cache_dir: Path, key: str, data_file: Path) -> list[list[Sequence]] | None:
@@ -210,8 +229,8 @@ def store_stream(cache_dir: Path, key: str, parts: dict, data_file: Path,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **parts}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks a whole entry
         target = cache_dir / key
-        if target.is_dir() and not (target / "meta.json").is_file():
-            shutil.rmtree(target, ignore_errors=True)  # a folder left without its meta.json is not an entry
+        if target.is_dir() and _read_meta(target) is None:
+            shutil.rmtree(target, ignore_errors=True)  # a damaged or partial folder is not an entry
         try:
             os.rename(tmp, target)
         except OSError:  # another process wrote the same entry first: same key, same content
@@ -235,14 +254,14 @@ def entries(cache_dir: Path) -> list[Entry]:
         return []
     out = []
     for folder in sorted(cache_dir.iterdir()):
-        meta = folder / "meta.json"
-        if folder.is_dir() and not folder.name.startswith(".") and meta.is_file():
-            out.append(Entry(folder.name, folder, json.loads(meta.read_text())))
+        meta = _read_meta(folder) if folder.is_dir() and not folder.name.startswith(".") else None
+        if meta is not None:
+            out.append(Entry(folder.name, folder, meta))
     return sorted(out, key=lambda e: e.meta.get("created", ""))
 
 
 def clear(cache_dir: Path) -> int:
-    """Remove every entry and left-over temporary folder; returns the number of entries removed."""
+    """Remove every entry and left-over or damaged folder; returns the number of whole entries removed."""
     removed = len(entries(cache_dir))
     if cache_dir.is_dir():
         for folder in cache_dir.iterdir():

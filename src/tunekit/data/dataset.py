@@ -41,7 +41,12 @@ def cached_store(path: Path, tokenizer, data: DataConfig):
     key, parts = cache.cache_key(path, tokenizer, data.format, data.unstable_template)
     store = cache.open_entry(cache_dir, key, path)
     if store is None:
-        cache.store_stream(cache_dir, key, parts, path, _rendered(path, tokenizer, data))
+        try:
+            cache.store_stream(cache_dir, key, parts, path, _rendered(path, tokenizer, data))
+        except OSError as exc:
+            raise DataError(Problem("data.cache_dir", f"cannot write the rendered data to {cache_dir}: {exc}",
+                                    "set data.cache_dir (or $TUNEKIT_DATA_CACHE) to a writable folder, or "
+                                    "data.cache: false")) from None
         store = cache.open_entry(cache_dir, key, path)
     return store
 

@@ -31,6 +31,7 @@ not write an assistant message's content or tool calls, is refused too.
 from __future__ import annotations
 
 import bisect
+import datetime
 import json
 import re
 from dataclasses import dataclass
@@ -651,7 +652,8 @@ def _learn_layout(tokenizer, system: bool) -> _Layout | None:
 
 
 def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
-    key = (template, system, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())))
+    key = (template, system, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())),
+           datetime.date.today() if "strftime_now" in template else None)  # templates that write the date
     if key not in _LAYOUTS:
         _LAYOUTS[key] = _learn_layout(tokenizer, system)
     return _LAYOUTS[key]
