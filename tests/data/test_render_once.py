@@ -18,8 +18,10 @@ from tunekit.data.render import prepare_chat, render_example
 from tunekit.errors import TemplateError
 
 NAMES = shared_template_names() or [pytest.param("none", marks=pytest.mark.skip(reason="../shared is absent"))]
-# Templates that fold the system message into the first user turn, or drop it: no single-render layout.
-NO_LAYOUT_WITH_SYSTEM = {"gemma-it", "llama-2-chat", "mistral-tools"}
+# Drops the system message: refused (by prefix rendering, which gives the error).
+NO_LAYOUT_WITH_SYSTEM = {"mistral-tools"}
+# Fold the system message into the first user turn: the first two messages are rendered together.
+FOLDS_SYSTEM = {"gemma-it", "llama-2-chat"}
 
 
 def with_template(base_tokenizer, template: str):
@@ -62,6 +64,8 @@ def test_every_shared_template_renders_once_with_the_prefix_answer(name, system,
     seq = fast(example, tok)
     assert seq is not None  # the single render is taken, not the fallback
     assert [(seq.input_ids, seq.labels, seq.source)] == reference
+    layout = render._layout(tok, tok.chat_template, system)
+    assert layout.rendered_head == (system and name in FOLDS_SYSTEM)
 
 
 def test_templates_that_are_not_prefix_stable_keep_split_and_error(base_tokenizer):

@@ -571,6 +571,9 @@ class _Layout:
     wraps: dict[str, _Wrap]  # "user", "assistant"
     generation: str  # what add_generation_prompt=True appends after a user message
     aligned: dict[str, int | None]  # window -> `_align` end within it (memo)
+    # The template folds the system message into the first user turn (Llama 2, Gemma): the first two messages
+    # are rendered together, on their own, for each example, and `head` is not used.
+    rendered_head: bool = False
 
 
 _LAYOUTS: dict[tuple, _Layout | None] = {}  # (template, special tokens, starts with system) -> layout or None
@@ -589,8 +592,16 @@ def _split_around(text: str, content: str) -> _Wrap | None:
     return _Wrap(text[:at], text[at + len(content):], False)
 
 
-def _layout_parts(layout: _Layout, messages: list[dict]) -> list[str] | None:
-    """The layout's text for a plain conversation, one part per message (the first part holds the head)."""
+def _layout_parts(layout: _Layout, messages: list[dict], head: str | None = None) -> list[str] | None:
+    """The layout's text for a plain conversation, one part per message (the first part holds the head, and
+    with a rendered head, `head`: the render of the first two messages)."""
+    if layout.rendered_head:
+        if len(messages) < 2 or messages[1]["role"] != "user" or head is None:
+            return None
+        rest = [layout.wraps.get(m["role"]) for m in messages[2:]]
+        if None in rest:
+            return None
+        return [head] + [wrap.text(m["content"]) for wrap, m in zip(rest, messages[2:], strict=True)]
     first = messages[0]
     system = first["role"] == "system"
     parts = [layout.head.text(first["content"] if system else "")]
@@ -618,6 +629,41 @@ def _learn_layout(tokenizer, system: bool) -> _Layout | None:
             probes.append((messages, renders, generations))
     except TemplateError:
         return None
+    return _fit_layout(probes, system) or (_fit_rendered_head(probes) if system else None)
+
+
+def _flag_choices(n: int) -> list[tuple[bool, ...]]:
+    return [tuple(bool(bits >> j & 1) for j in range(n)) for bits in range(2 ** n)]
+
+
+def _fit_rendered_head(probes: list) -> _Layout | None:
+    """A layout whose first two messages (system, user) are rendered together, then one wrap per message."""
+    messages, renders, generations = probes[0]
+    wraps: dict[str, _Wrap] = {}
+    for k in range(2, len(messages)):
+        if not renders[k].startswith(renders[k - 1]):
+            return None
+        wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
+        if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
+            return None
+    if not renders[1] or not generations[2].startswith(renders[1]):
+        return None
+    generation = generations[2][len(renders[1]):]
+    for user_strip, assistant_strip in _flag_choices(2):
+        layout = _Layout(_Wrap("", "", False),
+                         {"user": _Wrap(wraps["user"].pre, wraps["user"].post, user_strip),
+                          "assistant": _Wrap(wraps["assistant"].pre, wraps["assistant"].post, assistant_strip)},
+                         generation, {}, rendered_head=True)
+        if all("".join(_layout_parts(layout, messages[:k], renders[1]) or ["\0"]) == renders[k - 1]
+               and all("".join(_layout_parts(layout, messages[:g], renders[1]) or ["\0"]) + generation == text
+                       for g, text in generations.items())
+               for messages, renders, generations in probes for k in range(2, len(messages) + 1)):
+            return layout
+    return None
+
+
+def _fit_layout(probes: list, system: bool) -> _Layout | None:
+    """A layout with a head around the first message (system) or before it (user), one wrap per message."""
     messages, renders, generations = probes[0]
     wraps: dict[str, _Wrap] = {}
     for k in range(1, len(messages)):
@@ -638,7 +684,7 @@ def _learn_layout(tokenizer, system: bool) -> _Layout | None:
     k = min(generations)
     generation = generations[k][len(renders[k - 1]):]
     # Which roles' content the template trims: the flags under which every probe render is the layout's text.
-    for flags in [(a, b, c) for a in (False, True) for b in (False, True) for c in (False, True)]:
+    for flags in _flag_choices(3):
         layout = _Layout(_Wrap(head.pre, head.post, flags[0] and system),
                          {"user": _Wrap(wraps["user"].pre, wraps["user"].post, flags[1]),
                           "assistant": _Wrap(wraps["assistant"].pre, wraps["assistant"].post, flags[2])},
@@ -677,9 +723,18 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
         _check_rendered(chat, full)
     except TemplateError:
         return None
-    parts = _layout_parts(layout, messages)
+    head = None
+    if layout.rendered_head:
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            return None
+        try:
+            head, _ = _render_tracked(tokenizer, template, messages[:2], None, tracked=False)
+        except TemplateError:
+            return None
+    parts = _layout_parts(layout, messages, head)
     if parts is None or "".join(parts) != full:
         return None
+    folded = 1 if layout.rendered_head else 0  # messages before part 1 beyond the first
     reply_probe = layout.wraps["assistant"].text(_PROBE)  # what prefix rendering's probe appends to the prompt
     starts = [0]  # char offset where each part starts, and the end
     for part in parts:
@@ -690,7 +745,7 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
             continue
         if i == 0 or messages[i - 1]["role"] != "user":
             return None
-        begin, end_of_message = starts[i], starts[i + 1]  # message i is part i
+        begin, end_of_message = starts[i - folded], starts[i - folded + 1]  # message i's part
         t = begin
         while t > 0 and full[t - 1].isspace():
             t -= 1
