@@ -537,7 +537,9 @@ def _spans_from_blocks(messages: list[dict], text: str, spans: list[tuple[_Turn,
 #     render(messages)                             = head(system) + wrap[role](content) + ... (one per message)
 #     render(messages, add_generation_prompt=True) = render(messages) + generation        (after a user message)
 #
-# Then the render of messages[:i] is the start of the render of the whole conversation, and what prefix
+# (A template that folds the system message into the first user turn gets the render of those two messages,
+# made for each example, as its head.) Then the render of messages[:i] is the start of the render of the whole
+# conversation, and what prefix
 # rendering finds for turn i (prompt, reply, stable) follows from the one render. The layout is learned once per
 # template from probe conversations (every probe render, prefixes and generation prompts included, must be the
 # layout's text) and checked on each example: its render must be exactly the layout's text for its messages.
