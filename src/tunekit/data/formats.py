@@ -461,7 +461,7 @@ def _validate_chat(record: dict) -> list[DataIssue]:
     if open_function_call is not None and open_function_call[0] != last:
         issues.append(DataIssue("tool_call_unanswered", open_function_call[1],
                                 "function call has no function response", "add a function message after the call"))
-    roles = {m.get("role") for m in messages if isinstance(m, dict)}
+    roles = {m.get("role") for m in messages if isinstance(m, dict) and isinstance(m.get("role"), str)}
     if weights and "user" not in roles:
         issues.append(DataIssue("no_user_message", "messages", "no user message: the model learns to answer "
                                 "without being asked", "add the user's turn before the assistant's", "warning"))

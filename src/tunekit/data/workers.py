@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tunekit.data.types import Sequence
 from tunekit.errors import Problem, TunekitError
@@ -98,3 +98,36 @@ class _progress_bar:
     def __exit__(self, *exc) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def rendered_ahead(path, tokenizer, *, fmt: str | None = None, max_line_bytes: int,
+                   num_workers: int | str = "auto") -> Callable[[dict], list[Sequence]]:
+    """`render_example` for the records of a JSONL file that a scan will ask for in file order, rendered ahead
+    on every core (`tunekit.data.check`'s count_fn).
+
+    Every record that parses and is valid on its own is rendered, in file order; a call for a record takes the
+    next result with the same content (records the scan skips are passed over), and renders it here when none
+    is found. Problems raise the record's `TunekitError` as rendering it would.
+    """
+    from tunekit.data.formats import read_jsonl, record_digest, validate_in_file
+    from tunekit.data.render import render_example
+
+    records = []
+    for line in read_jsonl(path, max_line_bytes=max_line_bytes):
+        if line.record is not None:
+            _, issues = validate_in_file(line.record, fmt)  # type: ignore[arg-type]
+            if not any(i.severity == "error" for i in issues):
+                records.append((line.number, line.record))
+    digests = iter([record_digest(record) for _, record in records])
+    results = render_records(records, tokenizer, num_workers=resolve_workers(num_workers))
+
+    def count_fn(example: dict) -> list[Sequence]:
+        wanted = record_digest(example)
+        for digest, (_, seqs, problems) in zip(digests, results, strict=True):
+            if digest == wanted:
+                if problems:
+                    raise TunekitError(problems)
+                return seqs
+        return render_example(example, tokenizer)
+
+    return count_fn
