@@ -61,3 +61,20 @@ def test_problems_name_file_and_line_with_workers(tmp_path, chat_tokenizer):
 
 def test_auto_is_every_available_core():
     assert resolve_workers("auto") >= 1 and resolve_workers(3) == 3
+
+
+def test_check_with_a_tokenizer_renders_ahead_with_the_same_report(tmp_path, chat_tokenizer):
+    from tunekit.data.check import check_file
+    from tunekit.data.render import render_example
+
+    lines = [json.dumps(r) for _, r in records(150)]
+    lines[5] = '{"messages": [{"role": "user", "content": "hi"}]}'  # invalid: the scan never asks for it
+    lines[40] = lines[41]  # a duplicate: both asked for, same content
+    lines[60] = "not json"
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    ahead = check_file(path, tokenizer=chat_tokenizer, max_len=64)
+    serial = check_file(path, count_fn=lambda ex: render_example(ex, chat_tokenizer), max_len=64)
+    assert ahead.to_dict() == serial.to_dict()
+    codes = {p.code for p in ahead.problems}
+    assert {"render_failed", "invalid_json"} <= codes and ahead.stats is not None
