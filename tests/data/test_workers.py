@@ -78,3 +78,14 @@ def test_check_with_a_tokenizer_renders_ahead_with_the_same_report(tmp_path, cha
     assert ahead.to_dict() == serial.to_dict()
     codes = {p.code for p in ahead.problems}
     assert {"render_failed", "invalid_json"} <= codes and ahead.stats is not None
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(chat_tokenizer, capsys):
+    recs = records(10)
+    expected = as_plain(render_records(recs, chat_tokenizer, progress=False))
+    assert capsys.readouterr().err == ""
+    assert as_plain(render_records(recs, chat_tokenizer, progress=True)) == expected
+    out = capsys.readouterr()
+    assert out.out == "" and out.err  # stdout (reports, --json) stays clean; a live bar needs a terminal
+    assert as_plain(render_records(recs, chat_tokenizer)) == expected  # default: not a terminal here
+    assert capsys.readouterr().err == ""

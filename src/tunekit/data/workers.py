@@ -88,9 +88,11 @@ class _progress_bar:
     def __enter__(self):
         if not self.show:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-        self.bar = Progress("rendering", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+        self.bar = Progress("rendering", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True,
+                            console=Console(stderr=True))
         self.bar.start()
         task = self.bar.add_task("render", total=self.total)
         return lambda n: self.bar.advance(task, n)
