@@ -38,14 +38,17 @@ def _init(tokenizer, unstable_template: str) -> None:
     _state["unstable_template"] = unstable_template
 
 
-def _render_chunk(chunk: list[tuple[int, dict]]) -> list[tuple[int, list[Sequence], list[Problem]]]:
+def _render_chunk(chunk: list[tuple[int, dict]], tokenizer=None,
+                  unstable_template: str | None = None) -> list[tuple[int, list[Sequence], list[Problem]]]:
+    """Render a chunk with the given tokenizer, or in a worker with the one `_init` set."""
     from tunekit.data.render import render_example
 
+    tokenizer = tokenizer if tokenizer is not None else _state["tokenizer"]
+    unstable_template = unstable_template or _state["unstable_template"]
     out = []
     for line_no, record in chunk:
         try:
-            out.append((line_no, render_example(record, _state["tokenizer"],
-                                                unstable_template=_state["unstable_template"]), []))
+            out.append((line_no, render_example(record, tokenizer, unstable_template=unstable_template), []))
         except TunekitError as exc:
             out.append((line_no, [], exc.problems))
     return out
@@ -65,9 +68,8 @@ def render_records(records: list[tuple[int, dict]], tokenizer, *, unstable_templ
         progress = len(records) >= _PROGRESS_MIN and sys.stderr.isatty()
     with _progress_bar(len(records), progress) as advance:
         if workers == 1:
-            _init(tokenizer, unstable_template)
             for chunk in chunks:
-                results = _render_chunk(chunk)
+                results = _render_chunk(chunk, tokenizer, unstable_template)
                 advance(len(results))
                 yield from results
             return
