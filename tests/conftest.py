@@ -85,6 +85,14 @@ def chatml_template() -> str:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache_in_tmp(tmp_path_factory):
+    """The rendered-data cache of every test (and of the commands tests run) lives in a temporary folder."""
+    import os
+
+    os.environ["TUNEKIT_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+
+
 @pytest.fixture(scope="session")
 def base_tokenizer():
     """The trained BPE tokenizer with no chat template (copy it before changing it)."""

@@ -234,6 +234,39 @@ def data_convert(
                   + (f" ({len(result.skipped)} bad records left out)" if result.skipped else ""))
 
 
+# ------------------------------------------------------------------------------------------- data cache
+
+cache_app = typer.Typer(no_args_is_help=True, help="Show or clear the on-disk cache of rendered data.")
+data_app.add_typer(cache_app, name="cache")
+CacheDir = Annotated[Path | None, typer.Option("--dir", help="Cache folder (default: $TUNEKIT_DATA_CACHE or "
+                                                             "~/.cache/tunekit/data)")]
+
+
+@cache_app.command("info")
+def data_cache_info(cache_dir: CacheDir = None) -> None:
+    """List the cached renders: data file, examples, tokens, size, when written."""
+    from tunekit.data import cache
+
+    folder = cache_dir or cache.default_dir()
+    found = cache.entries(folder)
+    console.print(f"{folder}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
+                  f"{sum(e.size_bytes for e in found) / 2**20:.1f} MiB", highlight=False)
+    for e in found:
+        m = e.meta
+        console.print(f"  {e.key}  {m.get('data_file')}  {m.get('examples')} examples, {m.get('tokens')} tokens "
+                      f"({m.get('trained_tokens')} trained), {e.size_bytes / 2**20:.1f} MiB, {m.get('created')}",
+                      highlight=False, markup=False)
+
+
+@cache_app.command("clear")
+def data_cache_clear(cache_dir: CacheDir = None) -> None:
+    """Remove every cached render (the next run renders its data again)."""
+    from tunekit.data import cache
+
+    folder = cache_dir or cache.default_dir()
+    console.print(f"[green]✓[/] removed {cache.clear(folder)} entries from {folder}", highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/) or a model dir")],

@@ -49,6 +49,13 @@ class DataConfig(Section):
     # "split" trains each assistant turn in its own sequence, as the model sees it at inference;
     # "error" refuses such examples.
     unstable_template: Literal["split", "error"] = "split"
+    # Processes that render examples (chat template + masking), results in file order. "auto": every core
+    # this process may use.
+    num_workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # Rendered data is kept on disk and reused while the file, tokenizer, template and these options are the
+    # same (tunekit.data.cache). cache_dir: None is $TUNEKIT_DATA_CACHE or ~/.cache/tunekit/data.
+    cache: bool = True
+    cache_dir: Path | None = None
     seed: int = 0
 
     @model_validator(mode="after")

@@ -457,7 +457,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     data: DataSplits = load_splits(cfg.data, tokenizer)
     for note in data.notes:
         say(f"[yellow]note:[/] {note}", highlight=False)
-    lengths = [len(s) for s in data.train]
+    lengths = data.train_lengths()  # from the cache's arrays when data.cache is on
     rows0 = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, 0)
     plan = make_plan(cfg, data.n_train_examples, len(rows0))
     v_rows = valid_rows([len(s) for s in data.valid], cfg.data.max_len, cfg.data.packing)

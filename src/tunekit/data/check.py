@@ -301,10 +301,11 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
     if validation is not None:
         validation = check_readable(validation)
     if count_fn is None and tokenizer is not None:
-        from tunekit.data.render import render_example  # imported here: only token statistics need it
+        from tunekit.data.workers import rendered_ahead  # imported here: only token statistics need it
 
-        def count_fn(example: dict) -> list[Sequence]:
-            return render_example(example, tokenizer)
+        # render_example for each record, rendered ahead on every core in file order
+        count_fn = rendered_ahead(path, tokenizer, fmt=None if fmt == "auto" else fmt,
+                                  max_line_bytes=max_line_bytes)
 
     problems = _Problems()
     scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,

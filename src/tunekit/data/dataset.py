@@ -7,42 +7,73 @@ uninterrupted run would.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunekit.config import DataConfig
 from tunekit.data.pack import best_fit_decreasing, num_trained_targets
 from tunekit.data.types import Sequence
-from tunekit.errors import DataError, Problem, TunekitError
+from tunekit.errors import DataError, Problem
 
 
 def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence]]:
     """Validate and render every example of a JSONL file: one list of sequences per example.
 
     Several sequences come from one example when a template is not prefix-stable (data.unstable_template:
-    split). Every problem names the file and line. Validation is `tunekit.data.formats`, rendering (chat
-    template + masking) is `tunekit.data.render`.
+    split). Every problem names the file and line. Examples render in data.num_workers processes, in file
+    order, and come from the on-disk cache (data.cache) when this file was rendered before with the same
+    tokenizer, template and options. Validation is `tunekit.data.formats`, rendering (chat template + masking)
+    is `tunekit.data.render`.
     """
+    if data.cache:
+        return cached_store(path, tokenizer, data).examples()
+    return [seqs for _, seqs in _rendered(path, tokenizer, data)]
+
+
+def cached_store(path: Path, tokenizer, data: DataConfig):
+    """The cache entry of `path` rendered with `tokenizer` and `data`'s options (`tunekit.data.cache.Store`),
+    rendered and written first when there is none."""
+    from tunekit.data import cache
+
+    cache_dir = data.cache_dir or cache.default_dir()
+    key, parts = cache.cache_key(path, tokenizer, data.format, data.unstable_template)
+    store = cache.open_entry(cache_dir, key, path)
+    if store is None:
+        try:
+            cache.store_stream(cache_dir, key, parts, path, _rendered(path, tokenizer, data))
+        except OSError as exc:
+            raise DataError(Problem("data.cache_dir", f"cannot write the rendered data to {cache_dir}: {exc}",
+                                    "set data.cache_dir (or $TUNEKIT_DATA_CACHE) to a writable folder, or "
+                                    "data.cache: false")) from None
+        store = cache.open_entry(cache_dir, key, path)
+    return store
+
+
+def _rendered(path: Path, tokenizer, data: DataConfig) -> Iterator[tuple[int, list[Sequence]]]:
+    """(line, sequences) per example in file order; DataError (up to 50 problems) when any cannot render."""
     from tunekit.data.formats import load_examples  # imported here: render pulls in jinja and templates
-    from tunekit.data.render import render_example
+    from tunekit.data.workers import render_records, resolve_workers
 
     _, records = load_examples(path, data.format)
-    examples: list[list[Sequence]] = []
     problems: list[Problem] = []
-    for line_no, record in records:
-        try:
-            seqs = render_example(record, tokenizer, unstable_template=data.unstable_template)
-        except TunekitError as exc:
-            problems += [Problem(f"{path}:{line_no} {p.where}".strip(), p.message, p.hint) for p in exc.problems]
+    rendered = render_records(list(records), tokenizer, unstable_template=data.unstable_template,
+                              num_workers=resolve_workers(data.num_workers))
+    for line_no, seqs, errors in rendered:
+        if errors:
+            problems += [Problem(f"{path}:{line_no} {p.where}".strip(), p.message, p.hint) for p in errors]
             if len(problems) >= 50:
+                rendered.close()  # stops the workers
                 break
             continue
+        if problems:
+            continue  # what is rendered after a problem is not used: the file is refused below
         for seq in seqs:
             seq.source = {"file": str(path), "line": line_no, **seq.source}
-        examples.append(seqs)
+        yield line_no, seqs
     if problems:
         raise DataError(problems, title=f"{path}: examples that cannot be rendered for training")
-    return examples
 
 
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -113,19 +144,87 @@ def fit_to_max_len(seqs: list[Sequence], max_len: int, mode: str) -> tuple[list[
     return kept, report
 
 
+class SequenceView(SequenceABC):
+    """Sequences of a cache entry chosen by index, each cut to its limit, built from the memory-mapped tokens
+    when asked for: memory does not grow with the number of tokens."""
+
+    def __init__(self, store, index, limits) -> None:
+        self.store, self.index, self.limits = store, index, limits  # (N,) int64 each
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.store.sequence(int(self.index[k]), int(self.limits[k]))
+
+    def lengths(self) -> list[int]:
+        return self.limits.tolist()
+
+
+def fit_store(store, examples: list[int], max_len: int, mode: str) -> tuple[SequenceView, FitReport]:
+    """`fit_to_max_len` over the sequences of `examples` (indices, in order) of a cache entry, from its arrays."""
+    import numpy as np
+
+    chosen = np.zeros(store.n_examples, dtype=bool)
+    chosen[np.asarray(examples, dtype=np.int64)] = True
+    index = np.nonzero(chosen[store.example])[0]
+    lengths, targets = store.lengths[index], store.targets[index]
+    long = lengths > max_len
+    report = FitReport(sequences=len(index))
+    if mode == "drop":
+        report.dropped_too_long = int(long.sum())
+        report.dropped_trained_tokens = int(targets[long].sum())
+        keep, limits, trained = ~long, lengths, targets
+    else:
+        trained = targets.copy()
+        for k in np.nonzero(long)[0]:
+            trained[k] = store.trained_targets(int(index[k]), max_len)
+        report.truncated = int(long.sum())
+        report.lost_trained_tokens = int((targets - trained)[long].sum())
+        keep, limits = np.ones(len(index), dtype=bool), np.minimum(lengths, max_len)
+    report.no_trained_tokens = int((keep & (trained == 0)).sum())
+    keep &= trained > 0
+    report.trained_tokens = int(trained[keep].sum())
+    report.tokens = int(limits[keep].sum())
+    report.kept = int(keep.sum())
+    return SequenceView(store, index[keep], limits[keep]), report
+
+
 @dataclass
 class DataSplits:
-    train: list[Sequence]
-    valid: list[Sequence]
+    train: list[Sequence] | SequenceView
+    valid: list[Sequence] | SequenceView
     n_train_examples: int
     n_valid_examples: int
     train_fit: FitReport
     valid_fit: FitReport
     notes: list[str] = field(default_factory=list)  # what was left out or cut, for the user
 
+    def train_lengths(self) -> list[int]:
+        """Token count of each training sequence (from the arrays alone for a cache view)."""
+        return self.train.lengths() if isinstance(self.train, SequenceView) else [len(s) for s in self.train]
+
 
 def load_splits(data: DataConfig, tokenizer) -> DataSplits:
-    """Read the train (and validation) file, split off validation_fraction, fit both to max_len."""
+    """Read the train (and validation) file, split off validation_fraction, fit both to max_len.
+
+    With data.cache the sequences are views of the cache entries (`SequenceView`), built from memory-mapped
+    tokens when a batch asks for them; without it they are rendered into memory.
+    """
+    if data.cache:
+        train_store = cached_store(data.train, tokenizer, data)
+        train_ex = list(range(train_store.n_examples))
+        if data.validation is not None:
+            valid_store = cached_store(data.validation, tokenizer, data)
+            valid_ex = list(range(valid_store.n_examples))
+        else:
+            valid_store = train_store
+            train_ex, valid_ex = split_validation(train_ex, data.validation_fraction, data.seed)
+        train, train_fit = fit_store(train_store, train_ex, data.max_len, data.truncation)
+        valid, valid_fit = fit_store(valid_store, valid_ex, data.max_len, data.truncation)
+        return _splits(data, train, valid, len(train_ex), len(valid_ex), train_fit, valid_fit)
     train_ex = read_examples(data.train, tokenizer, data)
     if data.validation is not None:
         valid_ex = read_examples(data.validation, tokenizer, data)
@@ -133,11 +232,16 @@ def load_splits(data: DataConfig, tokenizer) -> DataSplits:
         train_ex, valid_ex = split_validation(train_ex, data.validation_fraction, data.seed)
     train, train_fit = fit_to_max_len([s for ex in train_ex for s in ex], data.max_len, data.truncation)
     valid, valid_fit = fit_to_max_len([s for ex in valid_ex for s in ex], data.max_len, data.truncation)
+    return _splits(data, train, valid, len(train_ex), len(valid_ex), train_fit, valid_fit)
+
+
+def _splits(data: DataConfig, train, valid, n_train: int, n_valid: int, train_fit: FitReport,
+            valid_fit: FitReport) -> DataSplits:
     if not train:
         raise DataError(Problem(str(data.train), "no sequence is left to train on after fitting to max_len",
                                 "raise data.max_len, set data.truncation: truncate, or check the weights"))
     notes = train_fit.messages("train", data.max_len) + valid_fit.messages("validation", data.max_len)
-    return DataSplits(train, valid, len(train_ex), len(valid_ex), train_fit, valid_fit, notes)
+    return DataSplits(train, valid, n_train, n_valid, train_fit, valid_fit, notes)
 
 
 def epoch_rows(lengths: list[int], max_len: int, packing: bool, seed: int, epoch: int) -> list[list[int]]:

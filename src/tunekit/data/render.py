@@ -30,6 +30,8 @@ not write an assistant message's content or tool calls, is refused too.
 
 from __future__ import annotations
 
+import bisect
+import datetime
 import json
 import re
 from dataclasses import dataclass
@@ -85,19 +87,24 @@ def detect_format(example: dict) -> str:
     return fmt
 
 
-def render_example(example: dict, tokenizer, *, unstable_template: str = "split") -> list[Sequence]:
+def render_example(example: dict, tokenizer, *, unstable_template: str = "split",
+                   method: str = "auto") -> list[Sequence]:
     """Token sequences with labels for one example: one, or one more per split-off turn (see module doc).
 
     A chat example with no trained assistant message gives one sequence with no trained token.
+    `method`: "auto" renders a chat once where the template's layout proves the answer (see "Rendering once")
+    and by prefixes otherwise; "prefix" always renders by prefixes. Both give the same sequences.
     """
     if unstable_template not in ("split", "error"):
         raise ValueError(f"unstable_template must be 'split' or 'error', not {unstable_template!r}")
+    if method not in ("auto", "prefix"):
+        raise ValueError(f"method must be 'auto' or 'prefix', not {method!r}")
     kind = detect_format(example)
     if kind == "text":
         return [_render_text(example, tokenizer)]
     if kind == "completion":
         return [_render_completion(example, tokenizer)]
-    return _render_chat(example, tokenizer, unstable_template)
+    return _render_chat(example, tokenizer, unstable_template, method)
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -398,9 +405,13 @@ def _check_rendered(chat: Chat, full: str) -> None:
                 "this template ignores such messages: merge the text into the first user message, or remove it"))
 
 
-def _render_chat(example: dict, tokenizer, unstable_template: str) -> list[Sequence]:
+def _render_chat(example: dict, tokenizer, unstable_template: str, method: str) -> list[Sequence]:
     chat = prepare_chat(example)
     template = _require_template(tokenizer)
+    if method == "auto":
+        fast = _render_chat_fast(tokenizer, template, chat)
+        if fast is not None:
+            return [fast]
     full = _apply(tokenizer, chat.messages, chat.tools, add_generation_prompt=False, where="messages")
     _check_rendered(chat, full)
     turns = [_turn(tokenizer, chat, i) for i, trained in enumerate(chat.trained) if trained]
@@ -474,26 +485,39 @@ def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: s
     tokens (an emoji at the end of a reply). So the blocks are taken as characters from `render_jinja_template`
     (the function apply_chat_template renders with) and tokenized here like every other span.
     """
+    messages = chat.messages[:n_messages]
+    rendered, blocks = _render_tracked(tokenizer, template, messages, chat.tools)
+    if rendered != text:
+        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
+                                                "than rendering without it", _HINT_LOCATE))
+    return _spans_from_blocks(messages, text, spans, blocks)
+
+
+def _render_tracked(tokenizer, template: str, messages: list[dict], tools, *,
+                    tracked: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation rendered as apply_chat_template renders it, with its non-empty {% generation %} blocks
+    as char spans when `tracked` (transformers renders the same text with or without tracking)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    messages = chat.messages[:n_messages]
     try:
         rendered, indices = render_jinja_template(
-            conversations=[messages], tools=chat.tools, chat_template=template, return_assistant_tokens_mask=True,
+            conversations=[messages], tools=tools, chat_template=template, return_assistant_tokens_mask=tracked,
             add_generation_prompt=False, **tokenizer.special_tokens_map)
     except Exception as exc:  # see _apply
         raise TemplateError(Problem("messages", f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
-    if rendered[0] != text:
-        raise TemplateError(Problem("messages", "rendering with {% generation %} tracking gives a different text "
-                                                "than rendering without it", _HINT_LOCATE))
-    blocks = [(s, e) for s, e in indices[0] if e > s]
+    return rendered[0], [(s, e) for s, e in indices[0] if e > s] if tracked else []
+
+
+def _spans_from_blocks(messages: list[dict], text: str, spans: list[tuple[_Turn, int, int]],
+                       blocks: list[tuple[int, int]]) -> list[tuple[_Turn, int, int]]:
     assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    position = {i: k for k, i in enumerate(assistants)}  # message index -> its block
     if len(blocks) != len(assistants):
         raise TemplateError(Problem("messages", f"the template marks {len(blocks)} {{% generation %}} blocks for "
                                                 f"{len(assistants)} assistant messages", _HINT_LOCATE))
     out = []
     for turn, start, end in spans:
-        s, e = blocks[assistants.index(turn.index)]
+        s, e = blocks[position[turn.index]]
         e = s + len(text[s:e].rstrip())  # as in prefix rendering: whitespace after the end of turn is not trained
         if s != start or e > end or e == s:
             raise TemplateError(Problem(
@@ -502,6 +526,342 @@ def _marker_spans(tokenizer, template: str, chat: Chat, n_messages: int, text: s
                 f"{start}..{end}: {_excerpt(text, s)}", _HINT_LOCATE))
         out.append((turn, s, e))
     return out
+
+
+# ------------------------------------------------------------------------------------------ rendering once
+#
+# Prefix rendering renders each trained turn's prompt and the conversation up to it on their own, so its cost
+# grows with the square of the turns. Most templates write a plain conversation message by message, each from
+# its own role and content (the layout of the template):
+#
+#     render(messages)                             = head(system) + wrap[role](content) + ... (one per message)
+#     render(messages, add_generation_prompt=True) = render(messages) + generation        (after a user message)
+#
+# (A template that folds the system message into the first user turn gets the render of those two messages,
+# made for each example, as its head.) Then the render of messages[:i] is the start of the render of the whole
+# conversation, and what prefix
+# rendering finds for turn i (prompt, reply, stable) follows from the one render. The layout is learned once per
+# template from probe conversations (every probe render, prefixes and generation prompts included, must be the
+# layout's text) and checked on each example: its render must be exactly the layout's text for its messages.
+# The prompt's end is aligned like `_align` on a window starting at the last non-whitespace character before
+# the reply's message (what `_align` does from there does not depend on the text before it), and the tokens
+# are checked as `_build` does, re-encoding only the text around each reply (`_build_once`). Anything else goes
+# to prefix rendering, which gives the answer or the error: tools, tool calls or other message keys, a system
+# message after the first, a turn that does not follow a user message, a template without such a layout, an
+# example whose render differs from its layout's text, and every refusal.
+#
+# What the layout cannot see is a template that branches on content the probes do not have and changes the
+# render of a prefix without changing the render of the whole conversation; tests compare both methods on every
+# shared template and on random conversations.
+
+RENDER_VERSION = 2  # bump when rendering changes the tokens or labels of any example (keys the on-disk cache)
+
+
+@dataclass(frozen=True)
+class _Wrap:
+    pre: str
+    post: str
+    strip: bool  # the template writes `content | trim`
+
+    def text(self, content: str) -> str:
+        return self.pre + (content.strip() if self.strip else content) + self.post
+
+
+@dataclass
+class _Layout:
+    head: _Wrap  # around the system message that starts a conversation; pre alone when it starts with a user
+    wraps: dict[str, _Wrap]  # "user", "assistant"
+    generation: str  # what add_generation_prompt=True appends after a user message
+    aligned: dict[str, int | None]  # window -> `_align` end within it (memo)
+    # The template folds the system message into the first user turn (Llama 2, Gemma): the first two messages
+    # are rendered together, on their own, for each example, and `head` is not used.
+    rendered_head: bool = False
+
+
+_LAYOUTS: dict[tuple, _Layout | None] = {}  # (template, special tokens, starts with system) -> layout or None
+_MAX_ALIGNED = 4096
+
+
+def _probe_contents(padded: bool) -> list[str]:
+    """Distinct contents for the probe messages; padded ones show whether the template trims content."""
+    return [f" \n tkprobe{k} é😀 {{}}\"' \n " if padded else f"tkprobe{k}" for k in range(8)]
+
+
+def _split_around(text: str, content: str) -> _Wrap | None:
+    at = text.find(content)
+    if at < 0 or text.find(content, at + 1) >= 0:
+        return None
+    return _Wrap(text[:at], text[at + len(content):], False)
+
+
+def _layout_parts(layout: _Layout, messages: list[dict], head: str | None = None) -> list[str] | None:
+    """The layout's text for a plain conversation, one part per message (the first part holds the head, and
+    with a rendered head, `head`: the render of the first two messages)."""
+    if layout.rendered_head:
+        if len(messages) < 2 or messages[1]["role"] != "user" or head is None:
+            return None
+        rest = [layout.wraps.get(m["role"]) for m in messages[2:]]
+        if None in rest:
+            return None
+        return [head] + [wrap.text(m["content"]) for wrap, m in zip(rest, messages[2:], strict=True)]
+    first = messages[0]
+    system = first["role"] == "system"
+    parts = [layout.head.text(first["content"] if system else "")]
+    for m in messages[1:] if system else messages:
+        wrap = layout.wraps.get(m["role"])
+        if wrap is None:
+            return None
+        parts.append(wrap.text(m["content"]))
+    if not system:  # the head and the first message are one part
+        parts[:2] = [parts[0] + parts[1]]
+    return parts
+
+
+def _learn_layout(tokenizer, system: bool) -> _Layout | None:
+    """The template's layout (see "rendering once"), or None when its probe renders do not fit one."""
+    roles = (["system"] if system else []) + ["user", "assistant"] * 3
+    probes = []  # (messages, renders of messages[:k] for k = 1.., generation renders by k)
+    try:
+        for padded in (False, True):
+            messages = [{"role": r, "content": c} for r, c in zip(roles, _probe_contents(padded), strict=False)]
+            renders = [_apply(tokenizer, messages[:k], None, add_generation_prompt=False, where="template")
+                       for k in range(1, len(messages) + 1)]
+            generations = {k: _apply(tokenizer, messages[:k], None, add_generation_prompt=True, where="template")
+                           for k in range(1, len(messages) + 1) if roles[k - 1] == "user"}
+            probes.append((messages, renders, generations))
+    except TemplateError:
+        return None
+    return _fit_layout(probes, system) or (_fit_rendered_head(probes) if system else None)
+
+
+def _flag_choices(n: int) -> list[tuple[bool, ...]]:
+    return [tuple(bool(bits >> j & 1) for j in range(n)) for bits in range(2 ** n)]
+
+
+def _fit_rendered_head(probes: list) -> _Layout | None:
+    """A layout whose first two messages (system, user) are rendered together, then one wrap per message."""
+    messages, renders, generations = probes[0]
+    wraps: dict[str, _Wrap] = {}
+    for k in range(2, len(messages)):
+        if not renders[k].startswith(renders[k - 1]):
+            return None
+        wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
+        if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
+            return None
+    if not renders[1] or not generations[2].startswith(renders[1]):
+        return None
+    generation = generations[2][len(renders[1]):]
+    for user_strip, assistant_strip in _flag_choices(2):
+        layout = _Layout(_Wrap("", "", False),
+                         {"user": _Wrap(wraps["user"].pre, wraps["user"].post, user_strip),
+                          "assistant": _Wrap(wraps["assistant"].pre, wraps["assistant"].post, assistant_strip)},
+                         generation, {}, rendered_head=True)
+        if all("".join(_layout_parts(layout, messages[:k], renders[1]) or ["\0"]) == renders[k - 1]
+               and all("".join(_layout_parts(layout, messages[:g], renders[1]) or ["\0"]) + generation == text
+                       for g, text in generations.items())
+               for messages, renders, generations in probes for k in range(2, len(messages) + 1)):
+            return layout
+    return None
+
+
+def _fit_layout(probes: list, system: bool) -> _Layout | None:
+    """A layout with a head around the first message (system) or before it (user), one wrap per message."""
+    messages, renders, generations = probes[0]
+    wraps: dict[str, _Wrap] = {}
+    for k in range(1, len(messages)):
+        if not renders[k].startswith(renders[k - 1]):
+            return None
+        wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
+        if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
+            return None
+    if system:
+        head = _split_around(renders[0], messages[0]["content"])
+        if head is None:
+            return None
+    else:
+        first = wraps["user"].text(messages[0]["content"])
+        if not renders[0].endswith(first):
+            return None
+        head = _Wrap(renders[0][: len(renders[0]) - len(first)], "", False)
+    k = min(generations)
+    generation = generations[k][len(renders[k - 1]):]
+    # Which roles' content the template trims: the flags under which every probe render is the layout's text.
+    for flags in _flag_choices(3):
+        layout = _Layout(_Wrap(head.pre, head.post, flags[0] and system),
+                         {"user": _Wrap(wraps["user"].pre, wraps["user"].post, flags[1]),
+                          "assistant": _Wrap(wraps["assistant"].pre, wraps["assistant"].post, flags[2])},
+                         generation, {})
+        if all("".join(_layout_parts(layout, messages[:k]) or []) == renders[k - 1]
+               and all("".join(_layout_parts(layout, messages[:g]) or []) + generation == text
+                       for g, text in generations.items())
+               for messages, renders, generations in probes for k in range(1, len(messages) + 1)):
+            return layout
+    return None
+
+
+def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
+    key = (template, system, tuple(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())),
+           datetime.date.today() if "strftime_now" in template else None)  # templates that write the date
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _learn_layout(tokenizer, system)
+    return _LAYOUTS[key]
+
+
+def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
+    """The sequence prefix rendering gives for `chat`, from one render; None where not proven."""
+    messages = chat.messages
+    if chat.tools is not None or not getattr(tokenizer, "is_fast", False):
+        return None
+    for k, m in enumerate(messages):
+        if len(m) != 2 or not isinstance(m["content"], str) or not (
+                m["role"] in ("user", "assistant") or (k == 0 and m["role"] == "system")):
+            return None
+    layout = _layout(tokenizer, template, messages[0]["role"] == "system")
+    if layout is None:
+        return None
+    markers = bool(GENERATION_MARKER.search(template))
+    try:
+        full, blocks = _render_tracked(tokenizer, template, messages, None, tracked=markers)
+        _check_rendered(chat, full)
+    except TemplateError:
+        return None
+    head = None
+    if layout.rendered_head:
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            return None
+        try:
+            head, _ = _render_tracked(tokenizer, template, messages[:2], None, tracked=False)
+        except TemplateError:
+            return None
+    parts = _layout_parts(layout, messages, head)
+    if parts is None or "".join(parts) != full:
+        return None
+    folded = 1 if layout.rendered_head else 0  # messages before part 1 beyond the first
+    reply_probe = layout.wraps["assistant"].text(_PROBE)  # what prefix rendering's probe appends to the prompt
+    starts = [0]  # char offset where each part starts, and the end
+    for part in parts:
+        starts.append(starts[-1] + len(part))
+    spans = []
+    for i, trained in enumerate(chat.trained):
+        if not trained:
+            continue
+        if i == 0 or messages[i - 1]["role"] != "user":
+            return None
+        begin, end_of_message = starts[i - folded], starts[i - folded + 1]  # message i's part
+        t = begin
+        while t > 0 and full[t - 1].isspace():
+            t -= 1
+        t = max(t - 1, 0)  # the window starts at the last non-whitespace character before the message
+        window = full[t:begin]
+        if window not in layout.aligned:
+            if len(layout.aligned) >= _MAX_ALIGNED:
+                layout.aligned.clear()
+            layout.aligned[window] = _align(window + layout.generation, window + reply_probe)[0]
+        aligned = layout.aligned[window]
+        if aligned is None:
+            return None
+        prompt_end = t + aligned
+        if prompt_end > begin and full[begin:prompt_end] != reply_probe[: prompt_end - begin]:
+            return None  # the prompt does not end the way this reply's message starts
+        reply = full[prompt_end:end_of_message].rstrip()
+        if not reply:
+            return None
+        try:
+            _locate(chat, i, reply)
+        except TemplateError:
+            return None
+        spans.append((_Turn(i, "", reply, ""), prompt_end, prompt_end + len(reply)))
+    try:
+        if markers:
+            spans = _spans_from_blocks(messages, full, spans, blocks)
+        return _build_once(tokenizer, full, spans)
+    except TemplateError:
+        return None
+
+
+def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence | None:
+    """What `_build` gives for `text` and `spans`, tokenizing `text` once and the text around each reply again;
+    None where it would refuse (prefix rendering then gives the error).
+
+    The tokenizers library cuts a text at its added tokens (the template's markers) before it normalizes,
+    pre-tokenizes and runs the model on the stretches between them, so the tokens of a stretch do not depend on
+    the text outside it. A piece (untrained or trained text) that holds added tokens therefore tokenizes as: its
+    text up to the first one (as `_build` encodes a piece), the whole text's tokens from there to the last one,
+    then the last one with the text after it. Only those ends are encoded again, and each prompt's tokens are
+    compared from the last added token before its reply.
+    """
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None or \
+            backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
+        return None  # the backend would not encode as tokenizer.encode does
+
+    short: dict[str, list[int]] = {}  # short texts recur in every turn (markers, role headers, indentation)
+
+    def encode(piece: str) -> list[int]:
+        if len(piece) > 64:
+            return backend.encode(piece, add_special_tokens=False).ids
+        if piece not in short:
+            short[piece] = backend.encode(piece, add_special_tokens=False).ids if piece else []
+        return short[piece]
+
+    newline = encode("\n")
+
+    def encode_piece(piece: str) -> list[int]:  # as _encode_piece
+        if not piece:
+            return []
+        ids = encode("\n" + piece)
+        return ids[len(newline):] if ids[: len(newline)] == newline else encode(piece)
+
+    encoding = backend.encode(text, add_special_tokens=False)
+    whole, offsets = encoding.ids, encoding.offsets
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken
+    anchors = [(k, offsets[k][0], offsets[k][1]) for k, t in enumerate(whole) if t in added]
+    anchors = [(k, a, b) for k, a, b in anchors if text[a:b] == added[whole[k]].content]
+
+    anchor_ends = [end for _, _, end in anchors]
+
+    def anchor_start_before(c: int) -> int:  # start of the last added token that ends at or before c, else -1
+        j = bisect.bisect_right(anchor_ends, c) - 1
+        return anchors[j][1] if j >= 0 else -1
+
+    bounds = [0] + [c for _, start, end in spans for c in (start, end)] + [len(text)]
+    ids: list[int] = []
+    labels: list[int] = []
+    token_starts = []
+    first = 0  # index of the first anchor not before the current piece
+    for p in range(len(bounds) - 1):
+        a, b = bounds[p], bounds[p + 1]
+        trained = p % 2 == 1
+        while first < len(anchors) and anchors[first][1] < a:
+            first += 1
+        last = first
+        while last < len(anchors) and anchors[last][2] <= b:
+            last += 1
+        head_encode = encode if a == 0 else encode_piece
+        if last == first:  # no added token in the piece
+            piece = head_encode(text[a:b])
+        else:
+            (k1, s1, _), (kl, sl, el) = anchors[first], anchors[last - 1]
+            tail = [whole[kl]] if el == b else encode(text[sl:b])  # a piece that ends with the added token
+            if tail[:1] != [whole[kl]]:
+                return None
+            piece = head_encode(text[a:s1]) + whole[k1:kl] + tail
+        if trained and p > 0 and not (bounds[p - 1] <= anchor_start_before(a) < a):
+            # The prompt piece holds no added token: compare the prompt's own tokens below. (When it holds one,
+            # its tail was encoded from the last one to the reply, and ids == whole checks exactly that.)
+            token_starts.append((len(ids), a))
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if ids != whole:
+        return None
+    for start, char_start in token_starts:
+        j = bisect.bisect_right(anchor_ends, char_start) - 1
+        if j < 0:
+            if whole[:start] != encode(text[:char_start]):
+                return None
+        elif whole[anchors[j][0]:start] != encode(text[anchors[j][1]:char_start]):
+            return None
+    return Sequence(ids, labels, source={"turns": [turn.index for turn, _, _ in spans]})
 
 
 # ------------------------------------------------------------------------------------- generation helpers
