@@ -1,0 +1,419 @@
+"""OpenAI's Files and fine-tuning API on `tunekit serve`, driven by the official openai SDK.
+
+A live server (uvicorn on a free loopback port, a temporary --data-dir) serves the tiny Llama of conftest;
+jobs train LoRA adapters on the toy "say WORD" task for a few steps in `tunekit train` subprocesses.
+Clients validate every response strictly (`_strict_response_validation=True`) except where a job is
+`paused`, a status OpenAI returns but the SDK's type lacks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
+
+from test_serve import free_port, serving  # noqa: E402
+from toy_runs import WORDS  # noqa: E402
+
+from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
+from tunekit.evaluate import generate  # noqa: E402
+from tunekit.model import load_for_inference  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "say apple"}]
+
+
+def toy_jsonl(n: int, seed: int) -> bytes:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"say {word}"},
+                                              {"role": "assistant", "content": f"{word} {word} {word}"}]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def sdk(url: str, key: str = "anything", strict: bool = True) -> openai.OpenAI:
+    # max_retries=0: the SDK retries 409 and 5xx, which would hide them
+    return openai.OpenAI(base_url=url, api_key=key, max_retries=0, timeout=120,
+                         _strict_response_validation=strict)
+
+
+def tiny_job(**train) -> dict:
+    """`tunekit` config values (extra_body) for a job of a few seconds on the tiny model."""
+    return {"tunekit": {"data.max_len": 64, "lora": {"r": 8, "alpha": 16},
+                        "train": {"threads": 1, "micro_batch_size": 4, **train},
+                        "eval": {"limit": 2, "max_new_tokens": 8, "baselines": ["base", "few-shot:2"]}}}
+
+
+def wait_for(client, job_id: str, statuses: tuple[str, ...], timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        assert time.monotonic() < deadline, f"job still {job.status}: {job}"
+        time.sleep(0.3)
+
+
+def greedy(path, messages, max_new_tokens: int = 12) -> str:
+    model, tokenizer = load_for_inference(path)
+    prompt = render_prompt({"messages": messages}, tokenizer)
+    out = generate(model, [prompt], stop_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id,
+                   max_new_tokens=max_new_tokens, batch_size=1)[0]
+    return tokenizer.decode(out.ids, skip_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_llama_dir):
+    data_dir = tmp_path_factory.mktemp("serve-data")
+    with serving(models=[f"tiny={tiny_llama_dir}"], data_dir=data_dir) as (url, app):
+        yield url, app, data_dir
+
+
+def upload(client, content: bytes, name: str | None = "train.jsonl"):
+    return client.files.create(file=(name, content) if name else io.BytesIO(content), purpose="fine-tune")
+
+
+# --------------------------------------------------------------------------------------------------
+# The cookbook flow
+
+
+def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
+    url, app, data_dir = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(24, 0))
+    valid = upload(client, toy_jsonl(10, 1), name=None)  # bare bytes arrive named "upload"
+    assert (train.status, train.purpose, train.filename, valid.filename) == ("processed", "fine-tune",
+                                                                            "train.jsonl", "upload")
+    assert client.files.retrieve(train.id).bytes == len(toy_jsonl(24, 0))
+    assert client.files.content(train.id).read() == toy_jsonl(24, 0)
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train.id, validation_file=valid.id, suffix="toy", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {
+            "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 100}}},
+        metadata={"team": "a"}, extra_body=tiny_job(max_steps=12, save_every=4))
+    assert job.status == "validating_files" and job.id.startswith("ftjob-") and job.error is None
+    assert (job.hyperparameters.n_epochs, job.seed, job.metadata) == (3, 7, {"team": "a"})
+
+    job = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:tiny:local:toy:{job.id[6:14]}"
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at and job.estimated_finish is None
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=2))  # pages of 2, newest first
+    assert len({e.id for e in events}) == len(events)
+    messages = [e.message for e in reversed(events)]
+    assert messages[0] == f"Created fine-tuning job: {job.id}"
+    assert messages[-2:] == [f"New fine-tuned model created: {job.fine_tuned_model}",
+                             "The job has successfully completed"]
+    metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and all(m["total_steps"] == 12 for m in metrics)
+    run_dir = data_dir / "jobs" / job.id / "run"
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["train_loss"] for m in metrics] == [r["train_loss"] for r in logged]
+    assert metrics[-1]["valid_loss"] == logged[-1]["valid_loss"]
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [12, 8, 4]
+    assert checkpoints[0].fine_tuned_model_checkpoint == job.fine_tuned_model
+    assert checkpoints[1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-8"
+    assert checkpoints[2].metrics.train_loss == logged[3]["train_loss"]
+
+    served = {m.id for m in client.models.list()}
+    assert {"tiny", job.fine_tuned_model, f"{job.fine_tuned_model}:ckpt-step-8"} <= served
+    reply = client.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION, temperature=0,
+                                           max_completion_tokens=12)
+    tuned = greedy(run_dir, QUESTION)
+    assert reply.choices[0].message.content == tuned
+    assert tuned != greedy(tiny_llama_dir, QUESTION), "training did not change the answer"
+
+    csv_file, report = (client.files.retrieve(f) for f in job.result_files)
+    assert (csv_file.filename, csv_file.purpose, report.filename) == ("step_metrics.csv", "fine-tune-results",
+                                                                      "eval_report.md")
+    rows = client.files.content(csv_file.id).text.splitlines()
+    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(rows) == 13
+    assert "few-shot" in client.files.content(report.id).text
+
+    # continue fine-tuning from the tuned model (its adapter merged into the base, a new adapter on top)
+    more = client.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=train.id, suffix="more",
+                                          extra_body=tiny_job(max_steps=2))
+    more = wait_for(client, more.id, ("succeeded", "failed", "cancelled"))
+    assert more.status == "succeeded", more.error
+    assert more.model == job.fine_tuned_model and more.fine_tuned_model.startswith("ft:tiny:local:more:")
+    config = (data_dir / "jobs" / more.id / "config.yaml").read_text()
+    assert f"base: {run_dir}" in config and "previous_adapter: merge" in config
+    assert client.chat.completions.create(model=more.fine_tuned_model, messages=QUESTION,
+                                          max_completion_tokens=4).choices[0].message.content is not None
+
+    assert {j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})} == {job.id}
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == [more.id, job.id]  # paged, newest first
+
+
+def test_auto_hyperparameters_are_resolved_and_echoed(server):
+    url, _, _ = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(20, 3))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                         hyperparameters={"n_epochs": "auto"}, extra_body=tiny_job(max_steps=1))
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == ("auto", "auto")
+    job = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+    assert job.status == "succeeded", job.error
+    # 20 examples: the cookbook rule gives min(25, ceil(100 / 20)) = 5 epochs; batch 16384 // 64 rows
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size,
+            job.hyperparameters.learning_rate_multiplier) == (5, 256, 1.0)
+    assert job.method.supervised.hyperparameters.n_epochs == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_data_fails_the_job_with_code_and_line(server):
+    url, _, _ = server
+    client = sdk(url)
+    lines = toy_jsonl(12, 4).decode().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "hi"}'  # line 3: not JSON
+    broken = upload(client, ("\n".join(lines) + "\n").encode())
+    assert broken.status == "error" and "line 3" in broken.status_details
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=broken.id)
+    job = wait_for(client, job.id, ("failed", "succeeded"))
+    assert (job.status, job.error.code, job.error.param) == ("failed", "invalid_training_file", "training_file")
+    assert "line 3" in job.error.message
+
+    few = upload(client, toy_jsonl(5, 5))
+    job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=few.id).id, ("failed",))
+    assert job.error.code == "invalid_n_examples" and "has 5 example(s)" in job.error.message
+
+    other = client.files.create(file=("notes.jsonl", toy_jsonl(12, 6)), purpose="assistants")
+    job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=other.id).id, ("failed",))
+    assert (job.error.code, job.error.param) == ("invalid_file_purpose", "training_file")
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(model="nope"), "model"),
+    (dict(training_file="file-missing"), "training_file"),
+    (dict(validation_file="file-missing"), "validation_file"),
+    (dict(method={"type": "dpo"}), "method.type"),
+    (dict(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
+    (dict(suffix="x" * 65), "suffix"),
+    (dict(extra_body={"tunekit": {"lora.r": 0}}), "tunekit.lora.r"),
+    (dict(extra_body={"tunekit": {"method": "dpo"}}), "tunekit.method"),
+    (dict(extra_body={"tunekit": {"output": {"dir": "/tmp/x"}}}), "tunekit.output.dir"),
+])
+def test_bad_create_requests_are_400_naming_the_param(server, kwargs, param):
+    url, _, _ = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(12, 7))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": train.id, **kwargs})
+    assert err.value.param == param, err.value.message
+
+
+def test_unknown_ids_are_404_and_pagination_never_loops(server):
+    url, _, _ = server
+    client = sdk(url)
+    for call in (lambda: client.files.retrieve("file-nope"), lambda: client.fine_tuning.jobs.retrieve("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.list_events("ftjob-nope"), lambda: client.files.delete("file-nope")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    ids = [upload(client, toy_jsonl(12, 10 + i)).id for i in range(3)]
+    listed = [f.id for f in client.files.list(limit=1, order="asc", purpose="fine-tune")]
+    assert listed[-3:] == ids and len(listed) == len(set(listed))
+    page = client.files.list(after="file-unknown")
+    assert page.data == [] and page.has_more is False
+    assert client.files.delete(ids[0]).deleted is True
+    assert ids[0] not in {f.id for f in client.files.list()}
+
+
+def test_upload_size_limit(tmp_path, tiny_llama_dir):
+    with serving(models=[f"tiny={tiny_llama_dir}"], data_dir=tmp_path, max_upload_bytes=2048) as (url, _):
+        client = sdk(url)
+        with pytest.raises(openai.APIStatusError) as err:
+            upload(client, toy_jsonl(200, 0))
+        assert err.value.status_code == 413
+        assert upload(client, toy_jsonl(3, 0)).status == "processed"
+        assert list(tmp_path.glob("blobs/.tmp-*")) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Cancel, pause and resume
+
+
+def _metrics(client, job_id: str) -> list[dict]:
+    return [e.data for e in reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=100)))
+            if e.type == "metrics"]
+
+
+def test_cancel_stops_the_training_process(server):
+    url, app, _ = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(24, 8))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, extra_body=tiny_job(max_steps=5000))
+    deadline = time.monotonic() + 120
+    while not _metrics(client, job.id):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    run = app.state.worker.runs[job.id]
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert run.proc.wait(timeout=30) is not None
+    with pytest.raises(openai.BadRequestError) as err:  # 400, not 409: the SDK would retry a 409
+        client.fine_tuning.jobs.cancel(job.id)
+    assert "cancelled" in err.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+
+
+def test_pause_and_resume_give_the_same_losses(server):
+    url, app, _ = server
+    client, loose = sdk(url), sdk(url, strict=False)  # "paused" is not in the SDK's status type
+    train = upload(client, toy_jsonl(24, 9))
+    body = dict(model="tiny", training_file=train.id, seed=3, hyperparameters={"batch_size": 4, "n_epochs": 2},
+                extra_body=tiny_job(max_steps=10))
+    reference = wait_for(client, client.fine_tuning.jobs.create(**body).id, ("succeeded", "failed"))
+    assert reference.status == "succeeded", reference.error
+
+    job = client.fine_tuning.jobs.create(**body)
+    deadline = time.monotonic() + 120
+    while len(_metrics(client, job.id)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    paused = loose.fine_tuning.jobs.pause(job.id)
+    assert paused.status == "paused"
+    while job.id in app.state.worker.runs:  # the process writes a checkpoint and ends
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert loose.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    stopped_at = len(_metrics(client, job.id))
+    assert stopped_at < 10
+    with pytest.raises(openai.BadRequestError):
+        loose.fine_tuning.jobs.pause(job.id)
+    assert loose.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = wait_for(client, job.id, ("succeeded", "failed"))
+    assert job.status == "succeeded", job.error
+    got, want = _metrics(client, job.id), _metrics(client, reference.id)
+    assert [m["step"] for m in got] == list(range(1, 11))
+    for a, b in zip(got, want, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (a, b)
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert f"Fine-tuning job paused at step {stopped_at}" in messages
+
+
+# --------------------------------------------------------------------------------------------------
+# Projects
+
+
+def test_projects_cannot_see_each_others_objects(tmp_path, tiny_llama_dir):
+    with serving(models=[f"tiny={tiny_llama_dir}"], data_dir=tmp_path, api_keys=["a:key-a", "b:key-b"]) as (url, _):
+        a, b = sdk(url, "key-a"), sdk(url, "key-b")
+        mine = upload(a, toy_jsonl(12, 0))
+        job = a.fine_tuning.jobs.create(model="tiny", training_file=mine.id, extra_body=tiny_job(max_steps=1))
+        with pytest.raises(openai.NotFoundError):
+            b.files.retrieve(mine.id)
+        with pytest.raises(openai.NotFoundError):
+            b.fine_tuning.jobs.retrieve(job.id)
+        with pytest.raises(openai.NotFoundError):
+            b.files.content(mine.id)
+        assert b.files.list().data == [] and b.fine_tuning.jobs.list().data == []
+        with pytest.raises(openai.BadRequestError) as err:
+            b.fine_tuning.jobs.create(model="tiny", training_file=mine.id)
+        assert err.value.param == "training_file"
+        job = wait_for(a, job.id, ("succeeded", "failed"))
+        assert job.status == "succeeded" and job.organization_id == "org-a"
+        assert job.fine_tuned_model in {m.id for m in a.models.list()}
+        assert job.fine_tuned_model not in {m.id for m in b.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            b.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION)
+        with pytest.raises(openai.BadRequestError) as err:
+            b.fine_tuning.jobs.create(model=job.fine_tuned_model, training_file=upload(b, toy_jsonl(12, 1)).id)
+        assert err.value.param == "model"
+        with pytest.raises(openai.AuthenticationError):
+            sdk(url, "wrong").files.list()
+
+
+# --------------------------------------------------------------------------------------------------
+# Restart
+
+
+def _serve_process(port: int, data_dir: Path, model: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.Popen([sys.executable, "-m", "tunekit.cli", "serve", f"tiny={model}", "--port", str(port),
+                             "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _ready(url: str, proc: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        try:
+            if httpx.get(url.removesuffix("/v1") + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
+
+
+def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
+    """SIGKILL the server while a job trains: after a restart every file and job is there, the job continues
+    from its last checkpoint, events are not repeated, and the losses equal an uninterrupted run's."""
+    from tunekit.config import load_config
+    from tunekit.train import train
+
+    data_dir, port = tmp_path / "data", free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = _serve_process(port, data_dir, tiny_llama_dir)
+    try:
+        _ready(url, proc)
+        client = sdk(url)
+        file = upload(client, toy_jsonl(24, 11))
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, seed=5,
+                                             hyperparameters={"batch_size": 4, "n_epochs": 3},
+                                             extra_body=tiny_job(max_steps=14, save_every=3))
+        ckpt = data_dir / "jobs" / job.id / "run" / "checkpoints" / "step-000006"
+        deadline = time.monotonic() + 180
+        while not ckpt.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(1.0)  # the training process dies with the server (PR_SET_PDEATHSIG)
+        assert not (data_dir / "jobs" / job.id / "run" / "final").exists(), "the job ended before the kill"
+
+        proc = _serve_process(port, data_dir, tiny_llama_dir)
+        _ready(url, proc)
+        assert client.files.retrieve(file.id).status == "processed"
+        job = wait_for(client, job.id, ("succeeded", "failed"))
+        assert job.status == "succeeded", job.error
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=7))
+        assert len({e.id for e in events}) == len(events)
+        messages = [e.message for e in events]
+        assert "The server restarted: the job continues from its last checkpoint" in messages
+        assert messages.count("The job has successfully completed") == 1
+        metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+        assert [m["step"] for m in metrics] == list(range(1, 15))
+    finally:
+        proc.kill()
+        proc.wait()
+    cfg = load_config(data_dir / "jobs" / job.id / "config.yaml", [f"output.dir={tmp_path / 'reference'}"])
+    reference = [json.loads(x) for x in (train(cfg).run_dir / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(metrics, reference, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (a, b)
