@@ -65,10 +65,12 @@ def store_of(request: Request) -> Store:
     return store
 
 
-def find_file(request: Request, file_id: str, param: str = "file_id") -> dict:
+def find_file(request: Request, file_id: str, param: str = "file_id", status: int = 404) -> dict:
+    """The project's file `file_id`; 404 (or `status`: 400 when a request body names it) naming `param`."""
     row = store_of(request).file(project_of(request), file_id)
     if row is None:
-        raise APIError(404, f"No such File object: {file_id}", param=param)
+        raise APIError(status, f"No such File object: {file_id}", param=param,
+                       code="file_not_found" if status == 400 else None)
     return row
 
 

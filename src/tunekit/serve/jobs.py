@@ -216,9 +216,9 @@ def create_job(request: Request, body: CreateJob) -> dict:
         raise APIError(400, f"method.type {body.method.type!r} is not supported yet: use \"supervised\"",
                        param="method.type")
     base, root, context = _base_of(request, body.model)
-    training = find_file(request, body.training_file, "training_file")
+    training = find_file(request, body.training_file, "training_file", status=400)
     if body.validation_file is not None:
-        find_file(request, body.validation_file, "validation_file")
+        find_file(request, body.validation_file, "validation_file", status=400)
     given = (body.method.supervised.hyperparameters if body.method and body.method.supervised else None) \
         or body.hyperparameters or Hyperparameters()
     hp = {k: "auto" if v is None else v for k, v in given.model_dump().items()}

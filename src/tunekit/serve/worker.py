@@ -343,9 +343,9 @@ class Worker:
 
     def _follow(self, run: _Run) -> None:
         job = self.store.job(None, run.job_id)
+        code = run.proc.poll()  # before reading: rows written up to the exit are read in this pass
         self._read_metrics(run, job)
         self._read_checkpoints(run, job)
-        code = run.proc.poll()
         if code is None:
             if job["status"] == "cancelled":
                 run.proc.kill()
