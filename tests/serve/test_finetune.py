@@ -415,3 +415,34 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
     reference = [json.loads(x) for x in (train(cfg).run_dir / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(metrics, reference, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Integrations
+
+
+def test_wandb_integration_logs_the_run(server, monkeypatch):
+    """The job's training process logs to W&B (offline here: WANDB_MODE) with the project, name and tags given."""
+    pytest.importorskip("wandb")
+    from test_trackers import _wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the training process inherits the server's environment
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    url, _, data_dir = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(12, 12))
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train.id, extra_body=tiny_job(max_steps=3),
+        integrations=[{"type": "wandb", "wandb": {"project": "toy", "name": "first", "tags": ["sdk"]}}])
+    assert job.integrations[0].wandb.project == "toy"
+    job = wait_for(client, job.id, ("succeeded", "failed"))
+    assert job.status == "succeeded", job.error
+    run_dir = data_dir / "jobs" / job.id / "run"
+    records = _wandb_records(run_dir)
+    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in records if r["type"] == "history"}
+    logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {s: h["train_loss"] for s, h in history.items()} == pytest.approx({r["step"]: r["train_loss"]
+                                                                              for r in logged})
+    config = next(r for r in records if r["type"] == "run")["run"]["config"]["update"]
+    assert config["output"]["wandb"] == {"project": "toy", "entity": None, "name": "first",
+                                         "tags": ["sdk", f"tunekit/{job.id}"], "mode": None}
