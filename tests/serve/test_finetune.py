@@ -446,3 +446,26 @@ def test_wandb_integration_logs_the_run(server, monkeypatch):
     config = next(r for r in records if r["type"] == "run")["run"]["config"]["update"]
     assert config["output"]["wandb"] == {"project": "toy", "entity": None, "name": "first",
                                          "tags": ["sdk", f"tunekit/{job.id}"], "mode": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# The example script
+
+
+def test_openai_sdk_example_runs(server, tmp_path, capsys):
+    import importlib.util
+
+    url, app, data_dir = server
+    spec = importlib.util.spec_from_file_location("finetune_example", REPO / "examples" / "openai-sdk" / "finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    (tmp_path / "train.jsonl").write_bytes(toy_jsonl(16, 20))
+    (tmp_path / "valid.jsonl").write_bytes(toy_jsonl(10, 21))
+    name, answer = example.main(["--base-url", url, "--model", "tiny", "--train", str(tmp_path / "train.jsonl"),
+                                 "--valid", str(tmp_path / "valid.jsonl"), "--epochs", "1",
+                                 "--tunekit", json.dumps(tiny_job(max_steps=2)["tunekit"])])
+    out = capsys.readouterr().out
+    assert "Fine-tuning job started" in out and f"{name} says: {answer}" in out
+    job = app.state.store.job_by_model(name)
+    first = json.loads((tmp_path / "valid.jsonl").read_text().splitlines()[0])["messages"][:1]
+    assert answer == greedy(data_dir / "jobs" / job["id"] / "run", first, 64)
