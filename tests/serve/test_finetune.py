@@ -267,6 +267,8 @@ def test_cancel_stops_the_training_process(server):
     while not _metrics(client, job.id):
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    running = client.fine_tuning.jobs.retrieve(job.id)
+    assert running.status == "running" and running.estimated_finish > running.created_at  # 5000 steps to go
     run = app.state.worker.runs[job.id]
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
@@ -348,10 +350,11 @@ def test_projects_cannot_see_each_others_objects(tmp_path, tiny_llama_dir):
 # Restart
 
 
-def _serve_process(port: int, data_dir: Path, model: Path) -> subprocess.Popen:
+def _serve_process(port: int, data_dir: Path, model: Path, keys: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     return subprocess.Popen([sys.executable, "-m", "tunekit.cli", "serve", f"tiny={model}", "--port", str(port),
-                             "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1"], env=env,
+                             "--data-dir", str(data_dir), "--device", "cpu", "--threads", "1",
+                             "--api-keys-file", str(keys)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -376,12 +379,13 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
     from tunekit.config import load_config
     from tunekit.train import train
 
-    data_dir, port = tmp_path / "data", free_port()
+    data_dir, port, keys = tmp_path / "data", free_port(), tmp_path / "keys.txt"
+    keys.write_text("# project:key\nteam:key-1\n")
     url = f"http://127.0.0.1:{port}/v1"
-    proc = _serve_process(port, data_dir, tiny_llama_dir)
+    proc = _serve_process(port, data_dir, tiny_llama_dir, keys)
     try:
         _ready(url, proc)
-        client = sdk(url)
+        client = sdk(url, "key-1")
         file = upload(client, toy_jsonl(24, 11))
         job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, seed=5,
                                              hyperparameters={"batch_size": 4, "n_epochs": 3},
@@ -396,11 +400,12 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
         time.sleep(1.0)  # the training process dies with the server (PR_SET_PDEATHSIG)
         assert not (data_dir / "jobs" / job.id / "run" / "final").exists(), "the job ended before the kill"
 
-        proc = _serve_process(port, data_dir, tiny_llama_dir)
+        proc = _serve_process(port, data_dir, tiny_llama_dir, keys)
         _ready(url, proc)
         assert client.files.retrieve(file.id).status == "processed"
         job = wait_for(client, job.id, ("succeeded", "failed"))
         assert job.status == "succeeded", job.error
+        assert job.organization_id == "org-team" and job.fine_tuned_model.startswith("ft:tiny:team::")
         events = list(client.fine_tuning.jobs.list_events(job.id, limit=7))
         assert len({e.id for e in events}) == len(events)
         messages = [e.message for e in events]
@@ -469,3 +474,22 @@ def test_openai_sdk_example_runs(server, tmp_path, capsys):
     job = app.state.store.job_by_model(name)
     first = json.loads((tmp_path / "valid.jsonl").read_text().splitlines()[0])["messages"][:1]
     assert answer == greedy(data_dir / "jobs" / job["id"] / "run", first, 64)
+
+
+def test_readme_snippet_runs(server, tmp_path):
+    """The README's fine-tuning snippet, pointed at the test server, the tiny model and a toy file."""
+    import re
+
+    url, _, _ = server
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Fine-tuning API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "train.jsonl").write_bytes(toy_jsonl(12, 30))
+    for old, new in (("http://127.0.0.1:8000/v1", url), ('model="base"', 'model="tiny"'),
+                     ("examples/quickstart/train.jsonl", str(tmp_path / "train.jsonl")), ("time.sleep(5)", "time.sleep(0.2)")):
+        assert old in code
+        code = code.replace(old, new)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["job"].status == "succeeded" and scope["job"].hyperparameters.n_epochs == 2
+    assert scope["reply"].choices[0].message.role == "assistant"

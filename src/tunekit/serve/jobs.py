@@ -245,9 +245,10 @@ def list_jobs(request: Request, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
     rows = store_of(request).jobs(project_of(request))
     wanted = _metadata_filter(request)
-    if wanted is not None:
-        rows = [r for r in rows if (r["metadata"] or None) == wanted or (
-            wanted and all((r["metadata"] or {}).get(k) == v for k, v in wanted.items()))]
+    if wanted == {}:
+        rows = [r for r in rows if not r["metadata"]]
+    elif wanted is not None:
+        rows = [r for r in rows if all((r["metadata"] or {}).get(k) == v for k, v in wanted.items())]
     rows, more = page(rows, after, limit)
     return {"object": "list", "data": [job_json(r) for r in rows], "has_more": more}
 

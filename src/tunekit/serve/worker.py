@@ -226,14 +226,23 @@ class Worker:
 
     def _tick(self) -> None:
         for job in self.store.jobs(status=["validating_files"], ascending=True):
-            self._validate(job)
+            self._guarded(job, self._validate, ("validating_files",))
         for run in list(self.runs.values()):
             self._follow(run)
         for job in self.store.jobs(status=["queued"], ascending=True):
             if len(self.runs) >= self.workers:
                 break
             if job["id"] not in self.runs:
-                self._start(job)
+                self._guarded(job, self._start, ("queued",))
+
+    def _guarded(self, job: dict, step, from_status: tuple[str, ...]) -> None:
+        """Run `step(job)`; an unexpected error fails that job (logged with its traceback) instead of
+        being retried on every pass."""
+        try:
+            step(job)
+        except Exception as exc:
+            log.exception("fine-tuning job %s: %s failed", job["id"], step.__name__)
+            self._fail(job["id"], "internal_error", f"{type(exc).__name__}: {exc}", None, from_status=from_status)
 
     # ---- 1. validate
 
