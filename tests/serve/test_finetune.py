@@ -159,8 +159,21 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     assert client.chat.completions.create(model=more.fine_tuned_model, messages=QUESTION,
                                           max_completion_tokens=4).choices[0].message.content is not None
 
+    # ... or from one of its checkpoints: a run dir of the earlier config with that checkpoint's adapter
+    ckpt_model = f"{job.fine_tuned_model}:ckpt-step-8"
+    from_ckpt = client.fine_tuning.jobs.create(model=ckpt_model, training_file=train.id,
+                                               extra_body=tiny_job(max_steps=1))
+    from_ckpt = wait_for(client, from_ckpt.id, ("succeeded", "failed", "cancelled"))
+    assert from_ckpt.status == "succeeded", from_ckpt.error
+    snapshot = data_dir / "jobs" / from_ckpt.id / "base"
+    assert (snapshot / "final" / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "checkpoints" / "step-000008" / "adapter_model.safetensors").read_bytes()
+    ckpt_reply = client.chat.completions.create(model=ckpt_model, messages=QUESTION, temperature=0,
+                                                max_completion_tokens=12)
+    assert ckpt_reply.choices[0].message.content == greedy(snapshot, QUESTION)
+
     assert {j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})} == {job.id}
-    assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == [more.id, job.id]  # paged, newest first
+    assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == [from_ckpt.id, more.id, job.id]  # paged
 
 
 def test_auto_hyperparameters_are_resolved_and_echoed(server):
@@ -201,6 +214,22 @@ def test_bad_data_fails_the_job_with_code_and_line(server):
     other = client.files.create(file=("notes.jsonl", toy_jsonl(12, 6)), purpose="assistants")
     job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=other.id).id, ("failed",))
     assert (job.error.code, job.error.param) == ("invalid_file_purpose", "training_file")
+
+
+def test_a_training_crash_fails_the_job_and_the_server_lives(server):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the crash is asking for CUDA on a machine without it")
+    url, _, _ = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(12, 13))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                         extra_body={"tunekit": {"train.device": "cuda", "train.max_steps": 1}})
+    job = wait_for(client, job.id, ("failed", "succeeded"))
+    assert (job.status, job.error.code, job.error.param) == ("failed", "training_failed", None)
+    assert "exited with code 1" in job.error.message and "cuda" in job.error.message
+    assert client.models.list().data  # still serving
 
 
 @pytest.mark.parametrize("kwargs, param", [

@@ -433,6 +433,7 @@ class Worker:
     def _succeed(self, job: dict, run: _Run) -> None:
         from tunekit.serve.jobs import model_name
 
+        (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
         summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
         result_files = [self._result_file(job, "step_metrics.csv", _metrics_csv(run.run_dir / "metrics.jsonl"))]
         report = run.run_dir / "eval" / "report.md"
