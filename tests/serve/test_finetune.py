@@ -242,6 +242,8 @@ def test_a_training_crash_fails_the_job_and_the_server_lives(server):
     (dict(extra_body={"tunekit": {"lora.r": 0}}), "tunekit.lora.r"),
     (dict(extra_body={"tunekit": {"method": "dpo"}}), "tunekit.method"),
     (dict(extra_body={"tunekit": {"output": {"dir": "/tmp/x"}}}), "tunekit.output.dir"),
+    (dict(extra_body={"tunekit": {"data": 5}}), "tunekit.data"),
+    (dict(extra_body={"tunekit": {"train": {"max_steps": 0, "warmup_ratio": 2}}}), "tunekit.train.max_steps"),
 ])
 def test_bad_create_requests_are_400_naming_the_param(server, kwargs, param):
     url, _, _ = server
@@ -250,6 +252,18 @@ def test_bad_create_requests_are_400_naming_the_param(server, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": train.id, **kwargs})
     assert err.value.param == param, err.value.message
+
+
+def test_every_tunekit_config_problem_is_reported(server):
+    url, _, _ = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(12, 14))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.fine_tuning.jobs.create(model="tiny", training_file=train.id, extra_body={"tunekit": {
+            "train": {"max_steps": 0, "warmup_ratio": 2}, "lora.rr": 4}})
+    message = err.value.message
+    assert "tunekit.train.max_steps" in message and "tunekit.train.warmup_ratio" in message
+    assert "tunekit.lora.rr: unknown key 'rr'" in message and "did you mean 'r'?" in message
 
 
 def test_unknown_ids_are_404_and_pagination_never_loops(server):

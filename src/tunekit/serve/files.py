@@ -13,7 +13,7 @@ import codecs
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel
 
 from tunekit.serve.errors import APIError
@@ -157,4 +157,4 @@ def file_content(request: Request, file_id: str) -> Response:
     row = find_file(request, file_id)
     path = store_of(request).blob_path(row["sha256"])
     media = "text/csv" if row["filename"].endswith(".csv") else "application/octet-stream"
-    return Response(path.read_bytes(), media_type=media)
+    return FileResponse(path, media_type=media)  # streamed from disk

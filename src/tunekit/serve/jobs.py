@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunekit.serve.errors import APIError
 from tunekit.serve.files import find_file, store_of
 from tunekit.serve.store import new_id, now, page, project_of
+from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop
 
 router = APIRouter()
 
@@ -176,18 +177,6 @@ def job_json(job: dict) -> dict:
         user_provided_suffix=job["suffix"]).model_dump()
 
 
-def checkpoint_name(job: dict, step: int) -> str:
-    """A checkpoint's model name; the last step of a succeeded job is its fine-tuned model itself."""
-    if job["fine_tuned_model"] and job["total_steps"] == step:
-        return job["fine_tuned_model"]
-    return f"{model_name(job)}:ckpt-step-{step}"
-
-
-def model_name(job: dict) -> str:
-    """`ft:{base}:{project}:{suffix}:{8 characters of the job id}` (OpenAI's pattern)."""
-    return f"ft:{job['root_model']}:{job['project']}:{job['suffix'] or ''}:{job['id'][len('ftjob-'):][:8]}"
-
-
 # --------------------------------------------------------------------------------------------------
 # Routes
 
@@ -199,23 +188,14 @@ def _find_job(request: Request, job_id: str) -> dict:
     return job
 
 
-def _base_of(request: Request, name: str) -> tuple[str, str, int]:
-    """(what training starts from, the root base model name, the model's context) for a job's `model`."""
-    from tunekit.serve.worker import base_of
-
-    return base_of(request.app.state, project_of(request), name)
-
-
 @router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
 def create_job(request: Request, body: CreateJob) -> dict:
-    from tunekit.serve.worker import check_overrides
-
     store = store_of(request)
     project = project_of(request)
     if body.method is not None and body.method.type != "supervised":
         raise APIError(400, f"method.type {body.method.type!r} is not supported yet: use \"supervised\"",
                        param="method.type")
-    base, root, context = _base_of(request, body.model)
+    base, root, context = base_of(request.app.state, project, body.model)
     training = find_file(request, body.training_file, "training_file", status=400)
     if body.validation_file is not None:
         find_file(request, body.validation_file, "validation_file", status=400)
@@ -291,8 +271,6 @@ def cancel_job(request: Request, fine_tuning_job_id: str) -> dict:
 
 @router.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
 def pause_job(request: Request, fine_tuning_job_id: str) -> dict:
-    from tunekit.serve.worker import request_stop
-
     job = _transition(request, fine_tuning_job_id, ("running",), "paused", "pause",
                       "Pausing fine-tuning job: a checkpoint is written after the current step",
                       estimated_finish=None)

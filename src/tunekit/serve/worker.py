@@ -130,6 +130,10 @@ def check_overrides(values: dict, context: int) -> dict:
     from tunekit.errors import ConfigError
 
     nested = _nested(values)
+    for key, value in nested.items():
+        if key != "method" and not isinstance(value, dict):
+            raise APIError(400, f"tunekit.{key} must be an object of config values (or use dotted keys: "
+                                f"{{\"{key}.KEY\": value}})", param=f"tunekit.{key}")
     reserved = [k for k in _flat(nested) if any(k == r or k.startswith(r + ".") for r in RESERVED)]
     if reserved:
         raise APIError(400, f"tunekit.{reserved[0]} is set by the job itself (model, training_file, hyperparameters, "
@@ -148,6 +152,18 @@ def check_overrides(values: dict, context: int) -> dict:
                             for w, p in zip(where, exc.problems, strict=True))
         raise APIError(400, f"invalid tunekit config values: {message}", param=f"tunekit.{where[0]}") from None
     return nested
+
+
+def checkpoint_name(job: dict, step: int) -> str:
+    """A checkpoint's model name; the last step of a succeeded job is its fine-tuned model itself."""
+    if job["fine_tuned_model"] and job["total_steps"] == step:
+        return job["fine_tuned_model"]
+    return f"{model_name(job)}:ckpt-step-{step}"
+
+
+def model_name(job: dict) -> str:
+    """`ft:{base}:{project}:{suffix}:{8 characters of the job id}` (OpenAI's pattern)."""
+    return f"ft:{job['root_model']}:{job['project']}:{job['suffix'] or ''}:{job['id'][len('ftjob-'):][:8]}"
 
 
 def request_stop(store: Store, job_id: str) -> None:
@@ -417,8 +433,6 @@ class Worker:
         return min(total, max_steps) if max_steps else total
 
     def _read_checkpoints(self, run: _Run, job: dict) -> None:
-        from tunekit.serve.jobs import model_name
-
         for ckpt in sorted((run.run_dir / "checkpoints").glob("step-*")):
             step = int(ckpt.name[5:])
             row = run.steps.get(step, {})
@@ -431,8 +445,6 @@ class Worker:
     # ---- ends
 
     def _succeed(self, job: dict, run: _Run) -> None:
-        from tunekit.serve.jobs import model_name
-
         (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
         summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
         result_files = [self._result_file(job, "step_metrics.csv", _metrics_csv(run.run_dir / "metrics.jsonl"))]
@@ -465,8 +477,6 @@ class Worker:
     def _serve(self, job: dict) -> None:
         """Put the job's model (and its kept LoRA checkpoints) in /v1/models for its project."""
         from tunekit.serve.inference import ModelSpec, load_models
-        from tunekit.serve.jobs import checkpoint_name
-
         run_dir = self.store.dir / "jobs" / job["id"] / "run"
         specs = [ModelSpec(job["fine_tuned_model"], str(run_dir))]
         chained = job["base"].startswith("ckpt:") or (Path(job["base"]) / "config.yaml").is_file()
