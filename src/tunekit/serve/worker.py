@@ -112,8 +112,7 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
                                         else hp["learning_rate_multiplier"])
     cfg["train"] = {**cfg["train"], "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "lr": lr,
                     "seed": seed}
-    if hp["batch_size"] != "auto":
-        cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))
+    cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))  # rows per forward; same math
     cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None)}
     cfg["output"] = {"dir": str(run_dir), "overwrite": True}
     for item in integrations or []:
@@ -138,9 +137,7 @@ def check_overrides(values: dict, context: int) -> dict:
     if reserved:
         raise APIError(400, f"tunekit.{reserved[0]} is set by the job itself (model, training_file, hyperparameters, "
                             "seed, integrations), not by tunekit config values", param=f"tunekit.{reserved[0]}")
-    data = nested.setdefault("data", {})
-    if isinstance(data, dict):  # anything else: the config check below names it
-        data.setdefault("max_len", max(16, min(1024, context)))
+    nested.setdefault("data", {}).setdefault("max_len", max(16, min(1024, context)))
     hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}
     trial = run_config(base="base", train=Path("train.jsonl"), validation=None, run_dir=Path("run"), hp=hp, seed=0,
                        overrides=nested, integrations=None, job_id="ftjob-x")
@@ -188,7 +185,8 @@ class _Run:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: Linux kills it when the server process dies (PR_SET_PDEATHSIG)."""
+    """In the child, before exec: Linux kills it when the server dies (PR_SET_PDEATHSIG; strictly, when the
+    thread that started it ends: the worker thread, which lives as long as the server)."""
     try:
         import ctypes
 
