@@ -388,6 +388,19 @@ def test_projects_cannot_see_each_others_objects(tmp_path, tiny_llama_dir):
         with pytest.raises(openai.AuthenticationError):
             sdk(url, "wrong").files.list()
 
+        # deleting a fine-tuned model: only its project can, and then nobody is served it
+        with pytest.raises(openai.NotFoundError):
+            b.models.delete(job.fine_tuned_model)
+        with pytest.raises(openai.BadRequestError) as err:
+            a.models.delete("tiny")
+        assert err.value.param == "model"
+        deleted = a.models.delete(job.fine_tuned_model)
+        assert (deleted.id, deleted.deleted) == (job.fine_tuned_model, True)
+        assert job.fine_tuned_model not in {m.id for m in a.models.list()}
+        with pytest.raises(openai.NotFoundError):
+            a.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION)
+        assert a.fine_tuning.jobs.retrieve(job.id).fine_tuned_model == job.fine_tuned_model  # the job stays
+
 
 # --------------------------------------------------------------------------------------------------
 # Restart

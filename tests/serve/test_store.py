@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from tunekit.serve.store import SCHEMA_VERSION, Store, page
+from tunekit.serve.store import MIGRATIONS, SCHEMA_VERSION, Store, page
 
 
 def test_schema_is_created_once_and_a_newer_one_is_refused(tmp_path):
@@ -18,7 +18,7 @@ def test_schema_is_created_once_and_a_newer_one_is_refused(tmp_path):
     assert not store.add_event("ftjob-1", "again", key="k")  # a keyed event is added once
     store.close()
     db = sqlite3.connect(tmp_path / "tunekit.db")
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
     db.commit()
@@ -52,3 +52,20 @@ def test_pages_follow_the_cursor_and_an_unknown_cursor_ends_the_listing():
     assert page(rows, "1", 2) == (rows[2:4], True)
     assert page(rows, "3", 2) == (rows[4:], False)
     assert page(rows, "nope", 2) == ([], False)
+
+
+def test_a_version_1_database_is_migrated_with_its_rows(tmp_path):
+    db = sqlite3.connect(tmp_path / "tunekit.db")
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[1]:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (1)")
+    db.execute("INSERT INTO jobs (id, project, created_at, status, model, base, root_model, training_file, seed, "
+               "hyperparameters, overrides) VALUES ('ftjob-1', 'p', 0, 'succeeded', 'm', 'b', 'm', 'file-1', 0, "
+               "'{}', '{}')")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    job = store.job("p", "ftjob-1")
+    assert job["status"] == "succeeded" and job["model_deleted_at"] is None
+    assert SCHEMA_VERSION == 2

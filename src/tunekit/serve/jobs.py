@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunekit.serve.errors import APIError
 from tunekit.serve.files import find_file, store_of
 from tunekit.serve.store import new_id, now, page, project_of
-from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop
+from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop, unserve
 
 router = APIRouter()
 
@@ -306,3 +306,25 @@ def list_checkpoints(request: Request, fine_tuning_job_id: str, after: str | Non
              "step_number": r["step"], "metrics": r["metrics"]} for r in rows]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+@router.delete("/v1/models/{model_id:path}", response_model=ModelDeleted)
+def delete_model(request: Request, model_id: str) -> dict:
+    """Stop serving a fine-tuned model of this project (and its checkpoints); its job and files stay."""
+    store, state = store_of(request), request.app.state
+    owner = state.model_owner.get(model_id)
+    if model_id not in state.models or owner not in (None, project_of(request)):
+        raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+    job = store.job_by_model(model_id) if owner is not None else None
+    if job is None:
+        raise APIError(400, f"{model_id!r} is not a fine-tuned model (a served base or a checkpoint): only "
+                            "fine-tuned models can be deleted", param="model")
+    store.set_job(job["id"], model_deleted_at=now())
+    unserve(state, job)
+    return {"id": model_id, "object": "model", "deleted": True}

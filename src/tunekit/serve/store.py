@@ -54,6 +54,8 @@ MIGRATIONS: dict[int, list[str]] = {
             created_at INTEGER NOT NULL, step INTEGER NOT NULL, metrics TEXT NOT NULL, path TEXT NOT NULL,
             UNIQUE (job_id, step))""",
     ],
+    # DELETE /v1/models/{ft model}: the job stays, its model is no longer served
+    2: ["ALTER TABLE jobs ADD COLUMN model_deleted_at INTEGER"],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 _JSON_COLUMNS = {"metadata", "integrations", "hyperparameters", "overrides", "result_files", "error", "data",

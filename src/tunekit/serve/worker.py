@@ -208,6 +208,8 @@ class Worker:
     def start(self) -> None:
         """Serve the models of succeeded jobs, queue jobs a stopped server left running, start the thread."""
         for job in self.store.jobs(status=["succeeded"], ascending=True):
+            if job["model_deleted_at"] is not None:
+                continue
             try:
                 self._serve(job)
             except Exception as exc:  # a deleted run dir: the job stays, its model is not served
@@ -488,6 +490,14 @@ class Worker:
         served = load_models(specs, self.state.device, shared=shared)
         self.state.model_owner = {**self.state.model_owner, **{name: job["project"] for name in served}}
         self.state.models = {**self.state.models, **served}  # a new dict: requests may be reading the old one
+
+
+def unserve(state, job: dict) -> list[str]:
+    """Take a job's model and its checkpoint models out of /v1/models; returns their names."""
+    gone = [n for n in state.models if n == job["fine_tuned_model"] or n.startswith(job["fine_tuned_model"] + ":ckpt-")]
+    state.models = {n: s for n, s in state.models.items() if n not in gone}
+    state.model_owner = {n: p for n, p in state.model_owner.items() if n not in gone}
+    return gone
 
 
 def _metrics_csv(path: Path) -> bytes:
