@@ -290,6 +290,8 @@ def test_upload_size_limit(tmp_path, tiny_llama_dir):
         assert err.value.status_code == 413
         assert upload(client, toy_jsonl(3, 0)).status == "processed"
         assert list(tmp_path.glob("blobs/.tmp-*")) == []
+        with_bom = upload(client, b"\xef\xbb\xbf" + toy_jsonl(3, 0))  # UTF-8 with BOM, as Azure's docs ask
+        assert with_bom.status == "processed" and client.files.content(with_bom.id).read() == toy_jsonl(3, 0)
 
 
 # --------------------------------------------------------------------------------------------------
