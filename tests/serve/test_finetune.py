@@ -307,17 +307,24 @@ def test_cancel_stops_the_training_process(server):
     url, app, _ = server
     client = sdk(url)
     train = upload(client, toy_jsonl(24, 8))
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, extra_body=tiny_job(max_steps=5000))
+    long = dict(model="tiny", training_file=train.id, hyperparameters={"n_epochs": 50, "batch_size": 1},
+                extra_body=tiny_job())  # 1200 steps
+    job = client.fine_tuning.jobs.create(**long)
     deadline = time.monotonic() + 120
-    while not _metrics(client, job.id):
+    while (running := client.fine_tuning.jobs.retrieve(job.id)).estimated_finish is None:  # after a step
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    running = client.fine_tuning.jobs.retrieve(job.id)
-    assert running.status == "running" and running.estimated_finish > running.created_at  # 5000 steps to go
+    assert running.status == "running" and running.estimated_finish > running.created_at and _metrics(client, job.id)
+    later = client.fine_tuning.jobs.create(**long)
+    assert wait_for(client, later.id, ("queued", "running")).status == "queued"  # one worker: FIFO
+    time.sleep(1.0)
+    assert client.fine_tuning.jobs.retrieve(later.id).status == "queued"
     run = app.state.worker.runs[job.id]
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     assert run.proc.wait(timeout=30) is not None
+    assert wait_for(client, later.id, ("running",), timeout=60).status == "running"  # next in line
+    assert client.fine_tuning.jobs.cancel(later.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError) as err:  # 400, not 409: the SDK would retry a 409
         client.fine_tuning.jobs.cancel(job.id)
     assert "cancelled" in err.value.message
