@@ -438,6 +438,20 @@ def _ready(url: str, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
+def _processes_with(arg: str) -> list[int]:
+    """Pids of live processes with `arg` on their command line (Linux /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and arg.encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                if (entry / "stat").read_text().split(") ", 1)[1][0] != "Z":  # not a zombie
+                    pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the training process dies with the server on Linux only")
 def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
     """SIGKILL the server while a job trains: after a restart every file and job is there, the job continues
     from its last checkpoint, events are not repeated, and the losses equal an uninterrupted run's."""
@@ -453,16 +467,20 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
         client = sdk(url, "key-1")
         file = upload(client, toy_jsonl(24, 11))
         job = client.fine_tuning.jobs.create(model="tiny", training_file=file.id, seed=5,
-                                             hyperparameters={"batch_size": 4, "n_epochs": 3},
-                                             extra_body=tiny_job(max_steps=10, save_every=3))
+                                             hyperparameters={"batch_size": 4, "n_epochs": 10},
+                                             extra_body=tiny_job(max_steps=30, save_every=3))
         ckpt = data_dir / "jobs" / job.id / "run" / "checkpoints" / "step-000006"
         deadline = time.monotonic() + 180
         while not ckpt.exists():
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
+        config = str(data_dir / "jobs" / job.id / "config.yaml")
+        assert _processes_with(config), "no training process found"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        time.sleep(1.0)  # the training process dies with the server (PR_SET_PDEATHSIG)
+        while _processes_with(config):  # the training process dies with the server (PR_SET_PDEATHSIG)
+            assert time.monotonic() < deadline, "the training process outlived the server"
+            time.sleep(0.05)
         assert not (data_dir / "jobs" / job.id / "run" / "final").exists(), "the job ended before the kill"
 
         proc = _serve_process(port, data_dir, tiny_llama_dir, keys)
@@ -477,7 +495,7 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
         assert "The server restarted: the job continues from its last checkpoint" in messages
         assert messages.count("The job has successfully completed") == 1
         metrics = [e.data for e in reversed(events) if e.type == "metrics"]
-        assert [m["step"] for m in metrics] == list(range(1, 11))
+        assert [m["step"] for m in metrics] == list(range(1, 31))
     finally:
         proc.kill()
         proc.wait()
