@@ -290,6 +290,17 @@ def test_upload_size_limit(tmp_path, tiny_llama_dir):
         assert err.value.status_code == 413
         assert upload(client, toy_jsonl(3, 0)).status == "processed"
         assert list(tmp_path.glob("blobs/.tmp-*")) == []
+        import httpx
+
+        def chunked():  # no Content-Length: the limit is enforced while the body streams in
+            yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+            for _ in range(100):  # ~130 kB: past the limit plus the multipart allowance
+                yield toy_jsonl(20, 0)
+            yield b"\r\n--b--\r\n"
+
+        reply = httpx.post(f"{url}/files", content=chunked(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
         with_bom = upload(client, b"\xef\xbb\xbf" + toy_jsonl(3, 0))  # UTF-8 with BOM, as Azure's docs ask
         assert with_bom.status == "processed" and client.files.content(with_bom.id).read() == toy_jsonl(3, 0)
 

@@ -148,6 +148,10 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        limit = request.scope.get("state", {}).get("too_large")
+        if limit is not None:  # the body passed the size limit while a multipart form was parsed
+            return api_error_response(APIError(413, f"the request body is larger than {limit} bytes",
+                                               code="request_too_large"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return api_error_response(APIError(exc.status_code, message, code=code))
@@ -205,6 +209,7 @@ class _Guard:
             if message["type"] == "http.request":
                 seen["bytes"] += len(message.get("body", b""))
                 if seen["bytes"] > limit:
+                    state["too_large"] = limit  # a form parser turns the error into a 400: see http_error
                     raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
             return message
 
