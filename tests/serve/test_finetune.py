@@ -173,6 +173,8 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     assert ckpt_reply.choices[0].message.content == greedy(snapshot, QUESTION)
 
     assert {j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})} == {job.id}
+    without = client.fine_tuning.jobs.list(extra_query={"metadata": "null"})  # jobs that have no metadata
+    assert {j.id for j in without} == {more.id, from_ckpt.id}
     assert [j.id for j in client.fine_tuning.jobs.list(limit=1)] == [from_ckpt.id, more.id, job.id]  # paged
 
 
@@ -206,6 +208,9 @@ def test_bad_data_fails_the_job_with_code_and_line(server):
     job = wait_for(client, job.id, ("failed", "succeeded"))
     assert (job.status, job.error.code, job.error.param) == ("failed", "invalid_training_file", "training_file")
     assert "line 3" in job.error.message
+
+    odd = upload(client, b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "x"}]}\n')
+    assert odd.status == "error" and odd.status_details  # never a 500, whatever the content
 
     few = upload(client, toy_jsonl(5, 5))
     job = wait_for(client, client.fine_tuning.jobs.create(model="tiny", training_file=few.id).id, ("failed",))

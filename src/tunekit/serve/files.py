@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -20,6 +21,7 @@ from tunekit.serve.errors import APIError
 from tunekit.serve.store import Store, new_id, now, page, project_of
 
 router = APIRouter()
+log = logging.getLogger("tunekit.serve")
 
 UPLOAD_PURPOSES = ("fine-tune", "assistants", "batch", "vision", "user_data", "evals")
 DETAIL_PROBLEMS = 3  # problems named in status_details
@@ -83,6 +85,9 @@ def check_fine_tune_file(path) -> tuple[str, str | None, int]:
         report = check_file(path, fmt="auto")
     except TunekitError as exc:
         return "error", "; ".join(p.message for p in exc.problems), 0
+    except Exception as exc:  # a checker bug on odd content (e.g. a list as a role, before main's fa2eee1)
+        log.exception("checking an uploaded file failed")
+        return "error", f"the file could not be checked: {type(exc).__name__}: {exc}", 0
     errors = [p for p in report.problems if p.severity == "error"]
     if not errors:
         return "processed", None, report.examples
