@@ -354,3 +354,25 @@ def test_eval_section_runs_the_evaluation_after_training(tmp_path, tiny_llama_di
                      eval={"enabled": True, "max_new_tokens": 4, "limit": 2})
     run = train(cfg).run_dir
     assert (run / "eval").is_dir() and any((run / "eval").iterdir())
+
+
+def test_stop_file_pauses_at_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama_dir):
+    """A STOP file in the run dir ends the loop after that step with a checkpoint; --resume finishes it
+    with the same per-step losses as a run never stopped (how `tunekit serve` pauses a job)."""
+    from tunekit.train import STOP_FILE, TrainingStopped
+
+    sections = dict(train={"max_steps": 4, "threads": 1})
+    reference = [json.loads(x) for x in (train(toy_config(tmp_path, tiny_llama_dir, out="whole", **sections))
+                                         .run_dir / "metrics.jsonl").read_text().splitlines()]
+    cfg = toy_config(tmp_path, tiny_llama_dir, out="paused", **sections)
+    cfg.output.dir.mkdir(parents=True)
+    (cfg.output.dir / STOP_FILE).touch()
+    with pytest.raises(TrainingStopped, match="step 1"):
+        train(cfg)
+    assert [p.name for p in list_checkpoints(cfg.output.dir)] == ["step-000001"]
+    assert not (cfg.output.dir / STOP_FILE).exists() and not (cfg.output.dir / "final").exists()
+    train(cfg, resume=True)
+    resumed = [json.loads(x) for x in (cfg.output.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for a, b in zip(resumed, reference, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5), (a["step"], a, b)

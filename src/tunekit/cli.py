@@ -367,9 +367,13 @@ def serve(
     models: Annotated[list[str] | None, typer.Argument(help="Model dir, hub id, run dir, or NAME=PATH; repeatable")] = None,
     host: Annotated[str, typer.Option("--host", help="Address to bind (other than loopback needs --api-key)")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
-    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted bearer key; repeatable "
-                                                                          "(also TUNEKIT_API_KEYS=K1,K2)")] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder for the server's state")] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted bearer key, KEY or PROJECT:KEY; "
+                                                                          "repeatable (also TUNEKIT_API_KEYS=K1,K2)")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder for files and fine-tuning jobs "
+                                                                     "(turns on /v1/files and /v1/fine_tuning)")] = None,
+    api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="A file of keys, one KEY or "
+                                                                              "PROJECT:KEY a line (# comments)")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Fine-tuning jobs trained at once")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
     max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
@@ -384,11 +388,18 @@ def serve(
     from tunekit.serve.app import ServeSettings, check_exposure, create_app
 
     keys = list(api_key or []) + [k.strip() for k in os.environ.get("TUNEKIT_API_KEYS", "").split(",") if k.strip()]
+    if api_keys_file is not None:
+        try:
+            lines = api_keys_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(TunekitError(Problem("--api-keys-file", f"cannot read {api_keys_file}: {exc}",
+                                      "give a UTF-8 text file with one KEY or PROJECT:KEY a line")))
+        keys += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
     if not models:
         fail(TunekitError(Problem("MODEL", "no model to serve", "give a model dir, a run dir or NAME=PATH")))
     try:
         settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
-                                 device=device, max_adapters=max_adapters, threads=threads)
+                                 workers=workers, device=device, max_adapters=max_adapters, threads=threads)
     except ValidationError as exc:
         fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
                            for e in exc.errors()]))

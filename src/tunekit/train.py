@@ -47,9 +47,16 @@ from tunekit.model import (
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
+# A file of this name in the run dir asks the loop to stop after the current step: it writes a checkpoint,
+# removes the file and raises TrainingStopped (`tunekit serve` pauses a fine-tuning job this way).
+STOP_FILE = "STOP"
 # Config fields a resumed run may change: they do not alter the math of training.
 RESUME_MAY_CHANGE = {"output.overwrite", "output.tensorboard", "output.wandb", "output.mlflow", "train.threads",
                      "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.device"}
+
+
+class TrainingStopped(TunekitError):
+    """The run stopped at a checkpoint because STOP_FILE appeared; `--resume` continues it exactly."""
 
 
 @dataclass
@@ -571,6 +578,13 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.total_steps:
                 save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
                                 cfg.train.keep_last)
+            if (run_dir / STOP_FILE).exists() and step < plan.total_steps:  # a pause: see STOP_FILE
+                save_checkpoint(run_dir, model, optimizer, scheduler,
+                                _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last)
+                (run_dir / STOP_FILE).unlink(missing_ok=True)
+                tracking.close()
+                raise TrainingStopped(Problem(str(run_dir), f"stopped at step {step} on request ({STOP_FILE} file)",
+                                              "continue with --resume"))
 
     # --- 5. final weights, summary ------------------------------------------------------------------
     save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),

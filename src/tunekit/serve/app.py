@@ -5,7 +5,12 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Around every request (`_Guard`, a plain ASGI middleware so it also sees streamed replies end): API keys on `/v1` (when
-any are configured), the request-body size limit, and one log line (method, path, status, latency, tokens).
+any are configured; each key belongs to a project: `PROJECT:KEY`), the request-body size limit, and one log line
+(method, path, status, latency, tokens).
+
+With `data_dir`, the app also serves OpenAI's Files and fine-tuning API (files.py, jobs.py): state in a SQLite
+store (store.py), jobs trained by `workers` subprocesses at a time (worker.py), fine-tuned models served here
+as soon as they are trained, visible to their project only.
 Errors of any kind leave in OpenAI's shape (`errors.APIError`); a bug gives a 500 with its message, logged
 with its traceback.
 """
@@ -30,7 +35,10 @@ from starlette.exceptions import HTTPException
 from tunekit.errors import Problem, TunekitError
 from tunekit.serve.chat import router as chat_router
 from tunekit.serve.errors import APIError
+from tunekit.serve.files import router as files_router
 from tunekit.serve.inference import Engine, Served, load_models, parse_model_arg
+from tunekit.serve.jobs import router as jobs_router
+from tunekit.serve.store import DEFAULT_PROJECT, Store
 
 log = logging.getLogger("tunekit.serve")
 
@@ -43,8 +51,12 @@ class ServeSettings(BaseModel):
     models: list[str] = Field(default_factory=list)  # MODEL arguments: dir, hub id, run dir or NAME=PATH
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)  # empty: loopback only, any bearer accepted
-    data_dir: Path | None = None  # where later features (files, jobs) keep state
+    # KEY or PROJECT:KEY (a KEY alone belongs to the project "default"); empty: loopback only, any bearer
+    # accepted, everything in the project "local"
+    api_keys: list[str] = Field(default_factory=list)
+    data_dir: Path | None = None  # files, fine-tuning jobs and their runs (None: no /v1/files, /v1/fine_tuning)
+    workers: int = Field(1, ge=1)  # fine-tuning jobs trained at once, each in its own process
+    max_upload_bytes: int = Field(512 * 2**20, ge=1024)  # one uploaded file (OpenAI's limit: 512 MB)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_adapters: int = Field(4, ge=1)  # adapters kept attached per base; the least recently used go
     # requests arriving this close together start as one batch (later ones join the running batch between steps)
@@ -54,6 +66,12 @@ class ServeSettings(BaseModel):
     # torch CPU threads while serving; None: all cores but one, which the HTTP side needs (on a 2-core
     # machine 2 torch threads made single requests ~5x slower than 1: docs/benchmarks.md)
     threads: int | None = Field(None, ge=1)
+
+
+def parse_key(text: str) -> tuple[bytes, str]:
+    """`PROJECT:KEY` -> (KEY, PROJECT); a key without a colon belongs to the project "default"."""
+    project, sep, key = text.partition(":")
+    return (key.encode(), project) if sep and project and key else (text.encode(), "default")
 
 
 def is_loopback(host: str) -> bool:
@@ -78,8 +96,9 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     from tunekit.model import resolve_device
 
     check_exposure(settings)
+    device = resolve_device(settings.device)
     if models is None:
-        models = load_models([parse_model_arg(m) for m in settings.models], resolve_device(settings.device))
+        models = load_models([parse_model_arg(m) for m in settings.models], device)
     engine = Engine(window_s=settings.batch_window_ms / 1000.0, max_batch=settings.max_batch,
                     max_adapters=settings.max_adapters)
 
@@ -91,14 +110,29 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
 
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
         engine.start()
+        if worker is not None:
+            worker.start()
         try:
             yield
         finally:
+            if worker is not None:
+                worker.stop()
+                app.state.store.close()
             engine.stop()
 
-    app = FastAPI(title="tunekit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tunekit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.settings, app.state.models, app.state.engine = settings, models, engine
+    app.state.device, app.state.model_owner = device, {}  # model_owner: fine-tuned model -> its project
+    app.state.store = Store(settings.data_dir) if settings.data_dir is not None else None
+    worker = None
+    if app.state.store is not None:
+        from tunekit.serve.worker import Worker
+
+        worker = Worker(app.state, workers=settings.workers)
+    app.state.worker = worker
     app.include_router(chat_router)
+    app.include_router(files_router)
+    app.include_router(jobs_router)
 
     @app.get("/health")
     def health() -> dict:
@@ -114,6 +148,10 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        limit = request.scope.get("state", {}).get("too_large")
+        if limit is not None:  # the body passed the size limit while a multipart form was parsed
+            return api_error_response(APIError(413, f"the request body is larger than {limit} bytes",
+                                               code="request_too_large"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         return api_error_response(APIError(exc.status_code, message, code=code))
@@ -137,7 +175,7 @@ class _Guard:
 
     def __init__(self, app, settings: ServeSettings):
         self.app, self.settings = app, settings
-        self.keys = [k.encode() for k in settings.api_keys]
+        self.keys = [parse_key(k) for k in settings.api_keys]  # (key bytes, project)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -164,13 +202,14 @@ class _Guard:
         if error is not None:
             return await self._reply(error, logged_send)
 
-        limit, seen = self.settings.max_body_bytes, {"bytes": 0}
+        limit, seen = self._limit(scope), {"bytes": 0}
 
         async def limited_receive():
             message = await receive()
             if message["type"] == "http.request":
                 seen["bytes"] += len(message.get("body", b""))
                 if seen["bytes"] > limit:
+                    state["too_large"] = limit  # a form parser turns the error into a 400: see http_error
                     raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
             return message
 
@@ -180,17 +219,29 @@ class _Guard:
             if not status.get("logged"):
                 log_line(" (ended early: the client went away or the server stopped)")
 
+    def _limit(self, scope) -> int:
+        """Bytes a request body may have: uploads get max_upload_bytes (plus room for the multipart framing)."""
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+            return self.settings.max_upload_bytes + 2**16
+        return self.settings.max_body_bytes
+
     def _refusal(self, scope, headers: dict) -> APIError | None:
+        scope["state"]["project"] = DEFAULT_PROJECT
         if self.keys and scope["path"].startswith("/v1"):
             auth = headers.get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
-            if not any(hmac.compare_digest(token, key) for key in self.keys):
+            project = None
+            for key, owner in self.keys:  # every key compared: the time taken does not tell which matched
+                if hmac.compare_digest(token, key):
+                    project = owner
+            if project is None:
                 return APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY with one of "
                                      "the server's keys", code="invalid_api_key")
+            scope["state"]["project"] = project
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            return APIError(413, f"the request body is larger than {self.settings.max_body_bytes} bytes",
-                            code="request_too_large")
+        limit = self._limit(scope)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
         return None
 
     @staticmethod

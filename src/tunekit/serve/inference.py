@@ -136,8 +136,11 @@ def _plan(spec: ModelSpec) -> tuple[str, Path | None, str | Path]:
     return "", None, local  # adapter on an adapter run: merged on load
 
 
-def load_models(specs: list[ModelSpec], device: str | torch.device = "cpu") -> dict[str, Served]:
-    """Every spec as a served name; bases shared (see module doc). Errors name the spec and the fix."""
+def load_models(specs: list[ModelSpec], device: str | torch.device = "cpu",
+                shared: dict[str, Weights] | None = None) -> dict[str, Served]:
+    """Every spec as a served name; bases shared (see module doc). Errors name the spec and the fix.
+
+    `shared`: weights already in memory by key (those of served models), used instead of loading again."""
     from tunekit.model import load_for_inference
 
     device = torch.device(device)
@@ -146,7 +149,7 @@ def load_models(specs: list[ModelSpec], device: str | torch.device = "cpu") -> d
     if dupes:
         raise TunekitError(Problem("MODEL", f"two models are named {', '.join(dupes)}",
                                    "name them apart with NAME=PATH"))
-    weights: dict[str, Weights] = {}
+    weights: dict[str, Weights] = dict(shared or {})
     served: dict[str, Served] = {}
     for spec in specs:
         key, adapter, tok_source = _plan(spec)

@@ -1,0 +1,330 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events, checkpoints.
+
+Create checks the request's shape at once (model, file ids, hyperparameter ranges, the `tunekit` config
+overrides: every problem is a 400 naming its param) and answers `validating_files` at once; the worker
+(worker.py) checks the data, resolves "auto" hyperparameters and trains. Data problems fail the job with
+OpenAI's error object, never the request. State conflicts (cancel a finished job, resume a running one)
+are 400s: the openai SDK retries 409.
+
+`model` is a model this server serves, or an earlier fine-tuned model of the same project (its `ft:` name
+or a checkpoint's `...:ckpt-step-N` name): continued fine-tuning trains a new LoRA adapter on top of the
+earlier adapter merged into its base (tunekit's `model.previous_adapter: merge`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunekit.serve.errors import APIError
+from tunekit.serve.files import find_file, store_of
+from tunekit.serve.store import new_id, now, page, project_of
+from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop, unserve
+
+router = APIRouter()
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# --------------------------------------------------------------------------------------------------
+# Request schema
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hyperparameters(_Strict):
+    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=50)] | None = None
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] | None = None
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = None
+
+
+class Supervised(_Strict):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")  # dpo / reinforcement objects: refused by type below
+
+    type: str
+    supervised: Supervised | None = None
+
+
+class WandbSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    project: Annotated[str, Field(min_length=1, max_length=128)]
+    name: Annotated[str, Field(max_length=128)] | None = None
+    entity: Annotated[str, Field(max_length=128)] | None = None
+    tags: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=50)] | None = None
+
+
+class Integration(_Strict):
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
+class CreateJob(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1)]
+    training_file: Annotated[str, Field(min_length=1)]
+    validation_file: str | None = None
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None  # the legacy form of method.supervised.hyperparameters
+    suffix: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
+    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
+    integrations: Annotated[list[Integration], Field(max_length=5)] | None = None
+    # tunekit config values (nested sections or dotted keys), e.g. {"method": "full", "lora.r": 8}
+    tunekit: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Response schema
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None
+
+
+class ResolvedHyperparameters(BaseModel):
+    batch_size: Literal["auto"] | int
+    learning_rate_multiplier: Literal["auto"] | float
+    n_epochs: Literal["auto"] | int
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: ResolvedHyperparameters
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[dict] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict
+    user_provided_suffix: str | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict | None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class Checkpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float | None]
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+def job_json(job: dict) -> dict:
+    hp = job["hyperparameters"]
+    return FineTuningJob(
+        id=job["id"], created_at=job["created_at"], error=job["error"], fine_tuned_model=job["fine_tuned_model"],
+        finished_at=job["finished_at"], hyperparameters=hp, model=job["model"],
+        organization_id=f"org-{job['project']}", result_files=job["result_files"], seed=job["seed"],
+        status=job["status"], trained_tokens=job["trained_tokens"], training_file=job["training_file"],
+        validation_file=job["validation_file"], estimated_finish=job["estimated_finish"],
+        integrations=job["integrations"], metadata=job["metadata"],
+        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        user_provided_suffix=job["suffix"]).model_dump()
+
+
+# --------------------------------------------------------------------------------------------------
+# Routes
+
+
+def _find_job(request: Request, job_id: str) -> dict:
+    job = store_of(request).job(project_of(request), job_id)
+    if job is None:
+        raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+@router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
+def create_job(request: Request, body: CreateJob) -> dict:
+    store = store_of(request)
+    project = project_of(request)
+    if body.method is not None and body.method.type != "supervised":
+        raise APIError(400, f"method.type {body.method.type!r} is not supported yet: use \"supervised\"",
+                       param="method.type")
+    base, root, context = base_of(request.app.state, project, body.model)
+    training = find_file(request, body.training_file, "training_file", status=400)
+    if body.validation_file is not None:
+        find_file(request, body.validation_file, "validation_file", status=400)
+    given = (body.method.supervised.hyperparameters if body.method and body.method.supervised else None) \
+        or body.hyperparameters or Hyperparameters()
+    hp = {k: "auto" if v is None else v for k, v in given.model_dump().items()}
+    overrides = check_overrides(body.tunekit or {}, context)
+    job_id = new_id("ftjob-")
+    seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2147483647
+    integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
+    job = {"id": job_id, "project": project, "created_at": now(), "status": "validating_files",
+           "model": body.model, "base": base, "root_model": root, "training_file": training["id"],
+           "validation_file": body.validation_file, "suffix": body.suffix, "seed": seed,
+           "metadata": body.metadata, "integrations": integrations, "hyperparameters": hp,
+           "overrides": overrides, "result_files": []}
+    store.add_job(job)
+    store.add_event(job_id, f"Created fine-tuning job: {job_id}", key="created")
+    store.add_event(job_id, f"Validating training file: {training['id']}"
+                    + (f" and validation file: {body.validation_file}" if body.validation_file else ""),
+                    key="validating")
+    request.app.state.worker.wake()
+    return job_json(store.job(project, job_id))
+
+
+@router.get("/v1/fine_tuning/jobs", response_model=JobList)
+def list_jobs(request: Request, after: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
+    rows = store_of(request).jobs(project_of(request))
+    wanted = _metadata_filter(request)
+    if wanted == {}:
+        rows = [r for r in rows if not r["metadata"]]
+    elif wanted is not None:
+        rows = [r for r in rows if all((r["metadata"] or {}).get(k) == v for k, v in wanted.items())]
+    rows, more = page(rows, after, limit)
+    return {"object": "list", "data": [job_json(r) for r in rows], "has_more": more}
+
+
+def _metadata_filter(request: Request) -> dict | None:
+    """`metadata[k]=v` query pairs (the SDK's deep-object form) as a dict; `metadata=null`: jobs without
+    metadata ({}); neither: None (no filter)."""
+    pairs = {k[len("metadata["):-1]: v for k, v in request.query_params.multi_items()
+             if k.startswith("metadata[") and k.endswith("]")}
+    if pairs:
+        return pairs
+    if request.query_params.get("metadata") == "null":
+        return {}
+    return None
+
+
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}", response_model=FineTuningJob)
+def retrieve_job(request: Request, fine_tuning_job_id: str) -> dict:
+    return job_json(_find_job(request, fine_tuning_job_id))
+
+
+def _transition(request: Request, job_id: str, allowed: tuple[str, ...], to: str, verb: str,
+                message: str, **fields) -> dict:
+    store = store_of(request)
+    job = _find_job(request, job_id)
+    if job["status"] not in allowed or not store.set_job(job_id, when_status=allowed, status=to, **fields):
+        job = _find_job(request, job_id)
+        raise APIError(400, f"cannot {verb} job {job_id}: it is {job['status']} (only {' or '.join(allowed)} "
+                            f"jobs can be {verb}d)", param="fine_tuning_job_id", code="invalid_job_state")
+    store.add_event(job_id, message)
+    request.app.state.worker.wake()
+    return job_json(_find_job(request, job_id))
+
+
+@router.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(request: Request, fine_tuning_job_id: str) -> dict:
+    return _transition(request, fine_tuning_job_id, ("validating_files", "queued", "running", "paused"),
+                       "cancelled", "cancel", "Fine-tuning job cancelled", finished_at=now(), estimated_finish=None)
+
+
+@router.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_job(request: Request, fine_tuning_job_id: str) -> dict:
+    job = _transition(request, fine_tuning_job_id, ("running",), "paused", "pause",
+                      "Pausing fine-tuning job: a checkpoint is written after the current step",
+                      estimated_finish=None)
+    request_stop(store_of(request), fine_tuning_job_id)
+    return job
+
+
+@router.post("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_job(request: Request, fine_tuning_job_id: str) -> dict:
+    return _transition(request, fine_tuning_job_id, ("paused",), "queued", "resume",
+                       "Resuming fine-tuning job from its last checkpoint")
+
+
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", response_model=EventList)
+def list_events(request: Request, fine_tuning_job_id: str, after: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
+    _find_job(request, fine_tuning_job_id)
+    rows, more = page(store_of(request).events(fine_tuning_job_id), after, limit)
+    data = [{"id": r["id"], "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
+             "message": r["message"], "type": r["type"], "data": r["data"]} for r in rows]
+    return {"object": "list", "data": data, "has_more": more}
+
+
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(request: Request, fine_tuning_job_id: str, after: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
+    job = _find_job(request, fine_tuning_job_id)
+    # kept checkpoints only: training keeps the last few (train.keep_last) and deletes older ones
+    rows = [r for r in store_of(request).checkpoints(fine_tuning_job_id) if Path(r["path"]).is_dir()]
+    rows, more = page(rows, after, limit)
+    data = [{"id": r["id"], "object": "fine_tuning.job.checkpoint", "created_at": r["created_at"],
+             "fine_tuned_model_checkpoint": checkpoint_name(job, r["step"]), "fine_tuning_job_id": job["id"],
+             "step_number": r["step"], "metrics": r["metrics"]} for r in rows]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": more}
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+@router.delete("/v1/models/{model_id:path}", response_model=ModelDeleted)
+def delete_model(request: Request, model_id: str) -> dict:
+    """Stop serving a fine-tuned model of this project (and its checkpoints); its job and files stay."""
+    store, state = store_of(request), request.app.state
+    owner = state.model_owner.get(model_id)
+    if model_id not in state.models or owner not in (None, project_of(request)):
+        raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
+    job = store.job_by_model(model_id) if owner is not None else None
+    if job is None:
+        raise APIError(400, f"{model_id!r} is not a fine-tuned model (a served base or a checkpoint): only "
+                            "fine-tuned models can be deleted", param="model")
+    store.set_job(job["id"], model_deleted_at=now())
+    unserve(state, job)
+    return {"id": model_id, "object": "model", "deleted": True}

@@ -1,0 +1,512 @@
+"""Runs fine-tuning jobs: one thread that checks data, starts `tunekit train` subprocesses and follows them.
+
+Each pass of `Worker._tick`, top to bottom:
+1. validate: jobs in `validating_files` get their files checked (purpose, status, at least MIN_EXAMPLES
+   examples), copied into DATA_DIR/jobs/ID/, their "auto" hyperparameters resolved, and a run config
+   written (jobs/ID/config.yaml); then `queued`, or `failed` with OpenAI's error object.
+2. follow: for every training process, new rows of its metrics.jsonl become metrics events (one per logged
+   step, keyed by step so a resumed run never repeats one), new checkpoint dirs become checkpoint objects,
+   `estimated_finish` comes from the measured seconds per step; a cancelled job's process is killed; an
+   ended process makes its job `succeeded` (result files written, the model served at once), `failed`
+   (the last lines training printed), or stay `paused` (it stopped at a checkpoint on request).
+3. start: queued jobs, oldest first, while fewer than `workers` processes run; a job with checkpoints
+   continues from the last one (`tunekit train --resume`).
+
+Training runs in its own process (`python -m tunekit.cli train`), so a crash or out-of-memory there never
+takes the server down; on Linux the process is killed when the server dies, and a job found `running` when
+the server starts again is queued and continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunekit.serve.errors import APIError
+from tunekit.serve.store import Store, new_id, now
+
+log = logging.getLogger("tunekit.serve")
+
+MIN_EXAMPLES = 10  # OpenAI's minimum training examples
+DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}  # train.lr "auto" (train.make_plan): x multiplier
+# Config fields a job's `tunekit` object may not set: the server chooses them.
+RESERVED = ("model", "data.train", "data.validation", "output.dir", "output.overwrite", "output.wandb",
+            "output.mlflow", "output.tensorboard", "eval.data", "train.epochs", "train.batch_size", "train.lr",
+            "train.seed")
+SERVE_DEFAULTS = {"train": {"save_every": 50, "keep_last": 3, "log_every": 1, "warmup_ratio": 0.0},
+                  "eval": {"baselines": ["base", "few-shot:3"], "max_new_tokens": 128}}
+TRAIN_LOG_TAIL = 1500  # characters of a failed run's output kept in the job's error message
+
+
+# --------------------------------------------------------------------------------------------------
+# What a job trains from, and its config
+
+
+def base_of(state, project: str, name: str) -> tuple[str, str, int]:
+    """(`model.base` for training, root base name, context) of a job's `model`; 400 naming `model` if the
+    name is neither a served model nor a fine-tuned model (or checkpoint) of this project."""
+    served = state.models.get(name)
+    owner = state.model_owner.get(name)
+    if served is None or (owner is not None and owner != project):
+        known = ", ".join(sorted(n for n in state.models if state.model_owner.get(n) in (None, project)))
+        raise APIError(400, f"model {name!r} is not served here (models: {known or 'none'}): give a served model "
+                            "or an earlier fine-tuned model of this project", param="model", code="model_not_found")
+    job = state.store.job_by_model(name.split(":ckpt-step-")[0]) if owner is not None else None
+    if job is None:
+        return served.path, name, served.context
+    if ":ckpt-step-" in name:
+        return f"ckpt:{served.path}", job["root_model"], served.context
+    return served.path, job["root_model"], served.context
+
+
+def _nested(values: dict) -> dict:
+    """{"lora.r": 8, "train": {"max_steps": 3}} -> {"lora": {"r": 8}, "train": {"max_steps": 3}}."""
+    out: dict = {}
+    for key, value in values.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        value = _nested(value) if isinstance(value, dict) else value
+        last = parts[-1]
+        node[last] = _merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) \
+            else value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flat(values: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in values.items():
+        keys += _flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [f"{prefix}{k}"]
+    return keys
+
+
+def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path, hp: dict, seed: int,
+               overrides: dict, integrations: list | None, job_id: str) -> dict:
+    """The `tunekit train` config of a job (a plain dict; `config_from_dict` validates it)."""
+    cfg = _merge(SERVE_DEFAULTS, overrides)
+    method = cfg.get("method", "lora")
+    cfg["model"] = {**cfg.get("model", {}), "base": base}
+    cfg["data"] = {**cfg.get("data", {}), "train": str(train),
+                   "validation": str(validation) if validation else None}
+    lr = DEFAULT_LR.get(method, 2e-4) * (1.0 if hp["learning_rate_multiplier"] == "auto"
+                                        else hp["learning_rate_multiplier"])
+    cfg["train"] = {**cfg["train"], "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "lr": lr,
+                    "seed": seed}
+    cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))  # rows per forward; same math
+    cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None)}
+    cfg["output"] = {"dir": str(run_dir), "overwrite": True}
+    for item in integrations or []:
+        w = item["wandb"]
+        cfg["output"]["wandb"] = {"project": w["project"], "entity": w.get("entity"), "name": w.get("name") or job_id,
+                                  "tags": list(w.get("tags") or []) + [f"tunekit/{job_id}"]}
+    return cfg
+
+
+def check_overrides(values: dict, context: int) -> dict:
+    """The job's `tunekit` object as nested config values, validated by tunekit's config (400 listing every
+    problem, `param` naming the first as tunekit.SECTION.KEY); data.max_len defaults to min(1024, context)."""
+    from tunekit.config import config_from_dict
+    from tunekit.errors import ConfigError
+
+    nested = _nested(values)
+    for key, value in nested.items():
+        if key != "method" and not isinstance(value, dict):
+            raise APIError(400, f"tunekit.{key} must be an object of config values (or use dotted keys: "
+                                f"{{\"{key}.KEY\": value}})", param=f"tunekit.{key}")
+    reserved = [k for k in _flat(nested) if any(k == r or k.startswith(r + ".") for r in RESERVED)]
+    if reserved:
+        raise APIError(400, f"tunekit.{reserved[0]} is set by the job itself (model, training_file, hyperparameters, "
+                            "seed, integrations), not by tunekit config values", param=f"tunekit.{reserved[0]}")
+    nested.setdefault("data", {}).setdefault("max_len", max(16, min(1024, context)))
+    hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    trial = run_config(base="base", train=Path("train.jsonl"), validation=None, run_dir=Path("run"), hp=hp, seed=0,
+                       overrides=nested, integrations=None, job_id="ftjob-x")
+    try:
+        config_from_dict(trial, check_files=False)
+    except ConfigError as exc:
+        where = [p.where.split(" ", 1)[-1] for p in exc.problems]
+        message = "; ".join(f"tunekit.{w}: {p.message}" + (f" ({p.hint})" if p.hint else "")
+                            for w, p in zip(where, exc.problems, strict=True))
+        raise APIError(400, f"invalid tunekit config values: {message}", param=f"tunekit.{where[0]}") from None
+    return nested
+
+
+def checkpoint_name(job: dict, step: int) -> str:
+    """A checkpoint's model name; the last step of a succeeded job is its fine-tuned model itself."""
+    if job["fine_tuned_model"] and job["total_steps"] == step:
+        return job["fine_tuned_model"]
+    return f"{model_name(job)}:ckpt-step-{step}"
+
+
+def model_name(job: dict) -> str:
+    """`ft:{base}:{project}:{suffix}:{8 characters of the job id}` (OpenAI's pattern)."""
+    return f"ft:{job['root_model']}:{job['project']}:{job['suffix'] or ''}:{job['id'][len('ftjob-'):][:8]}"
+
+
+def request_stop(store: Store, job_id: str) -> None:
+    """Ask the job's training process to stop at its next step (train.STOP_FILE)."""
+    run_dir = store.dir / "jobs" / job_id / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "STOP").touch()
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker
+
+
+@dataclass
+class _Run:
+    job_id: str
+    proc: subprocess.Popen
+    run_dir: Path
+    started: float
+    first_step: int | None = None  # the first step this process logged (for the step time)
+    steps: dict[int, dict] = field(default_factory=dict)  # metrics rows by step
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: Linux kills it when the server dies (PR_SET_PDEATHSIG; strictly, when the
+    thread that started it ends: the worker thread, which lives as long as the server)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+class Worker:
+    def __init__(self, state, *, workers: int = 1, poll_s: float = 0.5):
+        self.state, self.store, self.workers, self.poll_s = state, state.store, workers, poll_s
+        self.runs: dict[str, _Run] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tunekit-serve-jobs", daemon=True)
+
+    # ---- life
+
+    def start(self) -> None:
+        """Serve the models of succeeded jobs, queue jobs a stopped server left running, start the thread."""
+        for job in self.store.jobs(status=["succeeded"], ascending=True):
+            if job["model_deleted_at"] is not None:
+                continue
+            try:
+                self._serve(job)
+            except Exception as exc:  # a deleted run dir: the job stays, its model is not served
+                log.warning("cannot serve %s: %s", job["fine_tuned_model"], exc)
+        for job in self.store.jobs(status=["running"], ascending=True):
+            if self.store.set_job(job["id"], when_status=["running"], status="queued", estimated_finish=None):
+                self.store.add_event(job["id"], "The server restarted: the job continues from its last checkpoint")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and kill training processes; their jobs stay `running` and continue on restart."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(30)
+        for run in self.runs.values():
+            run.proc.kill()
+            run.proc.wait()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._tick()
+            except Exception:  # a bug here must not end the thread: log it, try again next pass
+                log.exception("fine-tuning worker pass failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        for job in self.store.jobs(status=["validating_files"], ascending=True):
+            self._guarded(job, self._validate, ("validating_files",))
+        for run in list(self.runs.values()):
+            self._follow(run)
+        for job in self.store.jobs(status=["queued"], ascending=True):
+            if len(self.runs) >= self.workers:
+                break
+            if job["id"] not in self.runs:
+                self._guarded(job, self._start, ("queued",))
+
+    def _guarded(self, job: dict, step, from_status: tuple[str, ...]) -> None:
+        """Run `step(job)`; an unexpected error fails that job (logged with its traceback) instead of
+        being retried on every pass."""
+        try:
+            step(job)
+        except Exception as exc:
+            log.exception("fine-tuning job %s: %s failed", job["id"], step.__name__)
+            self._fail(job["id"], "internal_error", f"{type(exc).__name__}: {exc}", None, from_status=from_status)
+
+    # ---- 1. validate
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None,
+              from_status: tuple[str, ...] = ("validating_files", "queued", "running")) -> None:
+        if self.store.set_job(job_id, when_status=from_status, status="failed", finished_at=now(),
+                              estimated_finish=None, error={"code": code, "message": message, "param": param}):
+            self.store.add_event(job_id, f"Fine-tuning job failed: {message}", level="error")
+
+    def _file_problem(self, job: dict, file_id: str, param: str) -> tuple[str, str] | None:
+        row = self.store.file(job["project"], file_id)
+        kind = "training" if param == "training_file" else "validation"
+        if row is None:
+            return f"invalid_{param}", f"The {kind} file {file_id} was deleted"
+        if row["purpose"] != "fine-tune":
+            return "invalid_file_purpose", (f"The {kind} file {file_id} has purpose {row['purpose']!r}; "
+                                            "upload it with purpose 'fine-tune'")
+        if row["status"] == "error":
+            return f"invalid_{param}", f"The {kind} file {file_id} has format errors: {row['status_details']}"
+        if param == "training_file" and (row["examples"] or 0) < MIN_EXAMPLES:
+            return "invalid_n_examples", (f"Training file has {row['examples'] or 0} example(s), "
+                                          f"but must have at least {MIN_EXAMPLES} examples")
+        return None
+
+    def _validate(self, job: dict) -> None:
+        from tunekit.config import config_from_dict
+        from tunekit.data.check import recommended_epochs
+        from tunekit.errors import ConfigError
+
+        for file_id, param in ((job["training_file"], "training_file"), (job["validation_file"], "validation_file")):
+            if file_id is None:
+                continue
+            problem = self._file_problem(job, file_id, param)
+            if problem:
+                return self._fail(job["id"], *problem, param, from_status=("validating_files",))
+        job_dir = self.store.dir / "jobs" / job["id"]
+        job_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for file_id, name in ((job["training_file"], "train.jsonl"), (job["validation_file"], "valid.jsonl")):
+            if file_id is not None:
+                row = self.store.file(job["project"], file_id)
+                shutil.copyfile(self.store.blob_path(row["sha256"]), job_dir / name)
+                paths[name] = job_dir / name
+        examples = self.store.file(job["project"], job["training_file"])["examples"]
+        hp = dict(job["hyperparameters"])
+        if hp["n_epochs"] == "auto":
+            hp["n_epochs"] = recommended_epochs(examples)
+        max_len = job["overrides"].get("data", {}).get("max_len", 1024)
+        batch_tokens = job["overrides"].get("train", {}).get("batch_tokens", 16384)
+        if hp["batch_size"] == "auto":
+            hp["batch_size"] = max(1, batch_tokens // max_len)  # train.make_plan's rule
+        if hp["learning_rate_multiplier"] == "auto":
+            hp["learning_rate_multiplier"] = 1.0
+        base = self._base_dir(job, job_dir)
+        cfg = run_config(base=base, train=paths["train.jsonl"], validation=paths.get("valid.jsonl"),
+                         run_dir=job_dir / "run", hp=hp, seed=job["seed"], overrides=job["overrides"],
+                         integrations=job["integrations"], job_id=job["id"])
+        try:
+            config = config_from_dict(cfg, base_dir=job_dir)
+        except ConfigError as exc:
+            return self._fail(job["id"], "invalid_config", "; ".join(str(p) for p in exc.problems), None,
+                              from_status=("validating_files",))
+        (job_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+        if self.store.set_job(job["id"], when_status=["validating_files"], status="queued", hyperparameters=hp):
+            self.store.add_event(job["id"], "Files validated, moving job to queued state", key="validated")
+
+    def _base_dir(self, job: dict, job_dir: Path) -> str:
+        """`model.base`: a served model's path, an earlier job's run dir, or for a checkpoint a run dir made
+        of the earlier run's config and tokenizer with the checkpoint's adapter as final/."""
+        if not job["base"].startswith("ckpt:"):
+            return job["base"]
+        ckpt = Path(job["base"][len("ckpt:"):])
+        earlier = ckpt.parent.parent  # RUN/checkpoints/step-N
+        snapshot = job_dir / "base"
+        if not (snapshot / "final").is_dir():
+            shutil.rmtree(snapshot, ignore_errors=True)
+            (snapshot / "final").mkdir(parents=True)
+            shutil.copyfile(earlier / "config.yaml", snapshot / "config.yaml")
+            for f in (earlier / "final").iterdir():
+                if f.is_file() and not f.name.startswith("adapter_"):
+                    shutil.copyfile(f, snapshot / "final" / f.name)  # tokenizer files
+            for f in ckpt.glob("adapter_*"):
+                shutil.copyfile(f, snapshot / "final" / f.name)
+        return str(snapshot)
+
+    # ---- 3. start
+
+    def _start(self, job: dict) -> None:
+        job_dir = self.store.dir / "jobs" / job["id"]
+        run_dir = job_dir / "run"
+        (run_dir / "STOP").unlink(missing_ok=True)
+        resume = (run_dir / "checkpoints").is_dir() and any(p.name.startswith("step-")
+                                                             for p in (run_dir / "checkpoints").iterdir())
+        cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
+            ["--resume"] if resume else [])
+        with open(job_dir / "train.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=job_dir, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        self.runs[job["id"]] = _Run(job["id"], proc, run_dir, time.time())
+        if self.store.set_job(job["id"], when_status=["queued"], status="running"):
+            self.store.add_event(job["id"], "Fine-tuning job started" + (" (resumed from its last checkpoint)"
+                                                                         if resume else ""))
+        else:  # cancelled between the read and now
+            proc.kill()
+
+    # ---- 2. follow
+
+    def _follow(self, run: _Run) -> None:
+        job = self.store.job(None, run.job_id)
+        code = run.proc.poll()  # before reading: rows written up to the exit are read in this pass
+        self._read_metrics(run, job)
+        self._read_checkpoints(run, job)
+        if code is None:
+            if job["status"] == "cancelled":
+                run.proc.kill()
+            return
+        del self.runs[run.job_id]
+        job = self.store.job(None, run.job_id)
+        if job["status"] == "cancelled":
+            return
+        if code == 0:
+            return self._succeed(job, run)
+        if job["status"] in ("paused", "queued"):  # stopped at a checkpoint on request (queued: resumed since)
+            steps = [int(p.name[5:]) for p in (run.run_dir / "checkpoints").glob("step-*")]
+            self.store.add_event(job["id"], f"Fine-tuning job paused at step {max(steps, default=0)}")
+            return
+        tail = (run.run_dir.parent / "train.log").read_text(encoding="utf-8", errors="replace")[-TRAIN_LOG_TAIL:]
+        lines = [line for line in tail.splitlines() if line.strip()]
+        self._fail(job["id"], "training_failed", f"training exited with code {code}: " + " | ".join(lines[-8:]),
+                   None, from_status=("running",))
+
+    def _read_metrics(self, run: _Run, job: dict) -> None:
+        path = run.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            step = row["step"]
+            if step in run.steps:
+                continue
+            run.steps[step] = row
+            if run.first_step is None:
+                run.first_step = step
+            total = self._total_steps(job, row)
+            data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
+                    "train_mean_token_accuracy": None, "valid_loss": row.get("valid_loss"),
+                    "valid_mean_token_accuracy": row.get("valid_token_accuracy"),
+                    "full_valid_loss": row.get("valid_loss"),
+                    "full_valid_mean_token_accuracy": row.get("valid_token_accuracy")}
+            message = f"Step {step}/{total}: training loss={row['train_loss']:.4f}"
+            if row.get("valid_loss") is not None:
+                message += f", validation loss={row['valid_loss']:.4f}"
+            self.store.add_event(job["id"], message, type="metrics", data=data, key=f"step-{step}")
+        if run.steps and job["status"] == "running":
+            last = max(run.steps)
+            total = self._total_steps(job, run.steps[last])
+            done = last - (run.first_step or last) + 1
+            per_step = (time.time() - run.started) / max(1, done)
+            self.store.set_job(job["id"], when_status=["running"], total_steps=total,
+                               estimated_finish=now() + int(per_step * max(0, total - last)))
+
+    @staticmethod
+    def _total_steps(job: dict, row: dict) -> int:
+        """Planned steps: epochs x steps per epoch (metrics rows carry step and epoch = step / per epoch),
+        at most train.max_steps."""
+        per_epoch = max(1, round(row["step"] / row["epoch"])) if row.get("epoch") else 1
+        total = job["hyperparameters"]["n_epochs"] * per_epoch
+        max_steps = job["overrides"].get("train", {}).get("max_steps")
+        return min(total, max_steps) if max_steps else total
+
+    def _read_checkpoints(self, run: _Run, job: dict) -> None:
+        for ckpt in sorted((run.run_dir / "checkpoints").glob("step-*")):
+            step = int(ckpt.name[5:])
+            row = run.steps.get(step, {})
+            metrics = {"step": float(step), "train_loss": row.get("train_loss"),
+                       "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("valid_token_accuracy")}
+            if self.store.add_checkpoint(job["id"], step, metrics, ckpt):
+                self.store.add_event(job["id"], f"Checkpoint created at step {step} with Snapshot ID: "
+                                                f"{model_name(job)}:ckpt-step-{step}", key=f"ckpt-{step}")
+
+    # ---- ends
+
+    def _succeed(self, job: dict, run: _Run) -> None:
+        (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
+        summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
+        result_files = [self._result_file(job, "step_metrics.csv", _metrics_csv(run.run_dir / "metrics.jsonl"))]
+        report = run.run_dir / "eval" / "report.md"
+        if report.is_file():
+            result_files.append(self._result_file(job, "eval_report.md", report.read_bytes()))
+        name = model_name(job)
+        job = {**job, "fine_tuned_model": name, "total_steps": summary["steps"]}
+        try:
+            self._serve(job)
+        except Exception as exc:
+            return self._fail(job["id"], "model_not_loadable", f"the trained model cannot be served: {exc}", None,
+                              from_status=("running", "paused", "queued"))
+        if self.store.set_job(job["id"], when_status=["running", "paused", "queued"], status="succeeded",
+                              fine_tuned_model=name, finished_at=now(), trained_tokens=summary["trained_tokens"],
+                              result_files=result_files, estimated_finish=None, total_steps=summary["steps"]):
+            self.store.add_event(job["id"], f"New fine-tuned model created: {name}", key="model")
+            self.store.add_event(job["id"], "The job has successfully completed", key="succeeded")
+
+    def _result_file(self, job: dict, filename: str, content: bytes) -> str:
+        tmp = self.store.upload_tmp()
+        tmp.write_bytes(content)
+        sha, size = self.store.put_blob(tmp)
+        file_id = new_id("file-")
+        self.store.add_file({"id": file_id, "project": job["project"], "created_at": now(), "bytes": size,
+                             "filename": filename, "purpose": "fine-tune-results", "status": "processed",
+                             "status_details": None, "sha256": sha, "examples": None})
+        return file_id
+
+    def _serve(self, job: dict) -> None:
+        """Put the job's model (and its kept LoRA checkpoints) in /v1/models for its project."""
+        from tunekit.serve.inference import ModelSpec, load_models
+        run_dir = self.store.dir / "jobs" / job["id"] / "run"
+        specs = [ModelSpec(job["fine_tuned_model"], str(run_dir))]
+        chained = job["base"].startswith("ckpt:") or (Path(job["base"]) / "config.yaml").is_file()
+        method = job["overrides"].get("method", "lora")
+        if method != "full" and not chained:  # a checkpoint adapter on the plain base (chains: merged base)
+            for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
+                step = int(ckpt.name[5:])
+                if step != job["total_steps"]:
+                    specs.append(ModelSpec(checkpoint_name(job, step), str(ckpt)))
+        shared = {s.weights.key: s.weights for s in self.state.models.values()}
+        served = load_models(specs, self.state.device, shared=shared)
+        self.state.model_owner = {**self.state.model_owner, **{name: job["project"] for name in served}}
+        self.state.models = {**self.state.models, **served}  # a new dict: requests may be reading the old one
+
+
+def unserve(state, job: dict) -> list[str]:
+    """Take a job's model and its checkpoint models out of /v1/models; returns their names."""
+    gone = [n for n in state.models if n == job["fine_tuned_model"] or n.startswith(job["fine_tuned_model"] + ":ckpt-")]
+    state.models = {n: s for n, s in state.models.items() if n not in gone}
+    state.model_owner = {n: p for n, p in state.model_owner.items() if n not in gone}
+    return gone
+
+
+def _metrics_csv(path: Path) -> bytes:
+    """step_metrics.csv: one row per logged step (OpenAI's columns; train_accuracy is not measured: empty)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        writer.writerow([row["step"], row["train_loss"], "", row.get("valid_loss", ""),
+                         row.get("valid_token_accuracy", "")])
+    return out.getvalue().encode()
