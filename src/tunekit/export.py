@@ -54,11 +54,6 @@ OLLAMA_TEMPLATES = {
         "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
         "<|im_start|>assistant\n"
     ),
-    "llama3": (
-        "{{- range $i, $m := .Messages }}{{ if eq $i 0 }}<|begin_of_text|>{{ end }}"
-        "<|start_header_id|>{{ $m.Role }}<|end_header_id|>\n\n{{ $m.Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n"
-    ),
 }
 
 
@@ -293,8 +288,8 @@ def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
 
 
 def template_family(tokenizer) -> str | None:
-    """"chatml" or "llama3" when the tokenizer's chat template renders a probe conversation exactly as that
-    family does (so its Ollama TEMPLATE renders the same text), else None."""
+    """"chatml" when the tokenizer's chat template renders a probe conversation exactly as that family does
+    (so its Ollama TEMPLATE renders the same text), else None."""
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
                 {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
     try:
@@ -313,10 +308,6 @@ def render_family(family: str, messages: list[dict]) -> str:
     if family == "chatml":
         return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
             "<|im_start|>assistant\n"
-    if family == "llama3":
-        return "<|begin_of_text|>" + "".join(
-            f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages) + \
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
     raise ValueError(family)
 
 
