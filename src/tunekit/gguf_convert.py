@@ -77,6 +77,8 @@ def convert(llama_cpp: Path, model_dir: Path, outfile: Path, quant: str, pre: st
         raise SystemExit(f"llama.cpp's converter does not support the architecture {arch}")
 
     class Tagged(model_class):  # llama.cpp's documented extension point for unknown BPE tokenizers
+        model_arch = model_class.model_arch  # every converter class must declare it in its own body
+
         def get_vocab_base_pre(self, tokenizer) -> str:
             try:
                 return super().get_vocab_base_pre(tokenizer)
