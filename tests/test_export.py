@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llama_cpp_run import llama_cpp_greedy
 from typer.testing import CliRunner
 
 from tunekit.config import config_from_dict
@@ -398,12 +399,6 @@ def gguf_exports(lora_run, tmp_path_factory):
     return {q: export(lora_run, fmt="gguf", quant=q, out=root / q) for q in ("f32", "f16", "q8_0")}
 
 
-def _llama(path: Path):
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, logits_all=True)
-
-
 def _gguf_file(result) -> Path:
     return result.out / next(f for f in result.files if f.endswith(".gguf"))
 
@@ -426,25 +421,9 @@ def test_gguf_metadata_has_tokenizer_and_template(gguf_exports):
     assert any("pre-tokenizer was tagged 'gpt-2'" in n for n in result.notes)
 
 
-def llama_greedy(llm, prompt_ids: list[int], stop: list[int], max_new_tokens: int = 24) -> list[int]:
-    """Greedy decoding in llama.cpp: argmax of its own logits, token by token."""
-    import numpy as np
-
-    llm.reset()
-    llm.eval(prompt_ids)
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # (V,) logits after the last evaluated token
-        if token in stop:
-            break
-        out.append(token)
-        llm.eval([token])
-    return out
-
-
 def _margin_at_divergence(model, prompt: list[int], ours: list[int], theirs: list[int]) -> float:
     """transformers' logit of its own greedy token minus its logit of llama.cpp's token where they first part."""
-    k = next(i for i, (x, y) in enumerate(zip(ours + [-1], theirs + [-1])) if x != y)
+    k = next(i for i, (x, y) in enumerate(zip(ours + [-1], theirs + [-1], strict=False)) if x != y)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([prompt + ours[:k]])).logits[0, -1]
     other = theirs[k] if k < len(theirs) else None
@@ -466,11 +445,9 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
     expected = greedy(ref, tok, convs)
     report = {}
     for quant, result in gguf_exports.items():
-        llm = _llama(_gguf_file(result))
-        assert all(llm.tokenize(render_prompt_text(m, tok).encode(), add_bos=False, special=True) == ids
-                   for m, ids in zip(convs, prompts, strict=True)), quant
-        answers = [llama_greedy(llm, ids, stop) for ids in prompts]
-        llm.close()
+        got = llama_cpp_greedy(_gguf_file(result), prompts, [render_prompt_text(m, tok) for m in convs], stop)
+        assert got["tokens"] == prompts, quant
+        answers = got["answers"]
         differ = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a != e]
         margins = [_margin_at_divergence(ref, prompts[i], expected[i], answers[i]) for i in differ]
         report[quant] = {"agree": 1 - len(differ) / len(convs), "margins_at_divergence": margins}
