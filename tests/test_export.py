@@ -7,6 +7,7 @@ each (seconds), so the exported models differ from the base and the comparisons 
 from __future__ import annotations
 
 import json
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,10 @@ def quickstart_run(tmp: Path, name: str, base: Path | str = TINY, steps: int = 6
         "output": {"dir": str(tmp / name)},
     }
     for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
     return train(config_from_dict(cfg, base_dir=tmp)).run_dir
 
 
@@ -152,6 +156,28 @@ def test_continued_run_exports_to_the_same_answers(lora_run, tmp_path):
         assert max((x - y).abs().max().item() for x, y in zip(got, expected_logits, strict=True)) < 2e-4
         assert greedy(model, tok, convs) == expected
     assert f"through the run `{lora_run}`" in (merged.out / "README.md").read_text()
+
+
+def test_qlora_merges_into_the_dequantized_base(tmp_path):
+    """The merged QLoRA model answers like the adapter over the 4-bit base it was trained on, and closer than the
+    same adapter merged into the original full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunekit.model import load_base, read_run_dir
+
+    run = quickstart_run(tmp_path, "qlora", steps=3, method="qlora", quant={"compute_dtype": "fp32"})
+    result = export(run, fmt="merged", out=tmp_path / "m")
+    assert any("dequantized" in note for note in result.notes)
+    cfg = read_run_dir(run).cfg
+    trained = PeftModel.from_pretrained(load_base(cfg), str(run / "final")).eval()  # 4-bit base + adapter
+    merged = AutoModelForCausalLM.from_pretrained(str(result.out)).eval()
+    plain, tok = load_for_inference(run)  # the adapter over the original fp32 weights
+    convs = validation_conversations(4)
+    ref = prompt_logits(trained, tok, convs)
+    ours = max((x - y).abs().max().item() for x, y in zip(prompt_logits(merged, tok, convs), ref, strict=True))
+    naive = max((x - y).abs().max().item() for x, y in zip(prompt_logits(plain, tok, convs), ref, strict=True))
+    assert ours < 1e-3 and naive > 10 * ours, (ours, naive)
 
 
 def test_every_problem_is_reported_before_any_weight_loads(lora_run, tmp_path, monkeypatch):
@@ -435,7 +461,7 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
 
     f32 and f16: every answer is identical, except where transformers itself has two next tokens within 0.02
     logits of each other (a tie that fp rounding may break either way; the run here is a 6-step fine-tune, so
-    such ties occur). q8_0: the agreement rate is reported.
+    such ties occur). q8_0: the agreement rate is reported (or the crash, see tests/llama_cpp_run.py).
     """
     ref, tok = load_for_inference(lora_run)
     ref = ref.merge_and_unload().eval()
@@ -445,7 +471,12 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
     expected = greedy(ref, tok, convs)
     report = {}
     for quant, result in gguf_exports.items():
-        got = llama_cpp_greedy(_gguf_file(result), prompts, [render_prompt_text(m, tok) for m in convs], stop)
+        try:
+            got = llama_cpp_greedy(_gguf_file(result), prompts, [render_prompt_text(m, tok) for m in convs], stop)
+        except BrokenProcessPool:
+            assert quant == "q8_0", f"llama.cpp crashed decoding the {quant} file"
+            report[quant] = "llama.cpp crashed (segfault in llama_decode, llama-cpp-python 0.3.36 on this CPU)"
+            continue
         assert got["tokens"] == prompts, quant
         answers = got["answers"]
         differ = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a != e]
