@@ -299,7 +299,8 @@ def go_template(template: str, data: dict) -> str:
         if part.startswith("{{"):
             body = part[2:-2]
             if body.startswith("-"):
-                tokens[-1] = ("text", tokens[-1][1].rstrip()) if tokens and tokens[-1][0] == "text" else tokens[-1]
+                if tokens and tokens[-1][0] == "text":
+                    tokens[-1] = ("text", tokens[-1][1].rstrip())
                 body = body[1:]
             trim_after = body.endswith("-")
             body = body[:-1] if trim_after else body
