@@ -164,20 +164,24 @@ def test_qlora_merges_into_the_dequantized_base(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunekit.model import load_base, read_run_dir
+    from tunekit.model import _keep_4bit_layers_differentiable, load_base, read_run_dir
 
     run = quickstart_run(tmp_path, "qlora", steps=3, method="qlora", quant={"compute_dtype": "fp32"})
     result = export(run, fmt="merged", out=tmp_path / "m")
     assert any("dequantized" in note for note in result.notes)
     cfg = read_run_dir(run).cfg
-    trained = PeftModel.from_pretrained(load_base(cfg), str(run / "final")).eval()  # 4-bit base + adapter
+    base = load_base(cfg)
+    # The 4-bit layers as training computes them (in eval mode bitsandbytes 0.50 on AVX512-BF16 CPUs would
+    # switch to its bf16 inference kernel, a different and less precise computation).
+    _keep_4bit_layers_differentiable(base)
+    trained = PeftModel.from_pretrained(base, str(run / "final")).eval()  # 4-bit base + adapter
     merged = AutoModelForCausalLM.from_pretrained(str(result.out)).eval()
     plain, tok = load_for_inference(run)  # the adapter over the original fp32 weights
     convs = validation_conversations(4)
     ref = prompt_logits(trained, tok, convs)
     ours = max((x - y).abs().max().item() for x, y in zip(prompt_logits(merged, tok, convs), ref, strict=True))
     naive = max((x - y).abs().max().item() for x, y in zip(prompt_logits(plain, tok, convs), ref, strict=True))
-    assert ours < 1e-3 and naive > 10 * ours, (ours, naive)
+    assert ours < 2e-4 and naive > 100 * ours, (ours, naive)
 
 
 def test_every_problem_is_reported_before_any_weight_loads(lora_run, tmp_path, monkeypatch):
