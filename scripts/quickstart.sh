@@ -24,3 +24,4 @@ RECIPE=$'Banana Oat Muffins\n\nIngredients:\n- 2 cups whole wheat flour\n- 1 cup
 printf '%s\n' "$RECIPE"
 $T chat runs/quickstart --system "$SYSTEM" "$RECIPE" --max-new-tokens 48
 printf '\nDone in %ss. Report: runs/quickstart/eval/report.html\n' "$SECONDS"
+printf "Export it: tunekit export runs/quickstart --format merged (or adapter, gguf, ollama; see README)\\n"

@@ -418,6 +418,37 @@ def serve(
                 timeout_graceful_shutdown=30)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/)")],
+    fmt: Annotated[str, typer.Option("--format", help="merged | adapter | gguf | ollama")],
+    checkpoint: Annotated[str | None, typer.Option("--checkpoint", help="step-N: export that checkpoint")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Output folder (default: RUN_DIR/export/FORMAT)")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="merged weights: auto (the run's) | fp32 | bf16 | fp16")] = "auto",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF tensor type: f32 | f16 | bf16 | q8_0")] = "f16",
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the run dir's name)")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder")] = False,
+    converter: Annotated[Path | None, typer.Option("--converter", help="llama.cpp source tree with "
+                                                                       "convert_hf_to_gguf.py (gguf, ollama)")] = None,
+) -> None:
+    """Export a run: merged weights, the LoRA adapter, a GGUF file, or GGUF + an Ollama Modelfile."""
+    from tunekit.export import export
+
+    try:
+        result = export(run_dir, fmt=fmt, out=out, checkpoint=checkpoint, dtype=dtype, quant=quant, name=name,
+                        overwrite=overwrite, converter=converter,
+                        log=lambda message: err_console.print(f"[dim]{escape(message)}[/]", highlight=False))
+    except TunekitError as exc:
+        fail(exc)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    for file, size in result.files.items():
+        console.print(f"  {file}  {size / 1024 / 1024:.1f} MiB", highlight=False)
+    console.print(f"[green]✓[/] {result.fmt} export in {result.out} ({result.seconds:.1f} s)", highlight=False)
+    if result.command:
+        console.print(f"run it: {result.command}", highlight=False)
+
+
 def main() -> None:
     # Set for the command-line process only (importing tunekit.cli changes nothing): third-party
     # notices that tell a tunekit user nothing they can act on. peft 0.18-0.21 reads transformers 5's

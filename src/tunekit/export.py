@@ -1,0 +1,692 @@
+"""Export a run for the runtimes people deploy with: merged weights, the adapter, GGUF, an Ollama Modelfile.
+
+    from tunekit.export import export
+    result = export("runs/quickstart", fmt="gguf", quant="f16")
+
+Every format is written into a temporary folder beside OUT and renamed into place when complete, so OUT is
+either the whole export or absent. Everything that can be known without weights (the run, the checkpoint, the
+format's options, the architecture and tokenizer for GGUF, the chat template family for Ollama, optional
+dependencies, an existing OUT) is checked first and reported at once as a `TunekitError`.
+
+- merged: the adapter folded into the base (QLoRA: into the dequantized 4-bit base the adapter was trained on),
+  safetensors + tokenizer + chat template + generation_config.json whose eos_token_id lists the end-of-turn ids.
+- adapter: the peft adapter, base_model_name_or_path set to the base a user can load (a hub id or a local dir).
+- gguf: llama.cpp's converter run on the merged model (tunekit.gguf_convert), one .gguf file.
+- ollama: the .gguf plus a Modelfile (TEMPLATE, stop parameters, SYSTEM) and the `ollama create` command.
+
+GGUF needs llama.cpp's converter (convert_hf_to_gguf.py and its conversion/ and gguf-py/ folders). It ships in
+the llama-cpp-python source distribution, not in its wheel. Looked up in this order: the `converter` argument
+(`--converter DIR`), the TUNEKIT_LLAMA_CPP environment variable, the cache folder
+($XDG_CACHE_HOME or ~/.cache)/tunekit/llama.cpp-<llama-cpp-python version>/; when none has it, the sdist of the
+installed llama-cpp-python version is fetched once with `pip download` into that cache, so the converter and
+the llama.cpp runtime come from the same llama.cpp commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunekit.errors import Problem, TunekitError
+
+FORMATS = ("merged", "adapter", "gguf", "ollama")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTS = ("f32", "f16", "bf16", "q8_0")
+PIP_GGUF = "pip install 'tunekit[gguf]'"
+CONVERTER_ENV = "TUNEKIT_LLAMA_CPP"
+_CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+_MIB = 1024 * 1024
+
+# Ollama TEMPLATE (Go text/template) for each chat template family tunekit recognises, keyed by the family
+# name `template_family` returns. Ollama fills .Messages with the conversation (SYSTEM becomes the first
+# message when the conversation has no system message) and generates after the last line.
+OLLAMA_TEMPLATES = {
+    "chatml": (
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+        "<|im_start|>assistant\n"
+    ),
+}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    fmt: str
+    files: dict[str, int]  # file name (relative to out) -> size in bytes
+    seconds: float
+    notes: list[str] = field(default_factory=list)  # what the user should know (e.g. QLoRA dequantized)
+    command: str | None = None  # the command that runs the export (ollama create ..., vllm serve ...)
+
+
+@dataclass
+class _Plan:
+    """What to export, resolved and checked before any weight loads."""
+
+    run_dir: Path
+    weights: Path  # run/final or run/checkpoints/step-N
+    checkpoint: str | None
+    cfg: object  # tunekit.config.RunConfig of the run
+    is_adapter: bool
+    tokenizer_dir: Path  # folder with the run's tokenizer files
+    base_dir: str  # the model the adapter goes on, as a user can load it (hub id or model dir)
+    fmt: str
+    out: Path
+    dtype: str
+    quant: str
+    name: str
+    converter: Path | None = None
+    pre_tokenizer: str | None = None  # tag for an unknown BPE tokenizer (gguf)
+    family: str | None = None  # chat template family (ollama)
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+
+def export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, checkpoint: str | None = None,
+           dtype: str = "auto", quant: str = "f16", name: str | None = None, overwrite: bool = False,
+           converter: str | Path | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export RUN_DIR (or one of its checkpoints) as `fmt` into `out` (default RUN_DIR/export/FMT)."""
+    say = log or (lambda message: None)
+    plan = plan_export(run_dir, fmt=fmt, out=out, checkpoint=checkpoint, dtype=dtype, quant=quant, name=name,
+                       overwrite=overwrite, converter=converter, log=say)
+    start = time.perf_counter()
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.out.name}-", dir=plan.out.parent))
+    try:
+        notes, command = _write(plan, tmp, say)
+        _write_model_card(plan, tmp, notes)
+        _publish(tmp, plan.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = {str(p.relative_to(plan.out)): p.stat().st_size for p in sorted(plan.out.rglob("*")) if p.is_file()}
+    return ExportResult(plan.out, fmt, files, time.perf_counter() - start, notes, command)
+
+
+def plan_export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, checkpoint: str | None = None,
+                dtype: str = "auto", quant: str = "f16", name: str | None = None, overwrite: bool = False,
+                converter: str | Path | None = None, log: Callable[[str], None] | None = None) -> _Plan:
+    """Resolve and check everything about an export without loading weights; raise every problem at once."""
+    from tunekit.model import ADAPTER_CONFIG, read_run_dir
+
+    problems: list[Problem] = []
+    if fmt not in FORMATS:
+        problems.append(Problem("--format", f"unknown format {fmt!r}", "use " + ", ".join(FORMATS)))
+    if dtype not in DTYPES:
+        problems.append(Problem("--dtype", f"unknown dtype {dtype!r}", "use " + ", ".join(DTYPES)))
+    if quant not in QUANTS:
+        problems.append(Problem("--quant", f"unknown GGUF type {quant!r}", "use " + ", ".join(QUANTS)))
+
+    run_path = Path(run_dir).expanduser()
+    run = None
+    if not run_path.is_dir():
+        problems.append(Problem(str(run_path), "no such run directory", "give a tunekit run dir (config.yaml + final/)"))
+    elif not (run_path / "config.yaml").is_file():
+        problems.append(Problem(str(run_path), "not a tunekit run dir (no config.yaml)",
+                                "give the folder named by output.dir of the training config"))
+    else:
+        try:
+            run = read_run_dir(run_path)
+        except TunekitError as exc:
+            problems.extend(exc.problems)
+    if run is None:
+        raise TunekitError(problems, title="export")
+
+    weights = run.final
+    if checkpoint is not None:
+        weights = _checkpoint_dir(run_path, checkpoint, problems)
+    is_adapter = (weights / ADAPTER_CONFIG).is_file()
+    if fmt == "adapter" and not is_adapter:
+        problems.append(Problem(str(weights), f"this run trained all weights (method: {run.cfg.method}): there is "
+                                              "no adapter to export", "use --format merged, gguf or ollama"))
+    out_path = Path(out).expanduser() if out is not None else run_path / "export" / (
+        fmt if checkpoint is None else f"{fmt}-{weights.name}")
+    if out_path.exists() and not overwrite:
+        problems.append(Problem(str(out_path), "already exists", "pass --overwrite to replace it, or choose --out"))
+    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else run.final
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        problems.append(Problem(str(tokenizer_dir), "no tokenizer files in the run", "re-run training"))
+
+    plan = _Plan(run_dir=run_path, weights=weights, checkpoint=checkpoint, cfg=run.cfg, is_adapter=is_adapter,
+                 tokenizer_dir=tokenizer_dir, base_dir=_adapter_base_source(run) or "merged-base", fmt=fmt, out=out_path, dtype=dtype,
+                 quant=quant, name=name or run_path.resolve().name)
+    if problems:
+        raise TunekitError(problems, title="export")
+
+    if fmt in ("gguf", "ollama"):
+        _check_gguf(plan, converter, problems, log or (lambda message: None))
+    if fmt == "ollama":
+        _check_ollama(plan, problems)
+    if problems:
+        raise TunekitError(problems, title="export")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def _checkpoint_dir(run_path: Path, checkpoint: str, problems: list[Problem]) -> Path:
+    """run/checkpoints/step-NNNNNN for "step-N", "step-NNNNNN" or "N"."""
+    ckpts = run_path / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step-")) \
+        if ckpts.is_dir() else []
+    digits = checkpoint.removeprefix("step-")
+    wanted = f"step-{int(digits):06d}" if digits.isdigit() else checkpoint
+    if wanted not in names:
+        problems.append(Problem("--checkpoint", f"no checkpoint {checkpoint!r} in {ckpts}",
+                                "available: " + (", ".join(names) if names else "none (export final/ without "
+                                                                                "--checkpoint)")))
+    return ckpts / wanted
+
+
+def _root_base(run) -> str:
+    """The model at the bottom of a chain of runs (a hub id or a model dir)."""
+    from tunekit.model import read_run_dir
+
+    base = run.cfg.model.base
+    while (prev := read_run_dir(base)) is not None:
+        base = prev.cfg.model.base
+    return base
+
+
+def _adapter_base_source(run) -> str | None:
+    """The loadable model (hub id or dir) the run's adapter sits on, or None when that model exists only as
+    an earlier run's adapter merged into its base (model.previous_adapter: merge)."""
+    from tunekit.model import _continues_adapter, read_run_dir
+
+    prev = read_run_dir(run.cfg.model.base)
+    if prev is None:
+        base = run.cfg.model.base
+        return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    if not prev.has_adapter:
+        return str(prev.final.resolve())
+    if _continues_adapter(run.cfg, prev):
+        return _adapter_base_source(prev)
+    return None
+
+
+def _config_dir(run) -> str:
+    """A folder (or hub id) with the config.json of the run's architecture."""
+    from tunekit.model import read_run_dir
+
+    base = run.cfg.model.base
+    while (prev := read_run_dir(base)) is not None:
+        if not prev.has_adapter:
+            return str(prev.final)
+        base = prev.cfg.model.base
+    return base
+
+
+def missing_modules(*modules: str) -> list[str]:
+    import importlib.util
+
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def _check_gguf(plan: _Plan, converter, problems: list[Problem], log) -> None:
+    missing = missing_modules("gguf", "llama_cpp")
+    if missing:
+        problems.append(Problem("--format " + plan.fmt, f"needs the optional packages {', '.join(missing)}",
+                                f"install them: {PIP_GGUF}"))
+        return
+    plan.converter = find_converter(converter, problems, log)
+    if plan.converter is None:
+        return
+    config_dir = Path(_config_dir(_run(plan)))
+    if not (config_dir / "config.json").is_file():
+        problems.append(Problem("model.base", f"cannot read the architecture: no config.json in {config_dir}",
+                                "GGUF export needs a local base model dir"))
+        return
+    with tempfile.TemporaryDirectory() as probe:  # config.json of the base + the run's tokenizer, no weights
+        shutil.copy(config_dir / "config.json", Path(probe) / "config.json")
+        for f in plan.tokenizer_dir.iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
+                shutil.copy(f, Path(probe) / f.name)
+        info = _run_converter(plan.converter, "check", probe)
+    if not info["supported"]:
+        problems.append(Problem("model.base", f"llama.cpp's converter does not support the architecture "
+                                              f"{info['architecture']}", "use --format merged (transformers, "
+                                                                          "vLLM) for this model"))
+        return
+    if info["pre"] is None:
+        tag, why = pre_tokenizer_tag(plan.tokenizer_dir / "tokenizer.json")
+        if tag is None:
+            problems.append(Problem(str(plan.tokenizer_dir / "tokenizer.json"),
+                                    f"llama.cpp does not recognise this BPE tokenizer and tunekit cannot map its "
+                                    f"pre-tokenizer to one llama.cpp implements: {why}",
+                                    "use --format merged, or a base model whose tokenizer llama.cpp knows"))
+        else:
+            plan.pre_tokenizer = tag
+            log(f"llama.cpp does not know this tokenizer by hash; its pre-tokenizer is {why}: tagged {tag!r}")
+
+
+def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
+    """(llama.cpp pre-tokenizer name, description) from a tokenizer.json, or (None, why not).
+
+    GPT-2's pre-tokenizer is ByteLevel with its built-in regex: a BPE tokenizer with exactly that (no
+    normalizer, no prefix space) splits text the way llama.cpp's "gpt-2" pre-tokenizer does.
+    """
+    if not tokenizer_json.is_file():
+        return None, "there is no tokenizer.json"
+    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if model.get("type") != "BPE":
+        return None, f"the tokenizer model is {model.get('type')!r}, not BPE"
+    if norm is not None:
+        return None, f"it has a normalizer ({norm.get('type')})"
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+        return "gpt-2", "ByteLevel with the GPT-2 regex"
+    return None, f"pre-tokenizer {json.dumps(pre)[:160]}"
+
+
+def template_family(tokenizer) -> str | None:
+    """"chatml" when the tokenizer's chat template renders a probe conversation exactly as that family does
+    (so its Ollama TEMPLATE renders the same text), else None."""
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+                {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template is code; one that cannot render this is no known family
+        return None
+    for family in OLLAMA_TEMPLATES:
+        if text == render_family(family, messages):
+            return family
+    return None
+
+
+def render_family(family: str, messages: list[dict]) -> str:
+    """The prompt text a family's template gives `messages` with the generation prompt (the reference the
+    Ollama TEMPLATEs are written for)."""
+    if family == "chatml":
+        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
+            "<|im_start|>assistant\n"
+    raise ValueError(family)
+
+
+def _check_ollama(plan: _Plan, problems: list[Problem]) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    if not getattr(tokenizer, "chat_template", None):
+        problems.append(Problem(str(plan.tokenizer_dir), "the tokenizer has no chat template for the Modelfile",
+                                "use --format gguf and write the Modelfile TEMPLATE yourself"))
+        return
+    plan.family = template_family(tokenizer)
+    if plan.family is None:
+        problems.append(Problem(str(plan.tokenizer_dir), "the chat template is not one tunekit can translate to "
+                                                         "an Ollama TEMPLATE (known: " + ", ".join(OLLAMA_TEMPLATES)
+                                + ")", "use --format gguf and write the Modelfile TEMPLATE yourself"))
+
+
+# ------------------------------------------------------------------------------------- the converter
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunekit"
+
+
+def _is_llama_cpp_tree(path: Path) -> bool:
+    return (path / "convert_hf_to_gguf.py").is_file() and (path / "conversion").is_dir()
+
+
+def find_converter(explicit: str | Path | None, problems: list[Problem], log) -> Path | None:
+    """The llama.cpp source tree holding convert_hf_to_gguf.py (see module doc for the order)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    given = explicit or os.environ.get(CONVERTER_ENV)
+    if given:
+        path = Path(given).expanduser()
+        path = path.parent if path.name == "convert_hf_to_gguf.py" else path
+        if _is_llama_cpp_tree(path):
+            return path
+        where = "--converter" if explicit else CONVERTER_ENV
+        problems.append(Problem(where, f"{path} holds no convert_hf_to_gguf.py with its conversion/ folder",
+                                "give a llama.cpp source tree (git clone or llama-cpp-python's "
+                                "vendor/llama.cpp)"))
+        return None
+    try:
+        llama_version = version("llama-cpp-python")
+    except PackageNotFoundError:
+        problems.append(Problem("--format gguf", "llama-cpp-python is not installed", f"install it: {PIP_GGUF}"))
+        return None
+    cached = _cache_dir() / f"llama.cpp-{llama_version}"
+    if _is_llama_cpp_tree(cached):
+        return cached
+    log(f"fetching llama.cpp's converter (llama-cpp-python {llama_version} source) into {cached}")
+    try:
+        _fetch_converter(llama_version, cached)
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as exc:
+        problems.append(Problem("--converter", f"cannot fetch llama-cpp-python {llama_version}'s source to get "
+                                               f"convert_hf_to_gguf.py: {exc}",
+                                f"download a llama.cpp source tree and pass --converter DIR (or set "
+                                f"{CONVERTER_ENV})"))
+        return None
+    return cached
+
+
+def _fetch_converter(llama_version: str, dest: Path) -> None:
+    """`pip download` the llama-cpp-python sdist and keep the converter's files from its vendor/llama.cpp."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={llama_version}", "-d", tmp], check=True, capture_output=True)
+        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        tree = Path(tmp) / "llama.cpp"
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/", 1)
+                inner = parts[1] if len(parts) > 1 else ""
+                if not inner.startswith("vendor/llama.cpp/"):
+                    continue
+                rel = inner.removeprefix("vendor/llama.cpp/")
+                if not any(rel == f or (f.endswith("/") and rel.startswith(f)) for f in _CONVERTER_FILES):
+                    continue
+                if member.isfile():
+                    target = tree / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        if not _is_llama_cpp_tree(tree):
+            raise OSError(f"{sdist.name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        os.replace(tree, dest)
+
+
+def _run_converter(llama_cpp: Path, *args: str) -> dict | None:
+    cmd = [sys.executable, "-m", "tunekit.gguf_convert", str(llama_cpp), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join(done.stderr.strip().splitlines()[-6:])
+        raise TunekitError(Problem("llama.cpp converter", f"failed ({' '.join(args[:1])}): {tail}",
+                                   "see the message above; --format merged does not need llama.cpp"),
+                           title="export")
+    return json.loads(done.stdout.strip().splitlines()[-1]) if args[0] == "check" else None
+
+
+# -------------------------------------------------------------------------------------------- writing
+
+
+def _write(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
+    if plan.fmt == "adapter":
+        return _write_adapter(plan, tmp, say)
+    if plan.fmt == "merged":
+        notes = _write_merged(plan, tmp, say)
+        return notes, f"vllm serve {plan.out}"
+    with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".merged-") as merged:
+        notes = _write_merged(plan, Path(merged), say, dtype="fp32")
+        gguf_name = f"{plan.name}-{plan.quant}.gguf"
+        say(f"converting to GGUF ({plan.quant}) with llama.cpp's converter")
+        _run_converter(plan.converter, "convert", merged, str(tmp / gguf_name), plan.quant,
+                       *([plan.pre_tokenizer] if plan.pre_tokenizer else []))
+    if plan.pre_tokenizer:
+        notes.append(f"llama.cpp does not know the tokenizer by hash; its pre-tokenizer was tagged "
+                     f"{plan.pre_tokenizer!r} from tokenizer.json")
+    if plan.fmt == "gguf":
+        return notes, f"llama-cli -m {plan.out / gguf_name} -cnv"
+    (tmp / "Modelfile").write_text(modelfile(plan, gguf_name), encoding="utf-8")
+    return notes, f"ollama create {plan.name} -f {plan.out / 'Modelfile'}"
+
+
+def _torch_dtype(plan: _Plan, name: str):
+    import torch
+
+    if name == "auto":
+        name = plan.cfg.model.dtype if plan.cfg.model.dtype != "auto" else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_merged(plan: _Plan, say=lambda message: None):
+    """(merged fp32 model, tokenizer, notes) for the plan's weights."""
+    import torch
+
+    from tunekit.model import load_for_inference
+
+    notes = []
+    if plan.is_adapter and plan.cfg.method == "qlora":
+        model = _qlora_dequantized(plan)
+        notes.append("QLoRA: the 4-bit base was dequantized (the weights the adapter was trained on) before "
+                     "the adapter was merged into it")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    else:
+        model, tokenizer = load_for_inference(plan.weights)
+        if plan.is_adapter:
+            model = model.merge_and_unload()
+            notes.append("the LoRA adapter was merged into the base weights in fp32")
+    say("merged" if plan.is_adapter else "loaded full weights")
+    return model.to(torch.float32).eval(), tokenizer, notes
+
+
+def _qlora_dequantized(plan: _Plan):
+    """The QLoRA run's model with the adapter merged into the dequantized 4-bit base.
+
+    The base is loaded as the run trained it (bitsandbytes 4-bit), each Linear4bit's weight is dequantized into
+    the same layer of a full-precision copy of the base, and the adapter is merged there in fp32.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from peft import PeftModel
+
+    from tunekit.model import _adapter_base, read_run_dir, resolve_device
+
+    run = read_run_dir(plan.run_dir)
+    device = resolve_device("cpu")
+    quantized = _adapter_base(run, run.cfg, device, quantize=True)
+    plain = _adapter_base(run, run.cfg.model_copy(update={"method": "lora"}), device, quantize=False)
+    plain_modules = dict(plain.named_modules())
+    for module_name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain_modules[module_name].weight.data = weight.to(torch.float32).reshape(
+                plain_modules[module_name].weight.shape)
+    del quantized
+    return PeftModel.from_pretrained(plain.to(torch.float32), str(plan.weights)).merge_and_unload()
+
+
+def _write_merged(plan: _Plan, dest: Path, say, dtype: str | None = None) -> list[str]:
+    import torch
+
+    from tunekit.data.render import end_of_turn_ids
+
+    model, tokenizer, notes = load_merged(plan, say)
+    target = _torch_dtype(plan, dtype or plan.dtype)
+    model = model.to(target)
+    stop = end_of_turn_ids(tokenizer) if getattr(tokenizer, "chat_template", None) else []
+    gen = model.generation_config
+    gen.eos_token_id = stop or gen.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else gen.pad_token_id
+    gen.bos_token_id = tokenizer.bos_token_id
+    model.config.use_cache = True
+    with torch.no_grad():
+        model.save_pretrained(str(dest), safe_serialization=True)
+    tokenizer.save_pretrained(str(dest))
+    if target != torch.float32:
+        notes.append(f"weights saved as {str(target).removeprefix('torch.')} after merging in fp32")
+    return notes
+
+
+def _write_adapter(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
+    """The adapter files, tokenizer and template; base_model_name_or_path a user can resolve.
+
+    A run whose base is an earlier run (an adapter on a merged adapter, or continued training) needs that
+    earlier model underneath: it is written as merged weights into merged-base/ next to the adapter.
+    """
+    from tunekit.model import read_run_dir
+
+    run = read_run_dir(plan.run_dir)
+    notes = []
+    for f in plan.weights.iterdir():
+        if f.name.startswith("adapter_"):
+            shutil.copy(f, tmp / f.name)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp))
+    resolved = _adapter_base_source(run)
+    if resolved is None:
+        from tunekit.model import _adapter_base, resolve_device
+
+        say("the adapter sits on an earlier run's merged adapter: writing that model into merged-base/")
+        cfg = run.cfg.model_copy(update={"method": "lora"})
+        under = _adapter_base(run, cfg, resolve_device("cpu"), quantize=False)
+        under.save_pretrained(str(tmp / "merged-base"), safe_serialization=True)
+        AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp / "merged-base"))
+        resolved = str(plan.out.resolve() / "merged-base")
+        notes.append("the adapter was trained on an earlier run's adapter merged into its base: that model is "
+                     "in merged-base/")
+    config_path = tmp / "adapter_config.json"
+    adapter_cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    adapter_cfg["base_model_name_or_path"] = resolved
+    config_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8")
+    plan.base_dir = resolved
+    say(f"adapter written with base_model_name_or_path = {resolved}")
+    return notes, f"vllm serve {resolved} --enable-lora --lora-modules {plan.name}={plan.out}"
+
+
+# ------------------------------------------------------------------------------------------ Ollama
+
+
+def fixed_system_prompt(data_file: Path) -> str | None:
+    """The system message every chat example of the data starts with, when they all share one."""
+    seen: set[str] = set()
+    try:
+        with open(data_file, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                messages = json.loads(line).get("messages") or []
+                first = messages[0] if messages else {}
+                if first.get("role") != "system" or not isinstance(first.get("content"), str):
+                    return None
+                seen.add(first["content"])
+                if len(seen) > 1:
+                    return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seen.pop() if seen else None
+
+
+def _quoted(text: str) -> str:
+    """A Modelfile value: triple quotes (text may span lines) unless it holds triple quotes itself."""
+    if '"""' in text:
+        return json.dumps(text)
+    return f'"""{text}"""'
+
+
+def modelfile(plan: _Plan, gguf_name: str) -> str:
+    from transformers import AutoTokenizer
+
+    from tunekit.data.render import end_of_turn_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))))
+    lines = [f"# {plan.name}: exported by tunekit from {plan.run_dir}"
+             + (f" ({plan.checkpoint})" if plan.checkpoint else ""),
+             f"FROM ./{gguf_name}",
+             f"TEMPLATE {_quoted(OLLAMA_TEMPLATES[plan.family])}"]
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    lines.append("PARAMETER temperature 0")
+    system = fixed_system_prompt(plan.cfg.data.train)
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------- model card
+
+
+def _write_model_card(plan: _Plan, dest: Path, notes: list[str]) -> None:
+    cfg = plan.cfg
+    summary_path = plan.run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    lines = [f"# {plan.name}", "", f"Exported by tunekit from the run `{plan.run_dir}`"
+             + (f", checkpoint `{plan.checkpoint}`" if plan.checkpoint else "") + f", as **{plan.fmt}**.", ""]
+    lines += ["## Training", "", f"- base model: `{_root_base(_run(plan))}`"
+              + (f" (through the run `{cfg.model.base}`)" if _run(plan).cfg.model.base != _root_base(_run(plan))
+                 else ""),
+              f"- method: {cfg.method}"]
+    if cfg.method in ("lora", "qlora"):
+        lora = cfg.lora
+        lines.append(f"- LoRA: r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets "
+                     f"{lora.target_modules if isinstance(lora.target_modules, str) else ', '.join(lora.target_modules)}")
+    if cfg.method == "qlora":
+        lines.append(f"- 4-bit base: {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}")
+    t = cfg.train
+    lines.append(f"- lr {t.lr}, epochs {t.epochs}, batch {t.batch_size} rows / {t.batch_tokens} tokens, "
+                 f"scheduler {t.scheduler}, seed {t.seed}")
+    if summary:
+        lines.append(f"- steps {summary.get('steps')}, final train loss {_num(summary.get('final_train_loss'))}, "
+                     f"validation loss {_num(summary.get('initial_valid_loss'))} -> "
+                     f"{_num(summary.get('final_valid_loss'))}")
+    lines += ["", "## Data", "", f"- train: `{Path(cfg.data.train).name}`"
+              + (f", {summary['train_examples']} examples" if "train_examples" in summary else "")
+              + (f", {summary['trained_tokens']:,} trained tokens" if summary.get("trained_tokens") else "")]
+    if cfg.data.validation is not None or summary.get("valid_examples"):
+        lines.append(f"- validation: `{Path(cfg.data.validation).name if cfg.data.validation else 'held out from train'}`"
+                     + (f", {summary['valid_examples']} examples" if "valid_examples" in summary else ""))
+    results = plan.run_dir / "eval" / "results.json"
+    if results.is_file():
+        lines += ["", "## Evaluation", ""] + _eval_lines(json.loads(results.read_text(encoding="utf-8")))
+    if notes:
+        lines += ["", "## Export notes", ""] + [f"- {n}" for n in notes]
+    lines += ["", "## Use it", ""] + _usage(plan)
+    (dest / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _run(plan: _Plan):
+    from tunekit.model import read_run_dir
+
+    return read_run_dir(plan.run_dir)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _eval_lines(results: dict) -> list[str]:
+    rows = []
+    for cand in results.get("candidates", []):
+        metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in (cand.get("metrics") or {}).items() if isinstance(v, int | float))
+        rows.append(f"- {cand.get('name')} ({cand.get('kind')}): {metrics}")
+    return rows or ["- (the report has no candidates)"]
+
+
+def _usage(plan: _Plan) -> list[str]:
+    out = plan.out
+    if plan.fmt == "merged":
+        return ["transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                f'model = AutoModelForCausalLM.from_pretrained("{out}")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "",
+                "generation_config.json stops generation at the chat template's end of turn.", "",
+                f"vLLM: `vllm serve {out}`", ""]
+    if plan.fmt == "adapter":
+        return ["peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
+                f'model = AutoPeftModelForCausalLM.from_pretrained("{out}")', "```", "",
+                f"vLLM: `vllm serve {plan.base_dir} --enable-lora --lora-modules {plan.name}={out}`", ""]
+    gguf_name = f"{plan.name}-{plan.quant}.gguf"
+    lines = [f"llama.cpp: `llama-cli -m {out / gguf_name} -cnv` (the chat template is in the file's metadata)",
+             "", "llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
+             f'llm = Llama(model_path="{out / gguf_name}")', "```"]
+    if plan.fmt == "ollama":
+        lines += ["", f"Ollama: `ollama create {plan.name} -f {out / 'Modelfile'}` then `ollama run {plan.name}`"]
+    return lines
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Replace `dest` with the complete `tmp` folder by renames (the old export is removed last)."""
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
