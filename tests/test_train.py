@@ -40,10 +40,15 @@ def test_selective_lm_head_loss_equals_full_logits_loss(tmp_path, tiny_llama_dir
     model = apply_method(load_base(cfg), cfg)
     batch = collate_packed([random_sequences(4, 0), random_sequences(4, 1)], pad_id=0)
     # A chunk of 64 splits the trained positions over several LM head chunks.
-    nll, n = trained_nll(model, batch, chunk=64)
+    nll, n, correct = trained_nll(model, batch, chunk=64)
     assert n == batch.num_trained > 64
     reference = full_logits_loss(model, batch)
     torch.testing.assert_close(nll / n, reference, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # the token accuracy counted on the way equals the full logits' argmax
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask, use_cache=False).logits
+        keep = batch.targets != IGNORE
+        assert correct == int((logits[keep].argmax(-1) == batch.targets[keep]).sum())
     # Same gradients as the full-logits loss.
     (nll / n).backward()
     ours = grads(model)
@@ -57,10 +62,10 @@ def test_accumulation_4x2_equals_batch_8(tmp_path, tiny_llama_dir):
     cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
     model = apply_method(load_base(cfg), cfg)
     rows = [[s] for s in random_sequences(8, 3)]  # uneven trained counts per row
-    nll8, n8 = backward_step(model, [collate_packed(rows, 0)], 4096, "cpu")
+    nll8, n8, _ = backward_step(model, [collate_packed(rows, 0)], 4096, "cpu")
     big = grads(model)
     model.zero_grad()
-    nll42, n42 = backward_step(model, [collate_packed(rows[i:i + 2], 0) for i in range(0, 8, 2)], 4096, "cpu")
+    nll42, n42, _ = backward_step(model, [collate_packed(rows[i:i + 2], 0) for i in range(0, 8, 2)], 4096, "cpu")
     assert n8 == n42
     assert nll8 == pytest.approx(nll42, rel=1e-6)
     small = grads(model)
@@ -139,6 +144,7 @@ def test_run_lowers_loss_and_writes_the_run_dir(tmp_path, tiny_llama_dir, method
     assert valid[-1] < (start * 0.7 if method == "full" else start - 0.4), (start, valid)
     assert result.summary["final_valid_loss"] == valid[-1]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.4
+    assert rows[-1]["train_token_accuracy"] > rows[0]["train_token_accuracy"]  # the toy task is learned
     # keep_last=2: the two newest checkpoints, the last one at the final step.
     ckpts = sorted(os.listdir(run / "checkpoints"))
     assert len(ckpts) == 2 and ckpts[-1] == f"step-{steps:06d}"
@@ -304,10 +310,10 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_close_gradients(tmp_path, t
     cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
     model = apply_method(load_base(cfg), cfg)
     batch = packed(random_sequences(4, 5))
-    nll32, n = backward_step(model, [batch], 64, "cpu")
+    nll32, n, _ = backward_step(model, [batch], 64, "cpu")
     fp32 = grads(model)
     model.zero_grad()
-    nll16, n16 = backward_step(model, [batch], 64, "cpu", mixed_precision="bf16")
+    nll16, n16, _ = backward_step(model, [batch], 64, "cpu", mixed_precision="bf16")
     bf16 = grads(model)
     assert n == n16 and nll16 == pytest.approx(nll32, rel=2e-2) and nll16 != nll32  # bf16 did run
     assert fp32.keys() == bf16.keys() and fp32

@@ -209,12 +209,15 @@ def _chunk_logits(head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_chunk_logits(head, softcap, h), target, reduction="sum")
+def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed NLL, count of positions whose argmax is the target) of one chunk; the count has no grad."""
+    logits = _chunk_logits(head, softcap, h)  # (chunk, V)
+    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
 
 
-def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
-    """(summed NLL over trained positions, their count) for one micro-batch.
+def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int, int]:
+    """(summed NLL over trained positions, their count, how many the model already predicts) for one
+    micro-batch.
 
     Hidden states are gathered at the N positions whose next token is trained, then projected through
     the LM head `chunk` rows at a time. With grad enabled each chunk is recomputed in backward
@@ -227,13 +230,15 @@ def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
     h = hidden[keep]  # (N, H)
     target = batch.targets[keep]  # (N,)
     total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, h.shape[0], chunk):
         h_c, t_c = h[start:start + chunk], target[start:start + chunk]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_nll, head, softcap, h_c, t_c, use_reentrant=False)
+            nll_c, right_c = checkpoint(_chunk_nll, head, softcap, h_c, t_c, use_reentrant=False)
         else:
-            total = total + _chunk_nll(head, softcap, h_c, t_c)
-    return total, int(target.numel())
+            nll_c, right_c = _chunk_nll(head, softcap, h_c, t_c)
+        total, correct = total + nll_c, correct + right_c
+    return total, int(target.numel()), int(correct)
 
 
 def autocast(device: torch.device | str, mixed_precision: str = "no"):
@@ -246,20 +251,22 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
 
 
 def backward_step(model, micro_batches: list[Batch], chunk: int, device,
-                  mixed_precision: str = "no") -> tuple[float, int]:
-    """Forward + backward of one optimizer step; returns (summed NLL, trained tokens) of the step.
+                  mixed_precision: str = "no") -> tuple[float, int, int]:
+    """Forward + backward of one optimizer step; returns (summed NLL, trained tokens, trained tokens the
+    model predicted right before this step's update) of the step.
 
     The trained tokens of ALL micro-batches are counted first and every micro-batch's summed NLL is
     divided by that one count, so the gradients equal those of a single batch holding every row.
     """
     n_trained = sum(b.num_trained for b in micro_batches)  # across ranks: all-reduce this count here
-    step_nll = 0.0
+    step_nll, step_correct = 0.0, 0
     for batch in micro_batches:
         with autocast(device, mixed_precision):
-            nll_sum, _ = trained_nll(model, batch.to(device), chunk)
+            nll_sum, _, correct = trained_nll(model, batch.to(device), chunk)
         (nll_sum / n_trained).backward()
         step_nll += float(nll_sum.detach())
-    return step_nll, n_trained
+        step_correct += correct
+    return step_nll, n_trained, step_correct
 
 
 @torch.no_grad()
@@ -533,7 +540,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             micro_batches = make_batches(data.train, step_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
 
             t0 = time.time()
-            step_nll, n_trained = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device,
+            step_nll, n_trained, n_correct = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device,
                                                 cfg.train.mixed_precision)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
@@ -558,7 +565,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
                 elapsed = max(1e-9, time.time() - window_start)
                 row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
-                       "train_loss": last_loss, "grad_norm": grad_norm, "trained_tokens": trained_total,
+                       "train_loss": last_loss, "train_token_accuracy": n_correct / n_trained, "grad_norm": grad_norm, "trained_tokens": trained_total,
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
                 if do_eval:
                     row["valid_loss"], row["valid_token_accuracy"] = evaluate_loss(

@@ -125,6 +125,8 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     run_dir = data_dir / "jobs" / job.id / "run"
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["train_loss"] for m in metrics] == [r["train_loss"] for r in logged]
+    assert [m["train_mean_token_accuracy"] for m in metrics] == [r["train_token_accuracy"] for r in logged]
+    assert all(0 <= r["train_token_accuracy"] <= 1 for r in logged)
     assert metrics[-1]["valid_loss"] == logged[-1]["valid_loss"]
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data

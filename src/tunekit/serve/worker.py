@@ -407,7 +407,7 @@ class Worker:
                 run.first_step = step
             total = self._total_steps(job, row)
             data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
-                    "train_mean_token_accuracy": None, "valid_loss": row.get("valid_loss"),
+                    "train_mean_token_accuracy": row.get("train_token_accuracy"), "valid_loss": row.get("valid_loss"),
                     "valid_mean_token_accuracy": row.get("valid_token_accuracy"),
                     "full_valid_loss": row.get("valid_loss"),
                     "full_valid_mean_token_accuracy": row.get("valid_token_accuracy")}
@@ -437,6 +437,7 @@ class Worker:
             step = int(ckpt.name[5:])
             row = run.steps.get(step, {})
             metrics = {"step": float(step), "train_loss": row.get("train_loss"),
+                       "train_mean_token_accuracy": row.get("train_token_accuracy"),
                        "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("valid_token_accuracy")}
             if self.store.add_checkpoint(job["id"], step, metrics, ckpt):
                 self.store.add_event(job["id"], f"Checkpoint created at step {step} with Snapshot ID: "
@@ -501,12 +502,12 @@ def unserve(state, job: dict) -> list[str]:
 
 
 def _metrics_csv(path: Path) -> bytes:
-    """step_metrics.csv: one row per logged step (OpenAI's columns; train_accuracy is not measured: empty)."""
+    """step_metrics.csv: one row per logged step (OpenAI's columns)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        writer.writerow([row["step"], row["train_loss"], "", row.get("valid_loss", ""),
+        writer.writerow([row["step"], row["train_loss"], row.get("train_token_accuracy", ""), row.get("valid_loss", ""),
                          row.get("valid_token_accuracy", "")])
     return out.getvalue().encode()
