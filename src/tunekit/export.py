@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunekit.errors import Problem, TunekitError
+from tunekit.fsio import publish_dir
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -104,7 +105,7 @@ def export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, chec
     try:
         notes, command = _write(plan, tmp, say)
         _write_model_card(plan, tmp, notes)
-        _publish(tmp, plan.out)
+        publish_dir(tmp, plan.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = {str(p.relative_to(plan.out)): p.stat().st_size for p in sorted(plan.out.rglob("*")) if p.is_file()}
@@ -678,15 +679,3 @@ def _usage(plan: _Plan) -> list[str]:
     if plan.fmt == "ollama":
         lines += ["", f"Ollama: `ollama create {plan.name} -f {out / 'Modelfile'}` then `ollama run {plan.name}`"]
     return lines
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Replace `dest` with the complete `tmp` folder by renames (the old export is removed last)."""
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.fsio import publish_dir
 from tunekit.model import (
     apply_method,
     body_and_head,
@@ -321,36 +321,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    """Make a fully written dir visible under its final name in one rename."""
-    _fsync_tree(tmp)
-    if dest.exists():
-        old = dest.with_name(f".old-{dest.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
-
-
 def _save_weights(model, tokenizer, path: Path) -> None:
     """peft adapter (adapter_config.json + adapter_model.safetensors) or the full model, safetensors."""
     model.save_pretrained(str(path), safe_serialization=True)
@@ -373,7 +343,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, kee
     torch.save(rng, tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     dest = ckpt_dir / name
-    _publish(tmp, dest)
+    publish_dir(tmp, dest)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old)
     return dest
@@ -599,7 +569,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     tmp = run_dir / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     _save_weights(model, tokenizer, tmp)
-    _publish(tmp, run_dir / "final")
+    publish_dir(tmp, run_dir / "final")
 
     last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
     summary = {
