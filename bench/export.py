@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 
 from tunekit.data.render import end_of_turn_ids, render_prompt
 from tunekit.export import export
+from tunekit.gguf_run import llama_cpp_greedy
 from tunekit.model import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,37 +39,14 @@ def transformers_greedy(model, prompts, stop, max_new_tokens):
     return outs, tokens / (time.perf_counter() - start)
 
 
-def _llama_greedy(path, prompts, stop, max_new_tokens, threads):
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, verbose=False, logits_all=True)
-    outs, tokens, start = [], 0, time.perf_counter()
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        out = []
-        while len(out) < max_new_tokens:
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))  # greedy on llama.cpp's own logits
-            if token in stop:
-                break
-            out.append(token)
-            llm.eval([token])
-        outs.append(out)
-        tokens += len(out)
-    seconds = time.perf_counter() - start
-    llm.close()
-    return outs, tokens / seconds
-
-
 def llama_greedy(path, prompts, stop, max_new_tokens, threads):
-    """In a spawned process: a llama.cpp crash (q8_0 decode segfaults with llama-cpp-python 0.3.36 on this CPU)
-    is reported, not fatal. Returns (None, None) when the worker died."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(_llama_greedy, str(path), prompts, stop, max_new_tokens, threads).result()
-        except BrokenProcessPool:
-            return None, None
+    """(answers, tokens/s), or (None, None) when llama.cpp crashed (q8_0 decode segfaults with llama-cpp-python
+    0.3.36 on this CPU)."""
+    try:
+        got = llama_cpp_greedy(path, prompts, stop=stop, max_new_tokens=max_new_tokens, threads=threads)
+    except BrokenProcessPool:
+        return None, None
+    return got["answers"], got["tokens_per_s"]
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from llama_cpp_run import llama_cpp_greedy
 from typer.testing import CliRunner
 
 from tunekit.config import config_from_dict
@@ -26,6 +25,7 @@ from tunekit.export import (
     render_family,
     template_family,
 )
+from tunekit.gguf_run import llama_cpp_greedy
 from tunekit.model import load_for_inference
 from tunekit.train import train
 
@@ -469,7 +469,7 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
 
     f32 and f16: every answer is identical, except where transformers itself has two next tokens within 0.02
     logits of each other (a tie that fp rounding may break either way; the run here is a 6-step fine-tune, so
-    such ties occur). q8_0: the agreement rate is reported (or the crash, see tests/llama_cpp_run.py).
+    such ties occur). q8_0: the agreement rate is reported (or the crash, see tunekit/gguf_run.py).
     """
     ref, tok = load_for_inference(lora_run)
     ref = ref.merge_and_unload().eval()

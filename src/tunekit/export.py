@@ -201,7 +201,7 @@ def _root_base(run) -> str:
 def _adapter_base_source(run) -> str | None:
     """The loadable model (hub id or dir) the run's adapter sits on, or None when that model exists only as
     an earlier run's adapter merged into its base (model.previous_adapter: merge)."""
-    from tunekit.model import _continues_adapter, read_run_dir
+    from tunekit.model import continues_adapter, read_run_dir
 
     prev = read_run_dir(run.cfg.model.base)
     if prev is None:
@@ -209,7 +209,7 @@ def _adapter_base_source(run) -> str | None:
         return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
     if not prev.has_adapter:
         return str(prev.final.resolve())
-    if _continues_adapter(run.cfg, prev):
+    if continues_adapter(run.cfg, prev):
         return _adapter_base_source(prev)
     return None
 
@@ -476,12 +476,12 @@ def _qlora_dequantized(plan: _Plan):
     import torch
     from peft import PeftModel
 
-    from tunekit.model import _adapter_base, read_run_dir, resolve_device
+    from tunekit.model import adapter_base, read_run_dir, resolve_device
 
     run = read_run_dir(plan.run_dir)
     device = resolve_device("cpu")
-    quantized = _adapter_base(run, run.cfg, device, quantize=True)
-    plain = _adapter_base(run, run.cfg.model_copy(update={"method": "lora"}), device, quantize=False)
+    quantized = adapter_base(run, run.cfg, device, quantize=True)
+    plain = adapter_base(run, run.cfg.model_copy(update={"method": "lora"}), device, quantize=False)
     plain_modules = dict(plain.named_modules())
     for module_name, module in quantized.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -532,11 +532,11 @@ def _write_adapter(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
     AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp))
     resolved = _adapter_base_source(run)
     if resolved is None:
-        from tunekit.model import _adapter_base, resolve_device
+        from tunekit.model import adapter_base, resolve_device
 
         say("the adapter sits on an earlier run's merged adapter: writing that model into merged-base/")
         cfg = run.cfg.model_copy(update={"method": "lora"})
-        under = _adapter_base(run, cfg, resolve_device("cpu"), quantize=False)
+        under = adapter_base(run, cfg, resolve_device("cpu"), quantize=False)
         under.save_pretrained(str(tmp / "merged-base"), safe_serialization=True)
         AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp / "merged-base"))
         resolved = str(plan.out.resolve() / "merged-base")

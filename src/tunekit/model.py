@@ -89,7 +89,7 @@ def read_run_dir(path: str | Path) -> RunDir | None:
     return RunDir(path, cfg, final)
 
 
-def _continues_adapter(cfg: RunConfig, run: RunDir | None) -> bool:
+def continues_adapter(cfg: RunConfig, run: RunDir | None) -> bool:
     """True when training keeps training the earlier run's adapter (model.previous_adapter: continue)."""
     return (run is not None and run.has_adapter and cfg.method in ("lora", "qlora")
             and cfg.model.previous_adapter == "continue")
@@ -115,15 +115,15 @@ def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, 
                                    "give a local model dir, an earlier run dir, or a reachable hub id")) from None
 
 
-def _adapter_base(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool):
+def adapter_base(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool):
     """The model the adapter in `run.final` was trained on top of (rebuilt from the run's own config)."""
     prev = read_run_dir(run.cfg.model.base)
     if prev is None:
         return _from_pretrained(run.cfg.model.base, cfg, device, quantize=quantize)
     if not prev.has_adapter:
         return _from_pretrained(prev.final, cfg, device, quantize=quantize)
-    if _continues_adapter(run.cfg, prev):
-        return _adapter_base(prev, cfg, device, quantize=quantize)
+    if continues_adapter(run.cfg, prev):
+        return adapter_base(prev, cfg, device, quantize=quantize)
     return _merged(prev, cfg, device, quantize=quantize)
 
 
@@ -134,7 +134,7 @@ def _merged(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool
     if quantize:
         raise ConfigError(Problem("model.previous_adapter", "cannot fold an adapter into a 4-bit base",
                                   "use model.previous_adapter: continue, or method: lora"))
-    base = _adapter_base(run, cfg, device, quantize=False)
+    base = adapter_base(run, cfg, device, quantize=False)
     return PeftModel.from_pretrained(base, str(run.final)).merge_and_unload()
 
 
@@ -167,8 +167,8 @@ def load_base(cfg: RunConfig, device: torch.device | None = None):
         model = _from_pretrained(cfg.model.base, cfg, device, quantize=quantize)
     elif not run.has_adapter:
         model = _from_pretrained(run.final, cfg, device, quantize=quantize)
-    elif _continues_adapter(cfg, run):
-        model = _adapter_base(run, cfg, device, quantize=quantize)
+    elif continues_adapter(cfg, run):
+        model = adapter_base(run, cfg, device, quantize=quantize)
     else:
         model = _merged(run, cfg, device, quantize=quantize)
     model.config.use_cache = False  # training: no KV cache (and packed position_ids need none)
@@ -213,7 +213,7 @@ def apply_method(model, cfg: RunConfig):
         _keep_4bit_layers_differentiable(model)
 
     run = read_run_dir(cfg.model.base)
-    if _continues_adapter(cfg, run):
+    if continues_adapter(cfg, run):
         # The earlier adapter keeps its own r / alpha / targets (from its adapter_config.json).
         return PeftModel.from_pretrained(model, str(run.final), is_trainable=True)
 
@@ -275,7 +275,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     if (weights / ADAPTER_CONFIG).is_file():
         if run is not None:
             cfg = run.cfg.model_copy(update={"method": "lora"})  # a full-precision base for inference
-            base = _adapter_base(run, cfg, device, quantize=False)
+            base = adapter_base(run, cfg, device, quantize=False)
         else:
             base_name = json.loads((weights / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
             base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": str(device)})

@@ -217,6 +217,8 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
           truncation: Literal["drop", "truncate"] = "drop") -> _Scan:
     scan = _Scan(format=fmt)
     label = str(path)
+    if count_fn is not None and stats:
+        from tunekit.data.dataset import fit_to_max_len  # token statistics only: dataset imports torch
     for line in read_jsonl(path, max_line_bytes=max_line_bytes):
         scan.lines = line.number
         for issue in line.issues:
@@ -251,8 +253,6 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
         else:
             total = sum(len(s) for s in sequences)
             trained = sum(s.num_trained for s in sequences)
-            from tunekit.data.dataset import fit_to_max_len  # token statistics only: pack imports torch
-
             _, fit = fit_to_max_len(sequences, max_len or max(total, 1), truncation)  # as training does
             scan.over_max_len += bool(fit.dropped_too_long or fit.truncated)
             scan.trained_lost += fit.dropped_trained_tokens + fit.lost_trained_tokens

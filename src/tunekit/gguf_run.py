@@ -1,8 +1,9 @@
-"""Greedy decoding and tokenization with llama-cpp-python, in a process of its own.
+"""Greedy decoding and tokenization of a GGUF file with llama-cpp-python, in a process of its own.
 
-A crash inside llama.cpp then fails one test instead of killing pytest: with llama-cpp-python 0.3.36 built
-for this CPU (AVX512-BF16), decoding a q8_0 GGUF of models/tiny-chat segfaults in llama_decode (f32 and
-f16 files of the same model decode fine).
+Used to prove that an exported GGUF answers like the run it came from (tests, bench/export.py). It runs in a
+spawned process, so a crash inside llama.cpp raises BrokenProcessPool in the caller instead of killing it:
+with llama-cpp-python 0.3.36 built for this CPU (AVX512-BF16), decoding a q8_0 GGUF of models/tiny-chat
+segfaults in llama_decode (f32 and f16 files of the same model decode fine).
 """
 
 from __future__ import annotations
