@@ -39,11 +39,12 @@ def transformers_greedy(model, prompts, stop, max_new_tokens):
     return outs, tokens / (time.perf_counter() - start)
 
 
-def llama_greedy(path, prompts, stop, max_new_tokens, threads):
-    """(answers, tokens/s), or (None, None) when llama.cpp crashed (q8_0 decode segfaults with llama-cpp-python
-    0.3.36 on this CPU)."""
+def llama_greedy(path, prompts, stop, max_new_tokens, threads, repack=True):
+    """(answers, tokens/s), or (None, None) when llama.cpp crashed (q8_0 decode with weight repacking segfaults
+    with llama-cpp-python 0.3.36 on this CPU)."""
     try:
-        got = llama_cpp_greedy(path, prompts, stop=stop, max_new_tokens=max_new_tokens, threads=threads)
+        got = llama_cpp_greedy(path, prompts, stop=stop, max_new_tokens=max_new_tokens, threads=threads,
+                               repack=repack)
     except BrokenProcessPool:
         return None, None
     return got["answers"], got["tokens_per_s"]
@@ -84,7 +85,7 @@ def main() -> None:
         result["generation"] = {"transformers_fp32": {"tokens_per_s": round(tps, 1), "exact_match": exact_match(ref)}}
         for quant in ("f32", "f16", "q8_0"):
             path = result["formats"][f"gguf-{quant}"].pop("gguf")
-            outs, tps = llama_greedy(path, prompts, stop, args.max_new_tokens, args.threads)
+            outs, tps = llama_greedy(path, prompts, stop, args.max_new_tokens, args.threads, repack=quant != "q8_0")
             if outs is None:
                 result["generation"][f"llama.cpp_{quant}"] = {"error": "llama.cpp crashed (segfault) decoding"}
                 continue

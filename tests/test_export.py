@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from canary import still_broken
 from typer.testing import CliRunner
 
 from tunekit.config import config_from_dict
@@ -469,7 +470,7 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
 
     f32 and f16: every answer is identical, except where transformers itself has two next tokens within 0.02
     logits of each other (a tie that fp rounding may break either way; the run here is a 6-step fine-tune, so
-    such ties occur). q8_0: the agreement rate is reported (or the crash, see tunekit/gguf_run.py).
+    such ties occur). q8_0 (decoded without CPU weight repacking): the agreement rate is reported.
     """
     ref, tok = load_for_inference(lora_run)
     ref = ref.merge_and_unload().eval()
@@ -479,12 +480,9 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
     expected = greedy(ref, tok, convs)
     report = {}
     for quant, result in gguf_exports.items():
-        try:
-            got = llama_cpp_greedy(_gguf_file(result), prompts, [render_prompt_text(m, tok) for m in convs], stop)
-        except BrokenProcessPool:
-            assert quant == "q8_0", f"llama.cpp crashed decoding the {quant} file"
-            report[quant] = "llama.cpp crashed (segfault in llama_decode, llama-cpp-python 0.3.36 on this CPU)"
-            continue
+        # q8_0 without llama.cpp's CPU weight repacking: see test_llama_cpp_still_crashes_on_repacked_q8_0
+        got = llama_cpp_greedy(_gguf_file(result), prompts, [render_prompt_text(m, tok) for m in convs], stop,
+                               repack=quant != "q8_0")
         assert got["tokens"] == prompts, quant
         answers = got["answers"]
         differ = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a != e]
@@ -493,7 +491,22 @@ def test_gguf_tokenizes_and_answers_like_transformers(lora_run, gguf_exports):
         if quant in ("f32", "f16"):
             assert all(m < 0.02 for m in margins), (quant, report)
             assert len(differ) <= 0.05 * len(convs), (quant, report)
+        else:  # 8-bit weights: 93 of 100 agreed when measured, each divergence at a margin under 0.1
+            assert len(differ) <= 0.15 * len(convs) and all(m < 0.25 for m in margins), (quant, report)
     print(f"greedy agreement with transformers on {len(convs)} quickstart prompts: {report}")
+
+
+def test_llama_cpp_still_crashes_on_repacked_q8_0(lora_run, gguf_exports):
+    """Canary: llama-cpp-python 0.3.36 segfaults decoding the q8_0 file when it repacks the weights for this
+    CPU, which is why the agreement test decodes q8_0 with repack=False. Skips when an upgrade fixes it."""
+    _, tok = load_for_inference(lora_run)
+    prompt = render_prompt(validation_conversations()[0], tok)
+    try:
+        llama_cpp_greedy(_gguf_file(gguf_exports["q8_0"]), [prompt], stop=end_of_turn_ids(tok), max_new_tokens=4)
+        crashed = False
+    except BrokenProcessPool:
+        crashed = True
+    still_broken(crashed, "llama_cpp_python", "q8_0 decode with CPU weight repacking segfaults")
 
 
 def test_ollama_export_writes_a_valid_modelfile(lora_run, tmp_path):
