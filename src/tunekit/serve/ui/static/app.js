@@ -411,8 +411,8 @@ function lossChart(points) {
     svg.append(path(valid, "valid_loss", "valid"));
     for (const p of valid) svg.append(el("circle", { cx: X(p.step), cy: Y(p.valid_loss), r: 3, class: "dot-valid" }));
   }
-  svg.append(el("text", { x: W - R - 150, y: T + 6, fill: "var(--train)" }, "— train loss"),
-    el("text", { x: W - R - 70, y: T + 6, fill: "var(--valid)" }, "— valid loss"));
+  svg.append(el("text", { x: W - R - (valid.length ? 160 : 75), y: T + 6, style: "fill: var(--train)" }, "— train loss"));
+  if (valid.length) svg.append(el("text", { x: W - R - 75, y: T + 6, style: "fill: var(--valid)" }, "— valid loss"));
   return svg;
 }
 
