@@ -267,3 +267,22 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     for i in (0, 1):
         meta = page.inner_text(f"#cmp-out-{i} .meta")
         assert "tokens" in meta and " ms" in meta, meta
+
+
+def test_failed_job_shows_its_error_object(page, server):
+    url, _ = server
+    client = sdk(url)
+    broken = upload(client, BROKEN, name="broken.jsonl")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=broken.id, extra_body=tiny_job(max_steps=1))
+    page.goto(page.origin + f"/#/jobs/{job.id}")
+    page.wait_for_selector("#job-error")
+    shown = page.inner_text("#job-error")
+    assert shown.startswith("Failed (invalid_training_file)") and "line 2" in shown and "[training_file]" in shown
+    assert page.inner_text("#job-status") == "failed"
+    assert page.locator("main button:has-text('Cancel')").is_disabled()
+    good = upload(client, toy_jsonl(10, 4), name="good.jsonl")
+    page.goto(page.origin + "/#/jobs")  # the form offers checked files only
+    page.wait_for_selector("#job-form")
+    offered = page.locator("select[name=training_file] option").evaluate_all("os => os.map(o => o.value)")
+    assert good.id in offered and broken.id not in offered
+    assert page.locator(f"#jobs a[href='#/jobs/{job.id}']").count() == 1
