@@ -79,6 +79,7 @@ def main() -> None:
 
             page.goto(origin + "/#/data")
             page.wait_for_selector("#stats-model")
+            page.fill("#stats-max-len", "128")
             for path in (QUICKSTART / "valid.jsonl", QUICKSTART / "train.jsonl", broken_file(tmp)):
                 page.set_input_files("#file-input", str(path))
                 page.wait_for_selector(f"#report:has(h2:has-text('{path.name}')) #verdict")
@@ -86,8 +87,7 @@ def main() -> None:
             shot("data-errors")
             page.locator("#files tbody tr").filter(has_text="train.jsonl").get_by_role("button", name="Report").click()
             page.wait_for_selector("#report:has(h2:has-text('train.jsonl')) #preview")
-            page.locator("#report").scroll_into_view_if_needed()
-            page.evaluate("document.querySelector('#report').scrollIntoView()")
+            page.evaluate("document.querySelector('#facts').scrollIntoView()")
             shot("data-report")
 
             files = {row.locator("td").nth(0).inner_text(): row.get_attribute("data-file")

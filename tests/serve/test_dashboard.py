@@ -184,10 +184,12 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     page.wait_for_selector("#stats-model")
     page.set_input_files("#file-input", str(valid))
     page.wait_for_selector("#preview")
+    page.fill("#stats-max-len", "20")
     page.set_input_files("#file-input", str(train))
     page.wait_for_selector("#report:has(h2:has-text('train.jsonl')) #preview")
     assert page.inner_text("#verdict").startswith("✓ no errors: 24 examples")
-    assert "tokens per epoch" in page.inner_text("#facts")
+    facts = page.inner_text("#facts")
+    assert "tokens per epoch" in facts and "24 examples over max length 20 (drop)" in facts, facts
     marks = page.locator("#preview .preview mark").all_inner_texts()
     word = marks[0].split()[0]
     assert marks[0].startswith(f"{word} {word} {word}") and len(marks) == 3  # one trained run per example
@@ -286,3 +288,45 @@ def test_failed_job_shows_its_error_object(page, server):
     offered = page.locator("select[name=training_file] option").evaluate_all("os => os.map(o => o.value)")
     assert good.id in offered and broken.id not in offered
     assert page.locator(f"#jobs a[href='#/jobs/{job.id}']").count() == 1
+
+
+def test_playground_shows_tool_calls_as_calls(page):
+    """The page's reading of a streamed tool call, in the server's chunk layout (chat.py `_stream`: the call's
+    id, type and name first, then its arguments). Whether a model's output becomes such chunks is tested in
+    test_serve with a model trained to call a tool; here the stream is given, so no such model is trained."""
+    from runs import WEATHER_TOOL
+
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+        body = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
+                "usage": usage}
+        return f"data: {json.dumps(body)}\n\n"
+
+    sent = []
+    stream = (chunk({"role": "assistant", "content": ""})
+              + chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                       "function": {"name": "get_weather", "arguments": ""}}]})
+              + chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Paris"}'}}]})
+              + chunk({}, "tool_calls") + chunk({}, usage={"prompt_tokens": 9, "completion_tokens": 7,
+                                                           "total_tokens": 16}) + "data: [DONE]\n\n")
+
+    def reply(route):
+        sent.append(json.loads(route.request.post_data))
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=stream)
+
+    page.route("**/v1/chat/completions", reply)
+    page.goto(page.origin + "/#/playground")
+    page.wait_for_selector("#pg-model")
+    page.click("#pg-tools-fold summary")
+    page.fill("#pg-tools", json.dumps([WEATHER_TOOL]))
+    page.fill("#pg-input", "weather in Paris?")
+    page.click("#pg-send")
+    page.wait_for_selector(".msg.assistant[data-done]")
+    assert page.inner_text(".msg.assistant .toolcall") == 'tool call get_weather({"city": "Paris"})'
+    assert "7 tokens" in page.inner_text(".msg.assistant .meta") and "tool_calls" in page.inner_text(".msg.assistant .meta")
+    assert sent[0]["tools"] == [WEATHER_TOOL] and sent[0]["stream"] is True
+    page.fill("#pg-input", "and in London?")  # the call stays in the conversation sent next
+    page.click("#pg-send")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === 2")
+    assert sent[1]["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}

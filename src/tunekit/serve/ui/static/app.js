@@ -205,8 +205,12 @@ async function pageData(main) {
   async function showReport(f) {
     shown = f;
     const model = modelPick() ? modelPick().value : "";
+    const maxLen = (document.getElementById("stats-max-len") || {}).value;
     reportSlot.replaceChildren(h("h2", {}, `Report: ${f.filename}`), h("p", { class: "muted" }, "Checking…"));
-    const q = model ? `?model=${encodeURIComponent(model)}` : "";
+    const params = new URLSearchParams();
+    if (model) params.set("model", model);
+    if (model && maxLen) params.set("max_len", maxLen);
+    const q = params.toString() ? `?${params}` : "";
     const report = await guarded(reportSlot, () => call(`/files/${f.id}/check${q}`));
     if (!report) return;
     const parts = [h("h2", {}, `Report: ${f.filename}`), renderReport(report)];
@@ -223,7 +227,10 @@ async function pageData(main) {
     const sel = modelSelect(["", ...names], { id: "stats-model" }, names[0]);
     sel.options[0].textContent = "(characters, no model)";
     sel.addEventListener("change", () => { if (shown) showReport(shown); });
-    modelSlot.replaceChildren(h("label", { class: "inline" }, "Token statistics and preview for\u00a0", sel));
+    const maxLen = h("input", { id: "stats-max-len", type: "number", min: "1", placeholder: "none", size: "6" });
+    maxLen.addEventListener("change", () => { if (shown) showReport(shown); });
+    modelSlot.replaceChildren(h("label", { class: "inline" }, "Token statistics and preview for\u00a0", sel),
+      h("label", { class: "inline" }, "\u00a0max length\u00a0", maxLen));
   }
   await refresh();
 }
@@ -592,7 +599,7 @@ async function pagePlayground(main) {
   const form = h("form", { class: "card" },
     h("div", { class: "grid" }, h("label", {}, "Model", model), h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens)),
     h("label", {}, "System prompt", system),
-    h("details", {}, h("summary", {}, "Tools (JSON array of tool definitions)"), tools),
+    h("details", { id: "pg-tools-fold" }, h("summary", {}, "Tools (JSON array of tool definitions)"), tools),
     log, error, h("label", {}, "Message", input), h("div", { class: "row" }, send, clear));
   main.append(form);
   input.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
