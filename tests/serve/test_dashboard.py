@@ -159,16 +159,21 @@ def test_api_key_is_asked_once_and_kept_for_the_session(browser, tiny_llama_dir)
     with serving(models=[f"tiny={tiny_llama_dir}"], api_keys=["secret"]) as (url, _):
         context = browser.new_context()
         page = context.new_page()
-        page.goto(url.removesuffix("/v1") + "/#/playground")
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url.removesuffix("/v1") + "/#/jobs")  # two requests refused at once: one question
         page.wait_for_selector("#key-dialog[open]")
         page.fill("#key-input", "secret")
         page.click("#key-save")
+        page.wait_for_selector("#no-training-files")
+        assert "start it with --data-dir" in page.inner_text("main .error")  # this server keeps no jobs
+        page.goto(url.removesuffix("/v1") + "/#/playground")
         page.wait_for_selector("#pg-model")
         assert page.locator("#pg-model option").all_inner_texts() == ["tiny"]
         page.goto(url.removesuffix("/v1") + "/#/compare")  # another page, same tab: no second question
         page.wait_for_selector("#cmp-model-0")
         assert not page.locator("#key-dialog[open]").count()
-        assert page.evaluate("sessionStorage.getItem('tunekit-api-key')") == "secret"
+        assert page.evaluate("sessionStorage.getItem('tunekit-api-key')") == "secret" and errors == []
         context.close()
 
 

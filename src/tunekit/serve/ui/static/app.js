@@ -76,7 +76,15 @@ async function listAll(path, limit = 1000) {
   }
 }
 
+let keyPrompt = null;  // the open question: requests refused at the same time wait for one answer
+
 function askKey(afterRefusal) {
+  if (keyPrompt) return keyPrompt;
+  keyPrompt = promptKey(afterRefusal).finally(() => { keyPrompt = null; });
+  return keyPrompt;
+}
+
+function promptKey(afterRefusal) {
   const dialog = document.getElementById("key-dialog");
   const input = document.getElementById("key-input");
   document.getElementById("key-why").textContent = afterRefusal
