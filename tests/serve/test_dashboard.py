@@ -152,7 +152,13 @@ def test_broken_upload_shows_its_line_errors(page, tmp_path):
     assert [c[0] for c in cells] == ["2:15", "3", "4"] or [c[0].split(":")[0] for c in cells] == ["2", "3", "4"]
     assert cells[2][1] == "messages[0].role" and all(c[4] for c in cells)  # field and hint shown
     assert "invalid_json" in page.inner_text("#counts")
-    assert page.locator("#files tbody tr").filter(has_text="broken.jsonl").first.locator(".badge").inner_text() == "error"
+    row = page.locator("#files tbody tr").filter(has_text="broken.jsonl").first
+    assert row.locator(".badge").inner_text() == "error"
+    file_id = row.get_attribute("data-file")
+    page.once("dialog", lambda dialog: dialog.accept())  # "Delete broken.jsonl?"
+    row.get_by_role("button", name="delete broken.jsonl").click()
+    page.wait_for_selector(f"tr[data-file='{file_id}']", state="detached")
+    assert not page.locator("#report #problems").count()  # its report went with it
 
 
 def test_api_key_is_asked_once_and_kept_for_the_session(browser, tiny_llama_dir):
