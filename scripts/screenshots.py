@@ -73,9 +73,14 @@ def main() -> None:
             page.set_default_timeout(1_200_000)  # a shared CPU can make the job take minutes
 
             def shot(name: str, full: bool = False) -> None:
+                from PIL import Image  # Pillow: installed with matplotlib
+
                 page.wait_for_timeout(200)
-                page.screenshot(path=str(OUT / f"{name}.png"), full_page=full)
-                print(f"docs/screenshots/{name}.png")
+                path = OUT / f"{name}.png"
+                page.screenshot(path=str(path), full_page=full)
+                # 64 colours, no dithering: a third of the size, the flat UI colours unchanged to the eye
+                Image.open(path).convert("RGB").quantize(colors=64, dither=Image.Dither.NONE).save(path, optimize=True)
+                print(f"docs/screenshots/{name}.png {path.stat().st_size // 1024} KB")
 
             page.goto(origin + "/#/data")
             page.wait_for_selector("#stats-model")
