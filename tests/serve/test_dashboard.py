@@ -342,3 +342,27 @@ def test_playground_shows_tool_calls_as_calls(page):
     page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done]').length === 2")
     assert sent[1]["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+
+
+def test_pause_resume_cancel_buttons(page, server):
+    url, _ = server
+    client = sdk(url, strict=False)  # a paused job: a status the SDK's type lacks
+    train = upload(client, toy_jsonl(24, 8))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1},
+                                         extra_body=tiny_job())  # 1200 steps: still running when paused
+    page.goto(page.origin + f"/#/jobs/{job.id}")
+    page.wait_for_function("Number(document.querySelector('#loss-chart polyline.train')?.dataset.points) > 0")
+    assert page.inner_text("#job-status") == "running"
+    assert page.locator("main button:has-text('Resume')").is_disabled()
+    page.click("main button:has-text('Pause')")
+    page.wait_for_selector("#job-status:has-text('paused')")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert page.locator("main button:has-text('Pause')").is_disabled()
+    page.click("main button:has-text('Resume')")
+    page.wait_for_selector("#job-status:has-text('queued'), #job-status:has-text('running')")
+    page.click("main button:has-text('Cancel')")
+    page.wait_for_selector("#job-status:has-text('cancelled')")
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    for message in ("Pausing fine-tuning job", "Resuming fine-tuning job", "Fine-tuning job cancelled"):
+        page.wait_for_selector(f"#events td:has-text('{message}')")
