@@ -21,7 +21,7 @@ pytest.importorskip("multipart", reason="uploads need python-multipart (the serv
 from test_finetune import QUESTION, greedy, sdk, tiny_job, toy_jsonl, upload  # noqa: E402
 from test_serve import serving  # noqa: E402
 
-STEPS = 300  # the job of the browser test: a few seconds, so the page shows the curve growing
+STEPS = 300  # at most, in the job of the browser test: a few seconds, so the page shows the curve growing
 CHROMIUM = os.environ.get("TUNEKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # line 2: not JSON; line 3: a message without content; line 4: an unknown role; then 10 valid examples
 BROKEN = (b'{"messages": [{"role": "user", "content": "say apple"}, {"role": "assistant", "content": "apple"}]}\n'
@@ -211,7 +211,7 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     page.wait_for_selector("#job-form")
     page.select_option("select[name=training_file]", files["train.jsonl"])
     page.select_option("select[name=validation_file]", files["valid.jsonl"])
-    page.fill("input[name=n_epochs]", "40")  # 40 epochs of one-row steps, cut at STEPS: a few seconds
+    page.fill("input[name=n_epochs]", "50")  # 50 epochs of one-row steps: a few seconds
     page.fill("input[name=batch_size]", "1")
     page.fill("input[name=learning_rate_multiplier]", "10")
     page.fill("input[name=seed]", "7")  # fixed: the tuned model's greedy reply is the same every run
@@ -232,12 +232,13 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
         time.sleep(0.1)
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert page.locator("#job-status").inner_text() == job.status == "succeeded", job.error
-    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (40, 1)
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (50, 1)
     assert (job.hyperparameters.learning_rate_multiplier, job.seed) == (10, 7)
     metrics = [e.data for e in client.fine_tuning.jobs.list_events(job_id, limit=1000) if e.type == "metrics"]
-    assert len(metrics) == metrics[0]["total_steps"] == STEPS
-    page.wait_for_function(f"document.querySelector('#loss-chart polyline.train')?.dataset.points === '{STEPS}'")
-    assert seen - {STEPS}, f"the curve did not grow while the job ran: {sorted(seen)}"
+    steps = metrics[0]["total_steps"]  # 50 epochs of the packed rows (5 here), one row a step
+    assert len(metrics) == steps and 200 <= steps <= STEPS
+    page.wait_for_function(f"document.querySelector('#loss-chart polyline.train')?.dataset.points === '{steps}'")
+    assert seen - {steps}, f"the curve did not grow while the job ran: {sorted(seen)}"
     assert int(page.get_attribute("#loss-chart polyline.valid", "data-points")) >= 1
     assert page.inner_text("#ft-model") == job.fine_tuned_model
     assert f'model="{job.fine_tuned_model}"' in page.inner_text("#sdk-snippet")
