@@ -4,6 +4,8 @@
     app = create_app(ServeSettings(models=["tiny=models/tiny-chat"]))
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
+The dashboard (ui/) is served at `/`: static pages that call the same `/v1` API.
+
 Around every request (`_Guard`, a plain ASGI middleware so it also sees streamed replies end): API keys on `/v1` (when
 any are configured; each key belongs to a project: `PROJECT:KEY`), the request-body size limit, and one log line
 (method, path, status, latency, tokens).
@@ -39,6 +41,7 @@ from tunekit.serve.files import router as files_router
 from tunekit.serve.inference import Engine, Served, load_models, parse_model_arg
 from tunekit.serve.jobs import router as jobs_router
 from tunekit.serve.store import DEFAULT_PROJECT, Store
+from tunekit.serve.ui import add_dashboard
 
 log = logging.getLogger("tunekit.serve")
 
@@ -133,6 +136,7 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     app.include_router(chat_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    add_dashboard(app)
 
     @app.get("/health")
     def health() -> dict:

@@ -363,7 +363,7 @@ def _visible(request: Request) -> dict[str, Served]:
     return {name: s for name, s in request.app.state.models.items() if owners.get(name) in (None, project)}
 
 
-def _find(request: Request, name: str) -> Served:
+def find_model(request: Request, name: str) -> Served:
     models = _visible(request)
     served = models.get(name)
     if served is None:
@@ -380,7 +380,7 @@ def list_models(request: Request) -> dict:
 
 @router.get("/v1/models/{model_id:path}")
 def get_model(model_id: str, request: Request) -> dict:
-    return _model_json(_find(request, model_id))
+    return _model_json(find_model(request, model_id))
 
 
 @router.post("/v1/chat/completions")
@@ -398,7 +398,7 @@ async def chat_completions(request: Request):
     except ValidationError as exc:
         raise APIError.from_validation(exc.errors()) from None
     _unsupported(req)
-    served = _find(request, req.model)
+    served = find_model(request, req.model)
     example = _example(req)
     try:
         prompt = await asyncio.to_thread(render_prompt, example, served.tokenizer)  # off the event loop

@@ -163,3 +163,97 @@ def file_content(request: Request, file_id: str) -> Response:
     path = store_of(request).blob_path(row["sha256"])
     media = "text/csv" if row["filename"].endswith(".csv") else "application/octet-stream"
     return FileResponse(path, media_type=media)  # streamed from disk
+
+
+# --------------------------------------------------------------------------------------------------
+# tunekit extensions (no OpenAI equivalent; the dashboard's Data page uses them)
+
+PREVIEW_MAX = 20  # examples one preview request may ask for
+
+
+def _tokenizer_of(request: Request, model: str | None):
+    """The tokenizer of a served model visible to this project (None when no model is asked for)."""
+    if model is None or model == "":
+        return None
+    from tunekit.serve.chat import find_model
+
+    return find_model(request, model).tokenizer
+
+
+@router.get("/v1/files/{file_id}/check")
+async def check_file_report(request: Request, file_id: str, model: str | None = None,
+                            max_len: Annotated[int | None, Query(ge=1, le=10_000_000)] = None) -> dict:
+    """tunekit extension: `tunekit data check --json` of an uploaded file (every problem with its line, JSON
+    path and hint, counts per code, length statistics and the epoch estimate). With `model` (a served model)
+    the statistics are in that model's tokens, rendered with its chat template exactly as training does."""
+    row = find_file(request, file_id)
+    tokenizer = _tokenizer_of(request, model)
+    path = store_of(request).blob_path(row["sha256"])
+    report = await asyncio.to_thread(_check_report, path, tokenizer, max_len)
+    report["path"] = row["filename"]
+    for problem in report["problems"]:
+        problem["file"] = row["filename"]
+    report["file_id"], report["model"] = file_id, model
+    return report
+
+
+def _check_report(path, tokenizer, max_len: int | None) -> dict:
+    from tunekit.data.check import check_file
+    from tunekit.data.render import render_example
+    from tunekit.errors import TunekitError
+
+    # rendered here, one example at a time: no process pool inside the server (the CLI's check renders ahead
+    # on every core, which costs a pool start-up that a dashboard click should not wait for)
+    count_fn = None if tokenizer is None else (lambda example: render_example(example, tokenizer))
+    try:
+        return check_file(path, count_fn=count_fn, tokenizer=tokenizer, max_len=max_len).to_dict()
+    except TunekitError as exc:  # the file cannot be opened at all
+        raise APIError(400, "; ".join(p.message for p in exc.problems), param="file_id") from None
+
+
+@router.get("/v1/files/{file_id}/preview")
+async def preview_file(request: Request, file_id: str, model: str,
+                       n: Annotated[int, Query(ge=1, le=PREVIEW_MAX)] = 3) -> dict:
+    """tunekit extension: the first `n` valid examples rendered with `model`'s chat template, as runs of text
+    that are trained or not, as `tunekit data preview` shows them: `{"data": [{"line", "tokens", "trained",
+    "sequences": [[{"trained": bool, "text": str}, ...], ...]}], "skipped": invalid lines passed over}`; an
+    example its template cannot render has `"error"` instead of sequences."""
+    row = find_file(request, file_id)
+    tokenizer = _tokenizer_of(request, model)
+    path = store_of(request).blob_path(row["sha256"])
+    return await asyncio.to_thread(_preview, path, tokenizer, n)
+
+
+def _preview(path, tokenizer, n: int) -> dict:
+    from tunekit.data.formats import read_jsonl, validate_in_file
+    from tunekit.data.preview import runs
+    from tunekit.data.render import render_example
+    from tunekit.errors import TunekitError
+
+    data, skipped, fmt = [], 0, None
+    for line in read_jsonl(path):
+        if len(data) >= n:
+            break
+        if line.record is None:
+            skipped += bool(line.issues)
+            continue
+        used, issues = validate_in_file(line.record, fmt)
+        if any(i.severity == "error" for i in issues + line.issues):
+            skipped += 1
+            continue
+        fmt = fmt or used
+        item: dict = {"line": line.number}
+        try:
+            sequences = render_example(line.record, tokenizer)
+        except TunekitError as exc:
+            item["error"] = "; ".join(p.message + (f" ({p.hint})" if p.hint else "") for p in exc.problems)
+            data.append(item)
+            continue
+        # runs are decoded whole, as `tunekit data preview` prints them (characters of several tokens intact)
+        item["sequences"] = [[{"trained": trained, "text": tokenizer.decode(ids, skip_special_tokens=False,
+                                                                       clean_up_tokenization_spaces=False)}
+                         for trained, ids in runs(seq)] for seq in sequences]
+        item["tokens"] = sum(len(s) for s in sequences)
+        item["trained"] = sum(s.num_trained for s in sequences)
+        data.append(item)
+    return {"object": "list", "data": data, "skipped": skipped}

@@ -1,0 +1,745 @@
+// tunekit dashboard: views of the server's /v1 API (OpenAI's endpoints plus tunekit's data-file check and
+// preview). No build step and no dependencies: one script, DOM built with `h`, text always set as text.
+"use strict";
+
+const KEY_STORE = "tunekit-api-key";
+const TERMINAL = ["succeeded", "failed", "cancelled"];
+let timers = [];  // polling timers of the page shown; cleared when the page changes
+
+// ------------------------------------------------------------------------------------------------
+// DOM and API helpers
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.className = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `HTTP ${status}`);
+    this.status = status; this.param = e.param; this.code = e.code;
+  }
+}
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// fetch /v1 + path; on 401 ask for a key once and try again; JSON in and out; ApiError on failure
+async function call(path, opts = {}, asked = false) {
+  const headers = { ...authHeaders(), ...(opts.headers || {}) };
+  let body = opts.body;
+  if (body !== undefined && !(body instanceof FormData)) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch("/v1" + path, { method: opts.method || "GET", headers, body });
+  } catch (err) {
+    throw new ApiError(0, { error: { message: `the server cannot be reached (${err.message})` } });
+  }
+  if (resp.status === 401 && !asked) {
+    if (await askKey(true)) return call(path, opts, true);
+  }
+  if (opts.raw) {
+    if (!resp.ok) throw new ApiError(resp.status, await resp.json().catch(() => null));
+    return resp;
+  }
+  const data = await resp.json().catch(() => null);
+  if (!resp.ok) throw new ApiError(resp.status, data);
+  return data;
+}
+
+// every page of a list endpoint (after=last id)
+async function listAll(path, limit = 1000) {
+  const out = [];
+  let after = null;
+  for (;;) {
+    const sep = path.includes("?") ? "&" : "?";
+    const page = await call(`${path}${sep}limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+    out.push(...page.data);
+    if (!page.has_more || !page.data.length) return out;
+    after = page.data[page.data.length - 1].id;
+  }
+}
+
+let keyPrompt = null;  // the open question: requests refused at the same time wait for one answer
+
+function askKey(afterRefusal) {
+  if (keyPrompt) return keyPrompt;
+  keyPrompt = promptKey(afterRefusal).finally(() => { keyPrompt = null; });
+  return keyPrompt;
+}
+
+function promptKey(afterRefusal) {
+  const dialog = document.getElementById("key-dialog");
+  const input = document.getElementById("key-input");
+  document.getElementById("key-why").textContent = afterRefusal
+    ? "The server refused the request: it needs an API key (Authorization: Bearer KEY). The key stays in this browser tab only (sessionStorage)."
+    : "The key is sent as Authorization: Bearer KEY and kept in this browser tab only (sessionStorage).";
+  input.value = sessionStorage.getItem(KEY_STORE) || "";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => {
+      const saved = dialog.returnValue === "save" && input.value.trim();
+      if (saved) sessionStorage.setItem(KEY_STORE, input.value.trim());
+      resolve(Boolean(saved));
+    }, { once: true });
+    dialog.showModal();
+  });
+}
+
+function errorBox(err) {
+  const where = err.param ? ` (${err.param})` : "";
+  return h("p", { class: "error", role: "alert" }, `${err.message}${where}`);
+}
+
+// run `fn`, showing its error in `slot` (an element) instead of failing silently
+async function guarded(slot, fn) {
+  try {
+    slot.replaceChildren();
+    return await fn();
+  } catch (err) {
+    slot.replaceChildren(errorBox(err));
+    return undefined;
+  }
+}
+
+function every(ms, fn) {
+  let stopped = false;
+  const tick = async () => {
+    if (stopped) return;
+    try { await fn(); } finally { if (!stopped) timers.push(setTimeout(tick, ms)); }
+  };
+  timers.push({ stop: () => { stopped = true; } });
+  tick();
+}
+
+function stopTimers() {
+  for (const t of timers) (t.stop ? t.stop() : clearTimeout(t));
+  timers = [];
+}
+
+const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
+const num = (x, digits = 0) => (x === null || x === undefined ? "–"
+  : Number(x).toLocaleString(undefined, { maximumFractionDigits: digits }));
+const badge = (status) => h("span", { class: `badge s-${status}` }, status);
+
+async function models() {
+  return (await call("/models")).data.map((m) => m.id);
+}
+
+function modelSelect(names, attrs = {}, selected = null) {
+  return h("select", attrs, names.map((n) => h("option", { value: n, selected: n === selected }, n)));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Data page
+
+async function pageData(main) {
+  const msg = h("div");
+  const fileInput = h("input", { type: "file", accept: ".jsonl,.json,application/jsonl", hidden: true, id: "file-input" });
+  const drop = h("label", { class: "drop", tabindex: "0", for: "file-input", id: "drop" },
+    h("strong", {}, "Drop a JSONL file here"), " or press Enter to choose one",
+    h("div", { class: "muted" }, "One chat example per line: {\"messages\": [...]}. It is checked at once."));
+  const listSlot = h("div");
+  const reportSlot = h("section", { id: "report", "aria-live": "polite" });
+  const modelSlot = h("span");
+  let names = [];
+  let shown = null;  // the file whose report is shown
+
+  main.replaceChildren(h("h1", {}, "Data"), fileInput, drop, msg,
+    h("div", { class: "row" }, h("h2", {}, "Files"), modelSlot), listSlot, reportSlot);
+
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); fileInput.click(); } });
+  for (const type of ["dragenter", "dragover"]) drop.addEventListener(type, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  for (const type of ["dragleave", "drop"]) drop.addEventListener(type, () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); if (e.dataTransfer.files.length) upload(e.dataTransfer.files[0]); });
+  fileInput.addEventListener("change", () => { if (fileInput.files.length) upload(fileInput.files[0]); fileInput.value = ""; });
+
+  async function upload(file) {
+    msg.replaceChildren(h("p", { class: "muted" }, `Uploading ${file.name}…`));
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", file, file.name);
+    const obj = await guarded(msg, () => call("/files", { method: "POST", body: form }));
+    if (!obj) return;
+    msg.replaceChildren(h("p", { class: obj.status === "error" ? "error" : "ok", role: "status" },
+      obj.status === "error" ? `${obj.filename}: uploaded, but it has problems (see the report below)`
+        : `${obj.filename}: uploaded as ${obj.id}, no errors`));
+    await refresh();
+    await showReport(obj);
+  }
+
+  const modelPick = () => document.getElementById("stats-model");
+
+  async function refresh() {
+    const files = await guarded(listSlot, () => listAll("/files?purpose=fine-tune", 10000));
+    if (!files) return;
+    if (!files.length) {
+      listSlot.replaceChildren(h("p", { class: "muted", id: "files-empty" }, "No files yet: drop a JSONL file above."));
+      return;
+    }
+    listSlot.replaceChildren(h("table", { id: "files" },
+      h("thead", {}, h("tr", {}, ["File", "ID", "Bytes", "Status", "Uploaded", ""].map((x) => h("th", {}, x)))),
+      h("tbody", {}, files.map((f) => h("tr", { "data-file": f.id },
+        h("td", {}, f.filename), h("td", { class: "mono" }, f.id), h("td", {}, num(f.bytes)),
+        h("td", {}, badge(f.status)), h("td", {}, when(f.created_at)),
+        h("td", {}, h("div", { class: "row" },
+          h("button", { type: "button", class: "quiet", onclick: () => showReport(f) }, "Report"),
+          h("button", { type: "button", class: "danger", "aria-label": `delete ${f.filename}`, onclick: () => remove(f) }, "Delete"))))))));
+  }
+
+  async function remove(f) {
+    if (!confirm(`Delete ${f.filename} (${f.id})?`)) return;
+    if (await guarded(msg, () => call(`/files/${f.id}`, { method: "DELETE" }))) {
+      if (shown && shown.id === f.id) reportSlot.replaceChildren();
+      await refresh();
+    }
+  }
+
+  async function showReport(f) {
+    shown = f;
+    const model = modelPick() ? modelPick().value : "";
+    const maxLen = (document.getElementById("stats-max-len") || {}).value;
+    reportSlot.replaceChildren(h("h2", {}, `Report: ${f.filename}`), h("p", { class: "muted" }, "Checking…"));
+    const params = new URLSearchParams();
+    if (model) params.set("model", model);
+    if (model && maxLen) params.set("max_len", maxLen);
+    const q = params.toString() ? `?${params}` : "";
+    const report = await guarded(reportSlot, () => call(`/files/${f.id}/check${q}`));
+    if (!report) return;
+    const parts = [h("h2", {}, `Report: ${f.filename}`), renderReport(report)];
+    if (model && report.examples) {
+      const prev = await call(`/files/${f.id}/preview?model=${encodeURIComponent(model)}&n=3`).catch((e) => e);
+      parts.push(h("h3", {}, `Preview with ${model}'s chat template`),
+        prev instanceof Error ? errorBox(prev) : renderPreview(prev));
+    }
+    reportSlot.replaceChildren(...parts);
+  }
+
+  names = await guarded(modelSlot, models) || [];
+  if (names.length) {
+    const sel = modelSelect(["", ...names], { id: "stats-model" }, names[0]);
+    sel.options[0].textContent = "(characters, no model)";
+    sel.addEventListener("change", () => { if (shown) showReport(shown); });
+    const maxLen = h("input", { id: "stats-max-len", type: "number", min: "1", placeholder: "none", size: "6" });
+    maxLen.addEventListener("change", () => { if (shown) showReport(shown); });
+    modelSlot.replaceChildren(h("label", { class: "inline" }, "Token statistics and preview for\u00a0", sel),
+      h("label", { class: "inline" }, "\u00a0max length\u00a0", maxLen));
+  }
+  await refresh();
+}
+
+function renderReport(r) {
+  const verdict = r.ok
+    ? h("p", { class: "ok", id: "verdict" }, `✓ no errors: ${num(r.examples)} examples in ${num(r.lines)} lines, ${num(r.warnings)} warning(s)`)
+    : h("p", { class: "error", id: "verdict" }, `✗ ${num(r.errors)} error(s), ${num(r.warnings)} warning(s): ${num(r.examples)} valid examples in ${num(r.lines)} lines`);
+  const out = [verdict];
+  const codes = Object.entries(r.counts).sort((a, b) => b[1] - a[1]);
+  if (codes.length) {
+    out.push(h("div", { class: "cols" },
+      h("div", {}, h("h3", {}, "Problems per code"), h("table", { class: "counts", id: "counts" },
+        h("thead", {}, h("tr", {}, h("th", {}, "Code"), h("th", {}, "Severity"), h("th", {}, "Count"))),
+        h("tbody", {}, codes.map(([code, n]) => h("tr", {}, h("td", { class: "mono" }, code),
+          h("td", { class: `sev-${r.severities[code]}` }, r.severities[code]), h("td", {}, num(n)))))))));
+    out.push(h("h3", {}, `Problems${r.problems_stored < codes.reduce((s, c) => s + c[1], 0) ? ` (first ${r.problems_stored})` : ""}`),
+      h("table", { id: "problems" },
+        h("thead", {}, h("tr", {}, ["Line", "Field", "Code", "Problem", "How to fix"].map((x) => h("th", {}, x)))),
+        h("tbody", {}, r.problems.map((p) => h("tr", { class: `sev-${p.severity}` },
+          h("td", {}, p.line === null ? "file" : `${p.line}${p.column ? ":" + p.column : ""}`),
+          h("td", { class: "mono" }, p.path || ""), h("td", { class: "mono" }, p.code),
+          h("td", {}, p.message), h("td", {}, p.hint))))));
+  }
+  const s = r.stats;
+  if (s) {
+    const unit = s.unit;
+    const line = (label, sum) => (sum ? h("tr", {}, h("td", {}, label), ...["min", "p5", "median", "mean", "p95", "max"].map((k) => h("td", {}, num(sum[k], 1))), h("td", {}, num(sum.total))) : null);
+    out.push(h("h3", {}, `Statistics (${unit})`), h("table", { id: "stats" },
+      h("thead", {}, h("tr", {}, ["per example", "min", "p5", "median", "mean", "p95", "max", "total"].map((x) => h("th", {}, x)))),
+      h("tbody", {}, line(`${unit}`, s.length), line(`trained ${unit}`, s.trained), line("messages", s.messages))));
+    const facts = [`${num(s.examples)} examples`, `recommended epochs: ${num(s.epochs)} (OpenAI cookbook rule)`];
+    if (s.tokens_per_epoch !== null && s.tokens_per_epoch !== undefined) {
+      facts.push(`${num(s.tokens_per_epoch)} tokens per epoch (${num(s.trained_tokens_per_epoch)} trained)`,
+        `estimated for ${s.epochs} epochs: ${num(s.estimated_tokens)} tokens, ${num(s.estimated_trained_tokens)} trained`);
+      if (s.max_len) facts.push(`${num(s.over_max_len)} examples over max length ${s.max_len} (${s.truncation}), ${num(s.trained_lost)} trained tokens lost`);
+    }
+    if (s.without_system_message !== null && s.without_system_message !== undefined) {
+      facts.push(`${num(s.without_system_message)} without a system message, ${num(s.without_user_message)} without a user message`);
+    }
+    out.push(h("ul", { id: "facts" }, facts.map((f) => h("li", {}, f))));
+  }
+  for (const note of r.notes || []) out.push(h("p", { class: "muted" }, `note: ${note}`));
+  return h("div", { class: "card" }, out);
+}
+
+function renderPreview(prev) {
+  if (!prev.data.length) return h("p", { class: "muted" }, "No valid example to preview.");
+  return h("div", { id: "preview" },
+    h("p", { class: "muted" }, "Legend: ", h("mark", {}, "trained"), " ", h("span", { class: "notrained" }, "not trained (prompt, template)")),
+    prev.data.map((ex) => h("div", {},
+      h("h3", {}, `line ${ex.line}`, ex.error ? "" : ` · ${num(ex.tokens)} tokens, ${num(ex.trained)} trained`),
+      ex.error ? h("p", { class: "error" }, ex.error)
+        : h("div", { class: "preview" }, ex.sequences.map((runs, k) => [
+          ex.sequences.length > 1 ? h("strong", {}, `── sequence ${k + 1} of ${ex.sequences.length} ──\n`) : null,
+          runs.map((r) => (r.trained ? h("mark", {}, r.text) : h("span", { class: "notrained" }, r.text))), "\n"])))));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Jobs pages
+
+async function pageJobs(main) {
+  const msg = h("div");
+  const listSlot = h("div");
+  const formSlot = h("div");
+  main.replaceChildren(h("h1", {}, "Fine-tuning jobs"), h("h2", {}, "New job"), formSlot, msg, h("h2", {}, "Jobs"), listSlot);
+
+  const [names, files] = await Promise.all([
+    guarded(formSlot, models),
+    call("/files?purpose=fine-tune").then((l) => l.data.filter((f) => f.status === "processed")).catch(() => []),
+  ]);
+  if (names) {
+    if (!files.length) {
+      formSlot.replaceChildren(h("p", { class: "muted", id: "no-training-files" },
+        "No checked training file yet: upload one on the ", h("a", { href: "#/data" }, "Data page"), "."));
+    } else {
+      formSlot.replaceChildren(jobForm(names, files, msg));
+    }
+  }
+  every(2000, async () => {
+    const jobs = await guarded(listSlot, () => call("/fine_tuning/jobs?limit=100"));
+    if (!jobs) return;
+    if (!jobs.data.length) {
+      listSlot.replaceChildren(h("p", { class: "muted", id: "jobs-empty" }, "No jobs yet: create one above."));
+      return;
+    }
+    listSlot.replaceChildren(h("table", { id: "jobs" },
+      h("thead", {}, h("tr", {}, ["Job", "Base model", "Status", "Fine-tuned model", "Created"].map((x) => h("th", {}, x)))),
+      h("tbody", {}, jobs.data.map((j) => h("tr", {},
+        h("td", {}, h("a", { href: `#/jobs/${j.id}`, class: "mono" }, j.id)), h("td", {}, j.model),
+        h("td", {}, badge(j.status)), h("td", { class: "mono" }, j.fine_tuned_model || ""), h("td", {}, when(j.created_at)))))));
+  });
+}
+
+function jobForm(names, files, msg) {
+  const fileOptions = (blank) => [blank ? h("option", { value: "" }, "(none)") : null,
+    ...files.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`))];
+  const auto = (name, label, hint) => h("label", {}, label,
+    h("input", { name, placeholder: "auto", inputmode: "decimal", title: hint, "aria-describedby": "auto-hint" }));
+  const form = h("form", { class: "card", id: "job-form" },
+    h("div", { class: "grid" },
+      h("label", {}, "Base model", modelSelect(names, { name: "model", required: true })),
+      h("label", {}, "Training file", h("select", { name: "training_file", required: true }, fileOptions(false))),
+      h("label", {}, "Validation file", h("select", { name: "validation_file" }, fileOptions(true))),
+      h("label", {}, "Method", h("select", { name: "method" }, h("option", { value: "supervised" }, "supervised"))),
+      auto("n_epochs", "Epochs", "a whole number, or empty for auto"),
+      auto("batch_size", "Batch size", "a whole number, or empty for auto"),
+      auto("learning_rate_multiplier", "Learning rate multiplier", "a positive number, or empty for auto"),
+      h("label", {}, "Suffix", h("input", { name: "suffix", pattern: "[A-Za-z0-9._\\-]{1,64}", placeholder: "optional" })),
+      h("label", {}, "Seed", h("input", { name: "seed", type: "number", min: "0", placeholder: "random" }))),
+    h("p", { class: "muted", id: "auto-hint" }, "Empty hyperparameters are \"auto\": resolved from the data size (OpenAI's rules)."),
+    h("details", {}, h("summary", {}, "Advanced: tunekit config overrides"),
+      h("label", {}, "JSON object of tunekit config values (nested sections or dotted keys), e.g. {\"lora.r\": 8, \"train.max_steps\": 20}",
+        h("textarea", { name: "tunekit", rows: "4", spellcheck: "false" }))),
+    h("div", { class: "row" }, h("button", { type: "submit" }, "Create job")));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const v = Object.fromEntries(new FormData(form).entries());
+    const hp = {};
+    for (const k of ["n_epochs", "batch_size", "learning_rate_multiplier"]) {
+      const raw = (v[k] || "").trim();
+      if (!raw || raw === "auto") continue;
+      const n = Number(raw);
+      if (!Number.isFinite(n)) { msg.replaceChildren(errorBox(new ApiError(400, { error: { message: `${k} must be a number or auto, not "${raw}"`, param: k } }))); return; }
+      hp[k] = k === "learning_rate_multiplier" ? n : Math.round(n);
+    }
+    const body = { model: v.model, training_file: v.training_file,
+      method: { type: v.method, supervised: { hyperparameters: hp } } };
+    if (v.validation_file) body.validation_file = v.validation_file;
+    if (v.suffix) body.suffix = v.suffix;
+    if (v.seed) body.seed = Number(v.seed);
+    if ((v.tunekit || "").trim()) {
+      try { body.tunekit = JSON.parse(v.tunekit); } catch (err) {
+        msg.replaceChildren(errorBox(new ApiError(400, { error: { message: `the overrides are not valid JSON: ${err.message}`, param: "tunekit" } })));
+        return;
+      }
+    }
+    const job = await guarded(msg, () => call("/fine_tuning/jobs", { method: "POST", body }));
+    if (job) location.hash = `#/jobs/${job.id}`;
+  });
+  return form;
+}
+
+// an SVG line chart of train and validation loss by step; data-points counts the points drawn
+function lossChart(points) {
+  const W = 640, H = 240, L = 48, R = 12, T = 14, B = 30;
+  const train = points.filter((p) => p.train_loss !== null && p.train_loss !== undefined);
+  const valid = points.filter((p) => p.valid_loss !== null && p.valid_loss !== undefined);
+  const svgNS = "http://www.w3.org/2000/svg";
+  const el = (tag, attrs, text) => {
+    const e = document.createElementNS(svgNS, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text !== undefined) e.textContent = text;
+    return e;
+  };
+  const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", id: "loss-chart",
+    "aria-label": `loss curve: ${train.length} train points, ${valid.length} validation points` });
+  if (!train.length && !valid.length) {
+    svg.append(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "No steps yet: the curve appears when training starts."));
+    return svg;
+  }
+  const steps = points.map((p) => p.step);
+  const ys = [...train.map((p) => p.train_loss), ...valid.map((p) => p.valid_loss)];
+  const x0 = Math.min(...steps), x1 = Math.max(...steps, x0 + 1);
+  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
+  const pad = (y1 - y0) * 0.05; y0 -= pad; y1 += pad;
+  const X = (s) => L + ((s - x0) / (x1 - x0)) * (W - L - R);
+  const Y = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+  svg.append(el("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" }),
+    el("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" }));
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + ((y1 - y0) * i) / 4;
+    svg.append(el("text", { x: L - 6, y: Y(y) + 4, "text-anchor": "end" }, y.toFixed(y1 - y0 < 0.1 ? 4 : 2)),
+      el("line", { x1: L - 3, y1: Y(y), x2: L, y2: Y(y), class: "axis" }));
+  }
+  for (const s of [x0, Math.round((x0 + x1) / 2), x1]) {
+    svg.append(el("text", { x: X(s), y: H - B + 16, "text-anchor": "middle" }, String(s)));
+  }
+  svg.append(el("text", { x: W - R, y: H - 2, "text-anchor": "end" }, "step"));
+  const path = (pts, key, cls) => el("polyline", { class: cls, "data-points": pts.length,
+    points: pts.map((p) => `${X(p.step).toFixed(1)},${Y(p[key]).toFixed(1)}`).join(" ") });
+  svg.append(path(train, "train_loss", "train"));
+  if (valid.length) {
+    svg.append(path(valid, "valid_loss", "valid"));
+    for (const p of valid) svg.append(el("circle", { cx: X(p.step), cy: Y(p.valid_loss), r: 3, class: "dot-valid" }));
+  }
+  svg.append(el("text", { x: W - R - (valid.length ? 160 : 75), y: T + 6, style: "fill: var(--train)" }, "— train loss"));
+  if (valid.length) svg.append(el("text", { x: W - R - 75, y: T + 6, style: "fill: var(--valid)" }, "— valid loss"));
+  return svg;
+}
+
+function snippet(model) {
+  return `from openai import OpenAI
+
+client = OpenAI(base_url="${location.origin}/v1", api_key="YOUR_KEY")
+reply = client.chat.completions.create(
+    model="${model}",
+    messages=[{"role": "user", "content": "Hello"}],
+)
+print(reply.choices[0].message.content)`;
+}
+
+async function pageJob(main, id) {
+  const head = h("div"); const msg = h("div"); const chart = h("div", { class: "chart" });
+  const modelSlot = h("div"); const reportSlot = h("div"); const events = h("div", { class: "events card" });
+  const ckpts = h("div");
+  main.replaceChildren(h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")), head, msg,
+    h("h2", {}, "Loss"), chart, modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
+  let reportShown = false;
+  let lastStatus = null;
+
+  const act = (verb) => guarded(msg, async () => {
+    await call(`/fine_tuning/jobs/${id}/${verb}`, { method: "POST" });
+    await update();
+  });
+
+  async function update() {
+    const job = await guarded(msg, () => call(`/fine_tuning/jobs/${id}`));
+    if (!job) return false;
+    const hp = job.hyperparameters;
+    if (job.status !== lastStatus) {
+      lastStatus = job.status;
+      head.replaceChildren(h("h1", {}, "Job ", h("span", { class: "mono" }, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
+        h("p", { class: "muted" }, `base ${job.model} · training ${job.training_file}${job.validation_file ? ` · validation ${job.validation_file}` : ""}`
+          + ` · epochs ${hp.n_epochs}, batch ${hp.batch_size}, lr × ${hp.learning_rate_multiplier} · seed ${job.seed}`),
+        h("div", { class: "row" },
+          h("button", { type: "button", class: "danger", disabled: TERMINAL.includes(job.status), onclick: () => act("cancel") }, "Cancel"),
+          h("button", { type: "button", class: "quiet", disabled: job.status !== "running", onclick: () => act("pause") }, "Pause"),
+          h("button", { type: "button", class: "quiet", disabled: job.status !== "paused", onclick: () => act("resume") }, "Resume")));
+    }
+    if (job.error) {
+      msg.replaceChildren(h("div", { class: "error", role: "alert", id: "job-error" },
+        h("strong", {}, `Failed (${job.error.code})`), `: ${job.error.message}`, job.error.param ? ` [${job.error.param}]` : ""));
+    }
+    const evs = await listAll(`/fine_tuning/jobs/${id}/events`).catch(() => null);
+    if (evs) {
+      const points = evs.filter((e) => e.type === "metrics" && e.data).map((e) => e.data).sort((a, b) => a.step - b.step);
+      chart.replaceChildren(lossChart(points));
+      events.replaceChildren(h("table", { id: "events" }, h("tbody", {}, evs.map((e) => h("tr", {},
+        h("td", { class: "muted" }, when(e.created_at)), h("td", { class: `sev-${e.level === "warn" ? "warning" : e.level}` }, e.level),
+        h("td", {}, e.message))))));
+    }
+    const cps = await call(`/fine_tuning/jobs/${id}/checkpoints?limit=100`).catch(() => null);
+    if (cps) {
+      ckpts.replaceChildren(cps.data.length ? h("table", { id: "checkpoints" },
+        h("thead", {}, h("tr", {}, ["Step", "Model name", "Train loss", "Valid loss"].map((x) => h("th", {}, x)))),
+        h("tbody", {}, cps.data.map((c) => h("tr", {}, h("td", {}, c.step_number), h("td", { class: "mono" }, c.fine_tuned_model_checkpoint),
+          h("td", {}, num(c.metrics.train_loss, 4)), h("td", {}, num(c.metrics.valid_loss, 4))))))
+        : h("p", { class: "muted" }, "No checkpoints yet."));
+    }
+    if (job.fine_tuned_model && !modelSlot.childElementCount) {
+      const code = snippet(job.fine_tuned_model);
+      const copy = h("button", { type: "button", class: "quiet" }, "Copy");
+      copy.addEventListener("click", async () => {
+        try { await navigator.clipboard.writeText(code); copy.textContent = "Copied"; } catch { copy.textContent = "Select and copy"; }
+      });
+      modelSlot.replaceChildren(h("h2", {}, "Fine-tuned model"),
+        h("p", {}, h("code", { id: "ft-model" }, job.fine_tuned_model), " · ",
+          h("a", { href: `#/playground?model=${encodeURIComponent(job.fine_tuned_model)}` }, "try it in the playground"), " · ",
+          h("a", { href: `#/compare?models=${encodeURIComponent(job.model)},${encodeURIComponent(job.fine_tuned_model)}` }, "compare with the base")),
+        h("div", { class: "snippet" }, h("pre", { id: "sdk-snippet" }, code), copy));
+    }
+    if (!reportShown && job.result_files.length) {
+      reportShown = true;
+      const parts = [h("h2", {}, "Results")];
+      for (const fid of job.result_files) {
+        const meta = await call(`/files/${fid}`).catch(() => null);
+        if (!meta) continue;
+        const text = await call(`/files/${fid}/content`, { raw: true }).then((r) => r.text()).catch(() => null);
+        if (meta.filename.endsWith(".md")) parts.push(h("h3", {}, "Evaluation report"), h("pre", { id: "eval-report" }, text || ""));
+        else parts.push(h("details", {}, h("summary", {}, `${meta.filename} (${fid})`), h("pre", {}, text || "")));
+      }
+      reportSlot.replaceChildren(...parts);
+    }
+    return TERMINAL.includes(job.status);
+  }
+
+  let done = false;
+  every(1000, async () => {
+    if (done) return;
+    done = await update();
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Chat streaming, shared by Playground and Compare
+
+// POST /v1/chat/completions with stream=true; calls onText(text) per delta; returns {content, toolCalls,
+// usage, finish, firstMs, totalMs}
+async function streamChat(body, onText) {
+  const began = performance.now();
+  const resp = await call("/chat/completions", { method: "POST", raw: true,
+    body: { ...body, stream: true, stream_options: { include_usage: true } } });
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "", content = "", usage = null, finish = null, firstMs = null;
+  const calls = [];
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data: ")) continue;
+        const data = line.slice(6);
+        if (data === "[DONE]") continue;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new ApiError(500, chunk);
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const d = choice.delta || {};
+          if (d.content) {
+            if (firstMs === null) firstMs = performance.now() - began;
+            content += d.content; onText(d.content);
+          }
+          for (const tc of d.tool_calls || []) {
+            if (firstMs === null) firstMs = performance.now() - began;
+            const c = calls[tc.index] || (calls[tc.index] = { id: tc.id, name: "", arguments: "" });
+            if (tc.function && tc.function.name) c.name += tc.function.name;
+            if (tc.function && tc.function.arguments) c.arguments += tc.function.arguments;
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    }
+  }
+  return { content, toolCalls: calls.filter(Boolean), usage, finish, firstMs, totalMs: performance.now() - began };
+}
+
+function toolCallView(c) {
+  return h("div", { class: "toolcall" }, "tool call ", h("strong", {}, c.name), `(${c.arguments})`);
+}
+
+function hashParams() {
+  const q = location.hash.split("?")[1] || "";
+  return new URLSearchParams(q);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Playground
+
+async function pagePlayground(main) {
+  const msg = h("div");
+  main.replaceChildren(h("h1", {}, "Playground"), msg);
+  const names = await guarded(msg, models);
+  if (!names) return;
+  if (!names.length) { msg.replaceChildren(h("p", { class: "muted" }, "No model is served.")); return; }
+  const wanted = hashParams().get("model");
+  const model = modelSelect(names, { id: "pg-model" }, names.includes(wanted) ? wanted : names[0]);
+  const system = h("textarea", { id: "pg-system", rows: "2", placeholder: "optional system prompt" });
+  const temperature = h("input", { id: "pg-temperature", type: "number", min: "0", max: "2", step: "0.1", value: "0.7" });
+  const maxTokens = h("input", { id: "pg-max-tokens", type: "number", min: "1", value: "128" });
+  const tools = h("textarea", { id: "pg-tools", rows: "4", spellcheck: "false",
+    placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' });
+  const log = h("div", { class: "chat", id: "pg-log", "aria-live": "polite" });
+  const input = h("textarea", { id: "pg-input", rows: "3", placeholder: "Message (Ctrl+Enter to send)" });
+  const send = h("button", { type: "submit", id: "pg-send" }, "Send");
+  const clear = h("button", { type: "button", class: "quiet", onclick: () => { history.length = 0; log.replaceChildren(empty()); } }, "Clear");
+  const error = h("div");
+  const history = [];
+  const empty = () => h("p", { class: "muted" }, "No messages yet: write one below.");
+  log.append(empty());
+  const form = h("form", { class: "card" },
+    h("div", { class: "grid" }, h("label", {}, "Model", model), h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens)),
+    h("label", {}, "System prompt", system),
+    h("details", { id: "pg-tools-fold" }, h("summary", {}, "Tools (JSON array of tool definitions)"), tools),
+    log, error, h("label", {}, "Message", input), h("div", { class: "row" }, send, clear));
+  main.append(form);
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const text = input.value.trim();
+    if (!text) return;
+    let toolDefs;
+    if (tools.value.trim()) {
+      try { toolDefs = JSON.parse(tools.value); } catch (err) {
+        error.replaceChildren(errorBox(new ApiError(400, { error: { message: `the tools are not valid JSON: ${err.message}`, param: "tools" } })));
+        return;
+      }
+    }
+    if (history.length === 0) log.replaceChildren();
+    history.push({ role: "user", content: text });
+    log.append(h("div", { class: "msg user" }, h("span", { class: "who" }, "user"), text));
+    input.value = "";
+    const body = h("span", { class: "text" });
+    const meta = h("div", { class: "meta" });
+    const bubble = h("div", { class: "msg assistant" }, h("span", { class: "who" }, model.value), body, meta);
+    log.append(bubble);
+    send.disabled = true;
+    error.replaceChildren();
+    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value }] : []), ...history];
+    try {
+      const r = await streamChat({ model: model.value, messages, temperature: Number(temperature.value),
+        max_tokens: Number(maxTokens.value), ...(toolDefs ? { tools: toolDefs } : {}) }, (t) => body.append(t));
+      for (const c of r.toolCalls) bubble.insertBefore(toolCallView(c), meta);
+      meta.textContent = `${r.usage ? r.usage.completion_tokens : "?"} tokens · ${Math.round(r.totalMs)} ms · finish: ${r.finish}`;
+      bubble.dataset.done = "true";
+      history.push(r.toolCalls.length
+        ? { role: "assistant", content: r.content || null, tool_calls: r.toolCalls.map((c) => ({ id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } })) }
+        : { role: "assistant", content: r.content });
+    } catch (err) {
+      history.pop();
+      bubble.remove();
+      error.replaceChildren(errorBox(err));
+    } finally {
+      send.disabled = false;
+      input.focus();
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Compare
+
+async function pageCompare(main) {
+  const msg = h("div");
+  main.replaceChildren(h("h1", {}, "Compare"), h("p", { class: "muted" },
+    "One prompt, answered by two or three models side by side: is fine-tuning worth it? Few-shot examples (a JSON array of messages) go before the prompt of their column."), msg);
+  const names = await guarded(msg, models);
+  if (!names) return;
+  if (!names.length) { msg.replaceChildren(h("p", { class: "muted" }, "No model is served.")); return; }
+  const wanted = (hashParams().get("models") || "").split(",").filter((m) => names.includes(m));
+  const picks = [wanted[0] || names[0], wanted[1] || names[names.length - 1], ""];
+  const prompt = h("textarea", { id: "cmp-prompt", rows: "3", placeholder: "Prompt (Ctrl+Enter to run)" });
+  const system = h("textarea", { id: "cmp-system", rows: "2", placeholder: "optional system prompt (all columns)" });
+  const temperature = h("input", { type: "number", id: "cmp-temperature", min: "0", max: "2", step: "0.1", value: "0" });
+  const maxTokens = h("input", { type: "number", id: "cmp-max-tokens", min: "1", value: "64" });
+  const columns = picks.map((pick, i) => {
+    const sel = modelSelect(["", ...names], { id: `cmp-model-${i}`, "aria-label": `model ${i + 1}` }, pick);
+    sel.options[0].textContent = "(none)";
+    const shots = h("textarea", { rows: "3", spellcheck: "false", id: `cmp-shots-${i}`,
+      placeholder: '[{"role": "user", "content": "say apple"}, {"role": "assistant", "content": "apple apple apple"}]' });
+    const out = h("div", { class: "msg assistant", id: `cmp-out-${i}` }, h("span", { class: "muted" }, "—"));
+    return { sel, shots, out, box: h("div", { class: "card" }, h("label", {}, `Model ${i + 1}`, sel),
+      h("details", {}, h("summary", {}, "few-shot examples"), shots), out) };
+  });
+  const run = h("button", { type: "submit", id: "cmp-run" }, "Run");
+  const form = h("form", {}, h("div", { class: "card" }, h("label", {}, "Prompt", prompt), h("label", {}, "System prompt", system),
+    h("div", { class: "row" }, h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens), run)),
+  h("div", { class: "cols" }, columns.map((c) => c.box)));
+  main.append(form);
+  prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    if (!prompt.value.trim()) { msg.replaceChildren(errorBox(new ApiError(400, { error: { message: "write a prompt first", param: "prompt" } }))); return; }
+    msg.replaceChildren();
+    run.disabled = true;
+    await Promise.all(columns.map(async (c) => {
+      if (!c.sel.value) { c.out.replaceChildren(h("span", { class: "muted" }, "—")); return; }
+      let shots = [];
+      if (c.shots.value.trim()) {
+        try { shots = JSON.parse(c.shots.value); if (!Array.isArray(shots)) throw new Error("not an array"); } catch (err) {
+          c.out.replaceChildren(errorBox(new ApiError(400, { error: { message: `few-shot examples must be a JSON array of messages: ${err.message}` } })));
+          return;
+        }
+      }
+      const body = h("span", { class: "text" });
+      const meta = h("div", { class: "meta" }, "…");
+      c.out.replaceChildren(h("span", { class: "who" }, c.sel.value), body, meta);
+      delete c.out.dataset.done;
+      const messages = [...(system.value.trim() ? [{ role: "system", content: system.value }] : []), ...shots, { role: "user", content: prompt.value }];
+      try {
+        const r = await streamChat({ model: c.sel.value, messages, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }, (t) => body.append(t));
+        for (const call of r.toolCalls) c.out.insertBefore(toolCallView(call), meta);
+        const u = r.usage || {};
+        meta.textContent = `${u.completion_tokens ?? "?"} tokens (prompt ${u.prompt_tokens ?? "?"}) · ${Math.round(r.totalMs)} ms`
+          + (r.firstMs !== null ? ` · first token ${Math.round(r.firstMs)} ms` : "");
+        c.out.dataset.done = "true";
+      } catch (err) {
+        c.out.replaceChildren(errorBox(err));
+      }
+    }));
+    run.disabled = false;
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Routing
+
+async function route() {
+  stopTimers();
+  const main = document.getElementById("main");
+  const path = location.hash.replace(/^#\/?/, "").split("?")[0];
+  const [page, id] = path.split("/");
+  for (const a of document.querySelectorAll("nav a")) a.classList.toggle("current", a.dataset.page === (page || "data"));
+  main.replaceChildren(h("p", { class: "muted" }, "Loading…"));
+  try {
+    if (page === "jobs" && id) await pageJob(main, decodeURIComponent(id));
+    else if (page === "jobs") await pageJobs(main);
+    else if (page === "playground") await pagePlayground(main);
+    else if (page === "compare") await pageCompare(main);
+    else await pageData(main);
+  } catch (err) {
+    main.replaceChildren(errorBox(err));
+  }
+  document.body.dataset.page = page || "data";
+}
+
+document.getElementById("key-button").addEventListener("click", async () => { if (await askKey(false)) route(); });
+window.addEventListener("hashchange", route);
+route();
