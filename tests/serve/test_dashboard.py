@@ -129,7 +129,7 @@ def page(browser, server):
     page = context.new_page()
     page.set_default_timeout(60_000)
     outside, console_errors = [], []
-    page.on("request", lambda r: r.url.startswith(origin) or outside.append(r.url))
+    page.on("request", lambda r: r.url.startswith((origin, "data:", "about:")) or outside.append(r.url))
     page.on("pageerror", lambda e: console_errors.append(str(e)))
     page.origin = origin
     yield page
@@ -242,8 +242,10 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     assert int(page.get_attribute("#loss-chart polyline.valid", "data-points")) >= 1
     assert page.inner_text("#ft-model") == job.fine_tuned_model
     assert f'model="{job.fine_tuned_model}"' in page.inner_text("#sdk-snippet")
-    page.wait_for_selector("#eval-report")
-    assert "few-shot" in page.inner_text("#eval-report")
+    page.wait_for_selector("#eval-report")  # the report's own HTML page, plots included, in a sandboxed frame
+    report = page.frame_locator("#eval-report")
+    assert "few-shot" in report.locator("table").first.inner_text()
+    assert report.locator("img").count() >= 1
     assert page.locator("#checkpoints tbody tr").count() >= 1
     assert "The job has successfully completed" in page.inner_text("#events")
 

@@ -143,9 +143,10 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     assert reply.choices[0].message.content == tuned
     assert tuned != greedy(tiny_llama_dir, QUESTION), "training did not change the answer"
 
-    csv_file, report = (client.files.retrieve(f) for f in job.result_files)
-    assert (csv_file.filename, csv_file.purpose, report.filename) == ("step_metrics.csv", "fine-tune-results",
-                                                                      "eval_report.md")
+    csv_file, report, html = (client.files.retrieve(f) for f in job.result_files)
+    assert (csv_file.filename, csv_file.purpose, report.filename, html.filename) == (
+        "step_metrics.csv", "fine-tune-results", "eval_report.md", "eval_report.html")
+    assert client.files.content(html.id).text.startswith("<!doctype html>")
     rows = client.files.content(csv_file.id).text.splitlines()
     assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(rows) == 13
     assert "few-shot" in client.files.content(report.id).text

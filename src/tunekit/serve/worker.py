@@ -449,9 +449,10 @@ class Worker:
         (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
         summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
         result_files = [self._result_file(job, "step_metrics.csv", _metrics_csv(run.run_dir / "metrics.jsonl"))]
-        report = run.run_dir / "eval" / "report.md"
-        if report.is_file():
-            result_files.append(self._result_file(job, "eval_report.md", report.read_bytes()))
+        for suffix in ("md", "html"):  # the same report as text, and self-contained with its plots
+            report = run.run_dir / "eval" / f"report.{suffix}"
+            if report.is_file():
+                result_files.append(self._result_file(job, f"eval_report.{suffix}", report.read_bytes()))
         name = model_name(job)
         job = {**job, "fine_tuned_model": name, "total_steps": summary["steps"]}
         try:

@@ -156,7 +156,7 @@ async function pageData(main) {
     h("div", { class: "muted" }, "One chat example per line: {\"messages\": [...]}. It is checked at once."));
   const listSlot = h("div");
   const reportSlot = h("section", { id: "report", "aria-live": "polite" });
-  const modelSlot = h("span");
+  const modelSlot = h("div", { class: "row" });
   let names = [];
   let shown = null;  // the file whose report is shown
 
@@ -509,8 +509,10 @@ async function pageJob(main, id) {
         const meta = await call(`/files/${fid}`).catch(() => null);
         if (!meta) continue;
         const text = await call(`/files/${fid}/content`, { raw: true }).then((r) => r.text()).catch(() => null);
-        if (meta.filename.endsWith(".md")) parts.push(h("h3", {}, "Evaluation report"), h("pre", { id: "eval-report" }, text || ""));
-        else parts.push(h("details", {}, h("summary", {}, `${meta.filename} (${fid})`), h("pre", {}, text || "")));
+        if (meta.filename.endsWith(".html")) {
+          // the report's own self-contained page (tables and plots), isolated: no scripts, no same origin
+          parts.push(h("h3", {}, "Evaluation report"), h("iframe", { id: "eval-report", class: "report", sandbox: "", srcdoc: text || "", title: "Evaluation report" }));
+        } else parts.push(h("details", {}, h("summary", {}, `${meta.filename} (${fid})`), h("pre", {}, text || "")));
       }
       reportSlot.replaceChildren(...parts);
     }
