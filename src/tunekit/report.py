@@ -131,7 +131,34 @@ def verdict(results: dict) -> list[str]:
     else:
         head = (f"Not shown: on {results['n_examples']} examples the tuned run is not clearly better than the "
                 f"baselines on {label(results, key)}; evaluate on more examples.")
-    return [head] + [line[0].upper() + line[1:] + "." for line in lines]
+    out = [head] + [line[0].upper() + line[1:] + "." for line in lines]
+    trade = _trade(results, key, tuned, others)
+    return out + [trade] if trade else out
+
+
+def _trade(results: dict, key: str | None, tuned: dict, others: list[dict]) -> str | None:
+    """The decision in one sentence: quality gained and prompt tokens saved per request against the
+    strongest baseline (the best score; fewer prompt tokens break ties), and what training cost."""
+    scored = [c for c in others if key is not None and c["metrics"].get(key) is not None]
+    if key is None or tuned["metrics"].get(key) is None or not scored:
+        return None
+    best = max(scored, key=lambda c: (c["metrics"][key], -(c["metrics"].get("prompt_tokens") or 0.0)))
+    tm, bm = tuned["metrics"], best["metrics"]
+    if key.startswith("scorer"):
+        gain = f"{tm[key] - bm[key]:+.3f} on {label(results, key)}"
+        best_score = f"{bm[key]:.3f}"
+    else:
+        gain = f"{100 * (tm[key] - bm[key]):+.1f} points of {label(results, key)}"
+        best_score = f"{100 * bm[key]:.1f}%"
+    text = f"The trade against the strongest baseline, {best['name']} ({best_score}): quality gained {gain}"
+    tp, bp = tm.get("prompt_tokens"), bm.get("prompt_tokens")
+    if tp is not None and bp is not None:
+        text += f", prompt tokens saved per request {bp - tp:.0f} ({tp:.0f} vs {bp:.0f})"
+    cost = results.get("training")
+    if cost:
+        text += (f", for a one-time training cost of {int(cost['trained_tokens']):,} trained tokens "
+                 f"({int(cost['steps'])} steps, {cost['wall_time_s'] / 60:.1f} min of training)")
+    return text + "."
 
 
 def _finite(x) -> bool:
