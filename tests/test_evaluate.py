@@ -356,7 +356,7 @@ def test_evaluate_run_against_base_and_few_shot(run_dir, tiny_llama_dir):
     json.dumps(data)  # plain JSON
 
 
-def test_evaluate_with_retrieval_shots(run_dir):
+def test_evaluate_with_retrieval_shots(run_dir, tmp_path):
     pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: pip install -e '.[rag]'")
     result = evaluate(run_dir, run_dir / "valid.jsonl", baselines=["base", "rag:2"], max_new_tokens=4,
                       batch_size=4)
@@ -370,7 +370,10 @@ def test_evaluate_with_retrieval_shots(run_dir):
     assert rag.example_shot_lines == [[line for line, _ in pairs] for pairs in expected]
     data = result.to_dict()
     assert data["examples"][0]["shot_lines"] == {"rag:2": rag.example_shot_lines[0]}
-    json.dumps(data)
+    from tunekit.report import RAG_NOTE, write_report
+
+    write_report(data, tmp_path / "eval")
+    assert f"- rag:2: {RAG_NOTE}" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_rigged_model_scores_exact_match_end_to_end(tmp_path, run_dir, chat_tokenizer, tiny_llama_dir):

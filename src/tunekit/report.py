@@ -25,6 +25,8 @@ LABELS = {"loss": "held-out loss", "perplexity": "perplexity", "token_accuracy":
 # Which metric the verdict is about, in order of preference when several apply equally often.
 PRIMARY_ORDER = ["tool_call_accuracy", "json_equal", "exact_match"]
 SAMPLES = 5
+RAG_NOTE = ("for each request, the training examples whose prompts are most similar to its prompt (BM25), "
+            "as earlier turns; results.json lists each example's lines")
 SAMPLE_CHARS = 600
 
 
@@ -323,6 +325,8 @@ def render_markdown(results: dict, verdict_lines: list[str], plots: dict[str, st
     for c in results["candidates"]:
         if c["shot_lines"]:
             out.append(f"- {c['name']}: shots are training-file lines {', '.join(map(str, c['shot_lines']))}")
+        if c.get("kind") == "rag":
+            out.append(f"- {c['name']}: {RAG_NOTE}")
     out += ["", "## Plots", ""]
     out += [f"![{name}]({path})" for name, path in plots.items()]
     out += ["", "## Samples", "", "| line | reference | " + " | ".join(c["name"] for c in results["candidates"]) + " |",
@@ -361,6 +365,8 @@ def render_html(results: dict, verdict_lines: list[str], images: dict[str, bytes
         if c["shot_lines"]:
             parts.append(f"<p>{esc(c['name'])}: shots are training-file lines "
                          f"{esc(', '.join(map(str, c['shot_lines'])))}</p>")
+        if c.get("kind") == "rag":
+            parts.append(f"<p>{esc(c['name'])}: {esc(RAG_NOTE)}</p>")
     parts.append("<h2>Plots</h2>")
     for name, png in images.items():
         parts.append(f"<p><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
