@@ -4,7 +4,7 @@
 # and ask it about a recipe it has not seen. Extra arguments go to `tunekit train` as overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+TUNEKIT_EXTRAS="${TUNEKIT_EXTRAS:-dev,rag}" bash scripts/setup.sh
 T=.venv/bin/tunekit
 Q=examples/quickstart
 step() { printf '\n\033[1m== %s\033[0m (%ss so far)\n' "$1" "$SECONDS"; }
@@ -15,8 +15,8 @@ $T data check $Q/train.jsonl --validation $Q/valid.jsonl --model models/tiny-cha
 step "2/4 fine-tune a LoRA on models/tiny-chat"
 $T train $Q/config.yaml "$@"
 
-step "3/4 evaluate: tuned vs base on the 100 held-out recipes"
-$T eval runs/quickstart --data $Q/valid.jsonl --baseline base --max-new-tokens 48
+step "3/4 evaluate: tuned vs base, 3-shot and retrieval 3-shot prompts on the 100 held-out recipes"
+$T eval runs/quickstart --data $Q/valid.jsonl --baseline base --baseline few-shot:3 --baseline rag:3 --max-new-tokens 48
 
 step "4/4 ask the tuned model about a new recipe"
 SYSTEM=$(.venv/bin/python -c "import json; print(json.loads(open('$Q/valid.jsonl').readline())['messages'][0]['content'])")

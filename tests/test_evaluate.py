@@ -24,6 +24,7 @@ from tunekit.evaluate import (
     evaluate,
     generate,
     read_eval_examples,
+    retrieve_shots,
     teacher_forced,
     with_shots,
 )
@@ -304,6 +305,27 @@ def test_shot_choice_is_seeded_and_shot_turns_are_untrained(run_dir):
     assert "weight" not in out["messages"][-1]
 
 
+def test_retrieved_shots_are_the_most_similar_training_examples(tmp_path):
+    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: pip install -e '.[rag]'")
+    evaluated = [chat("how long to boil rice", "20 minutes"), chat("how much salt for bread dough", "a pinch")]
+    train = [chat("how much sugar in a cake", "a cup"),            # 1
+             chat("boil eggs for how long", "8 minutes"),          # 2
+             chat("boil rice for how long", "about 20 minutes"),   # 3
+             chat("boil rice for how long", "about 20 minutes"),   # 4: a duplicate of 3, counted once
+             evaluated[0],                                         # 5: the evaluated example itself
+             chat("how long to boil rice", "a different answer"),  # 6: the evaluated prompt: never a shot
+             chat("salt for bread dough", "1 teaspoon"),           # 7
+             chat("bake bread how long", "40 minutes")]            # 8
+    path = write_jsonl(tmp_path / "train.jsonl", train)
+    shots = retrieve_shots(path, evaluated, 2)
+    lines = [[line for line, _ in pairs] for pairs in shots]
+    assert lines[0][-1] == 3 and lines[0][0] == 2  # the most similar sits last, nearest the question
+    assert lines[1][-1] == 7
+    assert all(not {4, 5, 6} & set(ls) and len(set(ls)) == 2 for ls in lines)
+    with pytest.raises(DataError, match="only 5 distinct training examples"):
+        retrieve_shots(path, evaluated, 6)
+
+
 # --------------------------------------------------------------------------------------------------
 # The whole evaluation
 
@@ -332,6 +354,26 @@ def test_evaluate_run_against_base_and_few_shot(run_dir, tiny_llama_dir):
     data = result.to_dict()
     assert data["n_examples"] == 4 and data["examples"][1]["reference"] == "London"
     json.dumps(data)  # plain JSON
+
+
+def test_evaluate_with_retrieval_shots(run_dir, tmp_path):
+    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: pip install -e '.[rag]'")
+    result = evaluate(run_dir, run_dir / "valid.jsonl", baselines=["base", "rag:2"], max_new_tokens=4,
+                      batch_size=4)
+    assert [c.name for c in result.candidates] == ["fine-tuned", "base", "rag:2"]
+    _, base, rag = result.candidates
+    assert rag.kind == "rag" and rag.metrics["prompt_tokens"] > base.metrics["prompt_tokens"]
+    # Each example gets its own nearest training lines (1-6; never 7-9, which are or ask evaluated ones).
+    assert len(rag.example_shot_lines) == len(EVAL)
+    assert all(len(ls) == 2 and set(ls) <= {1, 2, 3, 4, 5, 6} for ls in rag.example_shot_lines)
+    expected = retrieve_shots(run_dir / "train.jsonl", [ex.example for ex in result.examples], 2)
+    assert rag.example_shot_lines == [[line for line, _ in pairs] for pairs in expected]
+    data = result.to_dict()
+    assert data["examples"][0]["shot_lines"] == {"rag:2": rag.example_shot_lines[0]}
+    from tunekit.report import RAG_NOTE, write_report
+
+    write_report(data, tmp_path / "eval")
+    assert f"- rag:2: {RAG_NOTE}" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_rigged_model_scores_exact_match_end_to_end(tmp_path, run_dir, chat_tokenizer, tiny_llama_dir):

@@ -53,6 +53,12 @@ def test_verdict_states_wins_with_token_savings():
             "prompt tokens per request; held-out loss 0.812 vs 1.750.") in lines
     assert "Fine-tuned beats base by 80.0 points of exact match (90.0% vs 10.0%); held-out loss 0.812 vs 2.500." \
         in lines
+    # The decision in one line: quality gained and tokens saved against the strongest baseline, and the cost.
+    assert lines[-1] == ("The trade against the strongest baseline, few-shot:3 (50.0%): quality gained +40.0 points "
+                         "of exact match, prompt tokens saved per request 612 (40 vs 652).")
+    results["training"] = {"trained_tokens": 123456, "steps": 192, "wall_time_s": 126.0}
+    assert verdict(results)[-1].endswith("saved per request 612 (40 vs 652), for a one-time training cost of "
+                                         "123,456 trained tokens (192 steps, 2.1 min of training).")
 
 
 def test_verdict_is_honest_when_tuning_loses_or_is_within_noise():

@@ -272,7 +272,7 @@ def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/) or a model dir")],
     data: Annotated[Path | None, typer.Option("--data", help="Held-out JSONL chat examples "
                                                              "(default: the run's eval.data / data.validation)")] = None,
-    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="base | few-shot:K | a model dir; "
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="base | few-shot:K | rag:K | a model dir; "
                                                                           "repeatable (default: base)")] = None,
     model: Annotated[list[Path] | None, typer.Option("--model", help="Another model dir or run to compare")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: RUN_DIR/eval)")] = None,

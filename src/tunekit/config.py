@@ -115,7 +115,7 @@ class TrainConfig(Section):
 class EvalConfig(Section):
     enabled: bool = False
     data: Path | None = None  # default: data.validation
-    baselines: list[str] = Field(default_factory=lambda: ["base"])  # "base", "few-shot:K", or a model dir
+    baselines: list[str] = Field(default_factory=lambda: ["base"])  # "base", "few-shot:K", "rag:K", or a model dir
     max_new_tokens: Annotated[int, Field(ge=1)] = 256
     batch_size: Annotated[int, Field(ge=1)] = 8
     limit: Annotated[int, Field(ge=1)] | None = None

@@ -9,7 +9,7 @@ reads top to bottom as:
 2. for each model to load (the run, its base, other dirs given with `models`), load it once and, for each
    candidate that uses it (base zero-shot and few-shot share the base):
    - teacher-forced metrics on the held-out set: loss / perplexity / token accuracy at trained positions
-     (`render_example`; few-shot shots sit in the prompt with weight 0, so they are never scored),
+     (`render_example`; few-shot and rag shots sit in the prompt with weight 0, so they are never scored),
    - greedy generation of the last assistant message (`render_prompt`, stopping at the template's
      end-of-turn ids), scored against the reference with `tunekit.metrics`,
    - cost: prompt tokens and latency per request;
@@ -101,22 +101,24 @@ def read_eval_examples(path: str | Path, *, limit: int | None = None) -> list[Ev
 @dataclass
 class CandidateSpec:
     name: str  # "fine-tuned", "base", "few-shot:3", or the other model's folder name
-    kind: str  # "tuned" | "base" | "few-shot" | "model"
+    kind: str  # "tuned" | "base" | "few-shot" | "rag" | "model"
     path: str  # what load_for_inference gets: a run dir, a model dir or a hub id
     shots: int = 0
 
 
 def parse_baseline(spec: str) -> tuple[str, int]:
-    """"base" -> ("base", 0); "few-shot:3" -> ("few-shot", 3); anything else -> ("model", 0) (a model dir)."""
+    """"base" -> ("base", 0); "few-shot:3" -> ("few-shot", 3); "rag:3" -> ("rag", 3); anything else ->
+    ("model", 0) (a model dir)."""
     text = spec.strip()
     if text == "base":
         return "base", 0
-    if text.startswith("few-shot"):
-        _, _, k = text.partition(":")
-        if not k.strip().isdigit() or int(k) < 1:
-            raise ConfigError(Problem(f"baseline '{spec}'", "few-shot needs a number of shots >= 1",
-                                      "write it as few-shot:K, e.g. few-shot:3"))
-        return "few-shot", int(k)
+    for kind in ("few-shot", "rag"):
+        if text == kind or text.startswith(kind + ":"):
+            _, _, k = text.partition(":")
+            if not k.strip().isdigit() or int(k) < 1:
+                raise ConfigError(Problem(f"baseline '{spec}'", f"{kind} needs a number of shots >= 1",
+                                          f"write it as {kind}:K, e.g. {kind}:3"))
+            return kind, int(k)
     return "model", 0
 
 
@@ -133,9 +135,8 @@ def _prompt_messages(example: dict) -> list:
     return example["messages"][:_last_assistant(example)]
 
 
-def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: int) -> list[tuple[int, dict]]:
-    """K (line, example) pairs from the training file, chosen uniformly with `seed` (reservoir sampling,
-    one pass, memory O(K)).
+def shot_pool(train_path: str | Path, evaluated: list[dict]) -> Iterator[tuple[int, dict]]:
+    """(line, example) of each training line that may serve as a shot, in file order.
 
     Never an evaluated example: lines whose messages equal an evaluated example's are skipped, and so are
     lines asking the same prompt (the answer would sit in the prompt). Unusable lines are skipped.
@@ -143,12 +144,9 @@ def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: in
     train_path = Path(train_path)
     if not train_path.is_file():
         raise DataError(Problem(str(train_path), "training file for few-shot examples not found",
-                                "few-shot shots come from data.train of the run's config.yaml"))
+                                "few-shot and rag shots come from data.train of the run's config.yaml"))
     seen_messages = {_canonical(ex["messages"]) for ex in evaluated}
     seen_prompts = {_canonical(_prompt_messages(ex)) for ex in evaluated}
-    rng = random.Random(seed)
-    chosen: list[tuple[int, dict]] = []
-    usable = 0
     for line, record, error in _jsonl_records(train_path):
         if error or not isinstance(record, dict) or not isinstance(record.get("messages"), list):
             continue
@@ -157,6 +155,20 @@ def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: in
             continue
         if _canonical(messages) in seen_messages or _canonical(_prompt_messages(record)) in seen_prompts:
             continue
+        yield line, record
+
+
+def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: int) -> list[tuple[int, dict]]:
+    """K (line, example) pairs from the training file, chosen uniformly with `seed` (reservoir sampling,
+    one pass, memory O(K)).
+
+    Never an evaluated example: lines whose messages equal an evaluated example's are skipped, and so are
+    lines asking the same prompt (the answer would sit in the prompt). Unusable lines are skipped.
+    """
+    rng = random.Random(seed)
+    chosen: list[tuple[int, dict]] = []
+    usable = 0
+    for line, record in shot_pool(train_path, evaluated):
         usable += 1
         if len(chosen) < k:
             chosen.append((line, record))
@@ -170,6 +182,55 @@ def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: in
                                 "lower K; evaluated examples (and training lines with the same prompt) "
                                 "are never used as shots"))
     return sorted(chosen, key=lambda pair: pair[0])
+
+
+def prompt_text(example: dict) -> str:
+    """What retrieval compares: the text of the messages before the last assistant message, system
+    messages left out (they are usually the same in every example)."""
+    from tunekit.metrics import message_text
+
+    return "\n".join(message_text(m.get("content")) for m in _prompt_messages(example)
+                     if isinstance(m, dict) and m.get("role") != "system")
+
+
+def retrieve_shots(train_path: str | Path, evaluated: list[dict], k: int) -> list[list[tuple[int, dict]]]:
+    """For each evaluated example, the K (line, example) pairs of the training file whose prompts are most
+    similar to its prompt (BM25 over `tunekit.retrieval.TextIndex`), most similar last (nearest the
+    question).
+
+    The pool is `shot_pool`'s: never an evaluated example or a training line asking the same prompt as
+    one. Training lines with identical messages count once, so the K shots are K different examples.
+    """
+    from tunekit.retrieval import TextIndex
+
+    pool: list[tuple[int, dict]] = []
+    seen: set[str] = set()
+    for line, record in shot_pool(train_path, evaluated):
+        key = _canonical(record["messages"])
+        if key not in seen:
+            seen.add(key)
+            pool.append((line, record))
+    if len(pool) < k:
+        raise DataError(Problem(str(train_path), f"only {len(pool)} distinct training examples can serve as "
+                                                 f"shots, rag:{k} needs {k}",
+                                "lower K; evaluated examples (and training lines with the same prompt) "
+                                "are never used as shots"))
+    index = TextIndex.build([prompt_text(record) for _, record in pool],
+                            [{"i": i} for i in range(len(pool))], collection="shots")
+    try:
+        out = []
+        for example in evaluated:
+            hits = [pool[payload["i"]] for payload, _ in index.search(prompt_text(example), k)]
+            taken = {line for line, _ in hits}
+            for pair in pool:  # a prompt sharing no word with K examples: fill with the first others
+                if len(hits) >= k:
+                    break
+                if pair[0] not in taken:
+                    hits.append(pair)
+            out.append(list(reversed(hits)))
+        return out
+    finally:
+        index.close()
 
 
 def with_shots(example: dict, shots: list[dict]) -> dict:
@@ -367,12 +428,13 @@ class CandidateResult:
     path: str
     metrics: dict[str, float | None]  # rates in [0, 1]; loss / perplexity; cost; None where nothing applied
     counts: dict[str, int]  # examples each generation metric applied to
-    shot_lines: list[int] = field(default_factory=list)  # training-file lines used as shots
+    shot_lines: list[int] = field(default_factory=list)  # training-file lines used as shots (few-shot)
     predictions: list[str] = field(default_factory=list)  # one per example, same order
     scores: list[dict[str, float]] = field(default_factory=list)  # per example, the metrics that applied
     prompt_tokens: list[int] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
     stopped: list[bool] = field(default_factory=list)  # per example: ended at an end-of-turn id
+    example_shot_lines: list[list[int]] = field(default_factory=list)  # per example: its retrieved shots (rag)
 
 
 @dataclass
@@ -382,6 +444,8 @@ class EvalResult:
     examples: list[EvalExample]
     candidates: list[CandidateResult]
     settings: dict
+    # What the run cost to train, from its summary.json: trained_tokens, steps, wall_time_s (None: not a run)
+    training: dict | None = None
 
     def candidate(self, name: str) -> CandidateResult:
         return next(c for c in self.candidates if c.name == name)
@@ -394,6 +458,7 @@ class EvalResult:
             "n_examples": len(self.examples),
             "settings": self.settings,
             "metric_labels": METRIC_LABELS,
+            "training": self.training,
             "candidates": [
                 {"name": c.name, "kind": c.kind, "path": c.path, "metrics": c.metrics, "counts": c.counts,
                  "shot_lines": c.shot_lines}
@@ -403,7 +468,8 @@ class EvalResult:
                 {"line": ex.line, "reference": reference_display(ex.reference),
                  "predictions": {c.name: c.predictions[i] for c in self.candidates},
                  "scores": {c.name: c.scores[i] for c in self.candidates},
-                 "prompt_tokens": {c.name: c.prompt_tokens[i] for c in self.candidates}}
+                 "prompt_tokens": {c.name: c.prompt_tokens[i] for c in self.candidates},
+                 "shot_lines": {c.name: c.example_shot_lines[i] for c in self.candidates if c.example_shot_lines}}
                 for i, ex in enumerate(self.examples)
             ],
         }
@@ -462,14 +528,16 @@ def _at(where: str, exc: TemplateError) -> TemplateError:
                          title=exc.title)
 
 
-def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample], shots: list[dict],
-                   shot_lines: list[int], *, data: str, max_new_tokens: int, batch_size: int,
+def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample],
+                   shots: list[list[tuple[int, dict]]], *, data: str, max_new_tokens: int, batch_size: int,
                    scorer: Scorer | None, log: Callable[[str], None]) -> CandidateResult:
+    """shots: per example, the (training line, example) pairs placed before it ([] for none)."""
     from tunekit.data.render import end_of_turn_ids, render_example, render_prompt
 
     # The prompt ends before the reference (the last assistant message); later messages play no part.
     asked = [{**ex.example, "messages": ex.example["messages"][:_last_assistant(ex.example) + 1]} for ex in examples]
-    shown = [with_shots(record, shots) if shots else record for record in asked]
+    shown = [with_shots(record, [ex for _, ex in pairs]) if pairs else record
+             for record, pairs in zip(asked, shots, strict=True)]
     sequences: list[Sequence] = []
     prompts: list[list[int]] = []
     for ex, record in zip(examples, shown, strict=True):
@@ -492,8 +560,12 @@ def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExa
             s.update(run_scorer(scorer, prediction, reference_display(ex.reference), ex.example,
                                 f"{data}:{ex.line}"))
         scores.append(s)
-    return _summarise(spec.name, spec.kind, spec.path, tf, predictions, scores, [len(p) for p in prompts], gens,
-                      shot_lines)
+    shot_lines = [line for line, _ in shots[0]] if spec.kind == "few-shot" and shots else []
+    result = _summarise(spec.name, spec.kind, spec.path, tf, predictions, scores, [len(p) for p in prompts], gens,
+                        shot_lines)
+    if spec.kind == "rag":
+        result.example_shot_lines = [[line for line, _ in pairs] for pairs in shots]
+    return result
 
 
 def plan_candidates(run_dir: Path, config: RunConfig | None, baselines: list[str],
@@ -517,7 +589,7 @@ def plan_candidates(run_dir: Path, config: RunConfig | None, baselines: list[str
                                     "run's base model (model.base)", "evaluate a tunekit run dir, or compare "
                                     "against a model dir with --model"))
             continue
-        name = "base" if kind == "base" else f"few-shot:{k}"
+        name = "base" if kind == "base" else f"{kind}:{k}"
         if name not in names:
             specs.append(CandidateSpec(name, kind, config.model.base, k))
             names.add(name)
@@ -543,7 +615,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
 
     data: a JSONL file of chat examples (default: eval.data, else data.validation of the run's config).
     baselines: "base" (model.base zero-shot), "few-shot:K" (the base with K training examples as earlier
-    turns), or a model dir / run dir; default ["base"] when the run has a config.yaml. models: more model
+    turns, the same K for every example), "rag:K" (the base with, for each example, the K training examples
+    whose prompts are most similar to its prompt, retrieved by BM25: `retrieve_shots`), or a model dir /
+    run dir; default ["base"] when the run has a config.yaml. models: more model
     dirs or runs to compare. device: "auto" (cuda when available), "cpu" or "cuda". config: the run's
     RunConfig (read from run_dir/config.yaml when not given).
     Raises TunekitError listing every problem before any weight loads.
@@ -584,15 +658,18 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
             scorer_fn = load_scorer(scorer)
         except TunekitError as exc:
             problems += exc.problems
-    shots_by_k: dict[int, list[tuple[int, dict]]] = {}
+    # Per candidate name, per example: the (training line, example) pairs shown before it.
+    shots_by_name: dict[str, list[list[tuple[int, dict]]]] = {}
     if examples and config is not None:
+        evaluated = [e.example for e in examples]
         for spec in specs:
-            if spec.kind == "few-shot":
-                try:
-                    shots_by_k[spec.shots] = choose_shots(config.data.train, [e.example for e in examples],
-                                                          spec.shots, seed)
-                except DataError as exc:
-                    problems += exc.problems
+            try:
+                if spec.kind == "few-shot":
+                    shots_by_name[spec.name] = [choose_shots(config.data.train, evaluated, spec.shots, seed)] * len(examples)
+                elif spec.kind == "rag":
+                    shots_by_name[spec.name] = retrieve_shots(config.data.train, evaluated, spec.shots)
+            except (DataError, ConfigError) as exc:
+                problems += exc.problems
     if problems:
         raise TunekitError(problems, title="cannot evaluate")
 
@@ -609,18 +686,30 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
                 and len(run_tokenizer) == len(tokenizer):
             tokenizer = run_tokenizer
         for spec in (s for s in specs if s.path == path):
-            shots = shots_by_k.get(spec.shots, []) if spec.kind == "few-shot" else []
+            shots = shots_by_name.get(spec.name) or [[] for _ in examples]
             results[spec.name] = _run_candidate(
-                model, tokenizer, spec, examples, [ex for _, ex in shots], [line for line, _ in shots],
-                data=str(data), max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer_fn, log=log)
+                model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer_fn, log=log)
         del model
         gc.collect()
         _empty_cuda_cache()
 
     settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy",
-                "shots_from": str(config.data.train) if config is not None and shots_by_k else None}
-    return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings)
+                "shots_from": str(config.data.train) if config is not None and shots_by_name else None}
+    return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings,
+                      training_cost(run_dir))
+
+
+def training_cost(run_dir: Path) -> dict | None:
+    """trained_tokens, steps and wall_time_s of a finished run (its summary.json), None when it has none."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict):
+        return None
+    cost = {key: summary.get(key) for key in ("trained_tokens", "steps", "wall_time_s")}
+    return cost if all(isinstance(v, int | float) for v in cost.values()) else None
 
 
 def _cuda_available() -> bool:

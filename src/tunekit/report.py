@@ -25,6 +25,8 @@ LABELS = {"loss": "held-out loss", "perplexity": "perplexity", "token_accuracy":
 # Which metric the verdict is about, in order of preference when several apply equally often.
 PRIMARY_ORDER = ["tool_call_accuracy", "json_equal", "exact_match"]
 SAMPLES = 5
+RAG_NOTE = ("for each request, the training examples whose prompts are most similar to its prompt (BM25), "
+            "as earlier turns; results.json lists each example's lines")
 SAMPLE_CHARS = 600
 
 
@@ -131,7 +133,34 @@ def verdict(results: dict) -> list[str]:
     else:
         head = (f"Not shown: on {results['n_examples']} examples the tuned run is not clearly better than the "
                 f"baselines on {label(results, key)}; evaluate on more examples.")
-    return [head] + [line[0].upper() + line[1:] + "." for line in lines]
+    out = [head] + [line[0].upper() + line[1:] + "." for line in lines]
+    trade = _trade(results, key, tuned, others)
+    return out + [trade] if trade else out
+
+
+def _trade(results: dict, key: str | None, tuned: dict, others: list[dict]) -> str | None:
+    """The decision in one sentence: quality gained and prompt tokens saved per request against the
+    strongest baseline (the best score; fewer prompt tokens break ties), and what training cost."""
+    scored = [c for c in others if key is not None and c["metrics"].get(key) is not None]
+    if key is None or tuned["metrics"].get(key) is None or not scored:
+        return None
+    best = max(scored, key=lambda c: (c["metrics"][key], -(c["metrics"].get("prompt_tokens") or 0.0)))
+    tm, bm = tuned["metrics"], best["metrics"]
+    if key.startswith("scorer"):
+        gain = f"{tm[key] - bm[key]:+.3f} on {label(results, key)}"
+        best_score = f"{bm[key]:.3f}"
+    else:
+        gain = f"{100 * (tm[key] - bm[key]):+.1f} points of {label(results, key)}"
+        best_score = f"{100 * bm[key]:.1f}%"
+    text = f"The trade against the strongest baseline, {best['name']} ({best_score}): quality gained {gain}"
+    tp, bp = tm.get("prompt_tokens"), bm.get("prompt_tokens")
+    if tp is not None and bp is not None:
+        text += f", prompt tokens saved per request {bp - tp:.0f} ({tp:.0f} vs {bp:.0f})"
+    cost = results.get("training")
+    if cost:
+        text += (f", for a one-time training cost of {int(cost['trained_tokens']):,} trained tokens "
+                 f"({int(cost['steps'])} steps, {cost['wall_time_s'] / 60:.1f} min of training)")
+    return text + "."
 
 
 def _finite(x) -> bool:
@@ -296,6 +325,8 @@ def render_markdown(results: dict, verdict_lines: list[str], plots: dict[str, st
     for c in results["candidates"]:
         if c["shot_lines"]:
             out.append(f"- {c['name']}: shots are training-file lines {', '.join(map(str, c['shot_lines']))}")
+        if c.get("kind") == "rag":
+            out.append(f"- {c['name']}: {RAG_NOTE}")
     out += ["", "## Plots", ""]
     out += [f"![{name}]({path})" for name, path in plots.items()]
     out += ["", "## Samples", "", "| line | reference | " + " | ".join(c["name"] for c in results["candidates"]) + " |",
@@ -334,6 +365,8 @@ def render_html(results: dict, verdict_lines: list[str], images: dict[str, bytes
         if c["shot_lines"]:
             parts.append(f"<p>{esc(c['name'])}: shots are training-file lines "
                          f"{esc(', '.join(map(str, c['shot_lines'])))}</p>")
+        if c.get("kind") == "rag":
+            parts.append(f"<p>{esc(c['name'])}: {esc(RAG_NOTE)}</p>")
     parts.append("<h2>Plots</h2>")
     for name, png in images.items():
         parts.append(f"<p><img alt='{esc(name)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'></p>")
