@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -32,6 +33,8 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e
 
 
 def fail(exc: TunekitError) -> None:
+    if os.environ.get("RANK", "0") != "0":  # several processes: the main one (rank 0) reports
+        raise typer.Exit(1)
     if exc.title:
         err_console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
     for problem in exc.problems:
@@ -306,16 +309,28 @@ def train_cmd(
     file: Path,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run dir's last checkpoint")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes to train on (one per GPU; on CPU they "
+                                                              "share the cores); see docs/distributed.md")] = 1,
 ) -> None:
     """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
+    from tunekit import distributed
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.errors import ConfigError
+    from tunekit.train import check_setup, train
 
     try:
-        result = train(load_config(file, overrides or []), resume=resume, console=err_console)
+        cfg = load_config(file, overrides or [])
+        if nproc > 1 and distributed.launched_world_size() == 1:
+            problems = check_setup(cfg, resume=resume, world_size=nproc)  # once, before any process starts
+            if problems:
+                raise ConfigError(problems, title="cannot start training")
+            distributed.launch(nproc, ["train", str(file), *(overrides or []), *(["--resume"] if resume else [])])
+            return
+        result = train(cfg, resume=resume, console=err_console)
     except TunekitError as exc:
         fail(exc)
-    console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+    if distributed.launched_world_size() == 1 or os.environ.get("RANK") == "0":
+        console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
 
 
 @app.command("chat")
@@ -380,7 +395,6 @@ def serve(
                                                                           "(default: all cores but one)")] = None,
 ) -> None:
     """Serve models, runs and their adapters behind an OpenAI-compatible API (/v1/chat/completions)."""
-    import os
 
     import uvicorn
     from pydantic import ValidationError

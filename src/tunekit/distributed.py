@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 
 from tunekit.config import RunConfig
-from tunekit.errors import Problem
+from tunekit.errors import Problem, TunekitError
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,7 @@ def wrap(loss_module: torch.nn.Module, decoder_layers, d: Dist, mixed_precision:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [d.local_rank] if next(loss_module.parameters()).is_cuda else None
-        # broadcast_buffers=False: buffers (rotary frequencies) are equal on every rank and never change.
-        return DistributedDataParallel(loss_module, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(loss_module, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
@@ -207,3 +206,26 @@ def full_norm(norm: torch.Tensor) -> float:
     from torch.distributed.tensor import DTensor
 
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def launch(nproc: int, args: list[str]) -> None:
+    """Run `tunekit ARGS` on `nproc` local processes through torch.distributed.run (torchrun's own code,
+    in this process: it starts the workers, watches them, and stops them all when one fails).
+
+    A failed worker is reported by rank: its exit code or the signal that killed it.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+                        "-m", "tunekit.cli", *args]))
+    except ChildFailedError as exc:
+        problems = []
+        for rank, failure in sorted(exc.failures.items()):
+            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+                   else f"exited with code {failure.exitcode}")
+            problems.append(Problem(f"rank {rank}", f"{how} (pid {failure.pid}); the other processes were stopped",
+                                    "see the output above for its error; continue with --resume from the last "
+                                    "checkpoint"))
+        raise TunekitError(problems, title=f"training on {nproc} processes failed") from None

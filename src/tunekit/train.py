@@ -355,8 +355,10 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     from rich.console import Console
 
     d = distributed.setup(cfg)
+    if console is None or not d.main:  # only the main process prints
+        console = Console(stderr=True, quiet=not d.main)
     try:
-        return _train(cfg, d, resume=resume, console=console or Console(stderr=True, quiet=not d.main))
+        return _train(cfg, d, resume=resume, console=console)
     finally:
         distributed.teardown(d)
 
@@ -383,8 +385,6 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
     plan = make_plan(cfg, data.n_train_examples, len(rows0))
     v_rows = valid_rows([len(s) for s in data.valid], cfg.data.max_len, cfg.data.packing)
     valid_batches = make_batches(data.valid, v_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
-    # Micro-batches per process per step, the same on every rank (rows are dealt round-robin).
-    n_micro = math.ceil(math.ceil(plan.batch_size / d.world_size) / plan.micro_batch_size)
     say(f"{data.n_train_examples} train examples -> {len(data.train)} sequences, "
         f"{data.train_fit.tokens} tokens ({data.train_fit.trained_tokens} trained) per epoch, {plan.rows_per_epoch} rows/epoch "
         f"(packing efficiency {packing_efficiency(rows0, lengths, cfg.data.max_len):.1%}); "
@@ -392,7 +392,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
         f"batch {plan.batch_size} rows = {plan.micro_batch_size} x "
         f"{math.ceil(plan.batch_size / plan.micro_batch_size)} accumulated; lr {plan.lr:g}", highlight=False)
     if d.on:
-        say(f"{d.world_size} processes ({d.strategy}): up to {plan.micro_batch_size} x {n_micro} rows per "
+        say(f"{d.world_size} processes ({d.strategy}): up to {math.ceil(plan.batch_size / d.world_size)} rows per "
             "process per step", highlight=False)
 
     # --- 2. run dir (written by the main process only) ----------------------------------------------
@@ -462,6 +462,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
             step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
             micro_batches = make_batches(data.train, distributed.deal(step_rows, d), plan.micro_batch_size,
                                          cfg.data.packing, pad_id)
+            # Micro-batches per process in this step, the same on every rank (their collectives pair up).
+            n_micro = math.ceil(math.ceil(len(step_rows) / d.world_size) / plan.micro_batch_size)
             filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if d.on else None
 
             t0 = time.time()
