@@ -118,16 +118,19 @@ def test_a_killed_rank_ends_the_run_and_resume_matches(tmp_path, tiny_llama_dir)
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = cfg.output.dir / "checkpoints" / "step-000002"
     deadline = time.time() + 120
+    victim = None
+    while victim is None and proc.poll() is None and time.time() < deadline:
+        victim = _worker_pid(proc.pid, 1)
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim = _worker_pid(proc.pid, 1)
+        time.sleep(0.01)
     assert victim is not None and ckpt.exists()
+    os.kill(victim, signal.SIGSTOP)  # at once (a step takes tens of ms): the run cannot finish without it
     os.kill(victim, signal.SIGKILL)
     killed_at = time.time()
     out, _ = proc.communicate(timeout=90)
     assert time.time() - killed_at < 60, "the other rank should be stopped promptly"
     assert proc.returncode == 1, out
-    assert "rank 1" in out and "SIGKILL" in out and "--resume" in out, out
+    assert "failed at rank 1" in out and "rank 1: was killed by SIGKILL" in out and "--resume" in out, out
     assert not (cfg.output.dir / "final").exists(), "the run finished before it was killed; use more steps"
 
     done = tunekit("train", path, "--nproc", 2, "--resume")

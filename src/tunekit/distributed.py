@@ -221,11 +221,17 @@ def launch(nproc: int, args: list[str]) -> None:
         run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
                         "-m", "tunekit.cli", *args]))
     except ChildFailedError as exc:
+        first_rank, first = exc.get_first_failure()
         problems = []
-        for rank, failure in sorted(exc.failures.items()):
-            how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exited with code {failure.exitcode}")
-            problems.append(Problem(f"rank {rank}", f"{how} (pid {failure.pid}); the other processes were stopped",
-                                    "see the output above for its error; continue with --resume from the last "
-                                    "checkpoint"))
-        raise TunekitError(problems, title=f"training on {nproc} processes failed") from None
+        for rank, failure in sorted(exc.failures.items(), key=lambda item: item[0] != first_rank):
+            if rank != first_rank and failure.exitcode < 0 and failure.signal_name() == "SIGTERM":
+                continue  # stopped by the launcher because of the first failure
+            if failure.exitcode < 0:
+                how = f"was killed by {failure.signal_name()}"
+                hint = "SIGKILL is often the out-of-memory killer; continue with --resume from the last checkpoint"
+            else:
+                how = f"exited with code {failure.exitcode}"
+                hint = "its error is printed above; continue with --resume from the last checkpoint"
+            problems.append(Problem(f"rank {rank}", f"{how} (pid {failure.pid})", hint))
+        raise TunekitError(problems, title=f"training on {nproc} processes failed at rank {first_rank}; "
+                                           "the other processes were stopped") from None
