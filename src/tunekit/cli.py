@@ -311,6 +311,8 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run dir's last checkpoint")] = False,
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes to train on (one per GPU; on CPU they "
                                                               "share the cores); see docs/distributed.md")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the memory estimate per process, "
+                                                            "then stop (no weights load, nothing is written)")] = False,
 ) -> None:
     """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
     from tunekit import distributed
@@ -320,6 +322,9 @@ def train_cmd(
 
     try:
         cfg = load_config(file, overrides or [])
+        if dry_run:
+            train(cfg, resume=resume, console=err_console, dry_run=True, processes=nproc)
+            return
         if nproc > 1 and distributed.launched_world_size() == 1:
             problems = check_setup(cfg, resume=resume, world_size=nproc)  # once, before any process starts
             if problems:

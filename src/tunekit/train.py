@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -41,6 +42,16 @@ from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_eff
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.distributed import SINGLE, Dist
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.estimate import (
+    MB,
+    MemoryEstimate,
+    available_memory,
+    estimate_memory,
+    fits,
+    model_shapes,
+    peak_rss,
+    ways_to_fit,
+)
 from tunekit.fsio import publish_dir
 from tunekit.model import (
     apply_method,
@@ -56,6 +67,8 @@ from tunekit.model import (
 # A file of this name in the run dir asks the loop to stop after the current step: it writes a checkpoint,
 # removes the file and raises TrainingStopped (`tunekit serve` pauses a fine-tuning job this way).
 STOP_FILE = "STOP"
+# Steps timed before the time left is estimated and printed.
+TIMED_STEPS = 3
 # Config fields a resumed run may change: they do not alter the math of training.
 RESUME_MAY_CHANGE = {"output.overwrite", "output.tensorboard", "output.wandb", "output.mlflow", "train.threads",
                      "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.device",
@@ -90,7 +103,7 @@ class Plan:
 # Up-front checks (before any weight loads)
 
 
-def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1) -> list[Problem]:
+def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: bool = True) -> list[Problem]:
     """Everything that can be checked without loading weights, reported together."""
     problems = distributed.check(cfg, world_size)
     device = resolve_device(cfg.train.device)
@@ -126,7 +139,8 @@ def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1) -> list[Pr
     if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
         problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
                                 "set eval.data or data.validation (a file the run does not train on)"))
-    problems += _run_dir_problems(cfg, resume=resume)
+    if run_dir:  # (a dry run writes nothing)
+        problems += _run_dir_problems(cfg, resume=resume)
     return problems
 
 
@@ -347,28 +361,35 @@ def _progress(console):
 # The run
 
 
-def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
+def train(cfg: RunConfig, *, resume: bool = False, console=None, dry_run: bool = False,
+          processes: int | None = None) -> TrainResult:
     """Train as configured; write the run dir; return its path and summary.
 
     Started by torchrun (WORLD_SIZE > 1), every process runs this same function; see tunekit.distributed.
+    dry_run: print the plan and the memory estimate per process (for `processes` of them) and stop before
+    any weight loads or anything is written; the summary holds them.
     """
     from rich.console import Console
 
-    d = distributed.setup(cfg)
+    if dry_run:  # no process group: the plan of `processes` processes, seen from rank 0
+        n = processes or distributed.launched_world_size()
+        d = Dist(world_size=n, strategy=distributed.resolve_strategy(cfg) if n > 1 else "none")
+    else:
+        d = distributed.setup(cfg)
     if console is None or not d.main:  # only the main process prints
         console = Console(stderr=True, quiet=not d.main)
     try:
-        return _train(cfg, d, resume=resume, console=console)
+        return _train(cfg, d, resume=resume, console=console, dry_run=dry_run)
     finally:
         distributed.teardown(d)
 
 
-def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
+def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = False) -> TrainResult:
     say = console.print
     wall_start = time.time()
 
     # --- 1. checks that need no weights, then data (tokenizer only) --------------------------------
-    problems = check_setup(cfg, resume=resume, world_size=d.world_size)
+    problems = check_setup(cfg, resume=resume, world_size=d.world_size, run_dir=not dry_run)
     if problems:
         raise ConfigError(problems, title="cannot start training")
     if cfg.train.threads:
@@ -394,6 +415,10 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
     if d.on:
         say(f"{d.world_size} processes ({d.strategy}): up to {math.ceil(plan.batch_size / d.world_size)} rows per "
             "process per step", highlight=False)
+    memory = _check_memory(cfg, plan, d, device, say)
+    if dry_run:
+        return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
+                                                  "strategy": d.strategy, "memory_estimate_mb": memory.to_dict()})
 
     # --- 2. run dir (written by the main process only) ----------------------------------------------
     run_dir = Path(cfg.output.dir)
@@ -453,7 +478,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
     # --- 4. the loop --------------------------------------------------------------------------------
     window_trained, window_real, window_start = 0, 0, time.time()
     real_seen, row_seen, train_time, last_loss = 0, 0, 0.0, None
-    trained_this_run = 0
+    trained_this_run, first_step = 0, step
     with _progress(console) as progress:
         task = progress.add_task("train", total=plan.total_steps, completed=step, loss="-", tps="-")
         while step < plan.total_steps:
@@ -479,6 +504,10 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
             train_time += time.time() - t0
 
             step += 1
+            if step == first_step + TIMED_STEPS and step < plan.total_steps:
+                left = (plan.total_steps - step) * train_time / TIMED_STEPS
+                say(f"time: {train_time / TIMED_STEPS:.2f} s per step over the first {TIMED_STEPS} -> about "
+                    f"{left / 60:.1f} min for the {plan.total_steps - step} steps left", highlight=False)
             last_loss = step_nll / n_trained
             real, row_tokens = distributed.sum_([sum(b.real_tokens for b in micro_batches),
                                                  sum(b.input_ids.numel() for b in micro_batches)], d)
@@ -524,6 +553,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
                                               "continue with --resume"))
 
     # --- 5. final weights, summary ------------------------------------------------------------------
+    peaks = distributed.gather_objects(peak_rss(), d)  # of the training itself (saving may add transient copies)
     checkpoint_now()
     tmp = run_dir / ".tmp-final"
     if d.main:
@@ -553,6 +583,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
         "no_trained_tokens": data.train_fit.no_trained_tokens,
         "plan": asdict(plan), "wall_time_s": time.time() - wall_start, "resumed": resume,
         "processes": d.world_size, "strategy": d.strategy,
+        "memory_estimate_mb": memory.to_dict(), "peak_rss_mb": [p / MB for p in peaks],  # per process
     }
     if not d.main:
         return TrainResult(run_dir, summary)
@@ -575,6 +606,28 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console) -> TrainResult:
                               **{c["name"]: c["metrics"] for c in results["candidates"]}}, name="eval")
     tracking.close()
     return TrainResult(run_dir, summary)
+
+
+def _check_memory(cfg: RunConfig, plan: Plan, d: Dist, device: torch.device, say) -> MemoryEstimate:
+    """Print the memory estimate per process; refuse a run that cannot fit, naming settings that would."""
+    shapes = model_shapes(cfg)
+    # Rows a process runs at once, each counted at max_len tokens.
+    micro = min(plan.micro_batch_size, math.ceil(min(plan.batch_size, plan.rows_per_epoch) / d.world_size))
+    memory = estimate_memory(cfg, shapes, micro_batch=micro, processes=d.world_size, strategy=d.strategy)
+    for line in memory.lines():
+        say(line, highlight=False)
+    available = available_memory(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    if not fits(memory, available, local, device):
+        ways = ways_to_fit(cfg, shapes, memory, micro_batch=micro, available=available,
+                           local_processes=local, device=device)
+        where = f"{local} processes x " if local > 1 and device.type == "cpu" else ""
+        raise ConfigError(Problem(
+            "train", f"the run needs about {where}{(memory.total - memory.baseline) / MB:,.0f} MiB more {device.type} "
+            f"memory but {available / MB:,.0f} MiB are available",
+            ("these would fit: " + "; ".join(ways)) if ways else
+            "lower data.max_len, use method: lora or qlora, or a machine with more memory"), title="cannot start training")
+    return memory
 
 
 def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_valid: dict) -> dict:
