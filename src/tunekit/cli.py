@@ -394,6 +394,8 @@ def serve(
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="A file of keys, one KEY or "
                                                                               "PROJECT:KEY a line (# comments)")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Fine-tuning jobs trained at once")] = 1,
+    train_processes: Annotated[int, typer.Option("--train-processes", min=1, help="Processes each fine-tuning job "
+                                                 "trains on (tunekit train --nproc; one per GPU)")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
     max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
@@ -418,7 +420,8 @@ def serve(
         fail(TunekitError(Problem("MODEL", "no model to serve", "give a model dir, a run dir or NAME=PATH")))
     try:
         settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
-                                 workers=workers, device=device, max_adapters=max_adapters, threads=threads)
+                                 workers=workers, train_processes=train_processes, device=device,
+                                 max_adapters=max_adapters, threads=threads)
     except ValidationError as exc:
         fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
                            for e in exc.errors()]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -96,6 +97,7 @@ def setup(cfg: RunConfig) -> Dist:
         return SINGLE
     import torch.distributed as dist
 
+    _die_with_launcher()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cuda:
@@ -103,6 +105,19 @@ def setup(cfg: RunConfig) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=cfg.train.distributed.timeout_s))
     return Dist(rank, world, local_rank, resolve_strategy(cfg))
+
+
+def _die_with_launcher() -> None:
+    """Linux: this process gets SIGKILL when its parent (torchrun's agent) dies, even by SIGKILL, instead of
+    training on alone until a collective times out."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
 
 
 def device_of(d: Dist, device: torch.device) -> torch.device:
