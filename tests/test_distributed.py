@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from toy_runs import toy_config
 
+from tunekit.errors import TunekitError
 from tunekit.train import train
 
 REL = 1e-5  # fp32: summation order differs (all-reduce), nothing else
@@ -79,20 +81,43 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, tiny_llama_dir, met
     assert_same_weights(two / "final", one.run_dir / "final")
     for step in ("step-000002", "step-000004"):
         ours, theirs = two / "checkpoints" / step, one.run_dir / "checkpoints" / step
-        assert sorted(os.listdir(ours)) == sorted(os.listdir(theirs))
+        # FSDP2 writes the optimizer state sharded, each rank its own part (optimizer/, torch.distributed.checkpoint).
+        sharded = {"optimizer"} if strategy == "fsdp2" else set()
+        assert set(os.listdir(ours)) == set(os.listdir(theirs)) | sharded
         assert_same_weights(ours, theirs)
     summary = json.loads((two / "summary.json").read_text())
     assert (summary["processes"], summary["strategy"]) == (2, strategy)
 
-    # The 2-process checkpoint at step 2 resumed on 1 process: steps 3 and 4 as in the one-process run.
+    # The 2-process checkpoint at step 2 resumed (DDP: on 2 processes; FSDP2: on 1, resharding the optimizer
+    # state): steps 3 and 4 as in the one-process run.
     resumed = tmp_path / "resumed"
     shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
-    cfg_resumed = dist_config(tmp_path, tiny_llama_dir, "resumed", method, strategy)[0]
+    cfg_resumed, path_resumed = dist_config(tmp_path, tiny_llama_dir, "resumed", method, strategy)
     (resumed / "config.yaml").write_text(cfg_resumed.to_yaml())  # the copy's own output.dir
-    result = train(cfg_resumed, resume=True)
-    assert result.summary["processes"] == 1
+    if strategy == "ddp":
+        done = tunekit("train", path_resumed, "--nproc", 2, "--resume")
+        assert done.returncode == 0, done.stdout + done.stderr
+    else:
+        assert train(cfg_resumed, resume=True).summary["processes"] == 1
     assert_same_losses(metrics(resumed), metrics(one.run_dir))
     assert_same_weights(resumed / "final", one.run_dir / "final")
+
+    if strategy == "fsdp2":  # the sharded state's metadata is a pickle: one naming anything else is refused
+        metadata = two / "checkpoints" / "step-000004" / "optimizer" / ".metadata"
+        marker = tmp_path / "code-ran"
+        metadata.write_bytes(pickle.dumps(_RunsCode(marker)))
+        shutil.rmtree(two / "final")
+        with pytest.raises(TunekitError) as err:
+            train(cfg, resume=True)
+        assert not marker.exists() and "safely" in err.value.problems[0].message
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
 
 
 def _worker_pid(launcher: int, rank: int) -> int | None:
@@ -111,9 +136,9 @@ def _worker_pid(launcher: int, rank: int) -> int | None:
 def test_a_killed_rank_ends_the_run_and_resume_matches(tmp_path, tiny_llama_dir):
     """SIGKILL of rank 1 after a checkpoint: the launcher stops rank 0 and names rank 1, in bounded time;
     `--resume --nproc 2` then gives the per-step losses of a run never stopped."""
-    section = {"epochs": 5, "keep_last": 2}
-    reference = train(dist_config(tmp_path, tiny_llama_dir, "whole", "lora", "ddp", **section)[0])
-    cfg, path = dist_config(tmp_path, tiny_llama_dir, "killed", "lora", "ddp", **section)
+    section = {"epochs": 3, "keep_last": 2}
+    reference = train(dist_config(tmp_path, tiny_llama_dir, "whole", "full", "fsdp2", **section)[0])
+    cfg, path = dist_config(tmp_path, tiny_llama_dir, "killed", "full", "fsdp2", **section)
     proc = subprocess.Popen([sys.executable, "-m", "tunekit.cli", "train", str(path), "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = cfg.output.dir / "checkpoints" / "step-000002"

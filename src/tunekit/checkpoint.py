@@ -6,8 +6,10 @@ depend on how many processes trained:
 
 - weights as final/ holds them (a peft adapter or the full model, safetensors), gathered from the shards
   under FSDP2, so eval, export and serve read a checkpoint like any model;
-- optimizer.pt: the optimizer state keyed by parameter name (torch.distributed.checkpoint's full state
-  dict, gathered to the main process), and the scheduler state. Any number of processes can load it;
+- the optimizer state keyed by parameter name: under FSDP2 sharded, each rank writing its own shards with
+  torch.distributed.checkpoint into optimizer/ (it is the largest part: two values per trained parameter);
+  otherwise whole, in optimizer.pt. optimizer.pt holds the scheduler state either way. Any number of
+  processes can load either (torch.distributed.checkpoint reshards);
 - rng.pt: the main process's RNG states, and under several processes every rank's;
 - trainer_state.json: the step, the position in the data, the metrics so far, the number of processes.
 
@@ -23,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from tunekit.distributed import SINGLE, Dist, gather_objects
+from tunekit.distributed import SINGLE, Dist, barrier, gather_objects
 from tunekit.errors import Problem, TunekitError
 from tunekit.fsio import publish_dir
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"
+OPTIM_DIR = "optimizer"  # sharded optimizer state (FSDP2)
 RNG_FILE = "rng.pt"
 
 
@@ -75,15 +78,22 @@ def save_checkpoint(run_dir: Path, model, net, optimizer, scheduler, state: dict
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    barrier(d)  # the folder exists before any rank writes into it
     save_weights(model, None, tmp, d)
-    optim = get_optimizer_state_dict(net, optimizer, options=_full_options())
+    optim = {"scheduler": scheduler.state_dict()}
+    if d.strategy == "fsdp2":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"optimizer": get_optimizer_state_dict(net, optimizer)}, checkpoint_id=str(tmp / OPTIM_DIR))
+    else:
+        optim["optimizer"] = get_optimizer_state_dict(net, optimizer, options=_full_options())
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    ranks = gather_objects(rng, d)
+    ranks = gather_objects(rng, d)  # after dcp.save returned on every rank: all shards are written
     if not d.main:
         return dest
-    torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / OPTIM_FILE)
+    torch.save(optim, tmp / OPTIM_FILE)
     torch.save({**rng, "ranks": ranks} if d.on else rng, tmp / RNG_FILE)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": d.world_size}, indent=1))
     publish_dir(tmp, dest)
@@ -131,16 +141,56 @@ def _load_state(path: Path) -> dict:
                                    "resume from another checkpoint or start the run again")) from None
 
 
+# What torch.distributed.checkpoint's .metadata pickle may name (torch 2.13): its own metadata classes, torch
+# dtypes and sizes, the layout helper and a path. Anything else is refused before DCP unpickles the file
+# (its FileSystemReader uses plain pickle, which would run code from the checkpoint folder).
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+def _check_dcp_metadata(folder: Path) -> None:
+    import pickle
+
+    class Allowed(pickle.Unpickler):
+        def find_class(self, module, name):
+            if ((module, name) in _DCP_GLOBALS or module == "torch.distributed.checkpoint.metadata"
+                    or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+    path = folder / ".metadata"
+    try:
+        with open(path, "rb") as fh:
+            Allowed(fh).load()
+    except (pickle.UnpicklingError, OSError, EOFError, AttributeError, ValueError, TypeError) as exc:
+        raise TunekitError(Problem(str(path), f"cannot read this checkpoint file safely: {exc}",
+                                   "it must hold only torch.distributed.checkpoint metadata as tunekit writes it; "
+                                   "resume from another checkpoint or start the run again")) from None
+
+
 def load_training_state(ckpt: Path, net, optimizer, scheduler) -> dict:
     """Optimizer and scheduler state into the wrapped module's optimizer (each rank takes its shards);
     returns the trainer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     opt = _load_state(ckpt / OPTIM_FILE)
     try:
-        set_optimizer_state_dict(net, optimizer, opt["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if (ckpt / OPTIM_DIR).is_dir():  # sharded: each rank reads the parts of its own shards
+            import torch.distributed.checkpoint as dcp
+
+            _check_dcp_metadata(ckpt / OPTIM_DIR)
+            # The current layout (state initialized), filled in place from the saved shards.
+            sharded = {"optimizer": get_optimizer_state_dict(net, optimizer)}
+            dcp.load(sharded, checkpoint_id=str(ckpt / OPTIM_DIR))
+            set_optimizer_state_dict(net, optimizer, sharded["optimizer"])
+        else:
+            set_optimizer_state_dict(net, optimizer, opt["optimizer"], options=StateDictOptions(full_state_dict=True))
     except (KeyError, RuntimeError, ValueError) as exc:
-        raise TunekitError(Problem(str(ckpt / OPTIM_FILE), f"the optimizer state does not fit this run: {exc}",
+        raise TunekitError(Problem(str(ckpt), f"the optimizer state does not fit this run: {exc}",
                                    "resume with the same model and method, from a checkpoint this version wrote")) from None
     scheduler.load_state_dict(opt["scheduler"])
     return json.loads((ckpt / STATE_FILE).read_text())
