@@ -94,7 +94,12 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, tiny_llama_dir, met
     shutil.copytree(two, resumed, ignore=shutil.ignore_patterns("final", "step-000004"))
     cfg_resumed, path_resumed = dist_config(tmp_path, tiny_llama_dir, "resumed", method, strategy)
     (resumed / "config.yaml").write_text(cfg_resumed.to_yaml())  # the copy's own output.dir
-    if strategy == "ddp":
+    if strategy == "ddp":  # a STOP file (a pause) stops every process after the next step, at a checkpoint
+        (resumed / "STOP").touch()
+        done = tunekit("train", path_resumed, "--nproc", 2, "--resume")
+        assert done.returncode == 3 and "stopped at step 3 on request" in done.stderr, done.stdout + done.stderr
+        assert "processes failed" not in done.stderr and not (resumed / "STOP").exists()
+        assert (resumed / "checkpoints" / "step-000003").is_dir()
         done = tunekit("train", path_resumed, "--nproc", 2, "--resume")
         assert done.returncode == 0, done.stdout + done.stderr
     else:

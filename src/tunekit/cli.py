@@ -32,9 +32,9 @@ err_console = Console(stderr=True)
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=2e-4")]
 
 
-def fail(exc: TunekitError) -> None:
+def fail(exc: TunekitError, code: int = 1) -> None:
     if os.environ.get("RANK", "0") != "0":  # several processes: the main one (rank 0) reports
-        raise typer.Exit(1)
+        raise typer.Exit(code)
     if exc.title:
         err_console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
     for problem in exc.problems:
@@ -42,7 +42,7 @@ def fail(exc: TunekitError) -> None:
         err_console.print(f"  [red]✗[/] {where}{problem.message}", highlight=False, markup=True)
         if problem.hint:
             err_console.print(f"      [dim]hint:[/] {problem.hint}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @config_app.command("validate")
@@ -318,7 +318,7 @@ def train_cmd(
     from tunekit import distributed
     from tunekit.config import load_config
     from tunekit.errors import ConfigError
-    from tunekit.train import check_setup, train
+    from tunekit.train import STOPPED_EXIT_CODE, TrainingStopped, check_setup, train
 
     try:
         cfg = load_config(file, overrides or [])
@@ -329,9 +329,12 @@ def train_cmd(
             problems = check_setup(cfg, resume=resume, world_size=nproc)  # once, before any process starts
             if problems:
                 raise ConfigError(problems, title="cannot start training")
-            distributed.launch(nproc, ["train", str(file), *(overrides or []), *(["--resume"] if resume else [])])
-            return
+            code = distributed.launch(nproc, ["train", str(file), *(overrides or []),
+                                              *(["--resume"] if resume else [])], stopped_exit_code=STOPPED_EXIT_CODE)
+            raise typer.Exit(code)
         result = train(cfg, resume=resume, console=err_console)
+    except TrainingStopped as exc:  # a pause (the STOP file), not a failure
+        fail(exc, STOPPED_EXIT_CODE)
     except TunekitError as exc:
         fail(exc)
     if distributed.launched_world_size() == 1 or os.environ.get("RANK") == "0":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -223,11 +224,12 @@ def full_norm(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def launch(nproc: int, args: list[str]) -> None:
+def launch(nproc: int, args: list[str], stopped_exit_code: int | None = None) -> int:
     """Run `tunekit ARGS` on `nproc` local processes through torch.distributed.run (torchrun's own code,
     in this process: it starts the workers, watches them, and stops them all when one fails).
 
-    A failed worker is reported by rank: its exit code or the signal that killed it.
+    Returns 0, or `stopped_exit_code` when the run stopped on request (rank 0 exited with it: it printed
+    where). A failed worker is reported by rank: its exit code or the signal that killed it.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -235,8 +237,12 @@ def launch(nproc: int, args: list[str]) -> None:
     try:
         run(parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
                         "-m", "tunekit.cli", *args]))
+        return 0
     except ChildFailedError as exc:
         first_rank, first = exc.get_first_failure()
+        if first.exitcode == stopped_exit_code and all(f.exitcode in (stopped_exit_code, -signal.SIGTERM)
+                                                       for f in exc.failures.values()):
+            return stopped_exit_code
         problems = []
         for rank, failure in sorted(exc.failures.items(), key=lambda item: item[0] != first_rank):
             if rank != first_rank and failure.exitcode < 0 and failure.signal_name() == "SIGTERM":

@@ -67,6 +67,7 @@ from tunekit.model import (
 # A file of this name in the run dir asks the loop to stop after the current step: it writes a checkpoint,
 # removes the file and raises TrainingStopped (`tunekit serve` pauses a fine-tuning job this way).
 STOP_FILE = "STOP"
+STOPPED_EXIT_CODE = 3  # `tunekit train` exits with it when the run stopped on request (every process does)
 # Steps timed before the time left is estimated and printed.
 TIMED_STEPS = 3
 # Config fields a resumed run may change: they do not alter the math of training.
@@ -76,7 +77,9 @@ RESUME_MAY_CHANGE = {"output.overwrite", "output.tensorboard", "output.wandb", "
 
 
 class TrainingStopped(TunekitError):
-    """The run stopped at a checkpoint because STOP_FILE appeared; `--resume` continues it exactly."""
+    """The run stopped at a checkpoint because STOP_FILE appeared; `--resume` continues it exactly.
+
+    `tunekit train` exits with STOPPED_EXIT_CODE then, on every process."""
 
 
 @dataclass
