@@ -298,14 +298,14 @@ def backward_step(net, micro_batches: list[Batch], device, mixed_precision: str 
     pair up); a rank with fewer rows runs `filler` at weight 0 for the missing ones.
     """
     n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0])
-    scale = d.world_size / n_trained  # DDP and FSDP2 average gradients over ranks: x N makes it a sum
     step_nll, step_correct = 0.0, 0
     for i in range(max(n_micro, len(micro_batches))):
         real = i < len(micro_batches)
         batch = micro_batches[i] if real else filler
         with autocast(device, mixed_precision):
             nll_sum, _, correct = net(batch.to(device))
-        (nll_sum * (scale if real else 0.0)).backward()
+        # DDP and FSDP2 average gradients over ranks: x N makes it a sum (x 1, exact, in one process).
+        (nll_sum * d.world_size / n_trained if real else nll_sum * 0.0).backward()
         if real:
             step_nll += float(nll_sum.detach())
             step_correct += correct
@@ -556,7 +556,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                                               "continue with --resume"))
 
     # --- 5. final weights, summary ------------------------------------------------------------------
-    peaks = distributed.gather_objects(peak_rss(), d)  # of the training itself (saving may add transient copies)
+    peaks = distributed.gather_objects(peak_rss(), d)  # per process, up to here (before the final save)
     checkpoint_now()
     tmp = run_dir / ".tmp-final"
     if d.main:
