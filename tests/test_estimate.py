@@ -44,6 +44,12 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(tmp_path, tiny_llama
     config_file.write_text(cfg.to_yaml())
     dry = train(cfg, dry_run=True)  # in this process: the same estimate but for the baseline
     assert not cfg.output.dir.exists()
+    if shape == "tiny":  # the command line's dry run for 2 processes: DDP, nothing launched or written
+        done = subprocess.run([sys.executable, "-m", "tunekit.cli", "train", str(config_file), "--dry-run", "--nproc",
+                               "2"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "2 processes (ddp)" in done.stderr, done.stderr
+        assert "memory per process (estimate)" in done.stderr and "torch.distributed" not in done.stderr
+        assert not cfg.output.dir.exists()
     done = subprocess.run([sys.executable, "-m", "tunekit.cli", "train", str(config_file)], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr

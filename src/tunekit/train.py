@@ -400,7 +400,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     device = distributed.device_of(d, resolve_device(cfg.train.device))
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    with distributed.main_first(d):  # the others read what the main process rendered into the data cache
+    # The others read what the main process rendered into the data cache (a dry run has no process group).
+    with distributed.main_first(SINGLE if dry_run else d):
         data: DataSplits = load_splits(cfg.data, tokenizer)
     for note in data.notes:
         say(f"[yellow]note:[/] {note}", highlight=False)
