@@ -249,7 +249,8 @@ def launch(nproc: int, args: list[str], stopped_exit_code: int | None = None) ->
                 continue  # stopped by the launcher because of the first failure
             if failure.exitcode < 0:
                 how = f"was killed by {failure.signal_name()}"
-                hint = "SIGKILL is often the out-of-memory killer; continue with --resume from the last checkpoint"
+                hint = ("killed from outside (SIGKILL: the out-of-memory killer, or torchrun after a SIGTERM it "
+                        "ignored); continue with --resume from the last checkpoint")
             else:
                 how = f"exited with code {failure.exitcode}"
                 hint = "its error is printed above; continue with --resume from the last checkpoint"
