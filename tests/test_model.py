@@ -7,9 +7,10 @@ import torch
 from canary import still_broken
 from toy_runs import packed, random_sequences, toy_config
 
+from tunekit.checkpoint import save_weights
 from tunekit.errors import ConfigError
 from tunekit.model import apply_method, load_base, load_for_inference, resolve_attn, resolve_dtype
-from tunekit.train import _save_weights, backward_step, train
+from tunekit.train import TrainedNLL, backward_step, train
 
 X = torch.tensor([[5, 17, 99, 240, 31, 8, 77, 400]])
 
@@ -48,7 +49,7 @@ def test_lora_changes_only_the_adapter(tmp_path, tiny_llama_dir):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for seed in range(3):
-        backward_step(model, [packed(random_sequences(4, seed))], 4096, "cpu")
+        backward_step(TrainedNLL(model, 4096), [packed(random_sequences(4, seed))], "cpu")
         opt.step()
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -68,7 +69,7 @@ def test_saved_adapter_loads_in_plain_peft_with_the_same_logits(tmp_path, tiny_l
                 p.normal_(0, 0.05)  # a non-zero adapter, as after training
     model.eval()
     expected = logits(model)
-    _save_weights(model, chat_tokenizer, tmp_path / "adapter")
+    save_weights(model, chat_tokenizer, tmp_path / "adapter")
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
     torch.testing.assert_close(logits(plain.eval()), expected, atol=1e-5, rtol=0)
     loaded, tok = load_for_inference(tmp_path / "adapter")  # base found via adapter_config.json
@@ -146,7 +147,7 @@ def _qlora_grads(cfg, *, eval_pass_first: bool, nonzero_b: bool) -> dict[str, to
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    backward_step(model, [packed(random_sequences(4, 0))], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [packed(random_sequences(4, 0))], "cpu")
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -175,7 +176,7 @@ def test_qlora_step_changes_only_the_adapter(tmp_path, tiny_llama_dir):
     lora = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(lora, lr=1e-2)
     for seed in range(2):
-        backward_step(model, [packed(random_sequences(4, seed))], 4096, "cpu")
+        backward_step(TrainedNLL(model, 4096), [packed(random_sequences(4, seed))], "cpu")
         opt.step()
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

@@ -19,7 +19,15 @@ from tunekit.data.pack import collate_packed
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.model import apply_method, load_base, load_for_inference
-from tunekit.train import backward_step, list_checkpoints, lr_factor, make_plan, train, trained_nll
+from tunekit.train import (
+    TrainedNLL,
+    backward_step,
+    list_checkpoints,
+    lr_factor,
+    make_plan,
+    train,
+    trained_nll,
+)
 
 
 def full_logits_loss(model, batch) -> torch.Tensor:
@@ -62,10 +70,10 @@ def test_accumulation_4x2_equals_batch_8(tmp_path, tiny_llama_dir):
     cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
     model = apply_method(load_base(cfg), cfg)
     rows = [[s] for s in random_sequences(8, 3)]  # uneven trained counts per row
-    nll8, n8, _ = backward_step(model, [collate_packed(rows, 0)], 4096, "cpu")
+    nll8, n8, _ = backward_step(TrainedNLL(model, 4096), [collate_packed(rows, 0)], "cpu")
     big = grads(model)
     model.zero_grad()
-    nll42, n42, _ = backward_step(model, [collate_packed(rows[i:i + 2], 0) for i in range(0, 8, 2)], 4096, "cpu")
+    nll42, n42, _ = backward_step(TrainedNLL(model, 4096), [collate_packed(rows[i:i + 2], 0) for i in range(0, 8, 2)], "cpu")
     assert n8 == n42
     assert nll8 == pytest.approx(nll42, rel=1e-6)
     small = grads(model)
@@ -78,24 +86,24 @@ def test_untrained_tokens_give_no_gradient(tmp_path, tiny_llama_dir):
     cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
     model = apply_method(load_base(cfg), cfg)
     seqs = random_sequences(2, 5)
-    backward_step(model, [packed(seqs)], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [packed(seqs)], "cpu")
     alone = grads(model)
     model.zero_grad()
     # The same rows, each with an extra packed sequence whose labels are all IGNORE (weight 0 turns):
     # it adds no trained token, so the gradients cannot change.
     silent = Sequence(list(range(10, 30)), [IGNORE] * 20)
-    backward_step(model, [collate_packed([[s, silent] for s in seqs], 0)], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [collate_packed([[s, silent] for s in seqs], 0)], "cpu")
     for name, g in grads(model).items():
         torch.testing.assert_close(g, alone[name], atol=1e-6, rtol=1e-5)
     # Relabelling an ignored position's token id changes nothing either, while a trained one does.
     s = seqs[0]
     model.zero_grad()
-    backward_step(model, [packed([Sequence(s.input_ids, [IGNORE] + s.labels[1:])])], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [packed([Sequence(s.input_ids, [IGNORE] + s.labels[1:])])], "cpu")
     before = grads(model)
     model.zero_grad()
     flipped = list(s.labels)
     flipped[0] = 7  # labels[0] is never a target (nothing predicts the first token)
-    backward_step(model, [packed([Sequence(s.input_ids, flipped)])], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [packed([Sequence(s.input_ids, flipped)])], "cpu")
     for name, g in grads(model).items():
         torch.testing.assert_close(g, before[name])
 
@@ -279,8 +287,8 @@ def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tiny_llama_dir):
     as_packed = make_batches(seqs, valid_rows(lengths, 64, True), 2, True, 0)
     as_padded = make_batches(seqs, valid_rows(lengths, 64, False), 2, False, 0)
     assert len(as_packed) < len(as_padded)
-    loss_packed, acc_packed = evaluate_loss(model, as_packed, 4096, "cpu")
-    loss_padded, acc_padded = evaluate_loss(model, as_padded, 4096, "cpu")
+    loss_packed, acc_packed = evaluate_loss(TrainedNLL(model, 4096), as_packed, "cpu")
+    loss_padded, acc_padded = evaluate_loss(TrainedNLL(model, 4096), as_padded, "cpu")
     assert loss_packed == pytest.approx(loss_padded, abs=1e-5)
     assert acc_packed == acc_padded
 
@@ -295,11 +303,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_llama_di
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     batch = packed(random_sequences(4, 2))
-    backward_step(model, [batch], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [batch], "cpu")
     plain = grads(model)
     model.zero_grad()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backward_step(model, [batch], 4096, "cpu")
+    backward_step(TrainedNLL(model, 4096), [batch], "cpu")
     checkpointed = grads(model)
     assert plain.keys() == checkpointed.keys() and plain
     for name, g in plain.items():
@@ -310,10 +318,10 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_close_gradients(tmp_path, t
     cfg = toy_config(tmp_path, tiny_llama_dir, method="full")
     model = apply_method(load_base(cfg), cfg)
     batch = packed(random_sequences(4, 5))
-    nll32, n, _ = backward_step(model, [batch], 64, "cpu")
+    nll32, n, _ = backward_step(TrainedNLL(model, 64), [batch], "cpu")
     fp32 = grads(model)
     model.zero_grad()
-    nll16, n16, _ = backward_step(model, [batch], 64, "cpu", mixed_precision="bf16")
+    nll16, n16, _ = backward_step(TrainedNLL(model, 64), [batch], "cpu", mixed_precision="bf16")
     bf16 = grads(model)
     assert n == n16 and nll16 == pytest.approx(nll32, rel=2e-2) and nll16 != nll32  # bf16 did run
     assert fp32.keys() == bf16.keys() and fp32

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +32,9 @@ err_console = Console(stderr=True)
 Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e.g. train.lr=2e-4")]
 
 
-def fail(exc: TunekitError) -> None:
+def fail(exc: TunekitError, code: int = 1) -> None:
+    if os.environ.get("RANK", "0") != "0":  # several processes: the main one (rank 0) reports
+        raise typer.Exit(code)
     if exc.title:
         err_console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
     for problem in exc.problems:
@@ -39,7 +42,7 @@ def fail(exc: TunekitError) -> None:
         err_console.print(f"  [red]✗[/] {where}{problem.message}", highlight=False, markup=True)
         if problem.hint:
             err_console.print(f"      [dim]hint:[/] {problem.hint}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @config_app.command("validate")
@@ -306,16 +309,36 @@ def train_cmd(
     file: Path,
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run dir's last checkpoint")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Processes to train on (one per GPU; on CPU they "
+                                                              "share the cores); see docs/distributed.md")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the memory estimate per process, "
+                                                            "then stop (no weights load, nothing is written)")] = False,
 ) -> None:
     """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
+    from tunekit import distributed
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.errors import ConfigError
+    from tunekit.train import STOPPED_EXIT_CODE, TrainingStopped, check_setup, train
 
     try:
-        result = train(load_config(file, overrides or []), resume=resume, console=err_console)
+        cfg = load_config(file, overrides or [])
+        if dry_run:
+            train(cfg, resume=resume, console=err_console, dry_run=True, processes=nproc)
+            return
+        if nproc > 1 and distributed.launched_world_size() == 1:
+            problems = check_setup(cfg, resume=resume, world_size=nproc)  # once, before any process starts
+            if problems:
+                raise ConfigError(problems, title="cannot start training")
+            code = distributed.launch(nproc, ["train", str(file), *(overrides or []),
+                                              *(["--resume"] if resume else [])], stopped_exit_code=STOPPED_EXIT_CODE)
+            raise typer.Exit(code)
+        result = train(cfg, resume=resume, console=err_console)
+    except TrainingStopped as exc:  # a pause (the STOP file), not a failure
+        fail(exc, STOPPED_EXIT_CODE)
     except TunekitError as exc:
         fail(exc)
-    console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+    if distributed.launched_world_size() == 1 or os.environ.get("RANK") == "0":
+        console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
 
 
 @app.command("chat")
@@ -374,13 +397,14 @@ def serve(
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="A file of keys, one KEY or "
                                                                               "PROJECT:KEY a line (# comments)")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Fine-tuning jobs trained at once")] = 1,
+    train_processes: Annotated[int, typer.Option("--train-processes", min=1, help="Processes each fine-tuning job "
+                                                 "trains on (tunekit train --nproc; one per GPU)")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
     max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
                                                                           "(default: all cores but one)")] = None,
 ) -> None:
     """Serve models, runs and their adapters behind an OpenAI-compatible API (/v1/chat/completions)."""
-    import os
 
     import uvicorn
     from pydantic import ValidationError
@@ -399,7 +423,8 @@ def serve(
         fail(TunekitError(Problem("MODEL", "no model to serve", "give a model dir, a run dir or NAME=PATH")))
     try:
         settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
-                                 workers=workers, device=device, max_adapters=max_adapters, threads=threads)
+                                 workers=workers, train_processes=train_processes, device=device,
+                                 max_adapters=max_adapters, threads=threads)
     except ValidationError as exc:
         fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
                            for e in exc.errors()]))

@@ -83,6 +83,17 @@ class QuantConfig(Section):
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
+class DistributedConfig(Section):
+    """Several processes (`tunekit train --nproc N`, or torchrun): how the model is spread over them."""
+
+    # auto: ddp for lora / qlora, fsdp2 for full. ddp: every process holds the whole model and gradients
+    # are averaged. fsdp2: parameters, gradients and optimizer state sharded (torch fully_shard per decoder
+    # layer). deepspeed: refused (see docs/distributed.md).
+    strategy: Literal["auto", "ddp", "fsdp2", "deepspeed"] = "auto"
+    # Seconds a collective (all-reduce, all-gather) waits for the other processes before it fails the run.
+    timeout_s: Annotated[int, Field(ge=10)] = 600
+
+
 class TrainConfig(Section):
     epochs: Annotated[int, Field(ge=1, le=100)] | Literal["auto"] = "auto"
     max_steps: Annotated[int, Field(ge=1)] | None = None
@@ -110,6 +121,7 @@ class TrainConfig(Section):
     threads: Annotated[int, Field(ge=1)] | None = None
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 class EvalConfig(Section):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -25,13 +26,32 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tunekit import trackers
+from tunekit import distributed, trackers
+from tunekit.checkpoint import (
+    list_checkpoints,
+    load_training_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+    save_weights,
+)
 from tunekit.config import RunConfig, load_config
 from tunekit.data.check import recommended_epochs
 from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
 from tunekit.data.types import IGNORE, Sequence
+from tunekit.distributed import SINGLE, Dist
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.estimate import (
+    MB,
+    MemoryEstimate,
+    available_memory,
+    estimate_memory,
+    fits,
+    model_shapes,
+    peak_rss,
+    ways_to_fit,
+)
 from tunekit.fsio import publish_dir
 from tunekit.model import (
     apply_method,
@@ -44,19 +64,22 @@ from tunekit.model import (
     resolve_device,
 )
 
-STATE_FILE = "trainer_state.json"
-OPTIM_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
 # A file of this name in the run dir asks the loop to stop after the current step: it writes a checkpoint,
 # removes the file and raises TrainingStopped (`tunekit serve` pauses a fine-tuning job this way).
 STOP_FILE = "STOP"
+STOPPED_EXIT_CODE = 3  # `tunekit train` exits with it when the run stopped on request (every process does)
+# Steps timed before the time left is estimated and printed.
+TIMED_STEPS = 3
 # Config fields a resumed run may change: they do not alter the math of training.
 RESUME_MAY_CHANGE = {"output.overwrite", "output.tensorboard", "output.wandb", "output.mlflow", "train.threads",
-                     "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.device"}
+                     "train.log_every", "train.save_every", "train.keep_last", "train.eval_every", "train.device",
+                     "train.distributed.timeout_s"}
 
 
 class TrainingStopped(TunekitError):
-    """The run stopped at a checkpoint because STOP_FILE appeared; `--resume` continues it exactly."""
+    """The run stopped at a checkpoint because STOP_FILE appeared; `--resume` continues it exactly.
+
+    `tunekit train` exits with STOPPED_EXIT_CODE then, on every process."""
 
 
 @dataclass
@@ -83,9 +106,9 @@ class Plan:
 # Up-front checks (before any weight loads)
 
 
-def check_setup(cfg: RunConfig, *, resume: bool) -> list[Problem]:
+def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: bool = True) -> list[Problem]:
     """Everything that can be checked without loading weights, reported together."""
-    problems = []
+    problems = distributed.check(cfg, world_size)
     device = resolve_device(cfg.train.device)
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         problems.append(Problem("train.device", "cuda was asked for but no CUDA device is visible",
@@ -119,7 +142,8 @@ def check_setup(cfg: RunConfig, *, resume: bool) -> list[Problem]:
     if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
         problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
                                 "set eval.data or data.validation (a file the run does not train on)"))
-    problems += _run_dir_problems(cfg, resume=resume)
+    if run_dir:  # (a dry run writes nothing)
+        problems += _run_dir_problems(cfg, resume=resume)
     return problems
 
 
@@ -250,46 +274,59 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
-def backward_step(model, micro_batches: list[Batch], chunk: int, device,
-                  mixed_precision: str = "no") -> tuple[float, int, int]:
-    """Forward + backward of one optimizer step; returns (summed NLL, trained tokens, trained tokens the
-    model predicted right before this step's update) of the step.
+class TrainedNLL(torch.nn.Module):
+    """The loss as a module: forward(batch) -> trained_nll(model, batch, chunk). This is what the loop
+    calls, and what DDP / FSDP2 wrap (their hooks run on a module's forward)."""
 
-    The trained tokens of ALL micro-batches are counted first and every micro-batch's summed NLL is
-    divided by that one count, so the gradients equal those of a single batch holding every row.
+    def __init__(self, model, chunk: int):
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, int, int]:
+        return trained_nll(self.model, batch, self.chunk)
+
+
+def backward_step(net, micro_batches: list[Batch], device, mixed_precision: str = "no", *,
+                  d: Dist = SINGLE, n_micro: int = 0, filler: Batch | None = None) -> tuple[float, int, int]:
+    """Forward + backward of one optimizer step over this process's micro-batches; returns (summed NLL,
+    trained tokens, trained tokens the model predicted right before this step's update) of the step,
+    summed over every process.
+
+    The trained tokens of ALL micro-batches (of every process) are counted first and every micro-batch's
+    summed NLL is divided by that one count, so the gradients equal those of a single batch holding every
+    row. Under several processes every rank runs `n_micro` forward/backward passes (their collectives must
+    pair up); a rank with fewer rows runs `filler` at weight 0 for the missing ones.
     """
-    n_trained = sum(b.num_trained for b in micro_batches)  # across ranks: all-reduce this count here
+    n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0])
     step_nll, step_correct = 0.0, 0
-    for batch in micro_batches:
+    for i in range(max(n_micro, len(micro_batches))):
+        real = i < len(micro_batches)
+        batch = micro_batches[i] if real else filler
         with autocast(device, mixed_precision):
-            nll_sum, _, correct = trained_nll(model, batch.to(device), chunk)
-        (nll_sum / n_trained).backward()
-        step_nll += float(nll_sum.detach())
-        step_correct += correct
-    return step_nll, n_trained, step_correct
+            nll_sum, _, correct = net(batch.to(device))
+        # DDP and FSDP2 average gradients over ranks: x N makes it a sum (x 1, exact, in one process).
+        (nll_sum * d.world_size / n_trained if real else nll_sum * 0.0).backward()
+        if real:
+            step_nll += float(nll_sum.detach())
+            step_correct += correct
+    step_nll, step_correct = distributed.sum_([step_nll, step_correct], d)
+    return step_nll, n_trained, int(step_correct)
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[Batch], chunk: int, device, mixed_precision: str = "no") -> tuple[float, float]:
-    """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`."""
-    was_training = model.training
-    model.eval()
-    _, head = body_and_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+def evaluate_loss(net, batches: list[Batch], device, mixed_precision: str = "no") -> tuple[float, float]:
+    """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`.
+
+    Under several processes every rank scores all of `batches` (the forwards of FSDP2 are collective).
+    """
+    was_training = net.training
+    net.eval()
     nll, correct, count = 0.0, 0, 0
     for batch in batches:
-        batch = batch.to(device)
         with autocast(device, mixed_precision):
-            hidden = forward_hidden(model, batch)
-            keep = batch.targets != IGNORE
-            h, target = hidden[keep], batch.targets[keep]
-            for start in range(0, h.shape[0], chunk):
-                logits = _chunk_logits(head, softcap, h[start:start + chunk])
-                t_c = target[start:start + chunk]
-                nll += float(F.cross_entropy(logits, t_c, reduction="sum"))
-                correct += int((logits.argmax(-1) == t_c).sum())
-        count += int(target.numel())
-    model.train(was_training)
+            nll_sum, n, right = net(batch.to(device))
+        nll, correct, count = nll + float(nll_sum), correct + right, count + n
+    net.train(was_training)
     return nll / max(1, count), correct / max(1, count)
 
 
@@ -311,100 +348,6 @@ def make_batches(seqs: list[Sequence], rows: list[list[int]], micro: int, packin
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
-
-
-def _save_weights(model, tokenizer, path: Path) -> None:
-    """peft adapter (adapter_config.json + adapter_model.safetensors) or the full model, safetensors."""
-    model.save_pretrained(str(path), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['step']:06d}"
-    tmp = ckpt_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_weights(model, None, tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / OPTIM_FILE)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / RNG_FILE)
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-    dest = ckpt_dir / name
-    publish_dir(tmp, dest)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return dest
-
-
-def _load_trainable_weights(model, ckpt: Path) -> None:
-    from safetensors.torch import load_file
-
-    if (ckpt / "adapter_config.json").is_file():
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-        bad = [k for k in result.unexpected_keys]
-        if bad:
-            raise TunekitError(Problem(str(ckpt), f"checkpoint weights do not fit the adapter: {bad[:3]}",
-                                       "resume with the same lora settings"))
-        return
-    state = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        state.update(load_file(str(f)))
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in result.missing_keys if k not in tied]
-    if missing or result.unexpected_keys:
-        raise TunekitError(Problem(str(ckpt), "checkpoint weights do not fit the model "
-                                   f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})",
-                                   "resume with the same model.base"))
-
-
-def _load_state(path: Path) -> dict:
-    """A checkpoint's optimizer / RNG file, read with weights_only=True: tensors and plain Python values
-    only, so opening a checkpoint folder never runs code from it."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TunekitError(Problem(str(path), f"cannot read this checkpoint file safely: {first[:300]}",
-                                   "it must hold only tensors and plain values as tunekit writes them; "
-                                   "resume from another checkpoint or start the run again")) from None
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler; returns the trainer state. RNG is restored by the caller."""
-    _load_trainable_weights(model, ckpt)
-    opt = _load_state(ckpt / OPTIM_FILE)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return json.loads((ckpt / STATE_FILE).read_text())
-
-
-def restore_rng(ckpt: Path) -> None:
-    rng = _load_state(ckpt / RNG_FILE)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-
-
-# --------------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -421,24 +364,45 @@ def _progress(console):
 # The run
 
 
-def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
-    """Train as configured; write the run dir; return its path and summary."""
+def train(cfg: RunConfig, *, resume: bool = False, console=None, dry_run: bool = False,
+          processes: int | None = None) -> TrainResult:
+    """Train as configured; write the run dir; return its path and summary.
+
+    Started by torchrun (WORLD_SIZE > 1), every process runs this same function; see tunekit.distributed.
+    dry_run: print the plan and the memory estimate per process (for `processes` of them) and stop before
+    any weight loads or anything is written; the summary holds them.
+    """
     from rich.console import Console
 
-    console = console or Console(stderr=True)
+    if dry_run:  # no process group: the plan of `processes` processes, seen from rank 0
+        n = processes or distributed.launched_world_size()
+        d = Dist(world_size=n, strategy=distributed.resolve_strategy(cfg) if n > 1 else "none")
+    else:
+        d = distributed.setup(cfg)
+    if console is None or not d.main:  # only the main process prints
+        console = Console(stderr=True, quiet=not d.main)
+    try:
+        return _train(cfg, d, resume=resume, console=console, dry_run=dry_run)
+    finally:
+        distributed.teardown(d)
+
+
+def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = False) -> TrainResult:
     say = console.print
     wall_start = time.time()
 
     # --- 1. checks that need no weights, then data (tokenizer only) --------------------------------
-    problems = check_setup(cfg, resume=resume)
+    problems = check_setup(cfg, resume=resume, world_size=d.world_size, run_dir=not dry_run)
     if problems:
         raise ConfigError(problems, title="cannot start training")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    device = distributed.device_of(d, resolve_device(cfg.train.device))
     tokenizer = load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    data: DataSplits = load_splits(cfg.data, tokenizer)
+    # The others read what the main process rendered into the data cache (a dry run has no process group).
+    with distributed.main_first(SINGLE if dry_run else d):
+        data: DataSplits = load_splits(cfg.data, tokenizer)
     for note in data.notes:
         say(f"[yellow]note:[/] {note}", highlight=False)
     lengths = data.train_lengths()  # from the cache's arrays when data.cache is on
@@ -452,17 +416,25 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
         f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, {plan.total_steps} steps; "
         f"batch {plan.batch_size} rows = {plan.micro_batch_size} x "
         f"{math.ceil(plan.batch_size / plan.micro_batch_size)} accumulated; lr {plan.lr:g}", highlight=False)
+    if d.on:
+        say(f"{d.world_size} processes ({d.strategy}): up to {math.ceil(plan.batch_size / d.world_size)} rows per "
+            "process per step", highlight=False)
+    memory = _check_memory(cfg, plan, d, device, say)
+    if dry_run:
+        return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
+                                                  "strategy": d.strategy, "memory_estimate_mb": memory.to_dict()})
 
-    # --- 2. run dir ---------------------------------------------------------------------------------
+    # --- 2. run dir (written by the main process only) ----------------------------------------------
     run_dir = Path(cfg.output.dir)
-    if not resume and run_dir.exists() and cfg.output.overwrite:
-        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval",
-                     *trackers.RUN_DIR_FOLDERS):
-            p = run_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    if d.main:
+        if not resume and run_dir.exists() and cfg.output.overwrite:
+            for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval",
+                         *trackers.RUN_DIR_FOLDERS):
+                p = run_dir / name
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
 
     # --- 3. model, optimizer, schedule --------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -471,48 +443,62 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: gradients reach LoRA weights even though the frozen inputs need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = list_checkpoints(run_dir)[-1] if resume else None
+    if ckpt is not None:
+        load_weights(model, ckpt)  # before wrapping: FSDP2 then shards the restored weights
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    net = distributed.wrap(TrainedNLL(model, cfg.train.lm_head_chunk), body_and_head(model)[0].layers, d,
+                           cfg.train.mixed_precision)
+    params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in sharded ones
     optimizer = torch.optim.AdamW(params, lr=plan.lr, betas=tuple(cfg.train.adam_betas),
                                   weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
 
     step, metrics, trained_total, initial_valid = 0, [], 0, {}
-    if resume:
-        ckpt = list_checkpoints(run_dir)[-1]
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        restore_rng(ckpt)
+    if ckpt is not None:
+        state = load_training_state(ckpt, net, optimizer, scheduler)
+        restore_rng(ckpt, d)
         step, metrics, trained_total = state["step"], state["metrics"], state["trained_tokens"]
         initial_valid = state["initial_valid"]
-        say(f"resumed from {ckpt} (step {step})", highlight=False)
+        written_by = state.get("world_size", 1)
+        say(f"resumed from {ckpt} (step {step})" + (f"; it was written by {written_by} processes, this run has "
+                                                     f"{d.world_size}" if written_by != d.world_size else ""),
+            highlight=False)
     elif valid_batches:
         # The starting point, so the summary shows what training changed (eval mode: no RNG is used).
-        loss, acc = evaluate_loss(model, valid_batches, cfg.train.lm_head_chunk, device,
-                                  cfg.train.mixed_precision)
+        loss, acc = evaluate_loss(net, valid_batches, device, cfg.train.mixed_precision)
         initial_valid = {"valid_loss": loss, "valid_token_accuracy": acc}
-    # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more).
-    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row) + "\n" for row in metrics)
-    tracking = trackers.Trackers.start(cfg, run_dir, resume=resume)
+    if d.main:  # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more)
+        with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in metrics)
+    tracking = trackers.Trackers.start(cfg, run_dir, resume=resume) if d.main else trackers.Trackers()
     max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir, model, net, optimizer, scheduler,
+                        _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
 
     # --- 4. the loop --------------------------------------------------------------------------------
     window_trained, window_real, window_start = 0, 0, time.time()
     real_seen, row_seen, train_time, last_loss = 0, 0, 0.0, None
-    trained_this_run = 0
+    trained_this_run, first_step = 0, step
     with _progress(console) as progress:
         task = progress.add_task("train", total=plan.total_steps, completed=step, loss="-", tps="-")
         while step < plan.total_steps:
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
             rows = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, epoch)
             step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
-            micro_batches = make_batches(data.train, step_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
+            micro_batches = make_batches(data.train, distributed.deal(step_rows, d), plan.micro_batch_size,
+                                         cfg.data.packing, pad_id)
+            # Micro-batches per process in this step, the same on every rank (their collectives pair up).
+            n_micro = math.ceil(math.ceil(len(step_rows) / d.world_size) / plan.micro_batch_size)
+            filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if d.on else None
 
             t0 = time.time()
-            step_nll, n_trained, n_correct = backward_step(model, micro_batches, cfg.train.lm_head_chunk, device,
-                                                cfg.train.mixed_precision)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+            step_nll, n_trained, n_correct = backward_step(net, micro_batches, device, cfg.train.mixed_precision,
+                                                           d=d, n_micro=n_micro, filler=filler)
+            grad_norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -522,13 +508,19 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
             train_time += time.time() - t0
 
             step += 1
+            if step == first_step + TIMED_STEPS and step < plan.total_steps:
+                left = (plan.total_steps - step) * train_time / TIMED_STEPS
+                say(f"time: {train_time / TIMED_STEPS:.2f} s per step over the first {TIMED_STEPS} -> about "
+                    f"{left / 60:.1f} min for the {plan.total_steps - step} steps left", highlight=False)
             last_loss = step_nll / n_trained
+            real, row_tokens = distributed.sum_([sum(b.real_tokens for b in micro_batches),
+                                                 sum(b.input_ids.numel() for b in micro_batches)], d)
             trained_total += n_trained
             trained_this_run += n_trained
             window_trained += n_trained
-            window_real += sum(b.real_tokens for b in micro_batches)
-            real_seen += sum(b.real_tokens for b in micro_batches)
-            row_seen += sum(b.input_ids.numel() for b in micro_batches)
+            window_real += int(real)
+            real_seen += int(real)
+            row_seen += int(row_tokens)
 
             do_eval = bool(valid_batches) and (
                 step == plan.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
@@ -539,10 +531,11 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
                 if do_eval:
                     row["valid_loss"], row["valid_token_accuracy"] = evaluate_loss(
-                        model, valid_batches, cfg.train.lm_head_chunk, device, cfg.train.mixed_precision)
+                        net, valid_batches, device, cfg.train.mixed_precision)
                 metrics.append(row)
-                with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(row) + "\n")
+                if d.main:
+                    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(row) + "\n")
                 tracking.log(row)
                 if not console.is_terminal:
                     extra = f"  valid {row['valid_loss']:.4f}" if do_eval else ""
@@ -553,23 +546,25 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                             tps=f"{n_trained / max(1e-9, time.time() - t0):.0f}")
 
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < plan.total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
-                                cfg.train.keep_last)
-            if (run_dir / STOP_FILE).exists() and step < plan.total_steps:  # a pause: see STOP_FILE
-                save_checkpoint(run_dir, model, optimizer, scheduler,
-                                _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last)
-                (run_dir / STOP_FILE).unlink(missing_ok=True)
+                checkpoint_now()
+            # A pause (see STOP_FILE); the main process decides for every rank.
+            if distributed.agree((run_dir / STOP_FILE).exists(), d) and step < plan.total_steps:
+                checkpoint_now()
+                if d.main:
+                    (run_dir / STOP_FILE).unlink(missing_ok=True)
                 tracking.close()
                 raise TrainingStopped(Problem(str(run_dir), f"stopped at step {step} on request ({STOP_FILE} file)",
                                               "continue with --resume"))
 
     # --- 5. final weights, summary ------------------------------------------------------------------
-    save_checkpoint(run_dir, model, optimizer, scheduler, _state(step, plan, metrics, trained_total, initial_valid),
-                    cfg.train.keep_last)
+    peaks = distributed.gather_objects(peak_rss(), d)  # per process, up to here (before the final save)
+    checkpoint_now()
     tmp = run_dir / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_weights(model, tokenizer, tmp)
-    publish_dir(tmp, run_dir / "final")
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(model, tokenizer, tmp, d)
+    if d.main:
+        publish_dir(tmp, run_dir / "final")
 
     last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
     summary = {
@@ -580,7 +575,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
         "final_valid_token_accuracy": last_valid.get("valid_token_accuracy"),
         "trained_tokens": trained_total,
         "tokens_per_epoch": data.train_fit.tokens, "trained_tokens_per_epoch": data.train_fit.trained_tokens,
-        "tokens_per_s": trained_this_run / train_time if train_time else None,  # trained tokens/s, this process
+        "tokens_per_s": trained_this_run / train_time if train_time else None,  # trained tokens/s, all processes
         "packing": cfg.data.packing,
         "packing_efficiency": packing_efficiency(rows0, lengths, cfg.data.max_len),
         "batch_fill": real_seen / row_seen if row_seen else None,  # real / tensor tokens actually run
@@ -591,7 +586,11 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
         "truncated": data.train_fit.truncated, "lost_trained_tokens": data.train_fit.lost_trained_tokens,
         "no_trained_tokens": data.train_fit.no_trained_tokens,
         "plan": asdict(plan), "wall_time_s": time.time() - wall_start, "resumed": resume,
+        "processes": d.world_size, "strategy": d.strategy,
+        "memory_estimate_mb": memory.to_dict(), "peak_rss_mb": [p / MB for p in peaks],  # per process
     }
+    if not d.main:
+        return TrainResult(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     say(f"[green]done[/]: {step} steps, train loss {summary['final_train_loss']:.4f} -> {run_dir / 'final'}",
         highlight=False)
@@ -611,6 +610,28 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None) -> TrainResult:
                               **{c["name"]: c["metrics"] for c in results["candidates"]}}, name="eval")
     tracking.close()
     return TrainResult(run_dir, summary)
+
+
+def _check_memory(cfg: RunConfig, plan: Plan, d: Dist, device: torch.device, say) -> MemoryEstimate:
+    """Print the memory estimate per process; refuse a run that cannot fit, naming settings that would."""
+    shapes = model_shapes(cfg)
+    # Rows a process runs at once, each counted at max_len tokens.
+    micro = min(plan.micro_batch_size, math.ceil(min(plan.batch_size, plan.rows_per_epoch) / d.world_size))
+    memory = estimate_memory(cfg, shapes, micro_batch=micro, processes=d.world_size, strategy=d.strategy)
+    for line in memory.lines():
+        say(line, highlight=False)
+    available = available_memory(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    if not fits(memory, available, local, device):
+        ways = ways_to_fit(cfg, shapes, memory, micro_batch=micro, available=available,
+                           local_processes=local, device=device)
+        where = f"{local} processes x " if local > 1 and device.type == "cpu" else ""
+        raise ConfigError(Problem(
+            "train", f"the run needs about {where}{(memory.total - memory.baseline) / MB:,.0f} MiB more {device.type} "
+            f"memory but {available / MB:,.0f} MiB are available",
+            ("these would fit: " + "; ".join(ways)) if ways else
+            "lower data.max_len, use method: lora or qlora, or a machine with more memory"), title="cannot start training")
+    return memory
 
 
 def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_valid: dict) -> dict:

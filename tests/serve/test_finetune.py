@@ -595,3 +595,45 @@ def test_readme_snippet_runs(server, tmp_path):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["job"].status == "succeeded" and scope["job"].hyperparameters.n_epochs == 2
     assert scope["reply"].choices[0].message.role == "assistant"
+
+
+def test_a_job_trains_on_several_processes_and_cancel_stops_them_all(tmp_path, tiny_llama_dir):
+    """`train_processes: 2`: a job runs `tunekit train --nproc 2`; cancelling it ends every process."""
+    data_dir = tmp_path / "data"
+    with serving(models=[f"tiny={tiny_llama_dir}"], data_dir=data_dir, train_processes=2) as (url, app):
+        client = sdk(url)
+        train = upload(client, toy_jsonl(24, 3))
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                             hyperparameters={"n_epochs": 3, "batch_size": 4},
+                                             extra_body=tiny_job(max_steps=4))
+        job = wait_for(client, job.id, ("succeeded", "failed", "cancelled"))
+        assert job.status == "succeeded", job.error
+        run_dir = data_dir / "jobs" / job.id / "run"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert (summary["processes"], summary["strategy"], summary["steps"]) == (2, "ddp", 4)
+        events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+        assert sorted(e.data["step"] for e in events if e.type == "metrics") == [1, 2, 3, 4]
+
+        long = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
+                                              hyperparameters={"n_epochs": 50, "batch_size": 1}, extra_body=tiny_job())
+        deadline = time.monotonic() + 120
+        while client.fine_tuning.jobs.retrieve(long.id).estimated_finish is None:  # after a step
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        launcher = app.state.worker.runs[long.id].proc
+        workers = [int(c) for t in Path(f"/proc/{launcher.pid}/task").iterdir()
+                   for c in (t / "children").read_text().split()]
+        assert len(workers) == 2
+        client.fine_tuning.jobs.cancel(long.id)
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a training process outlived its cancelled job"
+            time.sleep(0.1)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

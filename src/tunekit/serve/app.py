@@ -59,6 +59,8 @@ class ServeSettings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     data_dir: Path | None = None  # files, fine-tuning jobs and their runs (None: no /v1/files, /v1/fine_tuning)
     workers: int = Field(1, ge=1)  # fine-tuning jobs trained at once, each in its own process
+    # processes each fine-tuning job trains on (`tunekit train --nproc`: one per GPU; DDP for LoRA, FSDP2 for full)
+    train_processes: int = Field(1, ge=1)
     max_upload_bytes: int = Field(512 * 2**20, ge=1024)  # one uploaded file (OpenAI's limit: 512 MB)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_adapters: int = Field(4, ge=1)  # adapters kept attached per base; the least recently used go
@@ -131,7 +133,7 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     if app.state.store is not None:
         from tunekit.serve.worker import Worker
 
-        worker = Worker(app.state, workers=settings.workers)
+        worker = Worker(app.state, workers=settings.workers, processes=settings.train_processes)
     app.state.worker = worker
     app.include_router(chat_router)
     app.include_router(files_router)

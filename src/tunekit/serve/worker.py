@@ -9,12 +9,15 @@ Each pass of `Worker._tick`, top to bottom:
    `estimated_finish` comes from the measured seconds per step; a cancelled job's process is killed; an
    ended process makes its job `succeeded` (result files written, the model served at once), `failed`
    (the last lines training printed), or stay `paused` (it stopped at a checkpoint on request).
-3. start: queued jobs, oldest first, while fewer than `workers` processes run; a job with checkpoints
-   continues from the last one (`tunekit train --resume`).
+3. start: queued jobs, oldest first, while fewer than `workers` jobs run; a job with checkpoints
+   continues from the last one (`tunekit train --resume`); with `processes` > 1 a job trains on that many
+   processes (`tunekit train --nproc N`, the same path as on the command line).
 
 Training runs in its own process (`python -m tunekit.cli train`), so a crash or out-of-memory there never
-takes the server down; on Linux the process is killed when the server dies, and a job found `running` when
-the server starts again is queued and continues from its last checkpoint.
+takes the server down; on Linux the process is killed when the server dies (and its training processes
+with it: each dies with its launcher, see tunekit.distributed.setup), and a job found `running` when the
+server starts again is queued and continues from its last checkpoint. A job's processes are a process
+group of their own, killed together.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -195,9 +199,18 @@ def _die_with_parent() -> None:
         pass
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a job's training: its process and, under --nproc, the processes it started (its group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
 class Worker:
-    def __init__(self, state, *, workers: int = 1, poll_s: float = 0.5):
+    def __init__(self, state, *, workers: int = 1, processes: int = 1, poll_s: float = 0.5):
         self.state, self.store, self.workers, self.poll_s = state, state.store, workers, poll_s
+        self.processes = processes
         self.runs: dict[str, _Run] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -225,7 +238,7 @@ class Worker:
         self._wake.set()
         self._thread.join(30)
         for run in self.runs.values():
-            run.proc.kill()
+            _kill(run.proc)
             run.proc.wait()
 
     def wake(self) -> None:
@@ -353,16 +366,17 @@ class Worker:
         resume = (run_dir / "checkpoints").is_dir() and any(p.name.startswith("step-")
                                                              for p in (run_dir / "checkpoints").iterdir())
         cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
-            ["--resume"] if resume else [])
+            ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
         with open(job_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=job_dir, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    cwd=job_dir, start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.runs[job["id"]] = _Run(job["id"], proc, run_dir, time.time())
         if self.store.set_job(job["id"], when_status=["queued"], status="running"):
             self.store.add_event(job["id"], "Fine-tuning job started" + (" (resumed from its last checkpoint)"
                                                                          if resume else ""))
         else:  # cancelled between the read and now
-            proc.kill()
+            _kill(proc)
 
     # ---- 2. follow
 
@@ -373,7 +387,7 @@ class Worker:
         self._read_checkpoints(run, job)
         if code is None:
             if job["status"] == "cancelled":
-                run.proc.kill()
+                _kill(run.proc)
             return
         del self.runs[run.job_id]
         job = self.store.job(None, run.job_id)
