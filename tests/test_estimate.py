@@ -110,3 +110,12 @@ def test_a_run_that_cannot_fit_is_refused_with_settings_that_would(tmp_path, tin
     assert "qlora" not in problem.hint  # 4-bit weights would not shrink the activations
     assert not cfg.output.dir.exists()
     assert available / MB > 100
+
+
+def test_peak_rss_is_the_process_own_not_its_parent():
+    """A run started by a large process (pytest, the jobs server) reports its own peak: Linux carries
+    ru_maxrss across exec, so a child of a 600 MiB parent would otherwise report at least 600 MiB."""
+    ballast = bytearray(600 * MB)  # noqa: F841  (resident: bytearray zero-fills its memory)
+    code = "from tunekit.estimate import peak_rss; print(peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 400 * MB, child / MB

@@ -144,7 +144,17 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, bytes (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process so far, bytes.
+
+    Linux: VmHWM of /proc/self/status, the high-water mark of this program's own memory. Not ru_maxrss, which
+    Linux carries across exec: a process started by a large parent (a test runner, a server) would report the
+    parent's size at the fork. ru_maxrss (KiB on Linux) only where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except (OSError, IndexError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
