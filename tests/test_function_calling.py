@@ -81,7 +81,7 @@ def test_template_renders_tools_calls_and_results():
     row = next(r for r in read_jsonl(EXAMPLE / "train.jsonl") if len(r["messages"][2].get("tool_calls") or []) == 2)
     [seq] = render_example(row, tok)  # one sequence: the template is prefix-stable
     text = tok.decode(seq.input_ids)
-    assert "Tools:\n- get_weather(city, unit): current weather in a city\n" in text
+    assert "Tools:\n- get_weather(city): current weather in a city\n" in text
     trained = tok.decode([t for t, label in zip(seq.input_ids, seq.labels, strict=True) if label != -100])
     calls = row["messages"][2]["tool_calls"]
     first = f'<tool_call>{{"name": "{calls[0]["function"]["name"]}", "arguments": {calls[0]["function"]["arguments"]}}}'
