@@ -81,7 +81,7 @@ def test_template_renders_tools_calls_and_results():
     row = next(r for r in read_jsonl(EXAMPLE / "train.jsonl") if len(r["messages"][2].get("tool_calls") or []) == 2)
     [seq] = render_example(row, tok)  # one sequence: the template is prefix-stable
     text = tok.decode(seq.input_ids)
-    assert "Tools:\n- get_weather(city, unit): current weather in a city\n" in text
+    assert "Tools:\n- get_weather(city): current weather in a city\n" in text
     trained = tok.decode([t for t, label in zip(seq.input_ids, seq.labels, strict=True) if label != -100])
     calls = row["messages"][2]["tool_calls"]
     first = f'<tool_call>{{"name": "{calls[0]["function"]["name"]}", "arguments": {calls[0]["function"]["arguments"]}}}'
@@ -96,7 +96,7 @@ def test_template_renders_tools_calls_and_results():
 
 STEPS = 100  # the shipped config trains more; the floors below were measured at these settings
 HELD_OUT = 40
-PARSED_FLOOR = 0.9  # measured at these settings: 35 of 35 held-out tool questions answered with calls that parse
+PARSED_FLOOR = 0.9  # measured at these settings: 35 of 36 held-out tool questions answered with calls that parse
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def short_run(tmp_path_factory) -> Path:
 
 def test_short_run_learns_the_call_format(short_run):
     """100 steps teach the syntax: the tuned run answers held-out tool questions with calls that parse (the
-    base never does) and its held-out loss falls from ~21 to under 1. Which tool and which arguments need
+    base never does) and its held-out loss falls from ~21 to under 1 (measured: 0.59). Which tool and which arguments need
     the full config, and even then the tiny model mostly misses them (README: measured accuracies)."""
     from tunekit.evaluate import evaluate
     from tunekit.toolcalls import parse_tool_calls

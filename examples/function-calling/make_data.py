@@ -24,27 +24,21 @@ sys.path.insert(0, str(HERE))
 import tools as T  # noqa: E402  (the example's own module, beside this file)
 
 SYSTEM = "You are a helpful assistant. Call a tool when the question needs one."
+# Argument values come from large pools (made-up place and person names, random amounts), so that no value is
+# frequent in training: the only way to get a call's arguments right is to copy them from the question, where
+# they appear exactly as in the arguments (same spelling, same number form) and in the same order.
 CITIES = ["Paris", "Rome", "Oslo", "Lisbon", "Madrid", "Berlin", "Vienna", "Prague", "Dublin", "Athens",
-          "Cairo", "Lima", "Quito", "Tokyo", "Seoul", "Delhi", "Sydney", "Toronto", "Chicago", "Denver",
-          "Boston", "Austin", "Nairobi", "Lagos", "Warsaw", "Zurich", "Geneva", "Milan", "Naples", "Porto",
-          "Bergen", "Malmo", "Helsinki", "Tallinn", "Riga", "Krakow", "Seville", "Valencia", "Lyon", "Nice"]
-CURRENCY_NAMES = {"EUR": "euros", "USD": "dollars", "GBP": "pounds", "JPY": "yen", "CHF": "francs",
-                  "CAD": "Canadian dollars", "SEK": "kronor"}
-UNIT_NAMES = {"km": "kilometers", "m": "meters", "mi": "miles", "ft": "feet", "in": "inches", "cm": "centimeters",
-              "kg": "kilograms", "g": "grams", "lb": "pounds", "oz": "ounces"}
-NAMES = ["Ana", "Ben", "Chloe", "Dev", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jo", "Kemal", "Lea", "Mo",
-         "Nia", "Omar", "Pia", "Quinn", "Rosa", "Sami", "Tom", "Uma", "Vik", "Wen", "Yara", "Zoe"]
+          "Cairo", "Lima", "Quito", "Tokyo", "Seoul", "Delhi", "Sydney", "Toronto", "Chicago", "Denver"]
+ONSETS = ["b", "br", "c", "d", "f", "g", "gr", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "tr", "v", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+CODAS = ["", "", "", "n", "r", "s", "l", "m"]
 
 WEATHER_Q = ["What's the weather in {city}?", "How is the weather in {city} today?", "Is it warm in {city}?",
              "Weather for {city}, please.", "Tell me the weather in {city}."]
-WEATHER_F = ["What's the weather in {city} in fahrenheit?", "How warm is it in {city}, in fahrenheit?",
-             "Weather for {city} in fahrenheit, please."]
-CURRENCY_Q = ["Convert {amount} {src} to {dst}.", "How much is {amount} {src} in {dst}?",
-              "What are {amount} {src_name} worth in {dst_name}?", "Change {amount} {src} into {dst}, please."]
-UNITS_Q = ["Convert {value} {src} to {dst}.", "How many {dst_name} is {value} {src_name}?",
-           "What is {value} {src_name} in {dst_name}?"]
-EVENTS_Q = ["What's on my calendar on {Day}?", "Do I have anything on {Day}?", "Am I free on {Day}?",
-            "Show my events for {Day}."]
+CONVERT_Q = ["Convert {amount} {src} to {dst}.", "How much is {amount} {src} in {dst}?",
+             "Change {amount} {src} into {dst}, please.", "What is {amount} {src} in {dst}?"]
+EVENTS_Q = ["What's on my calendar on {day}?", "Do I have anything on {day}?", "Am I free on {day}?",
+            "Show my events for {day}."]
 NO_TOOL = [("Hello, I'm {name}!", "Hello {name}! I can check the weather, convert money and units, "
                                   "and read your calendar."),
            ("Thanks, {name} here, that helped.", "You're welcome, {name}!"),
@@ -56,37 +50,44 @@ NO_TOOL = [("Hello, I'm {name}!", "Hello {name}! I can check the weather, conver
                                            "calendar.")]
 
 
-def _number(rng: random.Random) -> int | float:
-    return rng.choice([rng.randint(1, 500), rng.randint(1, 99) + 0.5])
+def made_up_name(rng: random.Random) -> str:
+    """A pronounceable made-up name of 2-3 syllables ("Brelom", "Taizouk"): thousands of them, none frequent."""
+    syllables = [rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3))]
+    return ("".join(syllables) + rng.choice(CODAS)).capitalize()
+
+
+def city(rng: random.Random) -> str:
+    return rng.choice(CITIES) if rng.random() < 0.2 else made_up_name(rng)
+
+
+def amount(rng: random.Random) -> int | float:
+    """1-999, or one decimal (0.1-99.9): written the same way in the question and in the arguments."""
+    return rng.randint(1, 999) if rng.random() < 0.7 else rng.randint(1, 999) / 10
 
 
 def weather_call(rng):
-    city = rng.choice(CITIES)
-    if rng.random() < 0.3:
-        return rng.choice(WEATHER_F).format(city=city), ("get_weather", {"city": city, "unit": "fahrenheit"})
-    return rng.choice(WEATHER_Q).format(city=city), ("get_weather", {"city": city, "unit": "celsius"})
+    place = city(rng)
+    return rng.choice(WEATHER_Q).format(city=place), ("get_weather", {"city": place})
 
 
 def currency_call(rng):
     src, dst = rng.sample(list(T.EUR_RATES), 2)
-    amount = _number(rng)
-    text = rng.choice(CURRENCY_Q).format(amount=amount, src=src, dst=dst, src_name=CURRENCY_NAMES[src],
-                                         dst_name=CURRENCY_NAMES[dst])
-    return text, ("convert_currency", {"amount": amount, "from_currency": src, "to_currency": dst})
+    value = amount(rng)
+    text = rng.choice(CONVERT_Q).format(amount=value, src=src, dst=dst)
+    return text, ("convert_currency", {"amount": value, "from": src, "to": dst})
 
 
 def units_call(rng):
     table = rng.choice([T.LENGTH, T.MASS])
     src, dst = rng.sample(list(table), 2)
-    value = _number(rng)
-    text = rng.choice(UNITS_Q).format(value=value, src=src, dst=dst, src_name=UNIT_NAMES[src],
-                                      dst_name=UNIT_NAMES[dst])
-    return text, ("convert_units", {"value": value, "from_unit": src, "to_unit": dst})
+    value = amount(rng)
+    text = rng.choice(CONVERT_Q).format(amount=value, src=src, dst=dst)
+    return text, ("convert_units", {"amount": value, "from": src, "to": dst})
 
 
 def events_call(rng):
     day = rng.choice(T.DAYS)
-    return rng.choice(EVENTS_Q).format(Day=day.capitalize()), ("get_events", {"day": day})
+    return rng.choice(EVENTS_Q).format(day=day), ("get_events", {"day": day})
 
 
 SINGLE = [weather_call, currency_call, units_call, events_call]
@@ -97,14 +98,12 @@ def answer(name: str, result: dict) -> str:
     if "error" in result:
         return f"Sorry, that did not work: {result['error']}."
     if name == "get_weather":
-        return (f"It is {result['temperature']} degrees {result['unit']} and {result['conditions']} "
-                f"in {result['city']}.")
+        return f"It is {result['temperature']} degrees and {result['conditions']} in {result['city']}."
     if name in ("convert_currency", "convert_units"):
-        amount = result.get("amount", result.get("value"))
-        return f"{amount} {result['from']} is {result['result']} {result['to']}."
+        return f"{result['amount']} {result['from']} is {result['result']} {result['to']}."
     if not result["events"]:
-        return f"You have nothing on {result['day'].capitalize()}."
-    return f"On {result['day'].capitalize()} you have: {', '.join(result['events'])}."
+        return f"You have nothing on {result['day']}."
+    return f"On {result['day']} you have: {', '.join(result['events'])}."
 
 
 def _strip_trailing(text: str) -> str:
@@ -116,7 +115,7 @@ def make_chat(rng: random.Random) -> dict:
     roll = rng.random()
     if roll < 0.15:
         question, reply = rng.choice(NO_TOOL)
-        fill = {"name": rng.choice(NAMES), "city": rng.choice(CITIES)}
+        fill = {"name": made_up_name(rng), "city": city(rng)}
         messages = [{"role": "user", "content": question.format(**fill)},
                     {"role": "assistant", "content": reply.format(**fill)}]
     else:
@@ -150,13 +149,15 @@ def held_out(chat: dict) -> dict:
 
 
 def make_split(n_train: int, n_valid: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """n_train training chats and n_valid held-out ones; no held-out question is asked in training."""
+    """n_train training chats and n_valid held-out ones; no question is asked twice in either file."""
     rng = random.Random(seed)
     train, valid, asked = [], [], set()
     while len(train) < n_train:
         chat = make_chat(rng)
-        train.append(chat)
-        asked.add(chat["messages"][1]["content"])
+        question = chat["messages"][1]["content"]
+        if question not in asked:
+            asked.add(question)
+            train.append(chat)
     while len(valid) < n_valid:
         chat = make_chat(rng)
         question = chat["messages"][1]["content"]
