@@ -72,12 +72,15 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1180, "height": 820})
             page.set_default_timeout(1_200_000)  # a shared CPU can make the job take minutes
 
-            def shot(name: str, full: bool = False) -> None:
+            def shot(name: str, full: bool = False, element: str | None = None) -> None:
                 from PIL import Image  # Pillow: installed with matplotlib
 
                 page.wait_for_timeout(200)
                 path = OUT / f"{name}.png"
-                page.screenshot(path=str(path), full_page=full)
+                if element:  # one element (a frame: full-page shots leave sandboxed frames blank in chromium)
+                    page.locator(element).screenshot(path=str(path))
+                else:
+                    page.screenshot(path=str(path), full_page=full)
                 # 64 colours, no dithering: a third of the size, the flat UI colours unchanged to the eye
                 Image.open(path).convert("RGB").quantize(colors=64, dither=Image.Dither.NONE).save(path, optimize=True)
                 print(f"docs/screenshots/{name}.png {path.stat().st_size // 1024} KB")
@@ -117,9 +120,10 @@ def main() -> None:
             page.wait_for_function("Number(document.querySelector('#loss-chart polyline.train')?.dataset.points) > 6")
             shot("job-running")
             page.wait_for_selector("#job-status:has-text('succeeded'), #job-status:has-text('failed')")
-            page.wait_for_selector("#eval-report")
+            page.frame_locator("#eval-report").locator("table").first.wait_for()  # the report, rendered
             model = page.inner_text("#ft-model")
-            shot("job-done", full=True)
+            shot("job-done")
+            shot("job-report", element="#eval-report")
 
             system = json.loads((QUICKSTART / "valid.jsonl").read_text(encoding="utf-8").splitlines()[0])
             system = system["messages"][0]["content"]
