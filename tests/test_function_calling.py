@@ -7,33 +7,21 @@ still reach the floor measured at these settings: it has learned the call format
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from example_modules import load_example, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "function-calling"
 
 
 def load(name: str):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        spec = importlib.util.spec_from_file_location(f"fc_{name}", EXAMPLE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLE))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return load_example("function-calling", name)
 
 
 # --------------------------------------------------------------------------------------------------

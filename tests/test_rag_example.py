@@ -5,12 +5,10 @@ score yet; the shipped config's numbers (201 steps) are in the README."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
+from example_modules import load_example, read_jsonl
 
 pytest.importorskip("qdrant_client", reason="the RAG example needs the rag extra: pip install -e '.[rag]'")
 
@@ -19,18 +17,7 @@ EXAMPLE = REPO / "examples" / "rag"
 
 
 def load(name: str):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        spec = importlib.util.spec_from_file_location(f"rag_{name}", EXAMPLE / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(EXAMPLE))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return load_example("rag", name)
 
 
 def passages_of(row: dict) -> list[str]:
