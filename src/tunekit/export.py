@@ -5,7 +5,7 @@
 
 Every format is written into a temporary folder beside OUT and renamed into place when complete, so OUT is
 either the whole export or absent. Everything that can be known without weights (the run, the checkpoint, the
-format's options, the architecture and tokenizer for GGUF, the chat template family for Ollama, optional
+format's options, the architecture and tokenizer for GGUF, the chat template's Ollama TEMPLATE, optional
 dependencies, an existing OUT) is checked first and reported at once as a `TunekitError`.
 
 - merged: the adapter folded into the base (QLoRA: into the dequantized 4-bit base the adapter was trained on),
@@ -47,17 +47,6 @@ CONVERTER_ENV = "TUNEKIT_LLAMA_CPP"
 _CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 _MIB = 1024 * 1024
 
-# Ollama TEMPLATE (Go text/template) for each chat template family tunekit recognises, keyed by the family
-# name `template_family` returns. Ollama fills .Messages with the conversation (SYSTEM becomes the first
-# message when the conversation has no system message) and generates after the last line.
-OLLAMA_TEMPLATES = {
-    "chatml": (
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n"
-    ),
-}
-
-
 @dataclass
 class ExportResult:
     out: Path
@@ -86,7 +75,7 @@ class _Plan:
     name: str
     converter: Path | None = None
     pre_tokenizer: str | None = None  # tag for an unknown BPE tokenizer (gguf)
-    family: str | None = None  # chat template family (ollama)
+    ollama: object | None = None  # tunekit.ollama.OllamaTemplate learned from the chat template (ollama)
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -288,43 +277,16 @@ def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
     return None, f"pre-tokenizer {json.dumps(pre)[:160]}"
 
 
-def template_family(tokenizer) -> str | None:
-    """"chatml" when the tokenizer's chat template renders a probe conversation exactly as that family does
-    (so its Ollama TEMPLATE renders the same text), else None."""
-    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-                {"role": "assistant", "content": "A"}, {"role": "user", "content": "V"}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # a template is code; one that cannot render this is no known family
-        return None
-    for family in OLLAMA_TEMPLATES:
-        if text == render_family(family, messages):
-            return family
-    return None
-
-
-def render_family(family: str, messages: list[dict]) -> str:
-    """The prompt text a family's template gives `messages` with the generation prompt (the reference the
-    Ollama TEMPLATEs are written for)."""
-    if family == "chatml":
-        return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + \
-            "<|im_start|>assistant\n"
-    raise ValueError(family)
-
-
 def _check_ollama(plan: _Plan, problems: list[Problem]) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
-    if not getattr(tokenizer, "chat_template", None):
-        problems.append(Problem(str(plan.tokenizer_dir), "the tokenizer has no chat template for the Modelfile",
+    from tunekit.ollama import learn
+
+    plan.ollama, why = learn(AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)))
+    if plan.ollama is None:
+        problems.append(Problem(str(plan.tokenizer_dir), f"the chat template cannot be written as an Ollama "
+                                                         f"TEMPLATE: {why}",
                                 "use --format gguf and write the Modelfile TEMPLATE yourself"))
-        return
-    plan.family = template_family(tokenizer)
-    if plan.family is None:
-        problems.append(Problem(str(plan.tokenizer_dir), "the chat template is not one tunekit can translate to "
-                                                         "an Ollama TEMPLATE (known: " + ", ".join(OLLAMA_TEMPLATES)
-                                + ")", "use --format gguf and write the Modelfile TEMPLATE yourself"))
 
 
 # ------------------------------------------------------------------------------------- the converter
@@ -431,7 +393,9 @@ def _write(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
                      f"{plan.pre_tokenizer!r} from tokenizer.json")
     if plan.fmt == "gguf":
         return notes, f"llama-cli -m {plan.out / gguf_name} -cnv"
-    (tmp / "Modelfile").write_text(modelfile(plan, gguf_name), encoding="utf-8")
+    template, more = ollama_template(plan, tmp / gguf_name)
+    notes += more
+    (tmp / "Modelfile").write_text(modelfile(plan, gguf_name, template), encoding="utf-8")
     return notes, f"ollama create {plan.name} -f {plan.out / 'Modelfile'}"
 
 
@@ -581,7 +545,65 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile(plan: _Plan, gguf_name: str) -> str:
+def data_prompts(paths: list[Path], limit: int = 2000) -> tuple[list[list[dict]], int]:
+    """The prompts of the run's chat data as Ollama sees them (the messages before each assistant message, text
+    content only), and how many examples were left out for tools or non-text content."""
+    prompts, skipped = [], 0
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if len(prompts) >= limit:
+                        return prompts, skipped
+                    try:
+                        example = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        continue
+                    messages = example.get("messages") if isinstance(example, dict) else None
+                    if not isinstance(messages, list):
+                        continue
+                    if example.get("tools") or any(
+                            not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                            or not isinstance(m.get("content"), str) or m.get("tool_calls") for m in messages):
+                        skipped += 1
+                        continue
+                    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+                    prompts += [plain[:i] for i, m in enumerate(plain) if m["role"] == "assistant" and i > 0]
+        except OSError:
+            continue
+    return prompts, skipped
+
+
+def ollama_template(plan: _Plan, gguf: Path) -> tuple[object, list[str]]:
+    """The learned TEMPLATE fitted to how llama.cpp tokenizes the GGUF, checked on the run's own prompts."""
+    from transformers import AutoTokenizer
+
+    from tunekit.gguf_run import llama_cpp_adds_bos
+    from tunekit.ollama import START, verify
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    template, notes = plan.ollama, list(plan.ollama.notes)
+    bos = tokenizer.bos_token
+    starts_with_bos = bool(bos) and all(v.startswith(bos) for k, v in template.transitions.items() if k[0] == START)
+    if llama_cpp_adds_bos(gguf):
+        if starts_with_bos:  # llama.cpp puts BOS before the prompt itself; the TEMPLATE must not write it again
+            template = template.without_leading(bos)
+        else:
+            notes.append("llama.cpp adds a BOS token before every prompt of this GGUF; the chat template does not "
+                         "write one, so Ollama's prompts start with a token the fine-tune did not see")
+    paths = [p for p in (plan.cfg.data.train, plan.cfg.data.validation) if p is not None]
+    prompts, skipped = data_prompts([Path(p) for p in paths])
+    differ = verify(plan.ollama, tokenizer, prompts)  # text before tokenization, BOS as the template writes it
+    notes.append(f"the Ollama TEMPLATE renders {len(prompts) - len(differ)} of {len(prompts)} prompts of the "
+                 f"run's data exactly like the chat template"
+                 + (f" ({skipped} examples with tools or non-text content were not compared: the TEMPLATE does "
+                    "not translate tools)" if skipped else ""))
+    if differ:
+        notes.append("first difference: " + differ[0])
+    return template, notes
+
+
+def modelfile(plan: _Plan, gguf_name: str, template) -> str:
     from transformers import AutoTokenizer
 
     from tunekit.data.render import end_of_turn_ids
@@ -591,7 +613,7 @@ def modelfile(plan: _Plan, gguf_name: str) -> str:
     lines = [f"# {plan.name}: exported by tunekit from {plan.run_dir}"
              + (f" ({plan.checkpoint})" if plan.checkpoint else ""),
              f"FROM ./{gguf_name}",
-             f"TEMPLATE {_quoted(OLLAMA_TEMPLATES[plan.family])}"]
+             f"TEMPLATE {_quoted(template.go_template())}"]
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
     lines.append("PARAMETER temperature 0")
     system = fixed_system_prompt(plan.cfg.data.train)

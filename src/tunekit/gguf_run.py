@@ -77,3 +77,26 @@ def llama_cpp_greedy(gguf, prompts, texts=(), stop=(), max_new_tokens: int = 24,
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_run, str(gguf), [list(p) for p in prompts], list(texts), list(stop), max_new_tokens,
                            threads, repack).result()
+
+
+def _adds_bos(gguf: str) -> bool:
+    import llama_cpp as ll
+
+    quiet = ll.llama_log_callback(lambda level, text, user_data: None)
+    ll.llama_log_set(quiet, None)
+    ll.llama_backend_init()
+    params = ll.llama_model_default_params()
+    params.vocab_only = True
+    model = ll.llama_model_load_from_file(gguf.encode(), params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    try:
+        return bool(ll.llama_vocab_get_add_bos(ll.llama_model_get_vocab(model)))
+    finally:
+        ll.llama_model_free(model)
+
+
+def llama_cpp_adds_bos(gguf) -> bool:
+    """Whether llama.cpp (and so Ollama) puts a BOS token before a prompt it tokenizes from this GGUF."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_adds_bos, str(gguf)).result()
