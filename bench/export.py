@@ -61,8 +61,8 @@ def main() -> None:
 
     result: dict = {"run": str(args.run_dir), "formats": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for fmt, quant in (("adapter", None), ("merged", None), ("gguf", "f32"), ("gguf", "f16"), ("gguf", "q8_0"),
-                           ("ollama", "q8_0")):
+        for fmt, quant in (("adapter", None), ("merged", None), ("gguf", "f32"), ("gguf", "f16"), ("gguf", "bf16"),
+                           ("gguf", "q8_0"), ("ollama", "q8_0")):
             key = fmt if quant is None else f"{fmt}-{quant}"
             r = export(args.run_dir, fmt=fmt, quant=quant or "f16", out=Path(tmp) / key, dtype="fp32")
             result["formats"][key] = {"seconds": round(r.seconds, 2), "bytes": sum(r.files.values())}
@@ -83,7 +83,7 @@ def main() -> None:
         stop = end_of_turn_ids(tok)
         ref, tps = transformers_greedy(model, prompts, stop, args.max_new_tokens)
         result["generation"] = {"transformers_fp32": {"tokens_per_s": round(tps, 1), "exact_match": exact_match(ref)}}
-        for quant in ("f32", "f16", "q8_0"):
+        for quant in ("f32", "f16", "bf16", "q8_0"):
             path = result["formats"][f"gguf-{quant}"].pop("gguf")
             outs, tps = llama_greedy(path, prompts, stop, args.max_new_tokens, args.threads, repack=quant != "q8_0")
             if outs is None:
