@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunekit.config import RunConfig
+from tunekit.config import RunConfig, load_config
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import DataError, TunekitError
 from tunekit.evaluate import (
@@ -498,3 +498,32 @@ def test_evaluate_from_config_writes_run_eval(run_dir):
     stored = json.loads((run_dir / "eval" / "results.json").read_text())
     assert stored["data"] == str(run_dir / "valid.jsonl")
     assert stored["candidates"][1]["metrics"]["loss"] == pytest.approx(result.candidates[1].metrics["loss"])
+
+
+def test_teacher_forced_sequences_come_from_the_data_cache(run_dir, monkeypatch, tmp_path):
+    """Unchanged examples (the tuned run and the base; not few-shot, whose prompts differ) take their sequences
+    from training's rendered-data cache, written by the first evaluation: the second renders none of them, and
+    its numbers equal those of an evaluation with the cache off."""
+    from tunekit.data import cache
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    config = load_config(run_dir / "config.yaml", check_files=False)
+    off = config.model_copy(update={"data": config.data.model_copy(update={"cache": False})})
+    kwargs = dict(baselines=["base", "few-shot:1"], max_new_tokens=4, batch_size=2)
+    without = evaluate(run_dir, run_dir / "valid.jsonl", config=off, **kwargs)
+    assert cache.entries(tmp_path / "cache") == []
+    evaluate(run_dir, run_dir / "valid.jsonl", config=config, **kwargs)
+    assert len(cache.entries(tmp_path / "cache")) == 1
+    real = render().render_example
+    rendered = []
+
+    def counting(record, tokenizer, *args, **kw):
+        rendered.append(len(record["messages"]))
+        return real(record, tokenizer, *args, **kw)
+
+    monkeypatch.setattr(render(), "render_example", counting)
+    again = evaluate(run_dir, run_dir / "valid.jsonl", config=config, **kwargs)
+    assert len(rendered) == len(EVAL)  # only few-shot's examples, each with its shot before it
+    assert all(n > 2 for n in rendered)
+    for a, b in zip(without.candidates, again.candidates, strict=True):
+        assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], abs=1e-6) and a.predictions == b.predictions

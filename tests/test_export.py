@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 from canary import still_broken
+from go_template import go_render, ollama_data
 from typer.testing import CliRunner
 
 from tunekit.config import config_from_dict
 from tunekit.data.render import end_of_turn_ids, render_prompt, render_prompt_text
 from tunekit.errors import TunekitError
-from go_template import go_render, ollama_data
 from tunekit.export import export, fixed_system_prompt, pre_tokenizer_tag
 from tunekit.gguf_run import llama_cpp_greedy
 from tunekit.model import load_for_inference

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_template
 from go_template import go_render, ollama_data
 
 from tunekit.ollama import START, OllamaTemplate, learn, verify

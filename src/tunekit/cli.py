@@ -160,6 +160,8 @@ def data_check(
     truncation: Annotated[str, typer.Option("--truncation", help="What training does past --max-len: "
                                                                  "drop (the default) or truncate")] = "drop",
     show: Annotated[str, typer.Option("--show", help="summary (30 rows per severity) or all")] = "summary",
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="With --model: read (or write) the rendered "
+                                        "data cache that training uses")] = True,
 ) -> None:
     """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
     from tunekit.data.check import check_file, load_tokenizer
@@ -173,7 +175,8 @@ def data_check(
     try:
         tokenizer = load_tokenizer(model) if model else None
         report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt,
-                            max_line_bytes=max_line_bytes, truncation=truncation)  # type: ignore[arg-type]
+                            max_line_bytes=max_line_bytes, truncation=truncation,  # type: ignore[arg-type]
+                            cache=cache)
     except TunekitError as exc:
         fail(exc)
     if as_json:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import RunConfig, load_config
+from tunekit.config import DataConfig, RunConfig, load_config
 from tunekit.data.formats import read_jsonl
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, Problem, TemplateError, TunekitError
@@ -528,10 +528,28 @@ def _at(where: str, exc: TemplateError) -> TemplateError:
                          title=exc.title)
 
 
+def _cached_lines(data: str, tokenizer, config: RunConfig | None) -> Callable[[int], list[Sequence] | None]:
+    """The sequences that training's rendered-data cache holds for a line of the evaluation file (written now
+    when there is no entry), or a function that always answers None when the run turned the cache off or the
+    file cannot be rendered whole for training."""
+    from tunekit.data.dataset import cached_store
+
+    if config is None or not config.data.cache:
+        return lambda line: None
+    try:
+        options = config.data.model_dump(exclude={"train", "validation", "validation_fraction"})
+        store = cached_store(Path(data), tokenizer, DataConfig(train=Path(data), **options))
+    except TunekitError:
+        return lambda line: None
+    return store.line_sequences
+
+
 def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample],
                    shots: list[list[tuple[int, dict]]], *, data: str, max_new_tokens: int, batch_size: int,
-                   scorer: Scorer | None, log: Callable[[str], None]) -> CandidateResult:
-    """shots: per example, the (training line, example) pairs placed before it ([] for none)."""
+                   scorer: Scorer | None, log: Callable[[str], None],
+                   cached: Callable[[int], list[Sequence] | None] = lambda line: None) -> CandidateResult:
+    """shots: per example, the (training line, example) pairs placed before it ([] for none). cached: the
+    rendered sequences of a line of the data file (training's cache), used for examples shown unchanged."""
     from tunekit.data.render import end_of_turn_ids, render_example, render_prompt
 
     # The prompt ends before the reference (the last assistant message); later messages play no part.
@@ -540,9 +558,10 @@ def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExa
              for record, pairs in zip(asked, shots, strict=True)]
     sequences: list[Sequence] = []
     prompts: list[list[int]] = []
-    for ex, record in zip(examples, shown, strict=True):
+    for ex, record, pairs in zip(examples, shown, shots, strict=True):
+        unchanged = not pairs and len(record["messages"]) == len(ex.example["messages"])
         try:
-            sequences += render_example(record, tokenizer)
+            sequences += (cached(ex.line) if unchanged else None) or render_example(record, tokenizer)
             prompts.append(list(render_prompt(record, tokenizer)))
         except TemplateError as exc:
             raise _at(f"{data}:{ex.line}", exc) from None
@@ -685,10 +704,12 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
         elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
                 and len(run_tokenizer) == len(tokenizer):
             tokenizer = run_tokenizer
+        cached = _cached_lines(str(data), tokenizer, config) if limit is None else (lambda line: None)
         for spec in (s for s in specs if s.path == path):
             shots = shots_by_name.get(spec.name) or [[] for _ in examples]
             results[spec.name] = _run_candidate(
-                model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens, batch_size=batch_size, scorer=scorer_fn, log=log)
+                model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens,
+                batch_size=batch_size, scorer=scorer_fn, log=log, cached=cached)
         del model
         gc.collect()
         _empty_cuda_cache()

@@ -213,3 +213,37 @@ def test_damaged_entries_are_rendered_again_and_unwritable_caches_named(tmp_path
         read_examples(path, chat_tokenizer, config(path, blocked / "cache"))
     (problem,) = err.value.problems
     assert problem.where == "data.cache_dir" and "cannot write" in problem.message and "data.cache: false" in problem.hint
+
+
+def test_data_check_writes_and_reads_the_entry_training_uses(tmp_path, chat_tokenizer, monkeypatch):
+    """`tunekit data check --model` renders through the cache: the first check writes the entry, a second check
+    and training read it without rendering, and the statistics equal a check that renders every line itself."""
+    from tunekit.data.check import check_file
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    path = write(tmp_path / "train.jsonl", 30)
+    fresh = check_file(path, tokenizer=chat_tokenizer, max_len=40, cache=False).to_dict()
+    assert cache.entries(tmp_path / "cache") == []
+    first = check_file(path, tokenizer=chat_tokenizer, max_len=40).to_dict()
+    assert len(cache.entries(tmp_path / "cache")) == 1
+    with monkeypatch.context() as m:
+        no_rendering(m)
+        second = check_file(path, tokenizer=chat_tokenizer, max_len=40).to_dict()
+        trained = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=1))
+    assert first == second == fresh and fresh["stats"]["trained"]["max"] > 0
+    assert sum(len(ex) for ex in trained) == 30
+
+
+def test_data_check_of_a_file_that_cannot_be_rendered_reports_each_line(tmp_path, chat_tokenizer, monkeypatch):
+    from tunekit.data.check import check_file
+
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    path = write(tmp_path / "train.jsonl", 12)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[4] = json.dumps({"messages": [{"role": "user", "content": "only a question"}]})  # nothing to train
+    lines[7] = "{broken"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = check_file(path, tokenizer=chat_tokenizer).to_dict()
+    assert report == check_file(path, tokenizer=chat_tokenizer, cache=False).to_dict()
+    assert {p["line"] for p in report["problems"] if p["severity"] == "error"} >= {8}
+    assert cache.entries(tmp_path / "cache") == []  # a file training refuses is not cached

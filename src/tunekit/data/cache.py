@@ -145,6 +145,11 @@ class Store:
         a = int(self.offsets[s])
         return int(self.trained[a + 1:min(a + limit, int(self.offsets[s + 1]))].sum())
 
+    def line_sequences(self, line: int) -> list[Sequence] | None:
+        """The sequences of one line of the data file, None when the entry has none for it."""
+        lo, hi = np.searchsorted(self.line, [line, line + 1])  # line.npy is in file order
+        return [self.sequence(int(s)) for s in range(lo, hi)] if hi > lo else None
+
     def examples(self) -> list[list[Sequence]]:
         """Every example as its list of sequences (in memory: for small files and the Python API)."""
         out: list[list[Sequence]] = [[] for _ in range(self.n_examples)]

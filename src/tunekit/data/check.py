@@ -214,7 +214,9 @@ def _char_counts(record: dict, fmt: Format) -> tuple[int, int]:
 
 def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
           count_fn: CountFn | None, max_len: int | None, max_line_bytes: int,
-          truncation: Literal["drop", "truncate"] = "drop") -> _Scan:
+          truncation: Literal["drop", "truncate"] = "drop", store: Any = None) -> _Scan:
+    """One pass over a file. `store` (a `tunekit.data.cache.Store` of this file) gives each line's sequences
+    where it has them; `count_fn` renders the others."""
     scan = _Scan(format=fmt)
     label = str(path)
     if count_fn is not None and stats:
@@ -228,7 +230,9 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
         used, issues = validate_in_file(line.record, scan.format)
         if count_fn is not None and stats and not any(i.severity == "error" for i in issues):
             try:
-                sequences = count_fn(line.record)
+                sequences = store.line_sequences(line.number) if store is not None else None
+                if sequences is None:
+                    sequences = count_fn(line.record)
             except TunekitError as exc:  # e.g. a TemplateError for this example
                 message = "; ".join(p.message for p in exc.problems) or str(exc)
                 hints = [p.hint for p in exc.problems if p.hint]
@@ -286,20 +290,46 @@ def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarra
     return sd, order
 
 
+def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int) -> Any:
+    """The data cache's entry for `path` rendered with `tokenizer` (training's default options), written now
+    when there is none; None when the file cannot be rendered whole (the scan then reports each line) or the
+    cache folder cannot be written."""
+    from tunekit.config import DataConfig
+    from tunekit.data.dataset import cached_store
+
+    if max_line_bytes != MAX_LINE_BYTES:  # training reads lines of any length: its entry may hold more
+        return None
+    try:
+        return cached_store(path, tokenizer, DataConfig(train=path, format=fmt))
+    except TunekitError:
+        return None
+
+
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
                max_len: int | None = None, count_fn: CountFn | None = None,
                fmt: Literal["auto", "chat", "completion", "text"] = "auto",
-               max_line_bytes: int = MAX_LINE_BYTES, truncation: Literal["drop", "truncate"] = "drop") -> CheckReport:
+               max_line_bytes: int = MAX_LINE_BYTES, truncation: Literal["drop", "truncate"] = "drop",
+               cache: bool = True) -> CheckReport:
     """Check a training file (and optionally a validation file) in one streaming pass each.
 
-    `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given,
-    `tunekit.data.render.render_example` bound to it is used. Raises DataError only when a file cannot
-    be opened at all (missing, a directory); everything else is a problem in the report. A line longer
-    than `max_line_bytes` is reported (`line_too_long`) and never loaded.
+    `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given, the
+    rendered-data cache that training reads gives them (`cache`: the entry is written first when there is
+    none, so a later `tunekit train` on the file reuses it), and `tunekit.data.render.render_example` bound to
+    the tokenizer where the file cannot be rendered whole. Raises DataError only when a file cannot be opened
+    at all (missing, a directory); everything else is a problem in the report. A line longer than
+    `max_line_bytes` is reported (`line_too_long`) and never loaded.
     """
     path = check_readable(path)
     if validation is not None:
         validation = check_readable(validation)
+    store = None
+    if count_fn is None and tokenizer is not None and cache:
+        store = _cache_entry(path, tokenizer, fmt, max_line_bytes)
+        if store is not None:
+            from tunekit.data.render import render_example
+
+            def count_fn(example: dict) -> list:  # a line the entry has no sequences for
+                return render_example(example, tokenizer)
     if count_fn is None and tokenizer is not None:
         from tunekit.data.workers import rendered_ahead  # imported here: only token statistics need it
 
@@ -309,7 +339,7 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
 
     problems = _Problems()
     scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,
-                 max_line_bytes=max_line_bytes, truncation=truncation)
+                 max_line_bytes=max_line_bytes, truncation=truncation, store=store)
     sd, order = _duplicates(scan, str(path), problems)
     n = len(scan.line_of)
 
