@@ -116,8 +116,8 @@ PROPERTY_TEMPLATES = [n for n in ("chatml", "gemma-it", "hermes-tools", "llama-2
 _tokenizers: dict[str, object] = {}
 _taken: dict[str, int] = {}
 
-text = st.lists(st.sampled_from(list("abcdefghij KLMN,.?!0123<>|/[]") +
-                               ["é", "ñ", "日", "😀", "→", "\n", "\t", "  ", "<|im_end|>", "</s>"]),
+text = st.lists(st.sampled_from(list("abcdefghij KLMN,.?!0123<>|/[]'") +
+                               ["é", "ñ", "日", "😀", "→", "\n", "\t", "  ", "<|im_end|>", "</s>", "'s", " 're", "\n\n"]),
                max_size=30).map("".join)
 turn = st.tuples(text, text, st.sampled_from([0, 1]))
 
@@ -151,3 +151,77 @@ def test_property_test_took_the_single_render():
     if not _taken:
         pytest.skip("the property test did not run in this session (e.g. deselected with -k)")
     assert all(_taken.get(n, 0) > 0 for n in PROPERTY_TEMPLATES), _taken
+
+
+# A Llama 3 style pre-tokenizer (a Split regex, then bytes) on the same vocabulary: replies are read off the
+# conversation's tokens there too (render._suffix_determined), and must still equal prefix rendering.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def with_pre_tokenizer(base_tokenizer, template: str, pre_tokenizer=None, normalizer=None):
+    tok = with_template(base_tokenizer, template)
+    if pre_tokenizer is not None:
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.backend_tokenizer.normalizer = normalizer
+    return tok
+
+
+def llama3_pre_tokenizer():
+    from tokenizers import Regex, pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def test_which_tokenizers_let_replies_be_read_off_the_conversation(base_tokenizer):
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    def determined(pre=None, norm=None):
+        return render._suffix_determined(with_pre_tokenizer(base_tokenizer, "", pre, norm).backend_tokenizer)
+
+    assert determined() and determined(llama3_pre_tokenizer())
+    assert not determined(pre_tokenizers.ByteLevel(add_prefix_space=True))  # a space before every segment
+    assert not determined(pre_tokenizers.Metaspace())
+    assert not determined(pre_tokenizers.Split(Regex(r"(?<=a)b|\w+"), behavior="isolated"))  # look-behind
+    assert not determined(pre_tokenizers.Split(Regex(r"\b\w"), behavior="isolated"))  # word boundary
+    assert not determined(pre_tokenizers.Split(Regex(r"\w+"), behavior="merged_with_next"))
+    assert not determined(norm=normalizers.NFC())
+
+
+@pytest.mark.skipif("chatml" not in PROPERTY_TEMPLATES, reason="../shared is absent")
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(system=st.one_of(st.none(), text), turns=st.lists(turn, min_size=1, max_size=5))
+def test_property_llama3_pre_tokenizer_single_render_equals_prefix(system, turns, base_tokenizer):
+    if "llama3-chatml" not in _tokenizers:
+        _tokenizers["llama3-chatml"] = with_pre_tokenizer(base_tokenizer, shared_template("chatml"),
+                                                          llama3_pre_tokenizer())
+    tok = _tokenizers["llama3-chatml"]
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for user, reply, weight in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply, "weight": weight}]
+    example = {"messages": messages}
+    assert outcome(example, tok, "auto") == outcome(example, tok, "prefix")
+    if fast(example, tok) is not None:
+        _taken["llama3-chatml"] = _taken.get("llama3-chatml", 0) + 1
+
+
+@pytest.mark.skipif("chatml" not in PROPERTY_TEMPLATES, reason="../shared is absent")
+def test_llama3_property_test_took_the_single_render():
+    if "llama3-chatml" not in _tokenizers:
+        pytest.skip("the property test did not run in this session (e.g. deselected with -k)")
+    assert _taken.get("llama3-chatml", 0) > 0, _taken
+
+
+@pytest.mark.skipif("chatml" not in PROPERTY_TEMPLATES, reason="../shared is absent")
+def test_added_tokens_that_take_in_their_neighbours_render_as_prefix_rendering_does(base_tokenizer):
+    """An added token that strips the spaces around it (its text no longer the exact span of its token) inside
+    a reply: the reply is not read off the conversation across it, and the answer stays prefix rendering's."""
+    from tokenizers import AddedToken
+
+    tok = with_template(base_tokenizer, shared_template("chatml"))
+    tok.add_tokens([AddedToken("<mask>", lstrip=True, rstrip=True)])
+    for reply in ("fill <mask> here", "  <mask>  ", "a\n<mask>\nb", "<mask>", "x <mask><|im_end|> y"):
+        example = {"messages": [{"role": "user", "content": "q <mask> r"}, {"role": "assistant", "content": reply}]}
+        assert outcome(example, tok, "auto") == outcome(example, tok, "prefix"), reply

@@ -34,6 +34,7 @@ import bisect
 import datetime
 import json
 import re
+import weakref
 from dataclasses import dataclass
 
 from tunekit.data import formats
@@ -779,6 +780,79 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
         return None
 
 
+_SUFFIX_DETERMINED: dict[bytes, bool] = {}  # pre-tokenizer JSON -> whether `_suffix_determined` holds
+_LOOKS_BEHIND = ("(?<", "\\b", "\\B", "^", "\\A", "\\G")  # regex syntax that reads text before a position
+
+
+def _pre_tokenizer_suffix_determined(spec: dict) -> bool:
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return all(_pre_tokenizer_suffix_determined(p) for p in spec.get("pretokenizers") or [])
+    if kind == "ByteLevel":  # the GPT-2 regex (no look-behind) when use_regex, then a byte map per character
+        return not spec.get("add_prefix_space", False)
+    if kind == "Split":
+        regex = (spec.get("pattern") or {}).get("Regex")
+        if not isinstance(regex, str) or spec.get("behavior") != "Isolated" or spec.get("invert"):
+            return False
+        return not any(t in regex.replace("[^", "[") for t in _LOOKS_BEHIND)
+    return False
+
+
+def _suffix_determined(backend) -> bool:
+    """Whether the tokens of a segment's text from a position where a pre-token starts are the tokens of that
+    text encoded alone (a segment: text between two added tokens, or an added token and an end).
+
+    Holds when nothing looks at text before a position: no normalizer, pre-tokenizers that split by regexes
+    matched left to right with no look-behind or anchors (ByteLevel without a prefix space, Split with
+    Isolated matches, in sequence), and a model that tokenizes each pre-token on its own without randomness.
+    Then the regex matches from that position on are the matches of the text alone, pre-token by pre-token,
+    and so are the tokens. Anything else: False (the caller encodes the text instead)."""
+    pre = backend.pre_tokenizer
+    if backend.normalizer is not None or pre is None or getattr(backend.model, "dropout", None):
+        return False
+    post = backend.post_processor
+    if post is not None and b'"trim_offsets":true' in post.__getstate__():
+        return False  # offsets would not say where tokens start
+    key = pre.__getstate__()
+    if key not in _SUFFIX_DETERMINED:
+        _SUFFIX_DETERMINED[key] = _pre_tokenizer_suffix_determined(json.loads(key))
+    return _SUFFIX_DETERMINED[key]
+
+
+@dataclass
+class _TokenizerFacts:
+    """What `_build_once` needs to know of a tokenizer, worked out once and kept while it stays the same."""
+
+    fingerprint: tuple
+    determined: bool  # _suffix_determined
+    added: dict  # id -> AddedToken
+    added_pattern: re.Pattern | None  # every added token's text, longest first
+    short: dict[str, list[int]]  # encodings of short texts (callers must not change the lists)
+
+
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _TokenizerFacts
+_SHORT_MAX = 8192
+
+
+def _tokenizer_facts(tokenizer, backend) -> _TokenizerFacts:
+    """The facts of `tokenizer`, worked out again when anything that decides its tokens changed (pre-tokenizer,
+    normalizer, post-processor, the vocabulary with its added tokens)."""
+    fingerprint = (backend.pre_tokenizer.__getstate__() if backend.pre_tokenizer is not None else None,
+                   backend.normalizer.__getstate__() if backend.normalizer is not None else None,
+                   backend.post_processor.__getstate__() if backend.post_processor is not None else None,
+                   backend.get_vocab_size(with_added_tokens=True), backend.encode_special_tokens)
+    facts = _FACTS.get(tokenizer)
+    if facts is None or facts.fingerprint != fingerprint:
+        added = backend.get_added_tokens_decoder()
+        contents = sorted({t.content for t in added.values() if t.content}, key=len, reverse=True)
+        facts = _TokenizerFacts(fingerprint, _suffix_determined(backend), added,
+                                re.compile("|".join(map(re.escape, contents))) if contents else None, {})
+        _FACTS[tokenizer] = facts
+    if len(facts.short) > _SHORT_MAX:
+        facts.short.clear()
+    return facts
+
+
 def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Sequence | None:
     """What `_build` gives for `text` and `spans`, tokenizing `text` once and the text around each reply again;
     None where it would refuse (prefix rendering then gives the error).
@@ -795,7 +869,8 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
             backend.encode_special_tokens != bool(tokenizer.split_special_tokens):
         return None  # the backend would not encode as tokenizer.encode does
 
-    short: dict[str, list[int]] = {}  # short texts recur in every turn (markers, role headers, indentation)
+    facts = _tokenizer_facts(tokenizer, backend)
+    short = facts.short  # texts that recur in every turn: markers, role headers, indentation
 
     def encode(piece: str) -> list[int]:
         if len(piece) > 64:
@@ -813,10 +888,42 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
         return ids[len(newline):] if ids[: len(newline)] == newline else encode(piece)
 
     encoding = backend.encode(text, add_special_tokens=False)
-    whole, offsets = encoding.ids, encoding.offsets
-    added = backend.get_added_tokens_decoder()  # id -> AddedToken
-    anchors = [(k, offsets[k][0], offsets[k][1]) for k, t in enumerate(whole) if t in added]
-    anchors = [(k, a, b) for k, a, b in anchors if text[a:b] == added[whole[k]].content]
+    whole = encoding.ids  # (offsets and word ids are asked for per token: their whole lists cost more)
+    determined = facts.determined
+
+    def word_start(c: int) -> int | None:  # the token where a pre-token starts at char c, else None
+        j = encoding.char_to_token(c)
+        if j is None or encoding.token_to_chars(j)[0] != c or \
+                (j > 0 and encoding.token_to_word(j - 1) == encoding.token_to_word(j)):
+            return None
+        return j
+
+    def piece_from_whole(a: int, k_end: int, end_char: int) -> int | None:
+        """The token i where encode_piece(text[a:end_char]) == whole[i:k_end], an added token (token k_end)
+        starting at end_char and ending the segment; None when that cannot be shown (see _suffix_determined)."""
+        if not determined or a == 0 or text[a - 1] != "\n":
+            return None
+        if bisect.bisect_left(found_ends, a - 1 + 1) != bisect.bisect_left(found_starts, end_char):
+            return None  # an added token's text in between (its matching can depend on its neighbours)
+        j = word_start(a - 1)  # then whole[j:k_end] is encode("\n" + text[a:s])
+        if j is None:
+            return None
+        if whole[j:j + len(newline)] == newline:
+            return j + len(newline)
+        return word_start(a)  # encode_piece falls back to encode(text[a:end_char])
+
+    # Where added tokens' texts occur (leftmost, longest first, as the tokenizer matches them): every added token
+    # the tokenizer found has its text in `text` (no normalizer when `determined`), so a stretch no match
+    # touches holds none. Anchors: the matches that are one added token, exactly.
+    added = facts.added
+    found = [m.span() for m in facts.added_pattern.finditer(text)] if facts.added_pattern is not None else []
+    found_starts, found_ends = [a for a, _ in found], [b for _, b in found]
+    anchors = []
+    for a, b in found:
+        k = encoding.char_to_token(a)
+        if k is not None and whole[k] in added and encoding.token_to_chars(k) == (a, b) and \
+                added[whole[k]].content == text[a:b]:
+            anchors.append((k, a, b))
 
     anchor_ends = [end for _, _, end in anchors]
 
@@ -825,8 +932,9 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
         return anchors[j][1] if j >= 0 else -1
 
     bounds = [0] + [c for _, start, end in spans for c in (start, end)] + [len(text)]
-    ids: list[int] = []
-    labels: list[int] = []
+    # Each piece is compared with the whole text's tokens where it must sit: together they are `whole`.
+    labels = [IGNORE] * len(whole)
+    pos = 0  # tokens of `whole` matched by the pieces so far
     token_starts = []
     first = 0  # index of the first anchor not before the current piece
     for p in range(len(bounds) - 1):
@@ -838,21 +946,32 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
         while last < len(anchors) and anchors[last][2] <= b:
             last += 1
         head_encode = encode if a == 0 else encode_piece
+        if trained and p > 0 and not (bounds[p - 1] <= anchor_start_before(a) < a):
+            # The prompt piece holds no added token: compare the prompt's own tokens below. (When it holds one,
+            # its tail was encoded from the last one to the reply, and the pieces matching `whole` checks that.)
+            token_starts.append((pos, a))
         if last == first:  # no added token in the piece
             piece = head_encode(text[a:b])
+            end = pos + len(piece)
+            if whole[pos:end] != piece:
+                return None
         else:
             (k1, s1, _), (kl, sl, el) = anchors[first], anchors[last - 1]
             tail = [whole[kl]] if el == b else encode(text[sl:b])  # a piece that ends with the added token
-            if tail[:1] != [whole[kl]]:
+            end = kl + len(tail)
+            if tail[:1] != [whole[kl]] or (len(tail) > 1 and whole[kl:end] != tail):
                 return None
-            piece = head_encode(text[a:s1]) + whole[k1:kl] + tail
-        if trained and p > 0 and not (bounds[p - 1] <= anchor_start_before(a) < a):
-            # The prompt piece holds no added token: compare the prompt's own tokens below. (When it holds one,
-            # its tail was encoded from the last one to the reply, and ids == whole checks exactly that.)
-            token_starts.append((len(ids), a))
-        ids += piece
-        labels += piece if trained else [IGNORE] * len(piece)
-    if ids != whole:
+            head = piece_from_whole(a, k1, s1) if a > 0 else None
+            if head is None:
+                piece = head_encode(text[a:s1])
+                if pos + len(piece) != k1 or whole[pos:k1] != piece:
+                    return None
+            elif head != pos:
+                return None
+        if trained:
+            labels[pos:end] = whole[pos:end]
+        pos = end
+    if pos != len(whole):
         return None
     for start, char_start in token_starts:
         j = bisect.bisect_right(anchor_ends, char_start) - 1
@@ -861,7 +980,7 @@ def _build_once(tokenizer, text: str, spans: list[tuple[_Turn, int, int]]) -> Se
                 return None
         elif whole[anchors[j][0]:start] != encode(text[anchors[j][1]:char_start]):
             return None
-    return Sequence(ids, labels, source={"turns": [turn.index for turn, _, _ in spans]})
+    return Sequence(whole, labels, source={"turns": [turn.index for turn, _, _ in spans]})
 
 
 # ------------------------------------------------------------------------------------- generation helpers
