@@ -221,16 +221,24 @@ def test_data_check_writes_and_reads_the_entry_training_uses(tmp_path, chat_toke
     from tunekit.data.check import check_file
 
     monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    from tunekit.data import render
+
     path = write(tmp_path / "train.jsonl", 30)
-    fresh = check_file(path, tokenizer=chat_tokenizer, max_len=40, cache=False).to_dict()
+    options = [dict(max_len=40), dict(max_len=40, truncation="truncate"), dict(max_len=None), dict(max_len=2000)]
+    fresh = [check_file(path, tokenizer=chat_tokenizer, cache=False, **o).to_dict() for o in options]
     assert cache.entries(tmp_path / "cache") == []
-    first = check_file(path, tokenizer=chat_tokenizer, max_len=40).to_dict()
+    first = check_file(path, tokenizer=chat_tokenizer, **options[0]).to_dict()
     assert len(cache.entries(tmp_path / "cache")) == 1
     with monkeypatch.context() as m:
         no_rendering(m)
-        second = check_file(path, tokenizer=chat_tokenizer, max_len=40).to_dict()
+        m.setattr(render, "render_example", lambda *a, **k: pytest.fail("rendered a line the entry holds"))
+        again = [check_file(path, tokenizer=chat_tokenizer, **o).to_dict() for o in options]
         trained = read_examples(path, chat_tokenizer, DataConfig(train=path, num_workers=1))
-    assert first == second == fresh and fresh["stats"]["trained"]["max"] > 0
+    assert first == fresh[0] and again == fresh
+    stats = [f["stats"] for f in fresh]
+    assert stats[0]["over_max_len"] > 0 and stats[0]["trained_lost"] > 0  # the limit matters in drop ...
+    assert stats[1]["tokens_per_epoch"] > stats[0]["tokens_per_epoch"]  # ... and in truncate
+    assert stats[2]["over_max_len"] == stats[3]["over_max_len"] == 0 and stats[2]["trained"]["max"] > 0
     assert sum(len(ex) for ex in trained) == 30
 
 

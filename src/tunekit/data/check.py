@@ -215,12 +215,19 @@ def _char_counts(record: dict, fmt: Format) -> tuple[int, int]:
 def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
           count_fn: CountFn | None, max_len: int | None, max_line_bytes: int,
           truncation: Literal["drop", "truncate"] = "drop", store: Any = None) -> _Scan:
-    """One pass over a file. `store` (a `tunekit.data.cache.Store` of this file) gives each line's sequences
-    where it has them; `count_fn` renders the others."""
+    """One pass over a file. `store` (a `tunekit.data.cache.Store` of this file) gives each line's token counts
+    where it has the line, from its arrays; `count_fn` renders the others."""
     scan = _Scan(format=fmt)
     label = str(path)
+    stored: dict = {}
     if count_fn is not None and stats:
-        from tunekit.data.dataset import fit_to_max_len  # token statistics only: dataset imports torch
+        from tunekit.data.dataset import (  # token statistics: dataset imports torch
+            example_stats,
+            fit_to_max_len,
+        )
+
+        if store is not None:
+            stored = example_stats(store, max_len, truncation)
     for line in read_jsonl(path, max_line_bytes=max_line_bytes):
         scan.lines = line.number
         for issue in line.issues:
@@ -228,11 +235,10 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
         if line.record is None:
             continue
         used, issues = validate_in_file(line.record, scan.format)
-        if count_fn is not None and stats and not any(i.severity == "error" for i in issues):
+        counted = stored.get(line.number)
+        if count_fn is not None and stats and counted is None and not any(i.severity == "error" for i in issues):
             try:
-                sequences = store.line_sequences(line.number) if store is not None else None
-                if sequences is None:
-                    sequences = count_fn(line.record)
+                sequences = count_fn(line.record)
             except TunekitError as exc:  # e.g. a TemplateError for this example
                 message = "; ".join(p.message for p in exc.problems) or str(exc)
                 hints = [p.hint for p in exc.problems if p.hint]
@@ -254,6 +260,12 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
             scan.without_user += "user" not in roles
         if count_fn is None:
             total, trained = _char_counts(line.record, used)
+        elif counted is not None:
+            total, trained, over, lost, fitting, trained_fitting = counted
+            scan.over_max_len += over
+            scan.trained_lost += lost
+            scan.tokens_fitting += fitting
+            scan.trained_fitting += trained_fitting
         else:
             total = sum(len(s) for s in sequences)
             trained = sum(s.num_trained for s in sequences)

@@ -163,6 +163,35 @@ class SequenceView(SequenceABC):
         return self.limits.tolist()
 
 
+@dataclass
+class FitArrays:
+    """`fit_to_max_len`'s decision for each sequence of a cache entry (numpy arrays, one entry a sequence)."""
+
+    long: object  # longer than max_len (dropped or truncated)
+    keep: object  # trained on
+    limits: object  # tokens kept of it (its length, or max_len when truncated)
+    trained: object  # trained tokens once shifted, after any cut
+    lost: object  # trained tokens (once shifted) dropped or cut away
+
+
+def fit_arrays(store, index, max_len: int | None, mode: str) -> FitArrays:
+    """`fit_to_max_len` over the sequences `index` of a cache entry, from its arrays (None: no limit)."""
+    import numpy as np
+
+    lengths, targets = store.lengths[index], store.targets[index]
+    long = lengths > max_len if max_len is not None else np.zeros(len(index), dtype=bool)
+    if mode == "drop":
+        keep, limits, trained = ~long, lengths, targets
+        lost = np.where(long, targets, 0)
+    else:
+        trained = targets.copy()
+        for k in np.nonzero(long)[0]:
+            trained[k] = store.trained_targets(int(index[k]), max_len)
+        keep, limits = np.ones(len(index), dtype=bool), np.minimum(lengths, max_len) if max_len else lengths
+        lost = targets - trained
+    return FitArrays(long, keep & (trained > 0), limits, trained, lost)
+
+
 def fit_store(store, examples: list[int], max_len: int, mode: str) -> tuple[SequenceView, FitReport]:
     """`fit_to_max_len` over the sequences of `examples` (indices, in order) of a cache entry, from its arrays."""
     import numpy as np
@@ -170,26 +199,51 @@ def fit_store(store, examples: list[int], max_len: int, mode: str) -> tuple[Sequ
     chosen = np.zeros(store.n_examples, dtype=bool)
     chosen[np.asarray(examples, dtype=np.int64)] = True
     index = np.nonzero(chosen[store.example])[0]
-    lengths, targets = store.lengths[index], store.targets[index]
-    long = lengths > max_len
+    fit = fit_arrays(store, index, max_len, mode)
     report = FitReport(sequences=len(index))
     if mode == "drop":
-        report.dropped_too_long = int(long.sum())
-        report.dropped_trained_tokens = int(targets[long].sum())
-        keep, limits, trained = ~long, lengths, targets
+        report.dropped_too_long = int(fit.long.sum())
+        report.dropped_trained_tokens = int(fit.lost.sum())
     else:
-        trained = targets.copy()
-        for k in np.nonzero(long)[0]:
-            trained[k] = store.trained_targets(int(index[k]), max_len)
-        report.truncated = int(long.sum())
-        report.lost_trained_tokens = int((targets - trained)[long].sum())
-        keep, limits = np.ones(len(index), dtype=bool), np.minimum(lengths, max_len)
-    report.no_trained_tokens = int((keep & (trained == 0)).sum())
-    keep &= trained > 0
-    report.trained_tokens = int(trained[keep].sum())
-    report.tokens = int(limits[keep].sum())
-    report.kept = int(keep.sum())
-    return SequenceView(store, index[keep], limits[keep]), report
+        report.truncated = int(fit.long.sum())
+        report.lost_trained_tokens = int(fit.lost.sum())
+    candidates = ~fit.long if mode == "drop" else np.ones(len(index), dtype=bool)  # not dropped for length
+    report.no_trained_tokens = int((candidates & (fit.trained == 0)).sum())
+    report.trained_tokens = int(fit.trained[fit.keep].sum())
+    report.tokens = int(fit.limits[fit.keep].sum())
+    report.kept = int(fit.keep.sum())
+    return SequenceView(store, index[fit.keep], fit.limits[fit.keep]), report
+
+
+def example_stats(store, max_len: int | None, mode: str) -> dict[int, tuple[int, int, bool, int, int, int]]:
+    """Per line of a cache entry's file, what `tunekit data check` counts for its example: (tokens, trained
+    tokens, whether a sequence is longer than max_len, trained tokens lost to max_len, tokens and trained
+    tokens that fit), from the arrays alone (`fit_to_max_len`'s rules, None: no limit)."""
+    import numpy as np
+
+    n = len(store.example)
+    index = np.arange(n, dtype=np.int64)
+    fit = fit_arrays(store, index, max_len, mode)
+    starts = store.offsets[:-1]
+    lengths = store.lengths
+    nonempty = lengths > 0
+    trained = np.zeros(n, dtype=np.int64)  # unshifted trained tokens (Sequence.num_trained)
+    if nonempty.any():
+        trained[nonempty] = np.add.reduceat(store.trained, starts[nonempty], dtype=np.int64)
+    ex, m = store.example, store.n_examples
+
+    def per_example(values) -> list:
+        return np.bincount(ex, weights=values, minlength=m).astype(np.int64).tolist()
+
+    total, trained_ex = per_example(lengths), per_example(trained)
+    over = per_example(fit.long.astype(np.int64))
+    lost = per_example(fit.lost)
+    fitting = per_example(np.where(fit.keep, fit.limits, 0))
+    trained_fitting = per_example(np.where(fit.keep, fit.trained, 0))
+    present, first = np.unique(ex, return_index=True)  # each example's first sequence
+    lines = store.line[first].tolist()
+    return {line: (total[e], trained_ex[e], over[e] > 0, lost[e], fitting[e], trained_fitting[e])
+            for e, line in zip(present.tolist(), lines, strict=True)}
 
 
 @dataclass

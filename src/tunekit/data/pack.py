@@ -29,7 +29,10 @@ def shifted_targets(seq: Sequence) -> list[int]:
 
 def num_trained_targets(seq: Sequence) -> int:
     """Tokens that carry loss once shifted (a trained label at position 0 has nothing to predict it)."""
-    return sum(1 for label in seq.labels[1:] if label != IGNORE)
+    labels = seq.labels
+    if not labels:
+        return 0
+    return len(labels) - 1 - (labels.count(IGNORE) - (labels[0] == IGNORE))
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -23,4 +23,4 @@ class Sequence:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
+        return len(self.labels) - self.labels.count(IGNORE)
