@@ -171,7 +171,14 @@ class FitArrays:
     keep: object  # trained on
     limits: object  # tokens kept of it (its length, or max_len when truncated)
     trained: object  # trained tokens once shifted, after any cut
-    lost: object  # trained tokens (once shifted) dropped or cut away
+    targets: object  # trained tokens once shifted, before any cut
+    drop: bool  # data.truncation: drop (else truncate)
+
+    def lost(self):
+        """Trained tokens (once shifted) of each sequence dropped or cut away."""
+        import numpy as np
+
+        return np.where(self.long, self.targets, 0) if self.drop else self.targets - self.trained
 
 
 def fit_arrays(store, index, max_len: int | None, mode: str) -> FitArrays:
@@ -182,14 +189,12 @@ def fit_arrays(store, index, max_len: int | None, mode: str) -> FitArrays:
     long = lengths > max_len if max_len is not None else np.zeros(len(index), dtype=bool)
     if mode == "drop":
         keep, limits, trained = ~long, lengths, targets
-        lost = np.where(long, targets, 0)
     else:
         trained = targets.copy()
         for k in np.nonzero(long)[0]:
             trained[k] = store.trained_targets(int(index[k]), max_len)
         keep, limits = np.ones(len(index), dtype=bool), np.minimum(lengths, max_len) if max_len else lengths
-        lost = targets - trained
-    return FitArrays(long, keep & (trained > 0), limits, trained, lost)
+    return FitArrays(long, keep & (trained > 0), limits, trained, targets, mode == "drop")
 
 
 def fit_store(store, examples: list[int], max_len: int, mode: str) -> tuple[SequenceView, FitReport]:
@@ -203,12 +208,12 @@ def fit_store(store, examples: list[int], max_len: int, mode: str) -> tuple[Sequ
     report = FitReport(sequences=len(index))
     if mode == "drop":
         report.dropped_too_long = int(fit.long.sum())
-        report.dropped_trained_tokens = int(fit.lost.sum())
+        report.dropped_trained_tokens = int(fit.targets[fit.long].sum())
+        report.no_trained_tokens = int((~fit.long & (fit.trained == 0)).sum())
     else:
         report.truncated = int(fit.long.sum())
-        report.lost_trained_tokens = int(fit.lost.sum())
-    candidates = ~fit.long if mode == "drop" else np.ones(len(index), dtype=bool)  # not dropped for length
-    report.no_trained_tokens = int((candidates & (fit.trained == 0)).sum())
+        report.lost_trained_tokens = int((fit.targets - fit.trained)[fit.long].sum())
+        report.no_trained_tokens = int((fit.trained == 0).sum())
     report.trained_tokens = int(fit.trained[fit.keep].sum())
     report.tokens = int(fit.limits[fit.keep].sum())
     report.kept = int(fit.keep.sum())
@@ -237,7 +242,7 @@ def example_stats(store, max_len: int | None, mode: str) -> dict[int, tuple[int,
 
     total, trained_ex = per_example(lengths), per_example(trained)
     over = per_example(fit.long.astype(np.int64))
-    lost = per_example(fit.lost)
+    lost = per_example(fit.lost())
     fitting = per_example(np.where(fit.keep, fit.limits, 0))
     trained_fitting = per_example(np.where(fit.keep, fit.trained, 0))
     present, first = np.unique(ex, return_index=True)  # each example's first sequence

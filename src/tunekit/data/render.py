@@ -230,20 +230,20 @@ def prepare_chat(example: dict) -> Chat:
     call_names: dict[str, str] = {}  # tool_call id -> function name, for tool messages without a name
     pending: list[tuple[str, str]] = []  # (id, name) of the last assistant's calls not yet answered, in order
     for i, raw in enumerate(messages):
-        where = f"messages[{i}]"
         if not isinstance(raw, dict) or not isinstance(raw.get("role"), str):
-            raise DataError(Problem(where, 'must be an object with a "role"'))
+            raise DataError(Problem(f"messages[{i}]", 'must be an object with a "role"'))
         message = {k: v for k, v in raw.items() if v is not None and k not in ("weight", "function_call")}
         role = message["role"]
-        message["content"] = _content_text(raw.get("content"), f"{where}.content")
+        content = raw.get("content")
+        message["content"] = content if isinstance(content, str) else _content_text(content, f"messages[{i}].content")
         weight = raw.get("weight", 1)
         if weight not in (0, 1):
-            raise TemplateError(Problem(f"{where}.weight", f"must be 0 or 1, not {weight!r}"))
+            raise TemplateError(Problem(f"messages[{i}].weight", f"must be 0 or 1, not {weight!r}"))
         if role == "assistant":
             calls = list(raw.get("tool_calls") or [])
             if raw.get("function_call"):
                 calls.append({"id": f"call_{i}", "type": "function", "function": raw["function_call"]})
-            calls = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            calls = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
             message.pop("tool_calls", None)
             if calls:  # an empty list would make some templates drop the content
                 message["tool_calls"] = calls
@@ -708,6 +708,17 @@ def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
     return _LAYOUTS[key]
 
 
+_MARKED: dict[str, bool] = {}  # chat template -> whether it has {% generation %} blocks
+
+
+def _has_generation_markers(template: str) -> bool:
+    if template not in _MARKED:
+        if len(_MARKED) > 64:
+            _MARKED.clear()
+        _MARKED[template] = bool(GENERATION_MARKER.search(template))
+    return _MARKED[template]
+
+
 def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
     """The sequence prefix rendering gives for `chat`, from one render; None where not proven."""
     messages = chat.messages
@@ -720,7 +731,7 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
     layout = _layout(tokenizer, template, messages[0]["role"] == "system")
     if layout is None:
         return None
-    markers = bool(GENERATION_MARKER.search(template))
+    markers = _has_generation_markers(template)
     try:
         full, blocks = _render_tracked(tokenizer, template, messages, None, tracked=markers)
         _check_rendered(chat, full)
