@@ -13,7 +13,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from live_server import free_port
 from safetensors.torch import load_file
 from toy_runs import toy_config
 
@@ -169,17 +169,11 @@ def test_a_killed_rank_ends_the_run_and_resume_matches(tmp_path, tiny_llama_dir)
     assert_same_weights(cfg.output.dir / "final", reference.run_dir / "final")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_one_machine_train_the_same_model(tmp_path, tiny_llama_dir):
     """Two torchrun launches (--nnodes 2, one process each) meeting at 127.0.0.1, as on two machines."""
     one = train(dist_config(tmp_path, tiny_llama_dir, "one", "full", "fsdp2")[0])
     cfg, path = dist_config(tmp_path, tiny_llama_dir, "nodes", "full", "fsdp2")
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
                                "-m", "tunekit", "train", str(path)],

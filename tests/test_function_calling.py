@@ -8,9 +8,6 @@ still reach the floor measured at these settings: it has learned the call format
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -118,35 +115,14 @@ def test_short_run_learns_the_call_format(short_run):
     assert tuned.metrics["loss"] < 1.0 < 20 < base.metrics["loss"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_client_runs_the_tools_the_served_model_calls(short_run, capsys):
     pytest.importorskip("openai", reason="client.py needs the serve extra: pip install -e '.[serve]'")
-    import uvicorn
-
-    from tunekit.serve.app import ServeSettings, create_app
+    from live_server import serving
 
     tools = load("tools")
     client = load("client")
-    port = free_port()
-    app = create_app(ServeSettings(models=[f"function-calling={short_run}"], port=port, device="cpu"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        [(_, made, answer)] = client.main(["What's the weather in Lisbon?", "--base-url",
-                                           f"http://127.0.0.1:{port}/v1"])
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(models=[f"function-calling={short_run}"]) as (url, _):
+        [(_, made, answer)] = client.main(["What's the weather in Lisbon?", "--base-url", url])
     # The served model's reply came back through the API as structured tool_calls; client.py ran each
     # call's Python function on the parsed arguments and sent the result back; the model then replied.
     assert made, "the tuned run made no tool call through the API"

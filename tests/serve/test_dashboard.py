@@ -18,8 +18,8 @@ import pytest
 openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
 
+from live_server import serving  # noqa: E402
 from test_finetune import QUESTION, greedy, sdk, tiny_job, toy_jsonl, upload  # noqa: E402
-from test_serve import serving  # noqa: E402
 
 STEPS = 300  # at most, in the job of the browser test: a few seconds, so the page shows the curve growing
 CHROMIUM = os.environ.get("TUNEKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -22,7 +22,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
 
-from test_serve import free_port, serving  # noqa: E402
+from live_server import free_port, serving  # noqa: E402
 from toy_runs import WORDS  # noqa: E402
 
 from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402

@@ -13,7 +13,7 @@ schemathesis = pytest.importorskip("schemathesis", reason="the fuzz test needs s
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
-from test_serve import serving  # noqa: E402
+from live_server import serving  # noqa: E402
 
 EXAMPLES_PER_OPERATION = 25
 

@@ -7,10 +7,7 @@ Replies are compared with tunekit's greedy `evaluate.generate` on the same model
 from __future__ import annotations
 
 import json
-import socket
 import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,50 +16,16 @@ openai = pytest.importorskip("openai", reason="tunekit serve tests need the serv
 pytest.importorskip("fastapi", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 
-from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run  # noqa: E402
+from live_server import serving, start  # noqa: E402
 
+from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run  # noqa: E402
 from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
 from tunekit.evaluate import generate  # noqa: E402
 from tunekit.model import load_for_inference  # noqa: E402
-from tunekit.serve.app import ServeSettings, create_app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CHAT = REPO / "models" / "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello! How are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(**settings):
-    """(uvicorn server, its thread, base_url, app): a server running in a thread on 127.0.0.1."""
-    import uvicorn
-
-    port = free_port()
-    app = create_app(ServeSettings(port=port, device="cpu", **settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}/v1", app
-
-
-@contextmanager
-def serving(**settings):
-    """(base_url, app) of a server running in a thread on 127.0.0.1; stopped on exit."""
-    server, thread, url, app = start(**settings)
-    try:
-        yield url, app
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def client(base_url: str, key: str = "anything") -> openai.OpenAI:
