@@ -13,6 +13,26 @@ import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+_QUIET = None  # llama.cpp's log callback, kept alive while the process runs
+
+
+def _load(gguf: str, **params):
+    """A llama.cpp model from `gguf` with these llama_model_params set, llama.cpp's own logging off."""
+    import llama_cpp as ll
+
+    global _QUIET
+    if _QUIET is None:
+        _QUIET = ll.llama_log_callback(lambda level, text, user_data: None)
+        ll.llama_log_set(_QUIET, None)  # llama.cpp logs every load to stderr otherwise
+        ll.llama_backend_init()
+    model_params = ll.llama_model_default_params()
+    for name, value in params.items():
+        setattr(model_params, name, value)
+    model = ll.llama_model_load_from_file(gguf.encode(), model_params)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    return model
+
 
 def _run(gguf: str, prompts: list[list[int]], texts: list[str], stop: list[int], max_new_tokens: int,
          threads: int, repack: bool) -> dict:
@@ -22,14 +42,7 @@ def _run(gguf: str, prompts: list[list[int]], texts: list[str], stop: list[int],
     import llama_cpp as ll
     import numpy as np
 
-    quiet = ll.llama_log_callback(lambda level, text, user_data: None)
-    ll.llama_log_set(quiet, None)  # llama.cpp logs every load to stderr otherwise
-    ll.llama_backend_init()
-    params = ll.llama_model_default_params()
-    params.use_extra_bufts = repack
-    model = ll.llama_model_load_from_file(gguf.encode(), params)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    model = _load(gguf, use_extra_bufts=repack)
     cparams = ll.llama_context_default_params()
     cparams.n_ctx, cparams.n_batch, cparams.n_threads, cparams.n_threads_batch = 512, 512, threads, threads
     ctx = ll.llama_init_from_model(model, cparams)
@@ -82,14 +95,7 @@ def llama_cpp_greedy(gguf, prompts, texts=(), stop=(), max_new_tokens: int = 24,
 def _adds_bos(gguf: str) -> bool:
     import llama_cpp as ll
 
-    quiet = ll.llama_log_callback(lambda level, text, user_data: None)
-    ll.llama_log_set(quiet, None)
-    ll.llama_backend_init()
-    params = ll.llama_model_default_params()
-    params.vocab_only = True
-    model = ll.llama_model_load_from_file(gguf.encode(), params)
-    if not model:
-        raise RuntimeError(f"llama.cpp could not load {gguf}")
+    model = _load(gguf, vocab_only=True)
     try:
         return bool(ll.llama_vocab_get_add_bos(ll.llama_model_get_vocab(model)))
     finally:
