@@ -381,10 +381,16 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None, dry_run: bool =
         d = distributed.setup(cfg)
     if console is None or not d.main:  # only the main process prints
         console = Console(stderr=True, quiet=not d.main)
+    together = False  # every process ends here in step (done, or stopped on request): they meet first
     try:
-        return _train(cfg, d, resume=resume, console=console, dry_run=dry_run)
+        result = _train(cfg, d, resume=resume, console=console, dry_run=dry_run)
+        together = True
+        return result
+    except TrainingStopped:
+        together = True
+        raise
     finally:
-        distributed.teardown(d)
+        distributed.teardown(d, together=together)
 
 
 def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = False) -> TrainResult:
