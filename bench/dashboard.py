@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,15 +24,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.serve import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 PAGES = {"data": ("#/data", "#files, #files-empty"), "jobs": ("#/jobs", "#jobs-empty, #jobs"),
          "playground": ("#/playground", "#pg-model"), "compare": ("#/compare", "#cmp-model-1")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:

@@ -11,21 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+from example_modules import load_example, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "examples" / "quickstart"
 TINY = REPO / "models" / "tiny-chat"
-
-
-def load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", QUICKSTART / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,7 +23,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_shipped_data_is_what_the_generator_writes(tmp_path):
-    make_data = load_make_data()
+    make_data = load_example("quickstart", "make_data")
     train, valid = make_data.make_split(800, 100, seed=0)
     make_data.write_jsonl(tmp_path / "train.jsonl", train)
     make_data.write_jsonl(tmp_path / "valid.jsonl", valid)
@@ -42,7 +32,7 @@ def test_shipped_data_is_what_the_generator_writes(tmp_path):
 
 
 def test_answers_are_the_generic_names_in_order():
-    make_data = load_make_data()
+    make_data = load_example("quickstart", "make_data")
     rows = read_jsonl(QUICKSTART / "train.jsonl") + read_jsonl(QUICKSTART / "valid.jsonl")
     assert len(rows) == 900
     for row in rows:
@@ -67,7 +57,7 @@ def test_validation_never_repeats_a_training_recipe():
 
 
 def test_generator_seed_changes_the_data():
-    make_data = load_make_data()
+    make_data = load_example("quickstart", "make_data")
     a, _ = make_data.make_split(50, 5, seed=0)
     b, _ = make_data.make_split(50, 5, seed=1)
     assert a != b
@@ -122,7 +112,7 @@ def test_shipped_tokenizer_speaks_chatml():
 
 def test_corpus_is_deterministic_and_leaves_out_the_quickstart_task():
     make_tiny_model = load_make_tiny_model()
-    make_data = load_make_data()
+    make_data = load_example("quickstart", "make_data")
     assert make_tiny_model.make_corpus(300, seed=0) == make_tiny_model.make_corpus(300, seed=0)
     assert make_tiny_model.make_corpus(300, seed=0) != make_tiny_model.make_corpus(300, seed=1)
     docs = make_tiny_model.make_corpus(130000, seed=0)  # the corpus of the shipped model

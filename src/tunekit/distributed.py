@@ -98,7 +98,7 @@ def setup(cfg: RunConfig) -> Dist:
         return SINGLE
     import torch.distributed as dist
 
-    _die_with_launcher()
+    die_with_parent()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     if cuda:
@@ -108,15 +108,17 @@ def setup(cfg: RunConfig) -> Dist:
     return Dist(rank, world, local_rank, resolve_strategy(cfg))
 
 
-def _die_with_launcher() -> None:
-    """Linux: this process gets SIGKILL when its parent (torchrun's agent) dies, even by SIGKILL, instead of
-    training on alone until a collective times out."""
+def die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, even by SIGKILL (PR_SET_PDEATHSIG; strictly, when
+    the thread that started it ends). A training process under torchrun's agent then does not train on alone
+    until a collective times out; a job's process (`preexec_fn` of the server's worker) does not outlive the
+    server. Elsewhere: nothing."""
     if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 

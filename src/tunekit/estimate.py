@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from tunekit.config import RunConfig
-from tunekit.model import apply_method, read_run_dir, resolve_device, resolve_dtype
+from tunekit.model import apply_method, config_source, resolve_device, resolve_dtype
 
 MB = 2**20
 # AdamW keeps two moments per trained parameter.
@@ -91,22 +91,11 @@ class MemoryEstimate:
                    and k != "processes"}, "total": self.total / MB}
 
 
-def _config_source(base: str) -> str:
-    """Where the base model's config.json is (following earlier runs to the model they started from)."""
-    run = read_run_dir(base)
-    while run is not None:
-        if not run.has_adapter:
-            return str(run.final)
-        base = run.cfg.model.base
-        run = read_run_dir(base)
-    return base
-
-
 def model_shapes(cfg: RunConfig) -> Shapes:
     """Counts from the model built on the meta device (no weights are read or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(_config_source(cfg.model.base), trust_remote_code=cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(config_source(cfg.model.base), trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.method == "full":

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunekit.config import DataConfig, RunConfig, load_config
+from tunekit.config import RunConfig, load_config
 from tunekit.data.formats import read_jsonl
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, Problem, TemplateError, TunekitError
@@ -532,16 +532,12 @@ def _cached_lines(data: str, tokenizer, config: RunConfig | None) -> Callable[[i
     """The sequences that training's rendered-data cache holds for a line of the evaluation file (written now
     when there is no entry), or a function that always answers None when the run turned the cache off or the
     file cannot be rendered whole for training."""
-    from tunekit.data.dataset import cached_store
+    from tunekit.data.dataset import cached_store_if_whole
 
     if config is None or not config.data.cache:
         return lambda line: None
-    try:
-        options = config.data.model_dump(exclude={"train", "validation", "validation_fraction"})
-        store = cached_store(Path(data), tokenizer, DataConfig(train=Path(data), **options))
-    except TunekitError:
-        return lambda line: None
-    return store.line_sequences
+    store = cached_store_if_whole(Path(data), tokenizer, config.data)  # its options; the file is `data`
+    return (lambda line: None) if store is None else store.line_sequences
 
 
 def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample],

@@ -76,6 +76,15 @@ class _Plan:
     converter: Path | None = None
     pre_tokenizer: str | None = None  # tag for an unknown BPE tokenizer (gguf)
     ollama: object | None = None  # tunekit.ollama.OllamaTemplate learned from the chat template (ollama)
+    _tokenizer: object | None = None
+
+    def tokenizer(self):
+        """The run's tokenizer (from `tokenizer_dir`), loaded once per export."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        return self._tokenizer
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -203,18 +212,6 @@ def _adapter_base_source(run) -> str | None:
     return None
 
 
-def _config_dir(run) -> str:
-    """A folder (or hub id) with the config.json of the run's architecture."""
-    from tunekit.model import read_run_dir
-
-    base = run.cfg.model.base
-    while (prev := read_run_dir(base)) is not None:
-        if not prev.has_adapter:
-            return str(prev.final)
-        base = prev.cfg.model.base
-    return base
-
-
 def missing_modules(*modules: str) -> list[str]:
     import importlib.util
 
@@ -230,7 +227,9 @@ def _check_gguf(plan: _Plan, converter, problems: list[Problem], log) -> None:
     plan.converter = find_converter(converter, problems, log)
     if plan.converter is None:
         return
-    config_dir = Path(_config_dir(_run(plan)))
+    from tunekit.model import config_source
+
+    config_dir = Path(config_source(_run(plan).cfg.model.base))
     if not (config_dir / "config.json").is_file():
         problems.append(Problem("model.base", f"cannot read the architecture: no config.json in {config_dir}",
                                 "GGUF export needs a local base model dir"))
@@ -278,11 +277,9 @@ def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
 
 
 def _check_ollama(plan: _Plan, problems: list[Problem]) -> None:
-    from transformers import AutoTokenizer
-
     from tunekit.ollama import learn
 
-    plan.ollama, why = learn(AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)))
+    plan.ollama, why = learn(plan.tokenizer())
     if plan.ollama is None:
         problems.append(Problem(str(plan.tokenizer_dir), f"the chat template cannot be written as an Ollama "
                                                          f"TEMPLATE: {why}",
@@ -418,9 +415,7 @@ def load_merged(plan: _Plan, say=lambda message: None):
         model = _qlora_dequantized(plan)
         notes.append("QLoRA: the 4-bit base was dequantized (the weights the adapter was trained on) before "
                      "the adapter was merged into it")
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+        tokenizer = plan.tokenizer()
     else:
         model, tokenizer = load_for_inference(plan.weights)
         if plan.is_adapter:
@@ -491,9 +486,7 @@ def _write_adapter(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
     for f in plan.weights.iterdir():
         if f.name.startswith("adapter_"):
             shutil.copy(f, tmp / f.name)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp))
+    plan.tokenizer().save_pretrained(str(tmp))
     resolved = _adapter_base_source(run)
     if resolved is None:
         from tunekit.model import adapter_base, resolve_device
@@ -502,7 +495,7 @@ def _write_adapter(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
         cfg = run.cfg.model_copy(update={"method": "lora"})
         under = adapter_base(run, cfg, resolve_device("cpu"), quantize=False)
         under.save_pretrained(str(tmp / "merged-base"), safe_serialization=True)
-        AutoTokenizer.from_pretrained(str(plan.tokenizer_dir)).save_pretrained(str(tmp / "merged-base"))
+        plan.tokenizer().save_pretrained(str(tmp / "merged-base"))
         resolved = str(plan.out.resolve() / "merged-base")
         notes.append("the adapter was trained on an earlier run's adapter merged into its base: that model is "
                      "in merged-base/")
@@ -576,12 +569,10 @@ def data_prompts(paths: list[Path], limit: int = 2000) -> tuple[list[list[dict]]
 
 def ollama_template(plan: _Plan, gguf: Path) -> tuple[object, list[str]]:
     """The learned TEMPLATE fitted to how llama.cpp tokenizes the GGUF, checked on the run's own prompts."""
-    from transformers import AutoTokenizer
-
     from tunekit.gguf_run import llama_cpp_adds_bos
     from tunekit.ollama import START, verify
 
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    tokenizer = plan.tokenizer()
     template, notes = plan.ollama, list(plan.ollama.notes)
     bos = tokenizer.bos_token
     starts_with_bos = bool(bos) and all(v.startswith(bos) for k, v in template.transitions.items() if k[0] == START)
@@ -604,11 +595,9 @@ def ollama_template(plan: _Plan, gguf: Path) -> tuple[object, list[str]]:
 
 
 def modelfile(plan: _Plan, gguf_name: str, template) -> str:
-    from transformers import AutoTokenizer
-
     from tunekit.data.render import end_of_turn_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.tokenizer_dir))
+    tokenizer = plan.tokenizer()
     stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))))
     lines = [f"# {plan.name}: exported by tunekit from {plan.run_dir}"
              + (f" ({plan.checkpoint})" if plan.checkpoint else ""),

@@ -115,6 +115,16 @@ def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, 
                                    "give a local model dir, an earlier run dir, or a reachable hub id")) from None
 
 
+def config_source(base: str) -> str:
+    """Where the config.json of `base`'s architecture is: a model dir or hub id, or for a run the `final/` of
+    the first run down its chain that holds full weights (runs on adapters lead to the model they started from)."""
+    while (run := read_run_dir(base)) is not None:
+        if not run.has_adapter:
+            return str(run.final)
+        base = run.cfg.model.base
+    return base
+
+
 def adapter_base(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool):
     """The model the adapter in `run.final` was trained on top of (rebuilt from the run's own config)."""
     prev = read_run_dir(run.cfg.model.base)

@@ -164,6 +164,10 @@ def test_broken_upload_shows_its_line_errors(page, tmp_path):
 def test_api_key_is_asked_once_and_kept_for_the_session(browser, tiny_llama_dir):
     with serving(models=[f"tiny={tiny_llama_dir}"], api_keys=["secret"]) as (url, _):
         context = browser.new_context()
+        # count every time a dialog opens (the key dialog is the page's only modal one)
+        context.add_init_script("window.__modals = 0; const open = HTMLDialogElement.prototype.showModal;"
+                                "HTMLDialogElement.prototype.showModal = function () { window.__modals += 1;"
+                                " return open.call(this); };")
         page = context.new_page()
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -172,13 +176,14 @@ def test_api_key_is_asked_once_and_kept_for_the_session(browser, tiny_llama_dir)
         page.fill("#key-input", "secret")
         page.click("#key-save")
         page.wait_for_selector("#no-training-files")
+        assert page.evaluate("window.__modals") == 1
         assert "start it with --data-dir" in page.inner_text("main .error")  # this server keeps no jobs
         page.goto(url.removesuffix("/v1") + "/#/playground")
         page.wait_for_selector("#pg-model")
         assert page.locator("#pg-model option").all_inner_texts() == ["tiny"]
         page.goto(url.removesuffix("/v1") + "/#/compare")  # another page, same tab: no second question
         page.wait_for_selector("#cmp-model-0")
-        assert not page.locator("#key-dialog[open]").count()
+        assert not page.locator("#key-dialog[open]").count() and page.evaluate("window.__modals") == 1  # still one
         assert page.evaluate("sessionStorage.getItem('tunekit-api-key')") == "secret" and errors == []
         context.close()
 

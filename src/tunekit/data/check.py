@@ -307,14 +307,11 @@ def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int) -> A
     when there is none; None when the file cannot be rendered whole (the scan then reports each line) or the
     cache folder cannot be written."""
     from tunekit.config import DataConfig
-    from tunekit.data.dataset import cached_store
+    from tunekit.data.dataset import cached_store_if_whole
 
     if max_line_bytes != MAX_LINE_BYTES:  # training reads lines of any length: its entry may hold more
         return None
-    try:
-        return cached_store(path, tokenizer, DataConfig(train=path, format=fmt))
-    except TunekitError:
-        return None
+    return cached_store_if_whole(path, tokenizer, DataConfig(train=path, format=fmt))
 
 
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 from tunekit.config import DataConfig
 from tunekit.data.pack import best_fit_decreasing, num_trained_targets
 from tunekit.data.types import Sequence
-from tunekit.errors import DataError, Problem
+from tunekit.errors import DataError, Problem, TunekitError
 
 
 def read_examples(path: Path, tokenizer, data: DataConfig) -> list[list[Sequence]]:
@@ -49,6 +49,15 @@ def cached_store(path: Path, tokenizer, data: DataConfig):
                                     "data.cache: false")) from None
         store = cache.open_entry(cache_dir, key, path)
     return store
+
+
+def cached_store_if_whole(path: Path, tokenizer, data: DataConfig):
+    """`cached_store` for readers that can do without it (`tunekit data check`, evaluation): None when the file
+    cannot be rendered whole for training or the entry cannot be written."""
+    try:
+        return cached_store(path, tokenizer, data)
+    except TunekitError:
+        return None
 
 
 def _rendered(path: Path, tokenizer, data: DataConfig) -> Iterator[tuple[int, list[Sequence]]]:

@@ -33,16 +33,21 @@ def runs(sequence: Sequence) -> list[tuple[bool, list[int]]]:
     return out
 
 
+def decoded_runs(sequences: list[Sequence], tokenizer) -> list[list[tuple[bool, str]]]:
+    """Per sequence, its runs as (trained?, text). Runs are decoded whole, so characters of several tokens
+    (emoji, CJK under byte-level BPE) come out intact."""
+    return [[(trained, tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+             for trained, ids in runs(sequence)] for sequence in sequences]
+
+
 def preview_example(example: dict, tokenizer, *, unstable_template: str = "split") -> Preview:
-    """Render an example and mark its trained tokens. Runs are decoded whole, so characters of several
-    tokens (emoji, CJK under byte-level BPE) print intact."""
+    """Render an example and mark its trained tokens."""
     sequences = render_example(example, tokenizer, unstable_template=unstable_template)
     text = Text()
-    for k, sequence in enumerate(sequences):
+    for k, pieces in enumerate(decoded_runs(sequences, tokenizer)):
         if len(sequences) > 1:
             text.append(f"── sequence {k + 1} of {len(sequences)} ──\n", style="bold")
-        for trained, ids in runs(sequence):
-            piece = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for trained, piece in pieces:
             text.append(piece, style=TRAINED_STYLE if trained else PROMPT_STYLE)
         text.append("\n")
     return Preview(text=text, tokens=sum(len(s) for s in sequences),

@@ -791,7 +791,6 @@ def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:
         return None
 
 
-_SUFFIX_DETERMINED: dict[bytes, bool] = {}  # pre-tokenizer JSON -> whether `_suffix_determined` holds
 _LOOKS_BEHIND = ("(?<", "\\b", "\\B", "^", "\\A", "\\G")  # regex syntax that reads text before a position
 
 
@@ -824,10 +823,7 @@ def _suffix_determined(backend) -> bool:
     post = backend.post_processor
     if post is not None and b'"trim_offsets":true' in post.__getstate__():
         return False  # offsets would not say where tokens start
-    key = pre.__getstate__()
-    if key not in _SUFFIX_DETERMINED:
-        _SUFFIX_DETERMINED[key] = _pre_tokenizer_suffix_determined(json.loads(key))
-    return _SUFFIX_DETERMINED[key]
+    return _pre_tokenizer_suffix_determined(json.loads(pre.__getstate__()))  # kept per tokenizer: _tokenizer_facts
 
 
 @dataclass

@@ -226,7 +226,7 @@ async def preview_file(request: Request, file_id: str, model: str,
 
 def _preview(path, tokenizer, n: int) -> dict:
     from tunekit.data.formats import read_jsonl, validate_in_file
-    from tunekit.data.preview import runs
+    from tunekit.data.preview import decoded_runs
     from tunekit.data.render import render_example
     from tunekit.errors import TunekitError
 
@@ -249,10 +249,8 @@ def _preview(path, tokenizer, n: int) -> dict:
             item["error"] = "; ".join(p.message + (f" ({p.hint})" if p.hint else "") for p in exc.problems)
             data.append(item)
             continue
-        # runs are decoded whole, as `tunekit data preview` prints them (characters of several tokens intact)
-        item["sequences"] = [[{"trained": trained, "text": tokenizer.decode(ids, skip_special_tokens=False,
-                                                                       clean_up_tokenization_spaces=False)}
-                         for trained, ids in runs(seq)] for seq in sequences]
+        item["sequences"] = [[{"trained": trained, "text": text} for trained, text in pieces]
+                             for pieces in decoded_runs(sequences, tokenizer)]  # as `tunekit data preview`
         item["tokens"] = sum(len(s) for s in sequences)
         item["trained"] = sum(s.num_trained for s in sequences)
         data.append(item)

@@ -188,17 +188,6 @@ class _Run:
     steps: dict[int, dict] = field(default_factory=dict)  # metrics rows by step
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: Linux kills it when the server dies (PR_SET_PDEATHSIG; strictly, when the
-    thread that started it ends: the worker thread, which lives as long as the server)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def _kill(proc: subprocess.Popen) -> None:
     """SIGKILL a job's training: its process and, under --nproc, the processes it started (its group)."""
     try:
@@ -367,10 +356,12 @@ class Worker:
                                                              for p in (run_dir / "checkpoints").iterdir())
         cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
             ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
+        from tunekit.distributed import die_with_parent
+
         with open(job_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=job_dir, start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                    preexec_fn=die_with_parent)
         self.runs[job["id"]] = _Run(job["id"], proc, run_dir, time.time())
         if self.store.set_job(job["id"], when_status=["queued"], status="running"):
             self.store.add_event(job["id"], "Fine-tuning job started" + (" (resumed from its last checkpoint)"
