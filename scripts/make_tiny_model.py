@@ -10,11 +10,13 @@ Steps, all deterministic from --seed:
   2. tokenizer: byte-level BPE (tokenizers library) trained on the corpus, ChatML special tokens,
      <|im_end|> as eos, a ChatML chat template.
   3. a random-init model dir (LlamaConfig, tied embeddings) saved with the tokenizer.
-  4. pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
-  5. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer and a model card.
+  4. stage 1 pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
+  5. stage 2: more steps from stage 1's weights on chats that copy made-up names, random numbers and
+     codes (NOVEL_TASKS), which stage 1's word lists cannot teach.
+  6. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer, build.json and a model card.
 
-    python scripts/make_tiny_model.py       # 2000 steps: ~25 min on 2 CPU cores with AVX512-BF16
-    python scripts/make_tiny_model.py --max-steps 20 --out /tmp/tiny   # a quick trial
+    python scripts/make_tiny_model.py       # 2000 + 600 steps: ~35 min on 2 CPU cores with AVX512-BF16
+    python scripts/make_tiny_model.py --max-steps 20 --copy-steps 10 --out /tmp/tiny   # a quick trial
 """
 
 from __future__ import annotations
@@ -281,6 +283,97 @@ def _cooking(rng: random.Random) -> tuple[str, str]:
             + COOK_STEPS[rng.randrange(len(COOK_STEPS))].format(t=200, m=rng.choice([10, 20, 30])))
 
 
+# Copying what the model has never seen. The tasks above copy words from the lists in this file, and a model
+# can learn those as a vocabulary to choose from instead of copying: asked to repeat "Bofa Sistol Graitrain" it
+# answers with list words. The tasks below put made-up names, random numbers and letter codes in the user's
+# message, so that only copying token by token (from wherever they stand) predicts the reply.
+NOVEL_ONSETS = ["b", "bl", "br", "c", "ch", "d", "dr", "f", "fl", "g", "gl", "gr", "h", "j", "k", "kl", "l", "m",
+                "n", "p", "pl", "pr", "qu", "r", "s", "sh", "sk", "sl", "sp", "st", "t", "th", "tr", "v", "w", "y",
+                "z"]
+NOVEL_VOWELS = ["a", "e", "i", "o", "u", "y", "ai", "au", "ea", "ee", "ie", "oo", "ou", "oi"]
+NOVEL_CODAS = ["", "", "", "", "b", "ck", "d", "f", "g", "k", "l", "m", "n", "nd", "ng", "nt", "p", "r", "rt",
+               "s", "sh", "st", "t", "x", "z"]
+NOVEL_KEYS = ["name", "city", "place", "item", "amount", "count", "code", "unit", "day", "colour", "price",
+              "id", "size", "owner", "town", "level"]
+
+
+def novel_name(rng: random.Random) -> str:
+    """A made-up name of 1-4 syllables ("Brelom", "Skoutaif"): none repeats often enough to be learned."""
+    name = "".join(rng.choice(NOVEL_ONSETS) + rng.choice(NOVEL_VOWELS) for _ in range(rng.randint(1, 4)))
+    name += rng.choice(NOVEL_CODAS)
+    return name.capitalize() if rng.random() < 0.8 else name
+
+
+def novel_number(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.5:
+        return str(rng.randint(0, 10 ** rng.randint(1, 5)))
+    if kind < 0.8:
+        return f"{rng.randint(0, 9999) / 10 ** rng.randint(1, 2):g}"
+    return str(-rng.randint(1, 999)) if kind < 0.85 else "0." + str(rng.randint(1, 99))
+
+
+def novel_code(rng: random.Random) -> str:
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    code = "".join(rng.choice(letters) for _ in range(rng.randint(2, 4)))
+    return code + (f"-{rng.randint(1, 99)}" if rng.random() < 0.2 else "")
+
+
+def novel_value(rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.45:
+        return novel_name(rng)
+    if r < 0.8:
+        return novel_number(rng)
+    if r < 0.92:
+        return novel_code(rng)
+    return rng.choice(ANY_WORD)
+
+
+def _copy_novel(rng: random.Random) -> tuple[str, str]:
+    words = [novel_value(rng) for _ in range(rng.randint(1, 8))]
+    return rng.choice(["Repeat these words: ", "Copy exactly: ", "Say back: ", "Repeat after me: "]) + " ".join(words), \
+        " ".join(words)
+
+
+def _json_novel(rng: random.Random) -> tuple[str, str]:
+    """Fields written in a sentence or a list -> a JSON object with the same values, in the same order."""
+    keys = rng.sample(NOVEL_KEYS, rng.randint(1, 4))
+    record = {}
+    for key in keys:
+        value = novel_number(rng) if key in ("amount", "count", "price", "size", "level", "id") else \
+            novel_code(rng) if key in ("code", "unit") and rng.random() < 0.7 else novel_name(rng)
+        number = value.lstrip("-").replace(".", "", 1).isdigit() and json.dumps(json.loads(value)) == value
+        record[key] = json.loads(value) if number else value  # a number only where JSON writes it the same
+    style = rng.randrange(3)
+    if style == 0:
+        text = ", ".join(f"{k} {record[k]}" for k in keys)
+    elif style == 1:
+        text = "; ".join(f"{k}: {record[k]}" for k in keys)
+    else:
+        text = " and ".join(f"the {k} is {record[k]}" for k in keys)
+        text = text[0].upper() + text[1:] + "."
+    ask = rng.choice(["Write this as a JSON object: ", "Put these into JSON: ", "As a JSON object, please: "])
+    return ask + text, json.dumps(record)
+
+
+def _find_novel(rng: random.Random) -> tuple[str, str]:
+    """The one name, number or code among filler words."""
+    kind = rng.choice(["name", "number", "code"])
+    value = {"name": novel_name, "number": novel_number, "code": novel_code}[kind](rng)
+    words = rng.sample(FILLER, rng.randint(1, 4)) + [value] + rng.sample(FILLER, rng.randint(0, 4))
+    return f"Which {kind} is in this text? {' '.join(words)}.", value
+
+
+def _novel_list(rng: random.Random) -> tuple[str, str]:
+    items = [novel_value(rng) for _ in range(rng.randint(2, 5))]
+    return f"Turn this into a JSON list: {', '.join(items)}", json.dumps(items)
+
+
+NOVEL_TASKS = {"copy_novel": (_copy_novel, 3), "json_novel": (_json_novel, 3), "find_novel": (_find_novel, 2),
+               "novel_list": (_novel_list, 2)}
+
+
 # Chat tasks and their weights. Most make the model copy words from the user's message into its reply
 # (extraction, lists, repeating, reading a line): the skill a small model needs most before it can be
 # fine-tuned on a task like the quickstart's. Random words make copying the only way to predict them.
@@ -292,13 +385,13 @@ CHAT_TASKS = {
 }
 
 
-def chat_turn(rng: random.Random) -> tuple[str, str]:
-    """One (user, assistant) exchange of a task drawn from CHAT_TASKS by weight."""
-    task = rng.choices(list(CHAT_TASKS.values()), weights=[w for _, w in CHAT_TASKS.values()])[0][0]
+def chat_turn(rng: random.Random, tasks: dict = CHAT_TASKS) -> tuple[str, str]:
+    """One (user, assistant) exchange of a task drawn from `tasks` by weight."""
+    task = rng.choices(list(tasks.values()), weights=[w for _, w in tasks.values()])[0][0]
     return task(rng)
 
 
-def chat(rng: random.Random) -> str:
+def chat(rng: random.Random, tasks: dict = CHAT_TASKS) -> str:
     """A ChatML conversation of 1-3 exchanges, with a system prompt half of the time.
 
     The text stops right after the last assistant content: the text format appends the eos
@@ -309,7 +402,7 @@ def chat(rng: random.Random) -> str:
         parts.append(f"<|im_start|>system\n{rng.choice(SYSTEMS)}<|im_end|>\n")
     n = rng.choice([1, 1, 1, 2, 3])
     for i in range(n):
-        user, assistant = chat_turn(rng)
+        user, assistant = chat_turn(rng, tasks)
         end = "" if i == n - 1 else "<|im_end|>\n"
         parts.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}{end}")
     return "".join(parts)
@@ -330,6 +423,13 @@ def make_corpus(n_docs: int, seed: int) -> list[str]:
         else:
             docs.append(json_record(rng))
     return docs
+
+
+def make_copy_corpus(n_docs: int, seed: int) -> list[str]:
+    """Stage 2's chats: 70% of the novel-copy tasks only, 30% of those and the stage-1 chat tasks together."""
+    rng = random.Random(f"copy-{seed}")
+    both = dict(CHAT_TASKS, **NOVEL_TASKS)
+    return [chat(rng, NOVEL_TASKS if rng.random() < 0.7 else both) for _ in range(n_docs)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,7 +478,8 @@ def save_random_init(path: Path, tokenizer, hidden: int, layers: int, heads: int
     return sum(p.numel() for p in model.parameters())
 
 
-def pretrain_config(init_dir: Path, corpus: Path, run_dir: Path, args: argparse.Namespace):
+def pretrain_config(init_dir: Path, corpus: Path, run_dir: Path, args: argparse.Namespace,
+                    max_steps: int | None = None):
     from tunekit.config import config_from_dict
 
     return config_from_dict({
@@ -386,7 +487,7 @@ def pretrain_config(init_dir: Path, corpus: Path, run_dir: Path, args: argparse.
         "data": {"train": str(corpus), "format": "text", "max_len": args.max_len, "truncation": "truncate",
                  "packing": True, "seed": args.seed},
         "method": "full",
-        "train": {"epochs": 1, "max_steps": args.max_steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
+        "train": {"epochs": 1, "max_steps": max_steps or args.max_steps, "lr": args.lr, "batch_tokens": args.batch_tokens,
                   "micro_batch_size": args.micro_batch_size, "scheduler": "cosine", "warmup_ratio": 0.03,
                   "weight_decay": 0.1, "adam_betas": [0.9, 0.95], "max_grad_norm": 1.0, "seed": args.seed,
                   "mixed_precision": args.mixed_precision, "log_every": 10, "threads": args.threads,
@@ -420,10 +521,9 @@ structure and JSON lists, and little else.
 | chat template | ChatML (`<|im_start|>role\\n...<|im_end|>\\n`) |
 | context | {max_len} tokens trained (positions up to 1024) |
 | weights | fp32 safetensors, {size_mb:.1f} MiB |
-| corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 78% ChatML chats, 7% prose, 10% recipe cards, 5% JSON records |
-| pretraining | {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, {precision}, seed {seed} |
-| final train loss | {final_loss} |
-| pretraining time | {minutes:.1f} min on {threads} CPU threads (a 2-core machine with AVX512-BF16) |
+| stage 1 corpus | {n_docs:,} generated documents, {corpus_tokens:,} tokens: 78% ChatML chats, 7% prose, 10% recipe cards, 5% JSON records |
+| stage 1 pretraining | from random init: {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine, {precision}, seed {seed}; final train loss {stage1_loss}; {minutes:.1f} min on {threads} CPU threads (a 2-core machine with AVX512-BF16) |
+{stage2_rows}| final train loss | {final_loss} |
 
 ## Corpus
 
@@ -436,6 +536,14 @@ item; the rest are small arithmetic, a sentence into a JSON object, counting, a 
 context, greetings and cooking questions. No external text is used, so the corpus carries no
 third-party licence.
 
+Stage 2 teaches what stage 1 could not: copying what the model has never seen. Stage 1's copy tasks draw
+their words from the lists in the script, and a model can learn those as a vocabulary to choose from: after
+stage 1 alone, asked to repeat "Bofa Sistol Graitrain", it answered with list words, and a fine-tune could
+not teach it to copy a made-up city or an amount into a tool call. Stage 2's chats put made-up names
+("Skoutaif"), random numbers ("-65", "613.9") and letter codes ("BVC-3") in the user's message: repeat
+them, write them as a JSON object or a JSON list, find the one among filler words; 30% of the chats mix
+in stage 1's tasks.
+
 The corpus deliberately leaves out the quickstart task (ingredient lines -> JSON list of generic
 ingredient names): its bulleted lists never hold food words or cooking units, and recipe cards appear
 only as plain text, so the model fails the task until it is fine-tuned (see `examples/quickstart/`).
@@ -444,8 +552,9 @@ only as plain text, so the model fails the task until it is fine-tuned (see `exa
 
     python scripts/make_tiny_model.py
 
-rebuilds the model from the same seed with the settings above (the shipped weights were made by exactly
-this command). Float arithmetic differs across CPU types and thread counts, so a rebuild on another
+rebuilds the model from the same seed with the settings above: stage 1, then stage 2 from its result.
+`--stage1 DIR` runs stage 2 only, from a model dir this script wrote (its `build.json` holds the facts of
+its stages). Float arithmetic differs across CPU types and thread counts, so a rebuild on another
 machine gives a model of the same recipe, not bit-identical weights.
 
 ## Licence
@@ -461,6 +570,10 @@ demonstrating fine-tuning.
 """
 
 
+STAGE2_ROWS = """| stage 2 corpus | {n_docs:,} generated ChatML chats, {corpus_tokens:,} tokens: copying made-up names, random numbers and codes |
+| stage 2 pretraining | from stage 1: {steps} steps, {trained_tokens:,} trained tokens, batch {batch_tokens} tokens, AdamW lr {lr} cosine; final train loss {final_loss}; {minutes:.1f} min |
+"""
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -468,9 +581,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Build the shipped tiny chat model (models/tiny-chat).")
     parser.add_argument("--out", type=Path, default=REPO / "models" / "tiny-chat")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "tiny-chat-build",
-                        help="scratch dir: corpus, random init, pretraining run")
+                        help="scratch dir: corpora, random init, the two pretraining runs")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--docs", type=int, default=130000, help="corpus documents")
+    parser.add_argument("--docs", type=int, default=130000, help="stage 1 corpus documents")
+    parser.add_argument("--copy-docs", type=int, default=30000, help="stage 2 corpus documents")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -479,12 +593,16 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--max-steps", type=int, default=2000)
+    parser.add_argument("--max-steps", type=int, default=2000, help="stage 1 steps")
+    parser.add_argument("--copy-steps", type=int, default=600, help="stage 2 steps (0: no stage 2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="bf16",
                         help="bf16 autocast: ~2x faster on CPUs with AVX512-BF16, fp32 weights either way")
+    parser.add_argument("--stage1", type=Path, default=None,
+                        help="a model dir this script built (with its build.json): stage 2 starts from it "
+                             "instead of pretraining stage 1 again")
     parser.add_argument("--ship-only", action="store_true",
-                        help="skip pretraining: write --out from the finished run in --work")
+                        help="skip pretraining: write --out from the finished runs in --work")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -493,46 +611,86 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     docs = make_corpus(args.docs, args.seed)
-    corpus = args.work / "corpus.jsonl"
+    copy_docs = make_copy_corpus(args.copy_docs, args.seed) if args.copy_steps else []
     init_dir = args.work / "init"
-    if args.ship_only:  # the pretraining run in --work is done: only write --out again
-        tokenizer = AutoTokenizer.from_pretrained(init_dir)
+    stage1_run, stage2_run = args.work / "run", args.work / "run-copy"
+    if args.stage1 is not None:  # stage 1 as built before: its weights, tokenizer and facts
+        build = args.stage1 / "build.json"
+        if not build.is_file():
+            raise SystemExit(f"{build} is missing: --stage1 takes a model dir written by this script")
+        stage1 = json.loads(build.read_text())["stage1"]
+        stage1_dir = args.stage1
+        tokenizer = AutoTokenizer.from_pretrained(args.stage1)
     else:
-        with corpus.open("w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(json.dumps({"text": doc}) + "\n")
-        tokenizer = train_tokenizer(docs, args.vocab)
-        params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.heads, args.seed)
-        print(f"random init: {params} parameters in {init_dir}", flush=True)
-        train(pretrain_config(init_dir, corpus, args.work / "run", args))
-    corpus_tokens = sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # + eos
-    ship(args.work / "run", args.out, tokenizer, args, n_docs=len(docs), corpus_tokens=corpus_tokens)
+        stage1_dir = stage1_run / "final"
+        if args.ship_only:
+            tokenizer = AutoTokenizer.from_pretrained(init_dir)
+        else:
+            write_corpus(docs, args.work / "corpus.jsonl")
+            tokenizer = train_tokenizer(docs, args.vocab)
+            params = save_random_init(init_dir, tokenizer, args.hidden, args.layers, args.heads, args.seed)
+            print(f"random init: {params} parameters in {init_dir}", flush=True)
+            train(pretrain_config(init_dir, args.work / "corpus.jsonl", stage1_run, args))
+        stage1 = stage_facts(stage1_run)
+        stage1.update(docs=len(docs), corpus_tokens=count_tokens(tokenizer, docs))
+    stage2 = None
+    if args.copy_steps:
+        if not args.ship_only:
+            write_corpus(copy_docs, args.work / "copy.jsonl")
+            train(pretrain_config(stage1_dir, args.work / "copy.jsonl", stage2_run, args, args.copy_steps))
+        stage2 = stage_facts(stage2_run)
+        stage2.update(docs=len(copy_docs), corpus_tokens=count_tokens(tokenizer, copy_docs))
+    ship(stage2_run if stage2 else stage1_run, args.out, tokenizer, args, stage1=stage1, stage2=stage2)
 
 
-def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, n_docs: int, corpus_tokens: int) -> None:
-    """Write the final weights (fp32: 4 bytes x ~3.8M parameters < 16 MB), tokenizer and model card."""
+def write_corpus(docs: list[str], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+
+
+def count_tokens(tokenizer, docs: list[str]) -> int:
+    return sum(len(ids) + 1 for ids in tokenizer(docs, add_special_tokens=False)["input_ids"])  # + eos
+
+
+def stage_facts(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"steps": summary["steps"], "trained_tokens": summary["trained_tokens"],
+            "final_loss": round(summary["final_train_loss"], 3), "minutes": round(summary["wall_time_s"] / 60, 1)}
+
+
+def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, stage1: dict, stage2: dict | None) -> None:
+    """Write the final weights (fp32: 4 bytes x ~4M parameters < 16 MB), tokenizer, build.json and model card."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    summary = json.loads((run_dir / "summary.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
     model.config.use_cache = True  # the run saved its training setting; generation wants the KV cache
+    staging = out.with_name(out.name + ".new")  # --stage1 may be --out itself: read all before replacing it
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "build.json").write_text(json.dumps({"stage1": stage1, "stage2": stage2}, indent=1) + "\n")
+    size_mb = sum(p.stat().st_size for p in staging.glob("*.safetensors")) / 2**20
+    precision = "bf16 autocast (fp32 weights)" if args.mixed_precision == "bf16" else "fp32"
+    stage2_rows = "" if stage2 is None else STAGE2_ROWS.format(
+        n_docs=stage2["docs"], corpus_tokens=stage2["corpus_tokens"], steps=stage2["steps"],
+        trained_tokens=stage2["trained_tokens"], final_loss=f"{stage2['final_loss']:.3f}", minutes=stage2["minutes"],
+        batch_tokens=args.batch_tokens, lr=args.lr)
+    final = stage2 or stage1
+    (staging / "README.md").write_text(CARD.format(
+        params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.heads,
+        head_dim=args.hidden // args.heads, inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len,
+        size_mb=size_mb, n_docs=stage1["docs"], corpus_tokens=stage1["corpus_tokens"], steps=stage1["steps"],
+        trained_tokens=stage1["trained_tokens"], batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
+        stage1_loss=f"{stage1['final_loss']:.3f}", minutes=stage1["minutes"], threads=args.threads,
+        precision=precision, stage2_rows=stage2_rows, final_loss=f"{final['final_loss']:.3f}"), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    size_mb = sum(p.stat().st_size for p in out.glob("*.safetensors")) / 2**20
-    final_loss = summary["final_train_loss"]
-    (out / "README.md").write_text(CARD.format(
-        params_m=params / 1e6, params=params, hidden=args.hidden, layers=args.layers, heads=args.heads, head_dim=args.hidden // args.heads,
-        inter=args.hidden * 3, vocab=len(tokenizer), max_len=args.max_len, size_mb=size_mb, n_docs=n_docs,
-        corpus_tokens=corpus_tokens, steps=summary["steps"], trained_tokens=summary["trained_tokens"],
-        batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed, final_loss=f"{final_loss:.3f}",
-        minutes=summary["wall_time_s"] / 60, threads=args.threads,
-        precision="bf16 autocast (fp32 weights)" if args.mixed_precision == "bf16" else "fp32"), encoding="utf-8")
-    print(f"wrote {out} ({size_mb:.1f} MiB, final train loss {final_loss:.3f}, "
-          f"pretraining {summary['wall_time_s'] / 60:.1f} min)")
+    staging.rename(out)
+    print(f"wrote {out} ({size_mb:.1f} MiB, final train loss {final['final_loss']:.3f})")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,12 @@ def test_template_renders_tools_calls_and_results():
 
 STEPS = 100  # the shipped config trains more; the floors below were measured at these settings
 HELD_OUT = 40
-PARSED_FLOOR = 0.9  # measured at these settings: 35 of 36 held-out tool questions answered with calls that parse
+# Measured at these settings with the shipped model, on the 36 tool questions of the first 40 held-out ones:
+# calls that parse 36/36, the right tool(s) 22/36 (61%), names and arguments right 8/36 (22%). The shipped
+# config's 471 steps reach 88.8% on all 89 (README); 200 steps measured 47%.
+PARSED_FLOOR = 0.9
+NAME_FLOOR = 0.45
+ACCURACY_FLOOR = 0.12
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +102,13 @@ def short_run(tmp_path_factory) -> Path:
 
 
 def test_short_run_learns_the_call_format(short_run):
-    """100 steps teach the syntax: the tuned run answers held-out tool questions with calls that parse (the
-    base never does) and its held-out loss falls from ~21 to under 1 (measured: 0.59). Which tool and which arguments need
-    the full config, and even then the tiny model mostly misses them (README: measured accuracies)."""
+    """100 steps teach the syntax and start on the arguments: the tuned run answers held-out tool questions
+    with calls that parse (the base never does), some with the right arguments copied from the question, and
+    its held-out loss falls from ~8.5 to under 0.5 (measured: 0.09)."""
     from tunekit.evaluate import evaluate
     from tunekit.toolcalls import parse_tool_calls
 
-    result = evaluate(short_run, EXAMPLE / "valid.jsonl", baselines=["base"], limit=HELD_OUT, max_new_tokens=96,
+    result = evaluate(short_run, EXAMPLE / "valid.jsonl", baselines=["base"], limit=HELD_OUT, max_new_tokens=200,
                       batch_size=20, device="cpu")
     tuned, base = result.candidates
     on_calls = [i for i, ex in enumerate(result.examples) if ex.reference.is_tool_call]
@@ -112,7 +117,9 @@ def test_short_run_learns_the_call_format(short_run):
         return sum(bool(parse_tool_calls(c.predictions[i])) for i in on_calls) / len(on_calls)
     assert parsed(base) == 0.0 and base.metrics["tool_call_accuracy"] == 0.0
     assert parsed(tuned) >= PARSED_FLOOR
-    assert tuned.metrics["loss"] < 1.0 < 20 < base.metrics["loss"]
+    assert tuned.metrics["tool_call_name"] >= NAME_FLOOR
+    assert tuned.metrics["tool_call_accuracy"] >= ACCURACY_FLOOR
+    assert tuned.metrics["loss"] < 0.5 < 5 < base.metrics["loss"]
 
 
 def test_client_runs_the_tools_the_served_model_calls(short_run, capsys):

@@ -16,7 +16,7 @@ step "2/4 fine-tune models/tiny-chat to call the tools"
 $T train $E/config.yaml "$@"
 
 step "3/4 evaluate: tool-call accuracy of the tuned run vs the base on the 100 held-out questions"
-$T eval runs/function-calling --data $E/valid.jsonl --baseline base --max-new-tokens 96
+$T eval runs/function-calling --data $E/valid.jsonl --baseline base --max-new-tokens 200
 
 step "4/4 serve the tuned run and call it with the openai SDK"
 PORT=$(.venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
