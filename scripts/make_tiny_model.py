@@ -511,7 +511,7 @@ tags: [tunekit, tiny, chatml, llama]
 A {params_m:.1f}M-parameter Llama-shaped chat model, pretrained from scratch on this repository's own
 generated text with tunekit's training loop. It ships with tunekit so that the quickstart runs on any
 machine, offline, in minutes on a CPU. It is a teaching model: it knows a little English, the ChatML chat
-structure and JSON lists, and little else.
+structure and JSON, it copies names and numbers it has never seen, and little else.
 
 | | |
 |---|---|
