@@ -42,23 +42,26 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
-def _full_options():
+def _full_options(trainable_only: bool = False):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # full_state_dict: whole tensors, not this rank's shards; cpu_offload: gathered to the main process's CPU.
-    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # full_state_dict: whole tensors, not this rank's shards; cpu_offload: gathered to the main process's CPU;
+    # ignore_frozen_params: only what trains (an adapter's weights), not the frozen base it is attached to.
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
 
 
 def save_weights(model, tokenizer, path: Path, d: Dist = SINGLE) -> None:
     """peft adapter (adapter_config.json + adapter_model.safetensors) or the full model, safetensors.
 
-    Under FSDP2 every rank takes part in gathering the shards; the main process writes them.
+    Under FSDP2 every rank takes part in gathering the shards; the main process writes them. An adapter's
+    save gathers the trainable parameters only (peft writes nothing else), not the whole frozen base.
     """
     state = None
     if d.strategy == "fsdp2":
+        from peft import PeftModel
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(model, options=_full_options())
+        state = get_model_state_dict(model, options=_full_options(trainable_only=isinstance(model, PeftModel)))
     if not d.main:
         return
     model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
