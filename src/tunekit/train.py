@@ -499,7 +499,9 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                                          cfg.data.packing, pad_id)
             # Micro-batches per process in this step, the same on every rank (their collectives pair up).
             n_micro = math.ceil(math.ceil(len(step_rows) / d.world_size) / plan.micro_batch_size)
-            filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if d.on else None
+            # A rank with fewer rows than n_micro pads its passes with a weight-0 row (built only then).
+            short = d.on and len(micro_batches) < n_micro
+            filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if short else None
 
             t0 = time.time()
             step_nll, n_trained, n_correct = backward_step(net, micro_batches, device, cfg.train.mixed_precision,
