@@ -624,12 +624,33 @@ def test_a_job_trains_on_several_processes_and_cancel_stops_them_all(tmp_path, t
         workers = [int(c) for t in Path(f"/proc/{launcher.pid}/task").iterdir()
                    for c in (t / "children").read_text().split()]
         assert len(workers) == 2
+        # torchrun starts each worker in a session of its own, outside the job's process group.
+        assert os.getpgid(launcher.pid) == launcher.pid not in [os.getpgid(pid) for pid in workers]
         client.fine_tuning.jobs.cancel(long.id)
         launcher.wait(timeout=30)
         deadline = time.monotonic() + 30
         while any(Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid) for pid in workers):
             assert time.monotonic() < deadline, "a training process outlived its cancelled job"
             time.sleep(0.1)
+
+
+def test_kill_reaches_processes_outside_the_jobs_group():
+    """A job's process whose child started a session of its own (as torchrun's workers do) and does not die
+    with its parent: the kill that cancel uses ends both."""
+    from tunekit.serve.worker import _kill
+
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+            "print(p.pid, flush=True); time.sleep(60)")
+    job = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(job.stdout.readline())
+    assert os.getpgid(child) != os.getpgid(job.pid)
+    _kill(job)
+    job.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and _proc_state(child) != "Z":
+        assert time.monotonic() < deadline, "the child in its own session outlived the kill"
+        time.sleep(0.05)
 
 
 def _proc_state(pid: int) -> str:

@@ -188,12 +188,34 @@ class _Run:
     steps: dict[int, dict] = field(default_factory=dict)  # metrics rows by step
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (Linux: /proc/PID/task/TID/children; elsewhere none are found)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += children
+            todo += children
+    return found
+
+
 def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a job's training: its process and, under --nproc, the processes it started (its group)."""
+    """SIGKILL a job's training: its process group and every process under it. Under --nproc torchrun starts
+    each worker in a session of its own, outside the job's group; they are found before anything is killed
+    (a killed parent's children are handed to init)."""
+    under = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         proc.kill()
+    for pid in under:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 class Worker:
