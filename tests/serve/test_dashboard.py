@@ -69,6 +69,28 @@ def test_check_endpoint_reports_lines_fields_counts_and_token_stats(server, tiny
     assert with_tokens["stats"]["epochs"] == 10  # the cookbook rule: ceil(100 / 11)
 
 
+def test_check_with_a_model_writes_the_data_cache_once_and_reads_it_after(server, tiny_llama_dir):
+    """The report's token statistics come through the rendered-data cache that training reads: the first
+    report writes the entry, the second reads it (no new entry) and says the same; both equal the CLI's."""
+    from tunekit.data import cache
+    from tunekit.data.check import check_file, load_tokenizer
+
+    url, _ = server
+    client = sdk(url)
+    data = toy_jsonl(17, 4242)  # contents no other test uploads
+    f = upload(client, data, name="cached.jsonl")
+    before = {e.key for e in cache.entries(cache.default_dir())}
+    first = get(client, f"/files/{f.id}/check?model=tiny")
+    written = {e.key for e in cache.entries(cache.default_dir())} - before
+    assert len(written) == 1 and first["stats"]["unit"] == "tokens" and first["ok"]
+    again = get(client, f"/files/{f.id}/check?model=tiny")
+    assert {e.key for e in cache.entries(cache.default_dir())} - before == written
+    assert again["stats"] == first["stats"]
+    path = tiny_llama_dir.parent / "cached.jsonl"
+    path.write_bytes(data)
+    assert check_file(path, tokenizer=load_tokenizer(str(tiny_llama_dir)), cache=False).to_dict()["stats"] == first["stats"]
+
+
 def test_preview_endpoint_marks_exactly_the_trained_tokens(server, tiny_llama_dir):
     from tunekit.data.check import load_tokenizer
     from tunekit.data.render import render_example

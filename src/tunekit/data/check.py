@@ -302,7 +302,7 @@ def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarra
     return sd, order
 
 
-def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int) -> Any:
+def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int, num_workers: int | str) -> Any:
     """The data cache's entry for `path` rendered with `tokenizer` (training's default options), written now
     when there is none; None when the file cannot be rendered whole (the scan then reports each line) or the
     cache folder cannot be written."""
@@ -311,14 +311,14 @@ def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int) -> A
 
     if max_line_bytes != MAX_LINE_BYTES:  # training reads lines of any length: its entry may hold more
         return None
-    return cached_store_if_whole(path, tokenizer, DataConfig(train=path, format=fmt))
+    return cached_store_if_whole(path, tokenizer, DataConfig(train=path, format=fmt, num_workers=num_workers))
 
 
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
                max_len: int | None = None, count_fn: CountFn | None = None,
                fmt: Literal["auto", "chat", "completion", "text"] = "auto",
                max_line_bytes: int = MAX_LINE_BYTES, truncation: Literal["drop", "truncate"] = "drop",
-               cache: bool = True) -> CheckReport:
+               cache: bool = True, num_workers: int | Literal["auto"] = "auto") -> CheckReport:
     """Check a training file (and optionally a validation file) in one streaming pass each.
 
     `count_fn(example) -> list[Sequence]` gives token statistics; when None and a tokenizer is given, the
@@ -326,14 +326,15 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
     none, so a later `tunekit train` on the file reuses it), and `tunekit.data.render.render_example` bound to
     the tokenizer where the file cannot be rendered whole. Raises DataError only when a file cannot be opened
     at all (missing, a directory); everything else is a problem in the report. A line longer than
-    `max_line_bytes` is reported (`line_too_long`) and never loaded.
+    `max_line_bytes` is reported (`line_too_long`) and never loaded. `num_workers`: processes that render
+    (1: in this process, as a server does).
     """
     path = check_readable(path)
     if validation is not None:
         validation = check_readable(validation)
     store = None
     if count_fn is None and tokenizer is not None and cache:
-        store = _cache_entry(path, tokenizer, fmt, max_line_bytes)
+        store = _cache_entry(path, tokenizer, fmt, max_line_bytes, num_workers)
         if store is not None:
             from tunekit.data.render import render_example
 
@@ -344,7 +345,7 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
 
         # render_example for each record, rendered ahead on every core in file order
         count_fn = rendered_ahead(path, tokenizer, fmt=None if fmt == "auto" else fmt,
-                                  max_line_bytes=max_line_bytes)
+                                  max_line_bytes=max_line_bytes, num_workers=num_workers)
 
     problems = _Problems()
     scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,

@@ -199,14 +199,13 @@ async def check_file_report(request: Request, file_id: str, model: str | None = 
 
 def _check_report(path, tokenizer, max_len: int | None) -> dict:
     from tunekit.data.check import check_file
-    from tunekit.data.render import render_example
     from tunekit.errors import TunekitError
 
-    # rendered here, one example at a time: no process pool inside the server (the CLI's check renders ahead
-    # on every core, which costs a pool start-up that a dashboard click should not wait for)
-    count_fn = None if tokenizer is None else (lambda example: render_example(example, tokenizer))
+    # Rendered in this process (no process pool inside the server: the CLI's check renders on every core, which
+    # costs a pool start-up that a dashboard click should not wait for), through the rendered-data cache: the
+    # first report with a model writes the entry, later reports and a fine-tune job on the file read it.
     try:
-        return check_file(path, count_fn=count_fn, tokenizer=tokenizer, max_len=max_len).to_dict()
+        return check_file(path, tokenizer=tokenizer, max_len=max_len, num_workers=1).to_dict()
     except TunekitError as exc:  # the file cannot be opened at all
         raise APIError(400, "; ".join(p.message for p in exc.problems), param="file_id") from None
 
