@@ -450,6 +450,24 @@ async function pageJob(main, id) {
     h("h2", {}, "Loss"), chart, modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
   let reportShown = false;
   let lastStatus = null;
+  let evs = [];  // every event read so far, newest first (the API's order)
+  const seen = new Set();
+
+  // the events newer than those already read: pages from the newest until one holds a known event
+  async function newEvents() {
+    const fresh = [];
+    let after = null;
+    for (;;) {
+      const page = await call(`/fine_tuning/jobs/${id}/events?limit=50${after ? `&after=${encodeURIComponent(after)}` : ""}`);
+      const unseen = page.data.filter((e) => !seen.has(e.id));
+      fresh.push(...unseen);
+      if (unseen.length < page.data.length || !page.has_more || !page.data.length) break;
+      after = page.data[page.data.length - 1].id;
+    }
+    for (const e of fresh) seen.add(e.id);
+    evs = fresh.concat(evs);
+    return fresh;
+  }
 
   const act = (verb) => guarded(msg, async () => {
     await call(`/fine_tuning/jobs/${id}/${verb}`, { method: "POST" });
@@ -460,7 +478,8 @@ async function pageJob(main, id) {
     const job = await guarded(msg, () => call(`/fine_tuning/jobs/${id}`));
     if (!job) return false;
     const hp = job.hyperparameters;
-    if (job.status !== lastStatus) {
+    const statusChanged = job.status !== lastStatus;
+    if (statusChanged) {
       lastStatus = job.status;
       head.replaceChildren(h("h1", {}, "Job ", h("span", { class: "mono" }, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
         h("p", { class: "muted" }, `base ${job.model} · training ${job.training_file}${job.validation_file ? ` · validation ${job.validation_file}` : ""}`
@@ -474,15 +493,17 @@ async function pageJob(main, id) {
       msg.replaceChildren(h("div", { class: "error", role: "alert", id: "job-error" },
         h("strong", {}, `Failed (${job.error.code})`), `: ${job.error.message}`, job.error.param ? ` [${job.error.param}]` : ""));
     }
-    const evs = await listAll(`/fine_tuning/jobs/${id}/events`).catch(() => null);
-    if (evs) {
+    const fresh = await newEvents().catch(() => null);
+    if (fresh && (fresh.length || statusChanged)) {  // redrawn only when something new arrived
       const points = evs.filter((e) => e.type === "metrics" && e.data).map((e) => e.data).sort((a, b) => a.step - b.step);
       chart.replaceChildren(lossChart(points));
       events.replaceChildren(h("table", { id: "events" }, h("tbody", {}, evs.map((e) => h("tr", {},
         h("td", { class: "muted" }, when(e.created_at)), h("td", { class: `sev-${e.level === "warn" ? "warning" : e.level}` }, e.level),
         h("td", {}, e.message))))));
     }
-    const cps = await call(`/fine_tuning/jobs/${id}/checkpoints?limit=100`).catch(() => null);
+    // checkpoints change when one is written (an event says so; older ones may go then) and when the job ends
+    const cps = statusChanged || (fresh && fresh.some((e) => e.message.startsWith("Checkpoint created")))
+      ? await call(`/fine_tuning/jobs/${id}/checkpoints?limit=100`).catch(() => null) : null;
     if (cps) {
       ckpts.replaceChildren(cps.data.length ? h("table", { id: "checkpoints" },
         h("thead", {}, h("tr", {}, ["Step", "Model name", "Train loss", "Valid loss"].map((x) => h("th", {}, x)))),
