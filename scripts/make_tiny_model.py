@@ -554,7 +554,7 @@ only as plain text, so the model fails the task until it is fine-tuned (see `exa
 
 rebuilds the model from the same seed with the settings above: stage 1, then stage 2 from its result.
 `--stage1 DIR` runs stage 2 only, from a model dir this script wrote (its `build.json` holds the facts of
-its stages). Float arithmetic differs across CPU types and thread counts, so a rebuild on another
+its stages). {made_by} Float arithmetic differs across CPU types and thread counts, so a rebuild on another
 machine gives a model of the same recipe, not bit-identical weights.
 
 ## Licence
@@ -640,7 +640,11 @@ def main() -> None:
             train(pretrain_config(stage1_dir, args.work / "copy.jsonl", stage2_run, args, args.copy_steps))
         stage2 = stage_facts(stage2_run)
         stage2.update(docs=len(copy_docs), corpus_tokens=count_tokens(tokenizer, copy_docs))
-    ship(stage2_run if stage2 else stage1_run, args.out, tokenizer, args, stage1=stage1, stage2=stage2)
+    made_by = ("These weights were made by exactly this command." if args.stage1 is None else
+               "These weights: stage 1 as shipped before (made by this script's stage 1), then stage 2 run on it "
+               f"with `python scripts/make_tiny_model.py --stage1 {args.stage1}`.")
+    ship(stage2_run if stage2 else stage1_run, args.out, tokenizer, args, stage1=stage1, stage2=stage2,
+         made_by=made_by)
 
 
 def write_corpus(docs: list[str], path: Path) -> None:
@@ -659,7 +663,8 @@ def stage_facts(run_dir: Path) -> dict:
             "final_loss": round(summary["final_train_loss"], 3), "minutes": round(summary["wall_time_s"] / 60, 1)}
 
 
-def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, stage1: dict, stage2: dict | None) -> None:
+def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, stage1: dict, stage2: dict | None,
+         made_by: str) -> None:
     """Write the final weights (fp32: 4 bytes x ~4M parameters < 16 MB), tokenizer, build.json and model card."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -686,7 +691,8 @@ def ship(run_dir: Path, out: Path, tokenizer, args: argparse.Namespace, *, stage
         size_mb=size_mb, n_docs=stage1["docs"], corpus_tokens=stage1["corpus_tokens"], steps=stage1["steps"],
         trained_tokens=stage1["trained_tokens"], batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
         stage1_loss=f"{stage1['final_loss']:.3f}", minutes=stage1["minutes"], threads=args.threads,
-        precision=precision, stage2_rows=stage2_rows, final_loss=f"{final['final_loss']:.3f}"), encoding="utf-8")
+        precision=precision, stage2_rows=stage2_rows, final_loss=f"{final['final_loss']:.3f}",
+        made_by=made_by), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
