@@ -69,6 +69,14 @@ def save_weights(model, tokenizer, path: Path, d: Dist = SINGLE) -> None:
         tokenizer.save_pretrained(str(path))
 
 
+def copy_weights(ckpt: Path, dest: Path) -> None:
+    """A checkpoint's weight files (what `save_weights` wrote there, the training state left out) into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and f.name not in (OPTIM_FILE, RNG_FILE, STATE_FILE):
+            shutil.copy2(f, dest / f.name)
+
+
 def save_checkpoint(run_dir: Path, model, net, optimizer, scheduler, state: dict, keep_last: int,
                     d: Dist = SINGLE) -> Path:
     """Write checkpoints/step-NNNNNN atomically; `net` is the (wrapped) module the optimizer trains."""

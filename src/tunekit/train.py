@@ -28,12 +28,12 @@ from torch.utils.checkpoint import checkpoint
 
 from tunekit import distributed, trackers
 from tunekit.checkpoint import (
+    copy_weights,
     list_checkpoints,
     load_training_state,
     load_weights,
     restore_rng,
     save_checkpoint,
-    save_weights,
 )
 from tunekit.config import RunConfig, load_config
 from tunekit.data.check import recommended_epochs
@@ -481,8 +481,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     tracking = trackers.Trackers.start(cfg, run_dir, resume=resume) if d.main else trackers.Trackers()
     max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
 
-    def checkpoint_now() -> None:
-        save_checkpoint(run_dir, model, net, optimizer, scheduler,
+    def checkpoint_now() -> Path:
+        return save_checkpoint(run_dir, model, net, optimizer, scheduler,
                         _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
 
     # --- 4. the loop --------------------------------------------------------------------------------
@@ -566,12 +566,12 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
 
     # --- 5. final weights, summary ------------------------------------------------------------------
     peaks = distributed.gather_objects(peak_rss(), d)  # per process, up to here (before the final save)
-    checkpoint_now()
-    tmp = run_dir / ".tmp-final"
-    if d.main:
+    last = checkpoint_now()
+    if d.main:  # final/ holds the last checkpoint's weights: gathered (under FSDP2) and serialized once
+        tmp = run_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(model, tokenizer, tmp, d)
-    if d.main:
+        copy_weights(last, tmp)
+        tokenizer.save_pretrained(str(tmp))
         publish_dir(tmp, run_dir / "final")
 
     last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
