@@ -344,7 +344,7 @@ def _json_novel(rng: random.Random) -> tuple[str, str]:
         value = novel_number(rng) if key in ("amount", "count", "price", "size", "level", "id") else \
             novel_code(rng) if key in ("code", "unit") and rng.random() < 0.7 else novel_name(rng)
         number = value.lstrip("-").replace(".", "", 1).isdigit() and json.dumps(json.loads(value)) == value
-        record[key] = json.loads(value) if number else value  # a number only where JSON writes it the same
+        record[key] = json.loads(value) if number else value  # "0.90" stays a string: JSON would write 0.9
     style = rng.randrange(3)
     if style == 0:
         text = ", ".join(f"{k} {record[k]}" for k in keys)
@@ -610,8 +610,6 @@ def main() -> None:
     from tunekit.train import train
 
     args.work.mkdir(parents=True, exist_ok=True)
-    docs = make_corpus(args.docs, args.seed)
-    copy_docs = make_copy_corpus(args.copy_docs, args.seed) if args.copy_steps else []
     init_dir = args.work / "init"
     stage1_run, stage2_run = args.work / "run", args.work / "run-copy"
     if args.stage1 is not None:  # stage 1 as built before: its weights, tokenizer and facts
@@ -622,6 +620,7 @@ def main() -> None:
         stage1_dir = args.stage1
         tokenizer = AutoTokenizer.from_pretrained(args.stage1)
     else:
+        docs = make_corpus(args.docs, args.seed)
         stage1_dir = stage1_run / "final"
         if args.ship_only:
             tokenizer = AutoTokenizer.from_pretrained(init_dir)
@@ -635,6 +634,7 @@ def main() -> None:
         stage1.update(docs=len(docs), corpus_tokens=count_tokens(tokenizer, docs))
     stage2 = None
     if args.copy_steps:
+        copy_docs = make_copy_corpus(args.copy_docs, args.seed)
         if not args.ship_only:
             write_corpus(copy_docs, args.work / "copy.jsonl")
             train(pretrain_config(stage1_dir, args.work / "copy.jsonl", stage2_run, args, args.copy_steps))

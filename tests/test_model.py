@@ -69,7 +69,8 @@ def test_saved_adapter_loads_in_plain_peft_with_the_same_logits(tmp_path, tiny_l
                 p.normal_(0, 0.05)  # a non-zero adapter, as after training
     model.eval()
     expected = logits(model)
-    save_weights(model, chat_tokenizer, tmp_path / "adapter")
+    save_weights(model, tmp_path / "adapter")
+    chat_tokenizer.save_pretrained(tmp_path / "adapter")
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
     torch.testing.assert_close(logits(plain.eval()), expected, atol=1e-5, rtol=0)
     loaded, tok = load_for_inference(tmp_path / "adapter")  # base found via adapter_config.json

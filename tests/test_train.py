@@ -159,6 +159,9 @@ def test_run_lowers_loss_and_writes_the_run_dir(tmp_path, tiny_llama_dir, method
     assert set(os.listdir(run / "checkpoints" / ckpts[-1])) == (
         expected_final_files(method) - {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
     ) | {"optimizer.pt", "rng.pt", "trainer_state.json"}
+    # final/'s weights are the last checkpoint's files (written once: the same file, linked), plus the tokenizer.
+    weights = [f for f in os.listdir(run / "final") if f.endswith(".safetensors")]
+    assert weights and all(os.path.samefile(run / "final" / f, run / "checkpoints" / ckpts[-1] / f) for f in weights)
     state = json.loads((run / "checkpoints" / ckpts[-1] / "trainer_state.json").read_text())
     assert state["step"] == steps and len(state["metrics"]) == steps
     summary = json.loads((run / "summary.json").read_text())

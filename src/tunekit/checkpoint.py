@@ -19,6 +19,7 @@ Every rank calls save_checkpoint (gathering is collective); only the main proces
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -50,7 +51,7 @@ def _full_options(trainable_only: bool = False):
     return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
 
 
-def save_weights(model, tokenizer, path: Path, d: Dist = SINGLE) -> None:
+def save_weights(model, path: Path, d: Dist = SINGLE) -> None:
     """peft adapter (adapter_config.json + adapter_model.safetensors) or the full model, safetensors.
 
     Under FSDP2 every rank takes part in gathering the shards; the main process writes them. An adapter's
@@ -65,16 +66,18 @@ def save_weights(model, tokenizer, path: Path, d: Dist = SINGLE) -> None:
     if not d.main:
         return
     model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
 
 
 def copy_weights(ckpt: Path, dest: Path) -> None:
-    """A checkpoint's weight files (what `save_weights` wrote there, the training state left out) into `dest`."""
+    """A checkpoint's weight files (what `save_weights` wrote there, the training state left out) into `dest`:
+    hard links where the file system allows (files are only ever replaced whole, never written in place)."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in ckpt.iterdir():
         if f.is_file() and f.name not in (OPTIM_FILE, RNG_FILE, STATE_FILE):
-            shutil.copy2(f, dest / f.name)
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
 
 
 def save_checkpoint(run_dir: Path, model, net, optimizer, scheduler, state: dict, keep_last: int,
@@ -90,7 +93,7 @@ def save_checkpoint(run_dir: Path, model, net, optimizer, scheduler, state: dict
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier(d)  # the folder exists before any rank writes into it
-    save_weights(model, None, tmp, d)
+    save_weights(model, tmp, d)
     optim = {"scheduler": scheduler.state_dict()}
     if d.strategy == "fsdp2":
         import torch.distributed.checkpoint as dcp

@@ -483,7 +483,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
 
     def checkpoint_now() -> Path:
         return save_checkpoint(run_dir, model, net, optimizer, scheduler,
-                        _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
+                               _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
 
     # --- 4. the loop --------------------------------------------------------------------------------
     window_trained, window_real, window_start = 0, 0, time.time()

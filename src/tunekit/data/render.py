@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import datetime
+import functools
 import json
 import re
 import weakref
@@ -708,15 +709,10 @@ def _layout(tokenizer, template: str, system: bool) -> _Layout | None:
     return _LAYOUTS[key]
 
 
-_MARKED: dict[str, bool] = {}  # chat template -> whether it has {% generation %} blocks
-
-
+@functools.lru_cache(maxsize=64)
 def _has_generation_markers(template: str) -> bool:
-    if template not in _MARKED:
-        if len(_MARKED) > 64:
-            _MARKED.clear()
-        _MARKED[template] = bool(GENERATION_MARKER.search(template))
-    return _MARKED[template]
+    """Whether a chat template has {% generation %} blocks (asked for every example: kept per template)."""
+    return bool(GENERATION_MARKER.search(template))
 
 
 def _render_chat_fast(tokenizer, template: str, chat: Chat) -> Sequence | None:

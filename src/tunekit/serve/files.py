@@ -203,7 +203,8 @@ def _check_report(path, tokenizer, max_len: int | None) -> dict:
 
     # Rendered in this process (no process pool inside the server: the CLI's check renders on every core, which
     # costs a pool start-up that a dashboard click should not wait for), through the rendered-data cache: the
-    # first report with a model writes the entry, later reports and a fine-tune job on the file read it.
+    # first report with a model writes the entry, later ones read it (keyed by contents and tokenizer, as
+    # training looks it up).
     try:
         return check_file(path, tokenizer=tokenizer, max_len=max_len, num_workers=1).to_dict()
     except TunekitError as exc:  # the file cannot be opened at all

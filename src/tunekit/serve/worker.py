@@ -354,6 +354,8 @@ class Worker:
         of the earlier run's config and tokenizer with the checkpoint's adapter as final/."""
         if not job["base"].startswith("ckpt:"):
             return job["base"]
+        from tunekit.checkpoint import copy_weights  # imports torch: only for a job from a checkpoint
+
         ckpt = Path(job["base"][len("ckpt:"):])
         earlier = ckpt.parent.parent  # RUN/checkpoints/step-N
         snapshot = job_dir / "base"
@@ -364,8 +366,7 @@ class Worker:
             for f in (earlier / "final").iterdir():
                 if f.is_file() and not f.name.startswith("adapter_"):
                     shutil.copyfile(f, snapshot / "final" / f.name)  # tokenizer files
-            for f in ckpt.glob("adapter_*"):
-                shutil.copyfile(f, snapshot / "final" / f.name)
+            copy_weights(ckpt, snapshot / "final")  # the checkpoint's adapter
         return str(snapshot)
 
     # ---- 3. start
