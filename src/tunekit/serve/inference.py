@@ -7,14 +7,17 @@ past `max_adapters` the least recently used adapter is unloaded. A run whose bas
 (a chain) is loaded on its own with `load_for_inference` (merged), so it answers exactly as `tunekit chat`.
 
 Generation (`Engine`): one worker thread owns the models. Requests that arrive within `window_s` of each other
-form a batch of one part (the same weights and adapter); it runs as one left-padded batch through the loop in
-`Engine._generate`, which reads top to bottom: prefill, then per step choose a token for every row (greedy, or
-sampled with the row's temperature / top_p / seed), hand it to the request, stop rows at the template's
-end-of-turn ids, at their token limit, or when their request is gone, drop finished rows from the batch and
-its KV cache, and let requests for the same part that arrived meanwhile join: they are prefilled on their own
-and merged into the batch (cache and mask left-padded to one length), so a new request waits one step, not a
-whole batch. Requests for another part wait until the batch ends. Requests read what the worker produces from
-an asyncio queue (`Job.events`).
+form a batch of one part (the same weights and adapter); it runs through the loop in `Engine._generate`, which
+reads top to bottom: prefill, then per step choose a token for every row (greedy, or sampled with the row's
+temperature / top_p / seed), hand it to the request, stop rows at the template's end-of-turn ids, at their
+token limit, or when their request is gone, and let requests for the same part that arrived meanwhile join
+between two steps, so a new request waits one step, not a whole batch. Requests for another part wait until
+the batch ends. Requests read what the worker produces from an asyncio queue (`Job.events`).
+
+The batch's KV cache is `Slots`: one slot per row in preallocated buffers, so a finished row frees its slot
+and a joining one is prefilled into a free slot without copying the others (transformers' own cache grows by
+concatenation, a copy of the whole cache per token). Models it does not fit (sliding windows, other kinds of
+layers) run as `Padded`: transformers' cache and masks, rows batched at the start, nothing joins.
 """
 
 from __future__ import annotations
@@ -241,31 +244,6 @@ def _part_key(job: Job) -> tuple:
     return id(job.served.weights), str(job.served.adapter) if job.served.adapter else None
 
 
-def _mergeable(cache) -> bool:
-    """Rows can join a running batch when every cache layer is a plain growing (B, H, T, D) key/value pair."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def _left_pad(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    """`x` with zeros put before its entries along `dim` up to `width` (masked positions)."""
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _merge_caches(cache, new, width: int) -> None:
-    """Append the rows of `new` to `cache`, both left-padded to `width` positions: (B, H, T, D) per layer."""
-    for layer, extra in zip(cache.layers, new.layers, strict=True):
-        layer.keys = torch.cat([_left_pad(layer.keys, width, 2), _left_pad(extra.keys, width, 2)])
-        layer.values = torch.cat([_left_pad(layer.values, width, 2), _left_pad(extra.values, width, 2)])
-
-
 def _cache_argument(model) -> str:
     """The name of the KV-cache argument and output: `cache` from transformers 5.24 on (where
     `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
@@ -275,6 +253,192 @@ def _cache_argument(model) -> str:
 
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, mask, positions), each (B, T): the prompts left-padded to the longest, pads at position 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):  # every row's next token is read from the last column
+        ids[b, width - len(prompt):] = torch.tensor(prompt)
+        mask[b, width - len(prompt):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _slots_fit(model) -> bool:
+    """Whether `Slots` can hold this model's keys and values: every layer attends to all earlier tokens (no
+    sliding window, no other kind of layer) through torch's SDPA or the eager implementation, whose masks
+    `Slots` builds."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", None) is False:
+        window = None
+    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and window is None
+            and not getattr(config, "is_encoder_decoder", False)
+            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or []))
+
+
+class Slots:
+    """The KV cache of a running batch, one slot per row, that rows join and leave without moving the others.
+
+    Each layer's keys and values live in (slots, heads, columns, head dim) buffers. All rows write their
+    next token's keys and values at the same column `t`, so a row holds its slot's columns `start..t`;
+    columns left of its start are masked (the masks are built here and handed to the model as 4D masks, its
+    positions as position ids). A finished row frees its slot and nothing moves; joining rows are prefilled
+    straight into free slots, ending at column `t`. A step attends over the columns from the oldest row's
+    start to `t`. Buffers start small and double (slots, columns); when `t` reaches the last column, the
+    live columns move back to the left edge.
+
+    The model calls `update` (transformers' cache protocol) from each attention layer; `_write` says what
+    the forward that runs writes."""
+
+    joins = True
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.eager = model.config._attn_implementation == "eager"
+        self.cache_arg = _cache_argument(model)
+        self.keys: list[torch.Tensor] = []  # per layer, allocated by the first prefill
+        self.values: list[torch.Tensor] = []
+        self.slots = self.columns = 0  # capacity of the buffers
+        self.t = 0  # the column the next step writes
+        self.start: list[int] = []  # per slot up to the last one in use: the row's first column
+        self.length: list[int] = []  # its tokens in the cache (the next token's position)
+        self.used: list[bool] = []
+        self._write: tuple = ()
+
+    @property
+    def n(self) -> int:
+        """Slots a step runs: up to the last one in use (free ones below it run as padding)."""
+        return len(self.used)
+
+    def free_slots(self, count: int) -> list[int]:
+        holes = [s for s in range(self.n) if not self.used[s]]
+        return (holes + list(range(self.n, self.n + count)))[:count]
+
+    def free(self, slot: int) -> None:
+        self.used[slot] = False
+        while self.used and not self.used[-1]:
+            self.used.pop(), self.start.pop(), self.length.pop()
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Write the prompts into `slots` (free ones) ending at column t; their next-token logits (J, V)."""
+        ids, mask, positions = _left_padded(prompts, self.pad_id)
+        width = ids.shape[1]
+        self._fit(max(slots) + 1, width)
+        while self.n <= max(slots):
+            self.used.append(False), self.start.append(self.t), self.length.append(0)
+        for slot, prompt in zip(slots, prompts, strict=True):
+            self.used[slot], self.start[slot], self.length[slot] = True, self.t - len(prompt), len(prompt)
+        q = torch.arange(width)
+        pad = (width - mask.sum(-1))[:, None, None]  # (J, 1, 1)
+        causal = q[None, None, :] <= q[None, :, None]  # (1, W, W): key <= query
+        allowed = causal & ((q[None, None, :] >= pad) | (q[None, None, :] == q[None, :, None]))  # pads see themselves
+        self._write = (torch.tensor(slots), self.t - width)
+        return self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run one token per slot (`tokens`: (n,), anything for free slots); next-token logits (n, V)."""
+        n = self.n
+        self._fit(n, 0)
+        start = torch.tensor([s if u else self.t for s, u in zip(self.start, self.used, strict=True)])  # free: own column
+        lo = int(start.min())
+        allowed = torch.arange(lo, self.t + 1)[None, :] >= start[:, None]  # (n, t + 1 - lo)
+        positions = torch.tensor(self.length)[:, None]
+        self._write = (n, lo)
+        logits = self._forward(tokens[:n, None], allowed[:, None, None], positions)
+        self.t += 1
+        self.length = [length + 1 for length in self.length]
+        return logits
+
+    def _forward(self, ids, allowed, positions, **kwargs) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if self.eager:  # eager attention adds the mask to its scores
+            dtype = next(self.model.parameters()).dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        else:
+            mask = allowed
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                         use_cache=True, **{self.cache_arg: self}, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _fit(self, slots: int, width: int) -> None:
+        """Room for `slots` slots, `width` columns left of column t (a prefill's), and column t itself."""
+        live = [s for s in range(self.n) if self.used[s]]
+        lo = min((self.start[s] for s in live), default=self.t)
+        span = self.t - lo  # the live columns: lo..t-1
+        t = self.t if width <= self.t < self.columns else max(width, span)  # move them to end at t
+        columns = self.columns if t < self.columns else max(2 * self.columns, 2 ** (t + 64).bit_length())
+        capacity = self.slots if slots <= self.slots else max(2 * self.slots, slots)
+        if (t, columns, capacity) == (self.t, self.columns, self.slots):
+            return
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old
+                if (columns, capacity) != (self.columns, self.slots):
+                    new = old.new_zeros((capacity, old.shape[1], columns, old.shape[3]))  # masked columns stay finite
+                new[: self.n, :, t - span: t] = old[: self.n, :, lo: self.t].clone()
+                buffers[i] = new
+        self.start = [s + t - self.t for s in self.start]
+        self.t, self.columns, self.slots = t, columns, capacity
+
+    # transformers' cache protocol (the attention layers call it)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        where, lo = self._write
+        if isinstance(where, int):  # a step: slots 0..where-1 write column t and attend over lo..t
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+            keys[:where, :, self.t] = key_states[:, :, 0]
+            values[:where, :, self.t] = value_states[:, :, 0]
+            return keys[:where, :, lo: self.t + 1], values[:where, :, lo: self.t + 1]
+        if layer_idx == len(self.keys):  # the first prefill allocates
+            for buffers, states in ((self.keys, key_states), (self.values, value_states)):
+                buffers.append(states.new_zeros((self.slots, states.shape[1], self.columns, states.shape[3])))
+        hi = lo + key_states.shape[2]
+        self.keys[layer_idx][where, :, lo:hi] = key_states
+        self.values[layer_idx][where, :, lo:hi] = value_states
+        return key_states, value_states  # a prefill attends to its own prompt only
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always passed
+
+
+class Padded:
+    """The batch for models `Slots` does not fit (sliding windows, other kinds of layers): transformers' own
+    cache and masks over one left-padded batch prefilled at its start; nothing joins it, and a finished row
+    stays in it (its tokens unused) until the batch ends."""
+
+    joins = False
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.cache_arg = _cache_argument(model)
+        self.n = 0
+        self.cache = self.mask = self.positions = None
+
+    def free_slots(self, count: int) -> list[int]:
+        return list(range(self.n, self.n + count))
+
+    def free(self, slot: int) -> None:
+        pass
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        assert self.n == 0 and slots == list(range(len(prompts)))
+        self.n = len(prompts)
+        device = next(self.model.parameters()).device
+        ids, mask, positions = (x.to(device) for x in _left_padded(prompts, self.pad_id))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        self.cache, self.mask, self.positions = getattr(out, self.cache_arg), mask, positions[:, -1:]
+        return out.logits[:, -1, :].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.n, 1))], dim=1)
+        self.positions = self.positions + 1
+        out = self.model(input_ids=tokens[:, None].to(self.mask.device), attention_mask=self.mask,
+                         position_ids=self.positions, use_cache=True, **{self.cache_arg: self.cache})
+        self.cache = getattr(out, self.cache_arg)
+        return out.logits[:, -1, :].float()
 
 
 class Engine:
@@ -372,69 +536,53 @@ class Engine:
 
     def _generate(self, jobs: list[Job], pending: deque[Job]) -> None:
         """Run `jobs` (one model + adapter) to the end; jobs for the same part that arrive meanwhile join
-        the batch between two steps (prefilled on their own, then merged into the batch and its cache)."""
+        the batch between two steps (prefilled into free slots of its cache, see `Slots`)."""
         served = jobs[0].served
         key = _part_key(jobs[0])
         model, adapter_context = self._select(served)
-        device = next(model.parameters()).device
         stop = set(served.stop_ids)
-        cache_arg = _cache_argument(model)
         self.batches += 1
+        batch = Slots(model, served.pad_id) if _slots_fit(model) else Padded(model, served.pad_id)
+        rows: list[_Row | None] = []  # by slot; None: a free slot
         with torch.inference_mode(), adapter_context:
-            rows, cache, mask, positions, logits = self._prefill(model, served, jobs, device, cache_arg)
-            joinable = _mergeable(cache)
-            while rows:
-                tokens = self._choose(logits, rows)  # (B,)
-                want_logprobs = any(r.job.sampling.top_logprobs is not None for r in rows)
-                logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # (B, V)
-                keep = []
-                for b, row in enumerate(rows):
-                    job, token = row.job, int(tokens[b])
+            logits = self._join(batch, rows, jobs, None)
+            while any(row is not None for row in rows):
+                tokens = self._choose(logits, rows)  # (n,)
+                want_logprobs = any(r is not None and r.job.sampling.top_logprobs is not None for r in rows)
+                logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # (n, V)
+                for slot, row in enumerate(rows):
+                    if row is None:
+                        continue
+                    job, token = row.job, int(tokens[slot])
                     if job.cancelled[row.choice] or self._stopping.is_set():
                         job.emit(Finished(row.choice, "cancelled"))
-                        continue
-                    row.produced += 1
-                    job.emit(self._token(row, token, token in stop, logprobs, b))
-                    if token in stop:
-                        job.emit(Finished(row.choice, "stop"))
-                    elif row.produced >= job.sampling.max_tokens:
-                        job.emit(Finished(row.choice, "length"))
                     else:
-                        keep.append(b)
-                if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
-                    index = torch.tensor(keep, dtype=torch.long, device=device)
-                    cache.batch_select_indices(index)
-                    tokens, mask, positions = tokens[index], mask[index], positions[index]
-                    rows = [rows[b] for b in keep]
+                        row.produced += 1
+                        job.emit(self._token(row, token, token in stop, logprobs, slot))
+                        if token in stop:
+                            job.emit(Finished(row.choice, "stop"))
+                        elif row.produced >= job.sampling.max_tokens:
+                            job.emit(Finished(row.choice, "length"))
+                        else:
+                            continue
+                    rows[slot] = None  # finished: its slot is free
+                    batch.free(slot)
+                del rows[batch.n:]
                 if rows:
-                    mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)  # (B, T + 1)
-                    positions = positions[:, -1:] + 1  # (B, 1)
-                    out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                                use_cache=True, **{cache_arg: cache})
-                    cache = getattr(out, cache_arg)
-                    logits = out.logits[:, -1, :].float()
-                if not joinable or self._stopping.is_set():
+                    logits = batch.step(tokens)
+                if not batch.joins or self._stopping.is_set():
                     continue
                 self._take(pending, wait_s=0.0)
-                joining = self._admit(pending, key, self.max_batch - len(rows))
-                if not joining:
-                    continue
-                jobs.extend(joining)
-                new = self._prefill(model, served, joining, device, cache_arg)
-                if not rows:
-                    rows, cache, mask, positions, logits = new
-                    continue
-                new_rows, new_cache, new_mask, new_positions, new_logits = new
-                width = max(mask.shape[1], new_mask.shape[1])
-                _merge_caches(cache, new_cache, width)
-                mask = torch.cat([_left_pad(mask, width), _left_pad(new_mask, width)])
-                positions = torch.cat([positions[:, -1:], new_positions[:, -1:]])
-                logits = torch.cat([logits, new_logits])
-                rows = rows + new_rows
+                joining = self._admit(pending, key, self.max_batch - sum(r is not None for r in rows))
+                if joining:
+                    jobs.extend(joining)
+                    logits = self._join(batch, rows, joining, logits if rows else None)
 
-    def _prefill(self, model, served: Served, jobs: list[Job], device, cache_arg: str):
-        """(rows, cache, mask, positions, next-token logits) of `jobs` as one left-padded batch."""
-        rows: list[_Row] = []
+    @staticmethod
+    def _join(batch, rows: list[_Row | None], jobs: list[Job], logits: torch.Tensor | None) -> torch.Tensor:
+        """Prefill every choice of `jobs` into free slots of `batch` (filling `rows`); the next-token logits
+        of all slots: `logits` of the rows already there, the new rows' from their prefill."""
+        new: list[_Row] = []
         for job in jobs:
             for choice in range(job.n):
                 generator = None
@@ -444,28 +592,26 @@ class Engine:
                         generator.manual_seed((job.sampling.seed + choice) % 2**63)  # any int the client sends
                     else:
                         generator.seed()
-                rows.append(_Row(job, choice, generator))
-        width = max(len(r.job.prompt) for r in rows)
-        ids = torch.full((len(rows), width), served.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):  # left padding: every row's next token is read from the last column
-            n = len(row.job.prompt)
-            ids[b, width - n:] = torch.tensor(row.job.prompt)
-            mask[b, width - n:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) pads get position 0, real tokens 0..n-1
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)  # logits of the last position only: (B, 1, V)
-        return rows, getattr(out, cache_arg), mask, positions, out.logits[:, -1, :].float()
+                new.append(_Row(job, choice, generator))
+        slots = batch.free_slots(len(new))
+        new_logits = batch.prefill([row.job.prompt for row in new], slots)
+        rows.extend([None] * (batch.n - len(rows)))
+        merged = new_logits.new_zeros((batch.n, new_logits.shape[1]))
+        if logits is not None:
+            merged[: logits.shape[0]] = logits[: batch.n]
+        for i, (slot, row) in enumerate(zip(slots, new, strict=True)):
+            rows[slot] = row
+            merged[slot] = new_logits[i]
+        return merged
 
     @staticmethod
-    def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """(B,) next tokens: argmax for greedy rows; temperature + top-p sampling with the row's generator."""
+    def _choose(logits: torch.Tensor, rows: list[_Row | None]) -> torch.Tensor:
+        """(n,) next tokens: argmax for greedy rows; temperature + top-p sampling with the row's generator."""
         tokens = logits.argmax(dim=-1).cpu()
         for b, row in enumerate(rows):
-            s = row.job.sampling
-            if s.temperature <= 0:
+            if row is None or row.job.sampling.temperature <= 0:
                 continue
+            s = row.job.sampling
             probs = torch.softmax(logits[b].cpu() / s.temperature, dim=-1)  # (V,)
             if s.top_p < 1.0:
                 sorted_probs, order = probs.sort(descending=True)
