@@ -227,6 +227,20 @@ class Job:
             self.cancelled[i] = True
 
 
+def _deliver(events: list[tuple[Job, object]]) -> None:
+    """Hand a step's events to their requests with one wake-up of each event loop (not one per token)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, object]]] = {}
+    for job, event in events:
+        by_loop.setdefault(job._loop, []).append((job, event))
+    for loop, items in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[Job, object]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
+
+
 @dataclass
 class _Row:
     job: Job
@@ -550,23 +564,25 @@ class Engine:
                 tokens = self._choose(logits, rows)  # (n,)
                 want_logprobs = any(r is not None and r.job.sampling.top_logprobs is not None for r in rows)
                 logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # (n, V)
+                out: list[tuple[Job, object]] = []  # this step's events, handed over at once
                 for slot, row in enumerate(rows):
                     if row is None:
                         continue
                     job, token = row.job, int(tokens[slot])
                     if job.cancelled[row.choice] or self._stopping.is_set():
-                        job.emit(Finished(row.choice, "cancelled"))
+                        out.append((job, Finished(row.choice, "cancelled")))
                     else:
                         row.produced += 1
-                        job.emit(self._token(row, token, token in stop, logprobs, slot))
+                        out.append((job, self._token(row, token, token in stop, logprobs, slot)))
                         if token in stop:
-                            job.emit(Finished(row.choice, "stop"))
+                            out.append((job, Finished(row.choice, "stop")))
                         elif row.produced >= job.sampling.max_tokens:
-                            job.emit(Finished(row.choice, "length"))
+                            out.append((job, Finished(row.choice, "length")))
                         else:
                             continue
                     rows[slot] = None  # finished: its slot is free
                     batch.free(slot)
+                _deliver(out)
                 del rows[batch.n:]
                 if rows:
                     logits = batch.step(tokens)
