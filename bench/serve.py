@@ -8,7 +8,10 @@
 2. The server: `tunekit serve` started as a subprocess on a free loopback port; for each level C, C threads
    each send their share of the requests one after another with the openai SDK (non-streaming, greedy).
    Throughput = completion tokens (from `usage`) / wall time; latency per request as the client sees it.
-3. Optionally (`--continuous`), transformers' own continuous batching (`model.generate_batch`) on all the
+3. Optionally (`--engine`), the server's batch loop alone (`Engine`), in this process without HTTP: for each
+   level C, C asyncio tasks each submit their share of the requests one after another (closed loop, 2 ms
+   batch window), with whether each reply's tokens equal the one-client run's.
+4. Optionally (`--continuous`), transformers' own continuous batching (`model.generate_batch`) on all the
    requests at once against the server's batch loop (`Engine`) on the same requests, in this process, and
    whether their tokens equal sequential greedy generation.
 
@@ -123,6 +126,52 @@ def load(base_url: str, requests: list[list[dict]], clients: int, max_tokens: in
             "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
 
 
+def engine_levels(model_dir: Path, requests: list[list[dict]], levels: list[int], max_tokens: int) -> list[dict]:
+    """The batch loop alone, in-process: closed-loop clients as asyncio tasks, no HTTP."""
+    from tunekit.data.render import render_prompt
+    from tunekit.serve.inference import Engine, Finished, Job, Sampling, load_models, parse_model_arg
+
+    served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
+    rendered = [render_prompt(m, served.tokenizer) for m in requests]
+
+    async def one(engine: Engine, prompt: list[int]) -> tuple[list[int], float]:
+        job = Job(served, prompt, Sampling(max_tokens=max_tokens), 1, asyncio.get_running_loop())
+        start = time.perf_counter()
+        engine.submit(job)
+        ids = []
+        while not isinstance(event := await job.events.get(), Finished):
+            ids.append(event.id)
+        return ids, time.perf_counter() - start
+
+    async def level(clients: int, prompts: list[list[int]]) -> tuple[dict, dict[int, list[int]]]:
+        engine = Engine(window_s=0.002, max_batch=64)
+        engine.start()
+        latencies: list[float] = []
+        outputs: dict[int, list[int]] = {}
+
+        async def client(k: int) -> None:
+            for i in range(k, len(prompts), clients):
+                outputs[i], latency = await one(engine, prompts[i])
+                latencies.append(latency)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        wall = time.perf_counter() - began
+        engine.stop()
+        tokens = sum(len(o) for o in outputs.values())
+        return {"clients": clients, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+                "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}, outputs
+
+    asyncio.run(level(4, rendered[:8]))  # warm-up
+    results, alone = [], None
+    for clients in sorted(levels):
+        r, outputs = asyncio.run(level(clients, rendered))
+        alone = alone or outputs
+        r["equal_to_fewest_clients"] = sum(outputs[i] == alone[i] for i in outputs)
+        results.append(r)
+    return results
+
+
 def continuous(model_dir: Path, requests: list[list[dict]], max_tokens: int, reference: list[list[int]]) -> dict:
     """transformers' generate_batch against the server's batch loop, offline, same prompts."""
     from transformers import GenerationConfig
@@ -184,6 +233,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, sequential and server alike")
+    parser.add_argument("--engine", action="store_true", help="also time the batch loop alone, in-process")
     parser.add_argument("--continuous", action="store_true", help="also time transformers' generate_batch")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -216,6 +266,13 @@ def main() -> None:
     for r in results["server"]:
         if single:
             r["p95_vs_single_p50"] = r["p95_s"] / single["p50_s"]
+    if args.engine:
+        results["engine"] = engine_levels(args.model, requests, args.clients, args.max_tokens)
+        for r in results["engine"]:
+            print(f"engine alone, {r['clients']:>2} clients: {r['tokens_per_s']:.0f} tok/s, p50 {r['p50_s'] * 1000:.0f} ms, "
+                  f"p95 {r['p95_s'] * 1000:.0f} ms, {r['equal_to_fewest_clients']}/{len(requests)} replies equal to "
+                  f"{min(args.clients)} client(s)",
+                  flush=True)
     if args.continuous:
         results["continuous"] = continuous(args.model, requests[:16], args.max_tokens, reference[:16])
         for name, r in results["continuous"].items():
