@@ -250,12 +250,16 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     job_id = page.url.rsplit("/", 1)[-1]
 
     seen = set()  # points on the train curve, as the page showed them while the job ran
+    checkpoints_while_running = 0  # most rows of the checkpoints table shown before the job ended
     deadline = time.monotonic() + 300
     while page.locator("#job-status").inner_text() not in ("succeeded", "failed", "cancelled"):
         assert time.monotonic() < deadline, "the job page did not reach a final status"
         points = page.locator("#loss-chart polyline.train")
         if points.count():
             seen.add(int(points.get_attribute("data-points")))
+        rows = page.locator("#checkpoints tbody tr").count()
+        if page.locator("#job-status").inner_text() == "running":
+            checkpoints_while_running = max(checkpoints_while_running, rows)
         time.sleep(0.1)
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert page.locator("#job-status").inner_text() == job.status == "succeeded", job.error
@@ -274,6 +278,7 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     assert "few-shot" in report.locator("table").first.inner_text()
     assert report.locator("img").count() >= 1
     assert page.locator("#checkpoints tbody tr").count() >= 1
+    assert checkpoints_while_running >= 1  # shown when their events arrived, not only once the job ended
     assert "The job has successfully completed" in page.inner_text("#events")
 
     # Playground: a streamed reply of the fine-tuned model, greedy, equal to the SDK's

@@ -121,6 +121,7 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     assert messages[-2:] == [f"New fine-tuned model created: {job.fine_tuned_model}",
                              "The job has successfully completed"]
     metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+    assert [e.data["checkpoint_step"] for e in reversed(events) if e.message.startswith("Checkpoint created")] == [4, 8, 12]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and all(m["total_steps"] == 12 for m in metrics)
     run_dir = data_dir / "jobs" / job.id / "run"
     logged = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

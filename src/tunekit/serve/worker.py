@@ -469,7 +469,8 @@ class Worker:
                        "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("valid_token_accuracy")}
             if self.store.add_checkpoint(job["id"], step, metrics, ckpt):
                 self.store.add_event(job["id"], f"Checkpoint created at step {step} with Snapshot ID: "
-                                                f"{model_name(job)}:ckpt-step-{step}", key=f"ckpt-{step}")
+                                                f"{model_name(job)}:ckpt-step-{step}", key=f"ckpt-{step}",
+                                     data={"checkpoint_step": step})  # for clients: no need to parse the message
 
     # ---- ends
 

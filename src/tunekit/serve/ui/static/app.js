@@ -502,7 +502,7 @@ async function pageJob(main, id) {
         h("td", {}, e.message))))));
     }
     // checkpoints change when one is written (an event says so; older ones may go then) and when the job ends
-    const cps = statusChanged || (fresh && fresh.some((e) => e.message.startsWith("Checkpoint created")))
+    const cps = statusChanged || (fresh && fresh.some((e) => e.data && e.data.checkpoint_step !== undefined))
       ? await call(`/fine_tuning/jobs/${id}/checkpoints?limit=100`).catch(() => null) : null;
     if (cps) {
       ckpts.replaceChildren(cps.data.length ? h("table", { id: "checkpoints" },
