@@ -2,6 +2,8 @@
 
     python -m bench.serve                          # models/tiny-chat, 48 requests per level, 32 tokens each
     python -m bench.serve --clients 1 4 16 --requests 48 --max-tokens 32 --threads 2
+    python -m bench.serve --model examples/function-calling/tiny-chat-tools \
+        --data examples/function-calling/valid.jsonl --max-tokens 64 --prefix-cache-mib 256
 
 1. Sequential baseline: the same requests one by one through `model.generate` (greedy, batch 1, the prompt
    rendered by `data.render` exactly as the server renders it), in this process.
@@ -16,7 +18,9 @@
    whether their tokens equal sequential greedy generation.
 
 Every request asks for `--max-tokens` tokens and ends early at the end of turn, so the token counts are
-what the model produced; the same prompts are used everywhere.
+what the model produced; the same prompts are used everywhere. The server's prefix cache is off unless
+`--prefix-cache-mib` is given: the baseline prefills every prompt whole, and every level sends the same
+prompts again (with the cache, a level would reuse the blocks of the one before).
 """
 
 from __future__ import annotations
@@ -39,10 +43,20 @@ WORDS = ("apples rain bread river soup moon garlic dog snow pancakes sea onions 
          "pepper lemon honey").split()
 
 
-def prompts(n: int, words: int = 14) -> list[list[dict]]:
+def prompts(n: int, words: int = 14) -> list[dict]:
     """Copy tasks (tiny-chat learned to copy): replies of about `words` words, each request different."""
-    return [[{"role": "user", "content": "Copy exactly: " + " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)]
-                                                                   for k in range(words))}] for i in range(n)]
+    return [{"messages": [{"role": "user", "content": "Copy exactly: " + " ".join(
+        WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(words))}]} for i in range(n)]
+
+
+def from_data(path: Path, n: int) -> list[dict]:
+    """`n` requests from a chat JSONL file: each row's messages up to its last user message, with its tools."""
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    out = []
+    for row in rows:
+        last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "user")
+        out.append({"messages": row["messages"][:last + 1], **({"tools": row["tools"]} if row.get("tools") else {})})
+    return [out[i % len(out)] for i in range(n)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,7 +64,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def sequential(model_dir: Path, requests: list[list[dict]], max_tokens: int) -> dict:
+def sequential(model_dir: Path, requests: list[dict], max_tokens: int) -> dict:
     import torch
 
     from tunekit.data.render import end_of_turn_ids, render_prompt
@@ -60,9 +74,9 @@ def sequential(model_dir: Path, requests: list[list[dict]], max_tokens: int) -> 
     stop = end_of_turn_ids(tokenizer)
     latencies, tokens, outputs = [], 0, []
     began = time.perf_counter()
-    for messages in requests:
+    for example in requests:
         start = time.perf_counter()
-        ids = torch.tensor([render_prompt(messages, tokenizer)])
+        ids = torch.tensor([render_prompt(example, tokenizer)])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                  do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
@@ -81,11 +95,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, threads: int, prefix_cache_mib: int = 0) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen([sys.executable, "-m", "tunekit.cli", "serve", f"tiny={model_dir}", "--port", str(port),
-                             "--device", "cpu", "--threads", str(threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--device", "cpu", "--threads", str(threads), "--prefix-cache-mib", str(prefix_cache_mib)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -98,22 +112,23 @@ def start_server(model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("the server did not start")
 
 
-def load(base_url: str, requests: list[list[dict]], clients: int, max_tokens: int) -> dict:
+def load(base_url: str, requests: list[dict], clients: int, max_tokens: int) -> dict:
     import openai
 
     sdk = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
     latencies: list[float] = []
-    tokens = [0]
+    tokens, cached = [0], [0]
     lock = threading.Lock()
 
-    def worker(share: list[list[dict]]) -> None:
-        for messages in share:
+    def worker(share: list[dict]) -> None:
+        for example in share:
             start = time.perf_counter()
-            reply = sdk.chat.completions.create(model="tiny", messages=messages, temperature=0,
-                                                max_completion_tokens=max_tokens)
+            reply = sdk.chat.completions.create(model="tiny", temperature=0, max_completion_tokens=max_tokens,
+                                                **example)
             with lock:
                 latencies.append(time.perf_counter() - start)
                 tokens[0] += reply.usage.completion_tokens
+                cached[0] += reply.usage.prompt_tokens_details.cached_tokens
 
     threads = [threading.Thread(target=worker, args=(requests[i::clients],)) for i in range(clients)]
     began = time.perf_counter()
@@ -123,10 +138,11 @@ def load(base_url: str, requests: list[list[dict]], clients: int, max_tokens: in
         t.join()
     wall = time.perf_counter() - began
     return {"clients": clients, "tokens": tokens[0], "wall_s": wall, "tokens_per_s": tokens[0] / wall,
-            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95)}
+            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95), "cached_tokens": cached[0]}
 
 
-def engine_levels(model_dir: Path, requests: list[list[dict]], levels: list[int], max_tokens: int) -> list[dict]:
+def engine_levels(model_dir: Path, requests: list[dict], levels: list[int], max_tokens: int,
+                  prefix_cache_mib: int = 0) -> list[dict]:
     """The batch loop alone, in-process: closed-loop clients as asyncio tasks, no HTTP."""
     from tunekit.data.render import render_prompt
     from tunekit.serve.inference import Engine, Finished, Job, Sampling, load_models, parse_model_arg
@@ -144,7 +160,7 @@ def engine_levels(model_dir: Path, requests: list[list[dict]], levels: list[int]
         return ids, time.perf_counter() - start
 
     async def level(clients: int, prompts: list[list[int]]) -> tuple[dict, dict[int, list[int]]]:
-        engine = Engine(window_s=0.002, max_batch=64)
+        engine = Engine(window_s=0.002, max_batch=64, prefix_cache_bytes=prefix_cache_mib * 2**20)
         engine.start()
         latencies: list[float] = []
         outputs: dict[int, list[int]] = {}
@@ -172,7 +188,7 @@ def engine_levels(model_dir: Path, requests: list[list[dict]], levels: list[int]
     return results
 
 
-def continuous(model_dir: Path, requests: list[list[dict]], max_tokens: int, reference: list[list[int]]) -> dict:
+def continuous(model_dir: Path, requests: list[dict], max_tokens: int, reference: list[list[int]]) -> dict:
     """transformers' generate_batch against the server's batch loop, offline, same prompts."""
     from transformers import GenerationConfig
 
@@ -231,6 +247,10 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "tiny-chat")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--data", type=Path, help="requests from this chat JSONL (messages up to the last user "
+                                                  "message, and tools) instead of copy tasks")
+    parser.add_argument("--prefix-cache-mib", type=int, default=0,
+                        help="the server's prefix cache (0, the default: off, every prompt prefilled whole)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, sequential and server alike")
     parser.add_argument("--engine", action="store_true", help="also time the batch loop alone, in-process")
@@ -241,14 +261,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    requests = prompts(args.requests)
+    requests = from_data(args.data, args.requests) if args.data else prompts(args.requests)
     seq = sequential(args.model, requests, args.max_tokens)
     reference = seq.pop("outputs")
     print(f"sequential generate: {seq['tokens']} tokens in {seq['wall_s']:.1f}s = {seq['tokens_per_s']:.0f} tok/s, "
           f"p50 {seq['p50_s'] * 1000:.0f} ms, p95 {seq['p95_s'] * 1000:.0f} ms", flush=True)
     results = {"settings": vars(args) | {"model": str(args.model), "out": str(args.out)}, "sequential": seq,
                "server": []}
-    proc, url = start_server(args.model, args.threads)
+    proc, url = start_server(args.model, args.threads, args.prefix_cache_mib)
     try:
         load(url, requests[:4], 1, args.max_tokens)  # warm-up
         for clients in args.clients:
@@ -257,8 +277,8 @@ def main() -> None:
             r["p95_vs_single_p50"] = None
             results["server"].append(r)
             print(f"{clients:>3} clients: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tokens_per_s']:.0f} tok/s "
-                  f"({r['speedup']:.2f}x sequential), p50 {r['p50_s'] * 1000:.0f} ms, p95 {r['p95_s'] * 1000:.0f} ms",
-                  flush=True)
+                  f"({r['speedup']:.2f}x sequential), p50 {r['p50_s'] * 1000:.0f} ms, p95 {r['p95_s'] * 1000:.0f} ms, "
+                  f"{r['cached_tokens']} prompt tokens from the prefix cache", flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -267,7 +287,7 @@ def main() -> None:
         if single:
             r["p95_vs_single_p50"] = r["p95_s"] / single["p50_s"]
     if args.engine:
-        results["engine"] = engine_levels(args.model, requests, args.clients, args.max_tokens)
+        results["engine"] = engine_levels(args.model, requests, args.clients, args.max_tokens, args.prefix_cache_mib)
         for r in results["engine"]:
             print(f"engine alone, {r['clients']:>2} clients: {r['tokens_per_s']:.0f} tok/s, p50 {r['p50_s'] * 1000:.0f} ms, "
                   f"p95 {r['p95_s'] * 1000:.0f} ms, {r['equal_to_fewest_clients']}/{len(requests)} replies equal to "

@@ -404,6 +404,9 @@ def serve(
                                                  "trains on (tunekit train --nproc; one per GPU)")] = 1,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
     max_adapters: Annotated[int, typer.Option("--max-adapters", min=1, help="Adapters kept loaded per base")] = 4,
+    prefix_cache_mib: Annotated[int, typer.Option("--prefix-cache-mib", min=0, help="Memory for the keys and "
+                                                  "values of earlier prompts, reused by prompts that start the "
+                                                  "same way (0: off)")] = 256,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads "
                                                                           "(default: all cores but one)")] = None,
 ) -> None:
@@ -427,7 +430,7 @@ def serve(
     try:
         settings = ServeSettings(models=models, host=host, port=port, api_keys=keys, data_dir=data_dir,
                                  workers=workers, train_processes=train_processes, device=device,
-                                 max_adapters=max_adapters, threads=threads)
+                                 max_adapters=max_adapters, prefix_cache_mib=prefix_cache_mib, threads=threads)
     except ValidationError as exc:
         fail(TunekitError([Problem(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}", e["msg"])
                            for e in exc.errors()]))

@@ -16,6 +16,7 @@ from tunekit.serve.inference import (  # noqa: E402
     Engine,
     Finished,
     Job,
+    PrefixCache,
     Sampling,
     Slots,
     _slots_fit,
@@ -71,25 +72,36 @@ def _alone_logits(model, sequence: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([sequence])).logits[0, -1].float()
 
 
-def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir):
+@pytest.mark.parametrize("prefix_cache", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, prefix_cache):
     """Rows prefilled together and apart, rows leaving (holes refilled), the slot buffers growing and the live
-    columns moving back to the left edge: every step's logits equal the model run on that row's tokens alone."""
+    columns moving back to the left edge, and (with a prefix cache) prompts that start like earlier ones
+    prefilled from their cached blocks: every logit equals the model run on that row's tokens alone."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()  # GQA: 4 heads, 2 kv
     assert _slots_fit(model)
     rng = random.Random(0)
-    batch = Slots(model, pad_id=0)
+    prefixes = PrefixCache(2**30, block=8) if prefix_cache else None
+    batch = Slots(model, pad_id=0, prefixes=prefixes, root="tiny")
+    stems = [[rng.randrange(3, 200) for _ in range(n)] for n in (0, 9, 17, 40)]  # shared starts (system prompts)
+    earlier: list[list[int]] = []
+    reused = 0
     sequences: dict[int, list[int]] = {}  # slot -> its tokens so far
     life: dict[int, int] = {}  # slot -> steps left
     moved = grown = False
     with torch.inference_mode():
         for step in range(170):
             if step % 7 == 0:  # one to three rows join, of different prompt lengths
-                prompts = [[rng.randrange(3, 200) for _ in range(rng.randint(2, 14))] for _ in range(rng.randint(1, 3))]
+                prompts = [list(rng.choice(earlier)) if earlier and rng.random() < 0.2  # a prompt sent again
+                           else rng.choice(stems) + [rng.randrange(3, 200) for _ in range(rng.randint(1, 14))]
+                           for _ in range(rng.randint(1, 3))]
+                earlier += prompts
                 slots = batch.free_slots(len(prompts))
                 columns, t_before = batch.columns, batch.t
-                logits = batch.prefill(prompts, slots)
+                logits, cached = batch.prefill(prompts, slots)
+                reused += sum(cached)
+                assert all(c % 8 == 0 and c < len(p) for c, p in zip(cached, prompts, strict=True))
                 grown |= batch.columns > columns > 0
                 moved |= 0 < batch.t != t_before
                 for i, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
@@ -113,6 +125,29 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir):
             life = {s: n - 1 for s, n in life.items()}
     assert moved  # the live columns moved (left edge, or right to make room for a longer prompt)
     assert batch.slots >= 4
+    assert (reused > 200) if prefix_cache else (reused == 0)
+
+
+def test_prefix_cache_finds_the_longest_stored_start_and_drops_the_least_recently_used():
+    cache = PrefixCache(max_bytes=3 * 64, block=4)  # room for 3 blocks of 64 bytes (1 layer, 2 x (1, 4, 2) fp32)
+
+    def reader(prompt):
+        return lambda lo, hi: ([torch.tensor(prompt[lo:hi], dtype=torch.float32)[None, :, None].repeat(1, 1, 2)],
+                               [torch.zeros(1, hi - lo, 2)])
+
+    a = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    cache.add("m", a, [], reader(a))  # blocks 1-4 and 5-8 (9 is not a full block)
+    assert [len(cache.find("m", a))] == [2] and cache.find("other model", a) == []
+    assert len(cache.find("m", a[:8])) == 1  # never the last token: its logits are needed
+    b = [1, 2, 3, 4, 0, 0, 0, 0, 7]
+    found = cache.find("m", b)
+    assert len(found) == 1 and found[0].keys[0][0, :, 0].tolist() == [1, 2, 3, 4]
+    cache.add("m", b, found, reader(b))  # shares the first block: one new block, 3 held
+    assert cache.bytes == 3 * 64 and len(cache.find("m", b)) == 2
+    c = [9, 9, 9, 9, 1]
+    cache.add("m", c, [], reader(c))  # a 4th block: the least recently used (a's second) goes
+    assert len(cache.find("m", a)) == 1 and len(cache.find("m", b)) == 2 and len(cache.find("m", c)) == 1
+    assert cache.bytes == 3 * 64
 
 
 def test_models_the_slots_do_not_fit_are_batched_with_their_own_cache(tmp_path, chat_tokenizer):

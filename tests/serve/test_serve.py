@@ -86,6 +86,27 @@ def test_stream_and_non_stream_equal_greedy_generate(tiny_server):
         assert len({c.id for c in chunks}) == 1
 
 
+def test_a_prompt_starting_like_an_earlier_one_reuses_its_cached_blocks(tiny_server):
+    """The second request shares the first one's system prompt: its usage counts the prompt tokens taken
+    from the prefix cache (whole blocks of 16), and the replies are still those of greedy generation."""
+    url, _ = tiny_server
+    sdk = client(url)
+    system = {"role": "system", "content": "You answer questions about the weather in Lisbon, Porto and Faro. "
+                                           "Keep every answer short, polite and in plain English words."}
+    for question, cached in (("Is it sunny?", 0), ("Will it rain tomorrow?", None), ("Will it rain tomorrow?", None)):
+        messages = [system, {"role": "user", "content": question}]
+        text, prompt_tokens, _ = greedy(TINY_CHAT, messages, 16)
+        reply = sdk.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=16)
+        assert reply.choices[0].message.content == text
+        reused = reply.usage.prompt_tokens_details.cached_tokens
+        assert reused == 0 if cached == 0 else (reused >= 32 and reused % 16 == 0 and reused < prompt_tokens)
+        _, _, usage = streamed(sdk.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                           max_tokens=16, stream=True,
+                                                           stream_options={"include_usage": True}))
+        assert usage.prompt_tokens_details.cached_tokens >= max(reused, 32)  # the same prompt again: its own blocks
+    assert reused == (prompt_tokens - 1) // 16 * 16  # asked before: every full block but the last token's
+
+
 def test_one_log_line_per_request(tiny_server, caplog):
     url, _ = tiny_server
     with caplog.at_level("INFO", logger="tunekit.serve"):

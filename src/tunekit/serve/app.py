@@ -67,6 +67,8 @@ class ServeSettings(BaseModel):
     # requests arriving this close together start as one batch (later ones join the running batch between steps)
     batch_window_ms: float = Field(2.0, ge=0)
     max_batch: int = Field(32, ge=1)  # rows (choices) per batch
+    # keys and values of earlier prompts kept for prompts that start the same way (0: none)
+    prefix_cache_mib: int = Field(256, ge=0)
     max_body_bytes: int = Field(4 * 2**20, ge=1024)
     # torch CPU threads while serving; None: all cores but one, which the HTTP side needs (on a 2-core
     # machine 2 torch threads made single requests ~5x slower than 1: docs/benchmarks.md)
@@ -105,7 +107,7 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     if models is None:
         models = load_models([parse_model_arg(m) for m in settings.models], device)
     engine = Engine(window_s=settings.batch_window_ms / 1000.0, max_batch=settings.max_batch,
-                    max_adapters=settings.max_adapters)
+                    max_adapters=settings.max_adapters, prefix_cache_bytes=settings.prefix_cache_mib * 2**20)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

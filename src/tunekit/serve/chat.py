@@ -432,7 +432,8 @@ async def chat_completions(request: Request):
     def usage_of() -> dict:  # exact: prompt tokens once, every generated token of every choice (end of turn too)
         completion = sum(r.tokens for r in replies)
         return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                "total_tokens": len(prompt) + completion}
+                "total_tokens": len(prompt) + completion,
+                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}  # from the prefix cache
 
     log = request.scope.setdefault("state", {})
 

@@ -16,8 +16,9 @@ the batch ends. Requests read what the worker produces from an asyncio queue (`J
 
 The batch's KV cache is `Slots`: one slot per row in preallocated buffers, so a finished row frees its slot
 and a joining one is prefilled into a free slot without copying the others (transformers' own cache grows by
-concatenation, a copy of the whole cache per token). Models it does not fit (sliding windows, other kinds of
-layers) run as `Padded`: transformers' cache and masks, rows batched at the start, nothing joins.
+concatenation, a copy of the whole cache per token). A prompt that starts like an earlier one is prefilled
+from the blocks of it kept in the engine's `PrefixCache`. Models `Slots` does not fit (sliding windows, other
+kinds of layers) run as `Padded`: transformers' cache and masks, rows batched at the start, nothing joins.
 """
 
 from __future__ import annotations
@@ -217,6 +218,7 @@ class Job:
         self.served, self.prompt, self.sampling, self.n = served, prompt, sampling, n
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = [False] * n  # set by the request (stop string found, client gone); read by the worker
+        self.cached_tokens = 0  # prompt tokens whose keys and values came from the prefix cache (set by the worker)
         self._loop = loop
 
     def emit(self, event) -> None:  # called from the worker thread
@@ -293,6 +295,66 @@ def _slots_fit(model) -> bool:
             and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or []))
 
 
+@dataclass
+class _Block:
+    id: int
+    keys: list[torch.Tensor]  # per layer: (heads, block tokens, head dim)
+    values: list[torch.Tensor]
+    nbytes: int
+
+
+class PrefixCache:
+    """Keys and values of prompts already prefilled, in blocks of `block` tokens, so that a prompt starting
+    like an earlier one (a system prompt, tool definitions, earlier turns of a chat) is prefilled only from
+    the first block that differs. Exact: a prefix sits at the same positions in every prompt that starts with
+    it, and its keys and values depend on nothing after it.
+
+    A block is found by its own tokens and its parent block (the key is the parent's id and the tokens; the
+    first block's parent is the `root`, one per weights and adapter), so prompts share the blocks of their
+    common start, like a tree. The least recently used blocks go when those held pass `max_bytes`."""
+
+    def __init__(self, max_bytes: int, block: int = 16):
+        self.max_bytes, self.block = max_bytes, block
+        self._blocks: OrderedDict[tuple, _Block] = OrderedDict()
+        self._next_id = 0
+        self.bytes = 0
+
+    def find(self, root, prompt: list[int]) -> list[_Block]:
+        """The stored blocks `prompt` starts with, in order; never its last token (its logits are needed)."""
+        found: list[_Block] = []
+        parent = root
+        for b in range((len(prompt) - 1) // self.block):
+            key = (parent, tuple(prompt[b * self.block:(b + 1) * self.block]))
+            block = self._blocks.get(key)
+            if block is None:
+                break
+            self._blocks.move_to_end(key)
+            found.append(block)
+            parent = ("block", block.id)
+        return found
+
+    def add(self, root, prompt: list[int], found: list[_Block], read) -> None:
+        """Store the full blocks of `prompt` after the `found` ones; `read(lo, hi)` gives the keys and values
+        of its tokens lo..hi-1, per layer."""
+        parent = ("block", found[-1].id) if found else root
+        for b in range(len(found), len(prompt) // self.block):
+            lo, hi = b * self.block, (b + 1) * self.block
+            key = (parent, tuple(prompt[lo:hi]))
+            block = self._blocks.get(key)
+            if block is None:
+                keys, values = read(lo, hi)
+                self._next_id += 1
+                block = _Block(self._next_id, keys, values,
+                               sum(t.numel() * t.element_size() for t in keys + values))
+                self._blocks[key] = block
+                self.bytes += block.nbytes
+            self._blocks.move_to_end(key)
+            parent = ("block", block.id)
+        while self.bytes > self.max_bytes and self._blocks:
+            _, old = self._blocks.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 class Slots:
     """The KV cache of a running batch, one slot per row, that rows join and leave without moving the others.
 
@@ -309,8 +371,9 @@ class Slots:
 
     joins = True
 
-    def __init__(self, model, pad_id: int):
+    def __init__(self, model, pad_id: int, prefixes: PrefixCache | None = None, root=None):
         self.model, self.pad_id = model, pad_id
+        self.prefixes, self.root = prefixes, root  # blocks of earlier prompts (None: none kept), and their root
         self.eager = model.config._attn_implementation == "eager"
         self.cache_arg = _cache_argument(model)
         self.keys: list[torch.Tensor] = []  # per layer, allocated by the first prefill
@@ -336,21 +399,48 @@ class Slots:
         while self.used and not self.used[-1]:
             self.used.pop(), self.start.pop(), self.length.pop()
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        """Write the prompts into `slots` (free ones) ending at column t; their next-token logits (J, V)."""
-        ids, mask, positions = _left_padded(prompts, self.pad_id)
-        width = ids.shape[1]
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Write the prompts into `slots` (free ones) ending at column t: (their next-token logits (J, V), the
+        tokens of each taken from the prefix cache). A prompt's cached blocks are copied into its slot and only
+        the rest of it runs through the model, attending to them."""
+        found = [self.prefixes.find(self.root, p) if self.prefixes else [] for p in prompts]
+        cached = [len(f) * self.prefixes.block if f else 0 for f in found]
+        width = max(len(p) for p in prompts)  # the columns the prompts take: t - width .. t - 1
         self._fit(max(slots) + 1, width)
         while self.n <= max(slots):
             self.used.append(False), self.start.append(self.t), self.length.append(0)
         for slot, prompt in zip(slots, prompts, strict=True):
             self.used[slot], self.start[slot], self.length[slot] = True, self.t - len(prompt), len(prompt)
-        q = torch.arange(width)
-        pad = (width - mask.sum(-1))[:, None, None]  # (J, 1, 1)
-        causal = q[None, None, :] <= q[None, :, None]  # (1, W, W): key <= query
-        allowed = causal & ((q[None, None, :] >= pad) | (q[None, None, :] == q[None, :, None]))  # pads see themselves
-        self._write = (torch.tensor(slots), self.t - width)
-        return self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
+        ids, mask, positions = _left_padded([p[c:] for p, c in zip(prompts, cached, strict=True)], self.pad_id)
+        run = ids.shape[1]  # the tokens that run: each prompt's uncached rest, left-padded to one width
+        q = torch.arange(run)
+        pad = (run - mask.sum(-1))[:, None, None]  # (J, 1, 1)
+        positions = positions + torch.tensor(cached)[:, None]  # the rest continues after its cached prefix
+        if not any(cached):  # every prompt runs whole: it attends to itself only
+            causal = q[None, None, :] <= q[None, :, None]  # (1, W, W): key <= query
+            allowed = causal & ((q[None, None, :] >= pad) | (q[None, None, :] == q[None, :, None]))  # pads: self
+            self._write = (torch.tensor(slots), self.t - width, None)
+        else:  # queries at columns t - run .. t - 1 attend to the prompt's columns, cached ones included
+            column = torch.arange(self.t - width, self.t)  # (width,) the keys' columns
+            first = torch.tensor([self.start[s] for s in slots])[:, None, None]  # (J, 1, 1) each prompt's first
+            query_column = (self.t - run + q)[None, :, None]  # (1, run, 1)
+            allowed = torch.where(q[None, :, None] >= pad, (column >= first) & (column <= query_column),
+                                  column == first)  # (J, run, width); a pad query reads its prompt's first key
+            real = mask.nonzero()  # (M, 2): row, query index of every token that runs
+            plan = [(slots[j], self.start[slots[j]], f) for j, f in enumerate(found) if f]
+            self._write = (torch.tensor(slots), self.t - width,
+                           (torch.tensor(slots)[real[:, 0]], self.t - run + real[:, 1], real[:, 0], real[:, 1], plan))
+        logits = self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
+        if self.prefixes:
+            for slot, prompt, f in zip(slots, prompts, found, strict=True):
+                self.prefixes.add(self.root, prompt, f, self._reader(slot))
+        return logits, cached
+
+    def _reader(self, slot: int):
+        """`read(lo, hi)` for `PrefixCache.add`: copies of the slot's keys and values of its tokens lo..hi-1."""
+        first = self.start[slot]
+        return lambda lo, hi: ([k[slot, :, first + lo:first + hi].clone() for k in self.keys],
+                               [v[slot, :, first + lo:first + hi].clone() for v in self.values])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Run one token per slot (`tokens`: (n,), anything for free slots); next-token logits (n, V)."""
@@ -400,19 +490,30 @@ class Slots:
     # transformers' cache protocol (the attention layers call it)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        where, lo = self._write
-        if isinstance(where, int):  # a step: slots 0..where-1 write column t and attend over lo..t
+        if isinstance(self._write[0], int):  # a step: slots 0..n-1 write column t and attend over lo..t
+            n, lo = self._write
             keys, values = self.keys[layer_idx], self.values[layer_idx]
-            keys[:where, :, self.t] = key_states[:, :, 0]
-            values[:where, :, self.t] = value_states[:, :, 0]
-            return keys[:where, :, lo: self.t + 1], values[:where, :, lo: self.t + 1]
+            keys[:n, :, self.t] = key_states[:, :, 0]
+            values[:n, :, self.t] = value_states[:, :, 0]
+            return keys[:n, :, lo: self.t + 1], values[:n, :, lo: self.t + 1]
+        slots, lo, reuse = self._write  # a prefill of the columns lo..t-1 of `slots`
         if layer_idx == len(self.keys):  # the first prefill allocates
             for buffers, states in ((self.keys, key_states), (self.values, value_states)):
                 buffers.append(states.new_zeros((self.slots, states.shape[1], self.columns, states.shape[3])))
-        hi = lo + key_states.shape[2]
-        self.keys[layer_idx][where, :, lo:hi] = key_states
-        self.values[layer_idx][where, :, lo:hi] = value_states
-        return key_states, value_states  # a prefill attends to its own prompt only
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if reuse is None:  # whole prompts: they attend to themselves
+            keys[slots, :, lo: self.t] = key_states
+            values[slots, :, lo: self.t] = value_states
+            return key_states, value_states
+        slot_of, column_of, row_of, query_of, plan = reuse
+        for slot, first, blocks in plan:  # the cached prefixes, then the tokens that run
+            for b, block in enumerate(blocks):
+                at = first + b * self.prefixes.block
+                keys[slot, :, at: at + self.prefixes.block] = block.keys[layer_idx]
+                values[slot, :, at: at + self.prefixes.block] = block.values[layer_idx]
+        keys[slot_of, :, column_of] = key_states[row_of, :, query_of]
+        values[slot_of, :, column_of] = value_states[row_of, :, query_of]
+        return keys[slots, :, lo: self.t], values[slots, :, lo: self.t]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed
@@ -437,14 +538,14 @@ class Padded:
     def free(self, slot: int) -> None:
         pass
 
-    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         assert self.n == 0 and slots == list(range(len(prompts)))
         self.n = len(prompts)
         device = next(self.model.parameters()).device
         ids, mask, positions = (x.to(device) for x in _left_padded(prompts, self.pad_id))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.cache, self.mask, self.positions = getattr(out, self.cache_arg), mask, positions[:, -1:]
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float(), [0] * len(prompts)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.n, 1))], dim=1)
@@ -458,8 +559,10 @@ class Padded:
 class Engine:
     """Dynamic batching over one worker thread (see module doc)."""
 
-    def __init__(self, *, window_s: float = 0.01, max_batch: int = 32, max_adapters: int = 4):
+    def __init__(self, *, window_s: float = 0.01, max_batch: int = 32, max_adapters: int = 4,
+                 prefix_cache_bytes: int = 256 * 2**20):
         self.window_s, self.max_batch, self.max_adapters = window_s, max_batch, max_adapters
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunekit-serve-engine", daemon=True)
@@ -556,7 +659,8 @@ class Engine:
         model, adapter_context = self._select(served)
         stop = set(served.stop_ids)
         self.batches += 1
-        batch = Slots(model, served.pad_id) if _slots_fit(model) else Padded(model, served.pad_id)
+        batch = (Slots(model, served.pad_id, self.prefixes, root=(served.weights.key, key[1])) if _slots_fit(model)
+                 else Padded(model, served.pad_id))
         rows: list[_Row | None] = []  # by slot; None: a free slot
         with torch.inference_mode(), adapter_context:
             logits = self._join(batch, rows, jobs, None)
@@ -610,7 +714,10 @@ class Engine:
                         generator.seed()
                 new.append(_Row(job, choice, generator))
         slots = batch.free_slots(len(new))
-        new_logits = batch.prefill([row.job.prompt for row in new], slots)
+        new_logits, cached = batch.prefill([row.job.prompt for row in new], slots)
+        for row, tokens in zip(new, cached, strict=True):
+            if row.choice == 0:
+                row.job.cached_tokens = tokens
         rows.extend([None] * (batch.n - len(rows)))
         merged = new_logits.new_zeros((batch.n, new_logits.shape[1]))
         if logits is not None:
