@@ -86,7 +86,7 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, pr
     batch = Slots(model, pad_id=0, prefixes=prefixes, root="tiny")
     stems = [[rng.randrange(3, 200) for _ in range(n)] for n in (0, 9, 17, 40)]  # shared starts (system prompts)
     earlier: list[list[int]] = []
-    reused = 0
+    reused = compacted = 0
     sequences: dict[int, list[int]] = {}  # slot -> its tokens so far
     life: dict[int, int] = {}  # slot -> steps left
     moved = grown = False
@@ -123,9 +123,15 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, pr
                 batch.free(slot)
                 del sequences[slot], life[slot]
             life = {s: n - 1 for s, n in life.items()}
+            for src, dst in batch.compact():  # the rows follow their moves
+                assert dst < src and dst not in sequences
+                sequences[dst], life[dst] = sequences.pop(src), life.pop(src)
+                compacted += 1
+            assert batch.n == max(sequences, default=-1) + 1
     assert moved  # the live columns moved (left edge, or right to make room for a longer prompt)
     assert batch.slots >= 4
     assert (reused > 200) if prefix_cache else (reused == 0)
+    assert compacted > 0  # rows moved down into free slots
 
 
 def test_prefix_cache_finds_the_longest_stored_start_and_drops_the_least_recently_used():

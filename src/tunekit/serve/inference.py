@@ -363,8 +363,9 @@ class Slots:
     columns left of its start are masked (the masks are built here and handed to the model as 4D masks, its
     positions as position ids). A finished row frees its slot and nothing moves; joining rows are prefilled
     straight into free slots, ending at column `t`. A step attends over the columns from the oldest row's
-    start to `t`. Buffers start small and double (slots, columns); when `t` reaches the last column, the
-    live columns move back to the left edge.
+    start to `t`; free slots below the last row in use run as padding, and when they are most of the step,
+    the last rows move down into them (`compact`). Buffers start small and double (slots, columns); when `t`
+    reaches the last column, the live columns move back to the left edge.
 
     The model calls `update` (transformers' cache protocol) from each attention layer; `_write` says what
     the forward that runs writes."""
@@ -398,6 +399,22 @@ class Slots:
         self.used[slot] = False
         while self.used and not self.used[-1]:
             self.used.pop(), self.start.pop(), self.length.pop()
+
+    def compact(self) -> list[tuple[int, int]]:
+        """When most of the slots a step runs are free, move the last rows into the lowest free slots (a copy
+        of each moved row's columns, not of the batch); the moves (from, to), for the rows' owner to follow."""
+        holes = [s for s in range(self.n) if not self.used[s]]
+        if 2 * len(holes) <= self.n:
+            return []
+        moves = []
+        while holes and holes[0] < self.n - 1:
+            src, dst = self.n - 1, holes.pop(0)
+            for buffer in self.keys + self.values:
+                buffer[dst, :, self.start[src]: self.t] = buffer[src, :, self.start[src]: self.t]
+            self.used[dst], self.start[dst], self.length[dst] = True, self.start[src], self.length[src]
+            self.free(src)
+            moves.append((src, dst))
+        return moves
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Write the prompts into `slots` (free ones) ending at column t: (their next-token logits (J, V), the
@@ -537,6 +554,9 @@ class Padded:
 
     def free(self, slot: int) -> None:
         pass
+
+    def compact(self) -> list[tuple[int, int]]:
+        return []
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         assert self.n == 0 and slots == list(range(len(prompts)))
@@ -687,6 +707,8 @@ class Engine:
                     rows[slot] = None  # finished: its slot is free
                     batch.free(slot)
                 _deliver(out)
+                for src, dst in batch.compact():  # most slots free: the last rows move down
+                    rows[dst], tokens[dst] = rows[src], tokens[src]
                 del rows[batch.n:]
                 if rows:
                     logits = batch.step(tokens)
