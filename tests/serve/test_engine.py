@@ -72,15 +72,17 @@ def _alone_logits(model, sequence: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([sequence])).logits[0, -1].float()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # bool masks; float masks added to the scores
 @pytest.mark.parametrize("prefix_cache", [False, True], ids=["no-prefix-cache", "prefix-cache"])
-def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, prefix_cache):
+def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, prefix_cache, attention):
     """Rows prefilled together and apart, rows leaving (holes refilled), the slot buffers growing and the live
     columns moving back to the left edge, and (with a prefix cache) prompts that start like earlier ones
     prefilled from their cached blocks: every logit equals the model run on that row's tokens alone."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()  # GQA: 4 heads, 2 kv
-    assert _slots_fit(model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,  # GQA: 4 heads, 2 kv
+                                                 attn_implementation=attention).eval()
+    assert _slots_fit(model) and model.config._attn_implementation == attention
     rng = random.Random(0)
     prefixes = PrefixCache(2**30, block=8) if prefix_cache else None
     batch = Slots(model, pad_id=0, prefixes=prefixes, root="tiny")

@@ -375,6 +375,7 @@ class Slots:
     def __init__(self, model, pad_id: int, prefixes: PrefixCache | None = None, root=None):
         self.model, self.pad_id = model, pad_id
         self.prefixes, self.root = prefixes, root  # blocks of earlier prompts (None: none kept), and their root
+        self.device = next(model.parameters()).device
         self.eager = model.config._attn_implementation == "eager"
         self.cache_arg = _cache_argument(model)
         self.keys: list[torch.Tensor] = []  # per layer, allocated by the first prefill
@@ -436,7 +437,7 @@ class Slots:
         if not any(cached):  # every prompt runs whole: it attends to itself only
             causal = q[None, None, :] <= q[None, :, None]  # (1, W, W): key <= query
             allowed = causal & ((q[None, None, :] >= pad) | (q[None, None, :] == q[None, :, None]))  # pads: self
-            self._write = (torch.tensor(slots), self.t - width, None)
+            self._write = (torch.tensor(slots, device=self.device), self.t - width, None)
         else:  # queries at columns t - run .. t - 1 attend to the prompt's columns, cached ones included
             column = torch.arange(self.t - width, self.t)  # (width,) the keys' columns
             first = torch.tensor([self.start[s] for s in slots])[:, None, None]  # (J, 1, 1) each prompt's first
@@ -445,8 +446,9 @@ class Slots:
                                   column == first)  # (J, run, width); a pad query reads its prompt's first key
             real = mask.nonzero()  # (M, 2): row, query index of every token that runs
             plan = [(slots[j], self.start[slots[j]], f) for j, f in enumerate(found) if f]
-            self._write = (torch.tensor(slots), self.t - width,
-                           (torch.tensor(slots)[real[:, 0]], self.t - run + real[:, 1], real[:, 0], real[:, 1], plan))
+            index = [x.to(self.device) for x in (torch.tensor(slots)[real[:, 0]], self.t - run + real[:, 1],
+                                                  real[:, 0], real[:, 1])]  # where each token that runs goes
+            self._write = (torch.tensor(slots, device=self.device), self.t - width, (*index, plan))
         logits = self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
         if self.prefixes:
             for slot, prompt, f in zip(slots, prompts, found, strict=True):
@@ -474,7 +476,7 @@ class Slots:
         return logits
 
     def _forward(self, ids, allowed, positions, **kwargs) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        device = self.device
         if self.eager:  # eager attention adds the mask to its scores
             dtype = next(self.model.parameters()).dtype
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
