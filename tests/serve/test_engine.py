@@ -16,10 +16,12 @@ from tunekit.serve.inference import (  # noqa: E402
     Engine,
     Finished,
     Job,
+    Padded,
     PrefixCache,
     Sampling,
     Slots,
     _slots_fit,
+    _slots_work,
     load_models,
     parse_model_arg,
 )
@@ -136,7 +138,7 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, pr
     assert compacted > 0  # rows moved down into free slots
 
 
-def test_prefix_cache_finds_the_longest_stored_start_and_drops_the_least_recently_used():
+def test_prefix_cache_finds_the_longest_stored_start_and_drops_least_recently_used_leaves():
     cache = PrefixCache(max_bytes=3 * 64, block=4)  # room for 3 blocks of 64 bytes (1 layer, 2 x (1, 4, 2) fp32)
 
     def reader(prompt):
@@ -144,18 +146,24 @@ def test_prefix_cache_finds_the_longest_stored_start_and_drops_the_least_recentl
                                [torch.zeros(1, hi - lo, 2)])
 
     a = [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    cache.add("m", a, [], reader(a))  # blocks 1-4 and 5-8 (9 is not a full block)
+    cache.add("m", a, [], reader(a), 64)  # blocks 1-4 and 5-8 (9 is not a full block)
     assert [len(cache.find("m", a))] == [2] and cache.find("other model", a) == []
     assert len(cache.find("m", a[:8])) == 1  # never the last token: its logits are needed
     b = [1, 2, 3, 4, 0, 0, 0, 0, 7]
     found = cache.find("m", b)
     assert len(found) == 1 and found[0].keys[0][0, :, 0].tolist() == [1, 2, 3, 4]
-    cache.add("m", b, found, reader(b))  # shares the first block: one new block, 3 held
+    cache.add("m", b, found, reader(b), 64)  # shares the first block: one new block, 3 held
     assert cache.bytes == 3 * 64 and len(cache.find("m", b)) == 2
     c = [9, 9, 9, 9, 1]
-    cache.add("m", c, [], reader(c))  # a 4th block: the least recently used (a's second) goes
+    cache.add("m", c, [], reader(c), 64)  # a 4th block: the least recently used leaf (a's second) goes
     assert len(cache.find("m", a)) == 1 and len(cache.find("m", b)) == 2 and len(cache.find("m", c)) == 1
     assert cache.bytes == 3 * 64
+    # a long prompt with b's start: its blocks go in while they fit, without evicting the start it builds on
+    long = b[:8] + list(range(20, 36)) + [1]
+    cache.add("m", long, cache.find("m", long), reader(long), 64)
+    assert cache.bytes == 3 * 64 and len(cache.find("m", long)) == 3  # b's 2 blocks, then 1 that fitted
+    assert len(cache.find("m", b)) == 2 and len(cache.find("m", a)) == 1  # the shared start stays
+    assert cache.find("m", c) == []  # the least recently used leaf made room
 
 
 def test_models_the_slots_do_not_fit_are_batched_with_their_own_cache(tmp_path, chat_tokenizer):
@@ -180,3 +188,72 @@ def test_models_the_slots_do_not_fit_are_batched_with_their_own_cache(tmp_path, 
     assert batches == 1 and together == alone
     staggered, batches = asyncio.run(_run(served, prompts, 0.01))
     assert staggered == alone
+
+
+def test_a_free_slot_runs_at_position_zero():
+    """A finished row's slot, below a live one, keeps running as padding: at position 0, not past its own end
+    (a model with learned positions, GPT-2 with 32 of them, would index out of range)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert _slots_work(model, pad_id=0)
+    batch = Slots(model, pad_id=0)
+    long, short = [list(range(3, 23)), [5, 6, 7]]
+    with torch.inference_mode():
+        batch.prefill([long, short], [0, 1])
+        for _ in range(11):  # the long row reaches position 31, its last
+            long.append(9), short.append(9)
+            batch.step(torch.tensor([9, 9]))
+        batch.free(0)
+        for _ in range(15):  # the short row goes on; slot 0 runs as padding
+            short.append(4)
+            logits = batch.step(torch.tensor([0, 4]))
+        torch.testing.assert_close(logits[1], _alone_logits(model, short), atol=1e-4, rtol=1e-4)
+
+
+def test_models_whose_attention_reads_more_than_mask_and_positions_run_padded(tmp_path, chat_tokenizer):
+    """Bloom builds its ALiBi bias from a 2D mask: `Slots` cannot feed it, so the engine serves it padded,
+    with the tokens of one-by-one generation."""
+    from transformers import AutoModelForCausalLM, BloomConfig
+
+    torch.manual_seed(0)
+    config = BloomConfig(vocab_size=len(chat_tokenizer), hidden_size=32, n_layer=2, n_head=2,
+                         pad_token_id=chat_tokenizer.pad_token_id,
+                         eos_token_id=chat_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    chat_tokenizer.save_pretrained(tmp_path)
+    served = load_models([parse_model_arg(f"bloom={tmp_path}")], "cpu")["bloom"]
+    with torch.inference_mode():
+        assert not _slots_work(served.weights.model, served.pad_id)
+    prompts = [render_prompt([{"role": "user", "content": f"hi {w}"}], chat_tokenizer) for w in ("a", "b c", "d e f")]
+    alone = [asyncio.run(_run(served, [p], 0.0))[0][0] for p in prompts]
+    together, batches = asyncio.run(_run(served, prompts, None))
+    assert batches == 1 and together == alone
+
+
+def test_padded_batches_drop_finished_rows():
+    """In a padded batch a finished row leaves the cache (the rows after it move down) and the others go on
+    with their own logits."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1, layer_types=["full_attention", "sliding_attention"])
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert not _slots_fit(model)
+    batch = Padded(model, pad_id=0)
+    rows = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    with torch.inference_mode():
+        batch.prefill(rows, [0, 1, 2])
+        batch.free(0)
+        assert batch.compact() == [(1, 0), (2, 1)] and batch.n == 2
+        rows = rows[1:]
+        for step in range(6):
+            tokens = torch.tensor([20 + step, 30 + step])
+            for row, token in zip(rows, tokens.tolist(), strict=True):
+                row.append(token)
+            logits = batch.step(tokens)
+            for b, row in enumerate(rows):
+                torch.testing.assert_close(logits[b], _alone_logits(model, row), atol=1e-4, rtol=1e-4)

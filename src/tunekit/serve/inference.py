@@ -295,12 +295,15 @@ def _slots_fit(model) -> bool:
             and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or []))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Block:
     id: int
+    key: tuple  # (parent's id or the root, its tokens): its key in the cache
+    parent: _Block | None
     keys: list[torch.Tensor]  # per layer: (heads, block tokens, head dim)
     values: list[torch.Tensor]
     nbytes: int
+    children: int = 0  # blocks stored after this one
 
 
 class PrefixCache:
@@ -311,7 +314,8 @@ class PrefixCache:
 
     A block is found by its own tokens and its parent block (the key is the parent's id and the tokens; the
     first block's parent is the `root`, one per weights and adapter), so prompts share the blocks of their
-    common start, like a tree. The least recently used blocks go when those held pass `max_bytes`."""
+    common start, like a tree. To stay within `max_bytes`, the least recently used leaves go (blocks that no
+    other block continues): a shared start stays as long as something after it does."""
 
     def __init__(self, max_bytes: int, block: int = 16):
         self.max_bytes, self.block = max_bytes, block
@@ -324,35 +328,68 @@ class PrefixCache:
         found: list[_Block] = []
         parent = root
         for b in range((len(prompt) - 1) // self.block):
-            key = (parent, tuple(prompt[b * self.block:(b + 1) * self.block]))
-            block = self._blocks.get(key)
+            block = self._blocks.get((parent, tuple(prompt[b * self.block:(b + 1) * self.block])))
             if block is None:
                 break
-            self._blocks.move_to_end(key)
+            self._blocks.move_to_end(block.key)
             found.append(block)
             parent = ("block", block.id)
         return found
 
-    def add(self, root, prompt: list[int], found: list[_Block], read) -> None:
-        """Store the full blocks of `prompt` after the `found` ones; `read(lo, hi)` gives the keys and values
-        of its tokens lo..hi-1, per layer."""
-        parent = ("block", found[-1].id) if found else root
+    def add(self, root, prompt: list[int], found: list[_Block], read, block_bytes: int) -> None:
+        """Store the full blocks of `prompt` after the `found` ones, while they fit; `read(lo, hi)` gives the
+        keys and values of its tokens lo..hi-1 per layer, `block_bytes` what a block of them takes."""
+        parent = found[-1] if found else None
+        chain = {id(b) for b in found}  # this prompt's blocks: not evicted while it adds its own
         for b in range(len(found), len(prompt) // self.block):
             lo, hi = b * self.block, (b + 1) * self.block
-            key = (parent, tuple(prompt[lo:hi]))
+            key = (("block", parent.id) if parent else root, tuple(prompt[lo:hi]))
             block = self._blocks.get(key)
             if block is None:
+                if not self._make_room(block_bytes, chain):
+                    return
                 keys, values = read(lo, hi)
                 self._next_id += 1
-                block = _Block(self._next_id, keys, values,
-                               sum(t.numel() * t.element_size() for t in keys + values))
+                block = _Block(self._next_id, key, parent, keys, values, block_bytes)
                 self._blocks[key] = block
-                self.bytes += block.nbytes
+                self.bytes += block_bytes
+                if parent:
+                    parent.children += 1
             self._blocks.move_to_end(key)
-            parent = ("block", block.id)
-        while self.bytes > self.max_bytes and self._blocks:
-            _, old = self._blocks.popitem(last=False)
-            self.bytes -= old.nbytes
+            chain.add(id(block))
+            parent = block
+
+    def _make_room(self, nbytes: int, keep: set[int]) -> bool:
+        """Evict least recently used leaves (not in `keep`) until `nbytes` more fit; False if they cannot."""
+        while self.bytes + nbytes > self.max_bytes:
+            victim = next((b for b in self._blocks.values() if not b.children and id(b) not in keep), None)
+            if victim is None:
+                return False
+            del self._blocks[victim.key]
+            self.bytes -= victim.nbytes
+            if victim.parent:
+                victim.parent.children -= 1
+        return True
+
+
+def _slots_work(model, pad_id: int) -> bool:
+    """Whether `Slots` gives this model's own logits: the layers fit (`_slots_fit`), and two short rows
+    prefilled together and stepped once equal each row run alone. Models whose attention reads more than the
+    mask and positions `Slots` hands it (an ALiBi bias built from a 2D mask, say) fail here and run `Padded`."""
+    if not _slots_fit(model):
+        return False
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    rows, nexts = [[(7 * i + 3) % vocab for i in range(6)], [(11 * i + 5) % vocab for i in range(3)]], [1, 2]
+    try:
+        batch = Slots(model, pad_id)
+        got = [*batch.prefill(rows, [0, 1])[0], *batch.step(torch.tensor(nexts, device=device))]
+        alone = [model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+                 for ids in (*rows, *(r + [t] for r, t in zip(rows, nexts, strict=True)))]
+    except Exception:  # noqa: BLE001 - any failure means: not this way
+        return False
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25  # bf16/fp16 round more
+    return all(torch.allclose(a, b, atol=tolerance, rtol=tolerance) for a, b in zip(got, alone, strict=True))
 
 
 class Slots:
@@ -397,7 +434,7 @@ class Slots:
         return (holes + list(range(self.n, self.n + count)))[:count]
 
     def free(self, slot: int) -> None:
-        self.used[slot] = False
+        self.used[slot], self.length[slot] = False, 0  # a free slot runs at position 0
         while self.used and not self.used[-1]:
             self.used.pop(), self.start.pop(), self.length.pop()
 
@@ -451,8 +488,10 @@ class Slots:
             self._write = (torch.tensor(slots, device=self.device), self.t - width, (*index, plan))
         logits = self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
         if self.prefixes:
+            block_bytes = self.prefixes.block * sum(x.shape[1] * x.shape[3] * x.element_size()
+                                                    for x in self.keys + self.values)
             for slot, prompt, f in zip(slots, prompts, found, strict=True):
-                self.prefixes.add(self.root, prompt, f, self._reader(slot))
+                self.prefixes.add(self.root, prompt, f, self._reader(slot), block_bytes)
         return logits, cached
 
     def _reader(self, slot: int):
@@ -472,7 +511,7 @@ class Slots:
         self._write = (n, lo)
         logits = self._forward(tokens[:n, None], allowed[:, None, None], positions)
         self.t += 1
-        self.length = [length + 1 for length in self.length]
+        self.length = [length + 1 if used else 0 for length, used in zip(self.length, self.used, strict=True)]
         return logits
 
     def _forward(self, ids, allowed, positions, **kwargs) -> torch.Tensor:
@@ -491,8 +530,11 @@ class Slots:
         live = [s for s in range(self.n) if self.used[s]]
         lo = min((self.start[s] for s in live), default=self.t)
         span = self.t - lo  # the live columns: lo..t-1
-        t = self.t if width <= self.t < self.columns else max(width, span)  # move them to end at t
-        columns = self.columns if t < self.columns else max(2 * self.columns, 2 ** (t + 64).bit_length())
+        move = not width <= self.t < self.columns
+        t = max(width, span) if move else self.t  # move them to end at t
+        columns = self.columns  # grown when full, or when a move would leave less than half of it to fill
+        if t >= self.columns or (move and 2 * span > self.columns):
+            columns = max(2 * self.columns, 2 ** (t + 64).bit_length())
         capacity = self.slots if slots <= self.slots else max(2 * self.slots, slots)
         if (t, columns, capacity) == (self.t, self.columns, self.slots):
             return
@@ -526,10 +568,9 @@ class Slots:
             return key_states, value_states
         slot_of, column_of, row_of, query_of, plan = reuse
         for slot, first, blocks in plan:  # the cached prefixes, then the tokens that run
-            for b, block in enumerate(blocks):
-                at = first + b * self.prefixes.block
-                keys[slot, :, at: at + self.prefixes.block] = block.keys[layer_idx]
-                values[slot, :, at: at + self.prefixes.block] = block.values[layer_idx]
+            end = first + len(blocks) * self.prefixes.block
+            keys[slot, :, first:end] = torch.cat([block.keys[layer_idx] for block in blocks], dim=1)
+            values[slot, :, first:end] = torch.cat([block.values[layer_idx] for block in blocks], dim=1)
         keys[slot_of, :, column_of] = key_states[row_of, :, query_of]
         values[slot_of, :, column_of] = value_states[row_of, :, query_of]
         return keys[slots, :, lo: self.t], values[slots, :, lo: self.t]
@@ -540,8 +581,8 @@ class Slots:
 
 class Padded:
     """The batch for models `Slots` does not fit (sliding windows, other kinds of layers): transformers' own
-    cache and masks over one left-padded batch prefilled at its start; nothing joins it, and a finished row
-    stays in it (its tokens unused) until the batch ends."""
+    cache and masks over one left-padded batch prefilled at its start. Nothing joins it; finished rows leave
+    it (`compact` drops them from the cache, and the rows after them move down)."""
 
     joins = False
 
@@ -549,20 +590,29 @@ class Padded:
         self.model, self.pad_id = model, pad_id
         self.cache_arg = _cache_argument(model)
         self.n = 0
+        self.live: list[bool] = []
         self.cache = self.mask = self.positions = None
 
     def free_slots(self, count: int) -> list[int]:
         return list(range(self.n, self.n + count))
 
     def free(self, slot: int) -> None:
-        pass
+        self.live[slot] = False
 
     def compact(self) -> list[tuple[int, int]]:
-        return []
+        keep = [b for b in range(self.n) if self.live[b]]
+        if len(keep) == self.n:
+            return []
+        if keep:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(index)
+            self.mask, self.positions = self.mask[index], self.positions[index]
+        self.n, self.live = len(keep), [True] * len(keep)
+        return [(src, dst) for dst, src in enumerate(keep) if src != dst]
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         assert self.n == 0 and slots == list(range(len(prompts)))
-        self.n = len(prompts)
+        self.n, self.live = len(prompts), [True] * len(prompts)
         device = next(self.model.parameters()).device
         ids, mask, positions = (x.to(device) for x in _left_padded(prompts, self.pad_id))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
@@ -572,7 +622,7 @@ class Padded:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.n, 1))], dim=1)
         self.positions = self.positions + 1
-        out = self.model(input_ids=tokens[:, None].to(self.mask.device), attention_mask=self.mask,
+        out = self.model(input_ids=tokens[: self.n, None].to(self.mask.device), attention_mask=self.mask,
                          position_ids=self.positions, use_cache=True, **{self.cache_arg: self.cache})
         self.cache = getattr(out, self.cache_arg)
         return out.logits[:, -1, :].float()
@@ -585,6 +635,7 @@ class Engine:
                  prefix_cache_bytes: int = 256 * 2**20):
         self.window_s, self.max_batch, self.max_adapters = window_s, max_batch, max_adapters
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._slots_work: dict[int, bool] = {}  # per weights (by id): whether `Slots` serves them (`_slots_work`)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunekit-serve-engine", daemon=True)
@@ -681,10 +732,12 @@ class Engine:
         model, adapter_context = self._select(served)
         stop = set(served.stop_ids)
         self.batches += 1
-        batch = (Slots(model, served.pad_id, self.prefixes, root=(served.weights.key, key[1])) if _slots_fit(model)
-                 else Padded(model, served.pad_id))
         rows: list[_Row | None] = []  # by slot; None: a free slot
         with torch.inference_mode(), adapter_context:
+            if id(served.weights) not in self._slots_work:
+                self._slots_work[id(served.weights)] = _slots_work(model, served.pad_id)
+            batch = (Slots(model, served.pad_id, self.prefixes, root=(served.weights.key, key[1]))
+                     if self._slots_work[id(served.weights)] else Padded(model, served.pad_id))
             logits = self._join(batch, rows, jobs, None)
             while any(row is not None for row in rows):
                 tokens = self._choose(logits, rows)  # (n,)
@@ -709,7 +762,7 @@ class Engine:
                     rows[slot] = None  # finished: its slot is free
                     batch.free(slot)
                 _deliver(out)
-                for src, dst in batch.compact():  # most slots free: the last rows move down
+                for src, dst in batch.compact():  # rows that move to other slots (see `compact`)
                     rows[dst], tokens[dst] = rows[src], tokens[src]
                 del rows[batch.n:]
                 if rows:
