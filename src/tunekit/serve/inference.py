@@ -17,8 +17,9 @@ the batch ends. Requests read what the worker produces from an asyncio queue (`J
 The batch's KV cache is `Slots`: one slot per row in preallocated buffers, so a finished row frees its slot
 and a joining one is prefilled into a free slot without copying the others (transformers' own cache grows by
 concatenation, a copy of the whole cache per token). A prompt that starts like an earlier one is prefilled
-from the blocks of it kept in the engine's `PrefixCache`. Models `Slots` does not fit (sliding windows, other
-kinds of layers) run as `Padded`: transformers' cache and masks, rows batched at the start, nothing joins.
+from the blocks of it kept in the engine's `PrefixCache`. Models `Slots` does not serve (sliding windows, other
+kinds of layers, attention that reads more than masks and positions: `_slots_work`) run as `Padded`:
+transformers' cache and masks, rows batched at the start, finished rows dropped, nothing joins.
 """
 
 from __future__ import annotations
@@ -744,10 +745,11 @@ class Engine:
                 want_logprobs = any(r is not None and r.job.sampling.top_logprobs is not None for r in rows)
                 logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None  # (n, V)
                 out: list[tuple[Job, object]] = []  # this step's events, handed over at once
+                chosen = tokens.tolist()  # one device-to-host copy per step, not one per row
                 for slot, row in enumerate(rows):
                     if row is None:
                         continue
-                    job, token = row.job, int(tokens[slot])
+                    job, token = row.job, chosen[slot]
                     if job.cancelled[row.choice] or self._stopping.is_set():
                         out.append((job, Finished(row.choice, "cancelled")))
                     else:
