@@ -70,6 +70,7 @@ class Weights:
     key: str  # what was loaded: a resolved local path or a hub id
     model: object  # a transformers model, a peft PeftModel once an adapter is attached
     adapters: OrderedDict[str, Path] = field(default_factory=OrderedDict)
+    slots_work: bool | None = None  # whether `Slots` serves this model (`_slots_work`; None: not probed yet)
 
 
 @dataclass
@@ -636,7 +637,6 @@ class Engine:
                  prefix_cache_bytes: int = 256 * 2**20):
         self.window_s, self.max_batch, self.max_adapters = window_s, max_batch, max_adapters
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._slots_work: dict[int, bool] = {}  # per weights (by id): whether `Slots` serves them (`_slots_work`)
         self._queue: queue.Queue[Job] = queue.Queue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tunekit-serve-engine", daemon=True)
@@ -735,10 +735,10 @@ class Engine:
         self.batches += 1
         rows: list[_Row | None] = []  # by slot; None: a free slot
         with torch.inference_mode(), adapter_context:
-            if id(served.weights) not in self._slots_work:
-                self._slots_work[id(served.weights)] = _slots_work(model, served.pad_id)
+            if served.weights.slots_work is None:  # probed once, at first use
+                served.weights.slots_work = _slots_work(model, served.pad_id)
             batch = (Slots(model, served.pad_id, self.prefixes, root=(served.weights.key, key[1]))
-                     if self._slots_work[id(served.weights)] else Padded(model, served.pad_id))
+                     if served.weights.slots_work else Padded(model, served.pad_id))
             logits = self._join(batch, rows, jobs, None)
             while any(row is not None for row in rows):
                 tokens = self._choose(logits, rows)  # (n,)
