@@ -67,6 +67,7 @@ def test_rows_joining_a_running_batch_equal_one_by_one_generation():
     joined, batches = asyncio.run(_run(served, prompts, 0.01))  # each arrives while the batch runs
     assert batches < len(prompts)  # later requests joined the running batch
     assert joined == alone
+    assert served.weights.slots_work is True  # served through `Slots` (the probe passed)
 
 
 def _alone_logits(model, sequence: list[int]) -> torch.Tensor:
