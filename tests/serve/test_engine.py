@@ -101,6 +101,8 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, pr
                 prompts = [list(rng.choice(earlier)) if earlier and rng.random() < 0.2  # a prompt sent again
                            else rng.choice(stems) + [rng.randrange(3, 200) for _ in range(rng.randint(1, 14))]
                            for _ in range(rng.randint(1, 3))]
+                if rng.random() < 0.3:  # the same prompt twice in one prefill (the choices of n=2)
+                    prompts.append(list(prompts[0]))
                 earlier += prompts
                 slots = batch.free_slots(len(prompts))
                 columns, t_before = batch.columns, batch.t

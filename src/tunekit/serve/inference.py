@@ -459,7 +459,25 @@ class Slots:
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Write the prompts into `slots` (free ones) ending at column t: (their next-token logits (J, V), the
         tokens of each taken from the prefix cache). A prompt's cached blocks are copied into its slot and only
-        the rest of it runs through the model, attending to them."""
+        the rest of it runs through the model, attending to them. A prompt given more than once (the choices
+        of `n`) runs once; its other slots get copies of its columns."""
+        first: dict[tuple[int, ...], int] = {}
+        for j, prompt in enumerate(prompts):
+            first.setdefault(tuple(prompt), j)
+        if len(first) < len(prompts):
+            once = sorted(first.values())
+            logits, cached = self.prefill([prompts[j] for j in once], [slots[j] for j in once])
+            self._fit(max(slots) + 1, 0)
+            while self.n <= max(slots):
+                self.used.append(False), self.start.append(self.t), self.length.append(0)
+            source = [once.index(first[tuple(p)]) for p in prompts]  # each prompt's row among those that ran
+            for slot, k in zip(slots, source, strict=True):
+                if slot != slots[once[k]]:
+                    src = slots[once[k]]
+                    for buffer in self.keys + self.values:
+                        buffer[slot, :, self.start[src]: self.t] = buffer[src, :, self.start[src]: self.t]
+                    self.used[slot], self.start[slot], self.length[slot] = True, self.start[src], self.length[src]
+            return logits[source], [cached[k] for k in source]
         found = [self.prefixes.find(self.root, p) if self.prefixes else [] for p in prompts]
         cached = [len(f) * self.prefixes.block if f else 0 for f in found]
         width = max(len(p) for p in prompts)  # the columns the prompts take: t - width .. t - 1
