@@ -414,7 +414,7 @@ class Slots:
     def __init__(self, model, pad_id: int, prefixes: PrefixCache | None = None, root=None):
         self.model, self.pad_id = model, pad_id
         self.prefixes, self.root = prefixes, root  # blocks of earlier prompts (None: none kept), and their root
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self.eager = model.config._attn_implementation == "eager"
         self.cache_arg = _cache_argument(model)
         self.keys: list[torch.Tensor] = []  # per layer, allocated by the first prefill
@@ -435,6 +435,18 @@ class Slots:
         holes = [s for s in range(self.n) if not self.used[s]]
         return (holes + list(range(self.n, self.n + count)))[:count]
 
+    def _claim(self, slot: int, start: int, length: int) -> None:
+        """Mark `slot` in use by a row from column `start` with `length` tokens (slots below it exist, free)."""
+        while self.n <= slot:
+            self.used.append(False), self.start.append(self.t), self.length.append(0)
+        self.used[slot], self.start[slot], self.length[slot] = True, start, length
+
+    def _copy(self, src: int, dst: int) -> None:
+        """Give slot `dst` the row of slot `src`: its columns, start and length."""
+        for buffer in self.keys + self.values:
+            buffer[dst, :, self.start[src]: self.t] = buffer[src, :, self.start[src]: self.t]
+        self._claim(dst, self.start[src], self.length[src])
+
     def free(self, slot: int) -> None:
         self.used[slot], self.length[slot] = False, 0  # a free slot runs at position 0
         while self.used and not self.used[-1]:
@@ -449,9 +461,7 @@ class Slots:
         moves = []
         while holes and holes[0] < self.n - 1:
             src, dst = self.n - 1, holes.pop(0)
-            for buffer in self.keys + self.values:
-                buffer[dst, :, self.start[src]: self.t] = buffer[src, :, self.start[src]: self.t]
-            self.used[dst], self.start[dst], self.length[dst] = True, self.start[src], self.length[src]
+            self._copy(src, dst)
             self.free(src)
             moves.append((src, dst))
         return moves
@@ -461,51 +471,41 @@ class Slots:
         tokens of each taken from the prefix cache). A prompt's cached blocks are copied into its slot and only
         the rest of it runs through the model, attending to them. A prompt given more than once (the choices
         of `n`) runs once; its other slots get copies of its columns."""
-        first: dict[tuple[int, ...], int] = {}
+        seen: dict[tuple[int, ...], int] = {}  # a prompt -> the first of `prompts` that is it
         for j, prompt in enumerate(prompts):
-            first.setdefault(tuple(prompt), j)
-        if len(first) < len(prompts):
-            once = sorted(first.values())
+            seen.setdefault(tuple(prompt), j)
+        if len(seen) < len(prompts):
+            once = sorted(seen.values())
             logits, cached = self.prefill([prompts[j] for j in once], [slots[j] for j in once])
             self._fit(max(slots) + 1, 0)
-            while self.n <= max(slots):
-                self.used.append(False), self.start.append(self.t), self.length.append(0)
-            source = [once.index(first[tuple(p)]) for p in prompts]  # each prompt's row among those that ran
+            source = [once.index(seen[tuple(p)]) for p in prompts]  # each prompt's row among those that ran
             for slot, k in zip(slots, source, strict=True):
                 if slot != slots[once[k]]:
-                    src = slots[once[k]]
-                    for buffer in self.keys + self.values:
-                        buffer[slot, :, self.start[src]: self.t] = buffer[src, :, self.start[src]: self.t]
-                    self.used[slot], self.start[slot], self.length[slot] = True, self.start[src], self.length[src]
+                    self._copy(slots[once[k]], slot)
             return logits[source], [cached[k] for k in source]
         found = [self.prefixes.find(self.root, p) if self.prefixes else [] for p in prompts]
         cached = [len(f) * self.prefixes.block if f else 0 for f in found]
         width = max(len(p) for p in prompts)  # the columns the prompts take: t - width .. t - 1
         self._fit(max(slots) + 1, width)
-        while self.n <= max(slots):
-            self.used.append(False), self.start.append(self.t), self.length.append(0)
         for slot, prompt in zip(slots, prompts, strict=True):
-            self.used[slot], self.start[slot], self.length[slot] = True, self.t - len(prompt), len(prompt)
+            self._claim(slot, self.t - len(prompt), len(prompt))
+        # what runs: each prompt's uncached rest, left-padded to one width, at columns t - run .. t - 1,
+        # attending to its prompt's columns up to its own (cached ones included)
         ids, mask, positions = _left_padded([p[c:] for p, c in zip(prompts, cached, strict=True)], self.pad_id)
-        run = ids.shape[1]  # the tokens that run: each prompt's uncached rest, left-padded to one width
+        run = ids.shape[1]
         q = torch.arange(run)
         pad = (run - mask.sum(-1))[:, None, None]  # (J, 1, 1)
         positions = positions + torch.tensor(cached)[:, None]  # the rest continues after its cached prefix
-        if not any(cached):  # every prompt runs whole: it attends to itself only
-            causal = q[None, None, :] <= q[None, :, None]  # (1, W, W): key <= query
-            allowed = causal & ((q[None, None, :] >= pad) | (q[None, None, :] == q[None, :, None]))  # pads: self
-            self._write = (torch.tensor(slots, device=self.device), self.t - width, None)
-        else:  # queries at columns t - run .. t - 1 attend to the prompt's columns, cached ones included
-            column = torch.arange(self.t - width, self.t)  # (width,) the keys' columns
-            first = torch.tensor([self.start[s] for s in slots])[:, None, None]  # (J, 1, 1) each prompt's first
-            query_column = (self.t - run + q)[None, :, None]  # (1, run, 1)
-            allowed = torch.where(q[None, :, None] >= pad, (column >= first) & (column <= query_column),
-                                  column == first)  # (J, run, width); a pad query reads its prompt's first key
-            real = mask.nonzero()  # (M, 2): row, query index of every token that runs
-            plan = [(slots[j], self.start[slots[j]], f) for j, f in enumerate(found) if f]
-            index = [x.to(self.device) for x in (torch.tensor(slots)[real[:, 0]], self.t - run + real[:, 1],
-                                                  real[:, 0], real[:, 1])]  # where each token that runs goes
-            self._write = (torch.tensor(slots, device=self.device), self.t - width, (*index, plan))
+        column = torch.arange(self.t - width, self.t)  # (width,) the keys' columns
+        first = torch.tensor([self.start[s] for s in slots])[:, None, None]  # (J, 1, 1) each prompt's first
+        query_column = (self.t - run + q)[None, :, None]  # (1, run, 1)
+        allowed = torch.where(q[None, :, None] >= pad, (column >= first) & (column <= query_column),
+                              column == first)  # (J, run, width); a pad query reads its prompt's first key
+        real = mask.nonzero()  # (M, 2): row, query index of every token that runs
+        index = [x.to(self.device) for x in (torch.tensor(slots)[real[:, 0]], self.t - run + real[:, 1],
+                                              real[:, 0], real[:, 1])]  # where each token that runs goes
+        plan = [(slots[j], self.start[slots[j]], f) for j, f in enumerate(found) if f]
+        self._write = (torch.tensor(slots, device=self.device), self.t - width, (*index, plan))
         logits = self._forward(ids, allowed[:, None], positions, logits_to_keep=1)
         if self.prefixes:
             block_bytes = self.prefixes.block * sum(x.shape[1] * x.shape[3] * x.element_size()
@@ -535,14 +535,12 @@ class Slots:
         return logits
 
     def _forward(self, ids, allowed, positions, **kwargs) -> torch.Tensor:
-        device = self.device
         if self.eager:  # eager attention adds the mask to its scores
-            dtype = next(self.model.parameters()).dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+            mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
         else:
             mask = allowed
-        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                         use_cache=True, **{self.cache_arg: self}, **kwargs)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), use_cache=True, **{self.cache_arg: self}, **kwargs)
         return out.logits[:, -1, :].float()
 
     def _fit(self, slots: int, width: int) -> None:
@@ -577,15 +575,11 @@ class Slots:
             keys[:n, :, self.t] = key_states[:, :, 0]
             values[:n, :, self.t] = value_states[:, :, 0]
             return keys[:n, :, lo: self.t + 1], values[:n, :, lo: self.t + 1]
-        slots, lo, reuse = self._write  # a prefill of the columns lo..t-1 of `slots`
+        slots, lo, reuse = self._write  # a prefill: `slots` attend over the columns lo..t-1
         if layer_idx == len(self.keys):  # the first prefill allocates
             for buffers, states in ((self.keys, key_states), (self.values, value_states)):
                 buffers.append(states.new_zeros((self.slots, states.shape[1], self.columns, states.shape[3])))
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if reuse is None:  # whole prompts: they attend to themselves
-            keys[slots, :, lo: self.t] = key_states
-            values[slots, :, lo: self.t] = value_states
-            return key_states, value_states
         slot_of, column_of, row_of, query_of, plan = reuse
         for slot, first, blocks in plan:  # the cached prefixes, then the tokens that run
             end = first + len(blocks) * self.prefixes.block
