@@ -141,11 +141,22 @@ def load(base_url: str, requests: list[dict], clients: int, max_tokens: int) -> 
             "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95), "cached_tokens": cached[0]}
 
 
+async def job_tokens(job) -> list[int]:
+    """The token ids an engine job produces, read from its events until it finishes."""
+    from tunekit.serve.inference import Finished, Token
+
+    ids = []
+    while not isinstance(event := await job.events.get(), Finished):
+        if isinstance(event, Token):
+            ids.append(event.id)
+    return ids
+
+
 def engine_levels(model_dir: Path, requests: list[dict], levels: list[int], max_tokens: int,
                   prefix_cache_mib: int = 0) -> list[dict]:
     """The batch loop alone, in-process: closed-loop clients as asyncio tasks, no HTTP."""
     from tunekit.data.render import render_prompt
-    from tunekit.serve.inference import Engine, Finished, Job, Sampling, load_models, parse_model_arg
+    from tunekit.serve.inference import Engine, Job, Sampling, load_models, parse_model_arg
 
     served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
     rendered = [render_prompt(m, served.tokenizer) for m in requests]
@@ -154,10 +165,7 @@ def engine_levels(model_dir: Path, requests: list[dict], levels: list[int], max_
         job = Job(served, prompt, Sampling(max_tokens=max_tokens), 1, asyncio.get_running_loop())
         start = time.perf_counter()
         engine.submit(job)
-        ids = []
-        while not isinstance(event := await job.events.get(), Finished):
-            ids.append(event.id)
-        return ids, time.perf_counter() - start
+        return await job_tokens(job), time.perf_counter() - start
 
     async def level(clients: int, prompts: list[list[int]]) -> tuple[dict, dict[int, list[int]]]:
         engine = Engine(window_s=0.002, max_batch=64, prefix_cache_bytes=prefix_cache_mib * 2**20)
@@ -193,7 +201,7 @@ def continuous(model_dir: Path, requests: list[dict], max_tokens: int, reference
     from transformers import GenerationConfig
 
     from tunekit.data.render import render_prompt
-    from tunekit.serve.inference import Engine, Finished, Job, Sampling, Token, load_models, parse_model_arg
+    from tunekit.serve.inference import Engine, Job, Sampling, load_models, parse_model_arg
 
     served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
     tokenizer, model = served.tokenizer, served.weights.model
@@ -220,16 +228,7 @@ def continuous(model_dir: Path, requests: list[dict], max_tokens: int, reference
         for job in jobs:  # queued before the worker starts: one batch
             engine.submit(job)
         engine.start()
-        tokens_out = []
-        for job in jobs:
-            ids = []
-            while True:
-                event = await job.events.get()
-                if isinstance(event, Token):
-                    ids.append(event.id)
-                elif isinstance(event, Finished):
-                    break
-            tokens_out.append(ids)
+        tokens_out = [await job_tokens(job) for job in jobs]
         engine.stop()
         return tokens_out
 
