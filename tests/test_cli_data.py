@@ -90,7 +90,7 @@ def test_unusable_inputs_exit_1_with_a_message(tmp_path, case):
 
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     result = run("data", "check", write(tmp_path, [good(0)]), "--model", tmp_path / "no-model")
-    assert result.exit_code == 1 and "model directory not found" in result.output
+    assert result.exit_code == 1 and "no such model folder" in result.output
 
 
 def test_model_dir_without_tokenizer_files_is_a_clear_error(tmp_path):

@@ -6,6 +6,15 @@ from tunekit.config import load_config
 from tunekit.errors import ConfigError
 
 
+@pytest.fixture(autouse=True)
+def hub_answers(monkeypatch):
+    """These configs name a hub id (org/model) and are checked as if the hub answered; what happens when it
+    does not is test_locate.py's."""
+    from tunekit import locate
+
+    monkeypatch.setattr(locate, "hub_reachable", lambda: True)
+
+
 def write(tmp_path: Path, text: str) -> Path:
     (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
     path = tmp_path / "run.yaml"

@@ -67,3 +67,25 @@ def test_index_on_disk_opens_again(tmp_path):
     assert again.size == len(DOCS)
     assert again.search("red dog", k=2) == before
     again.close()
+
+
+def test_equal_scores_rank_by_document_id_whatever_the_noise():
+    """Documents of the same shape score alike; the k-th place's tie is resolved by id, on any machine."""
+    from types import SimpleNamespace
+
+    from tunekit.retrieval import rank, tied
+
+    noisy = [SimpleNamespace(id=i, score=s) for i, s in [(7, 2.0000001), (3, 1.9999999), (5, 2.0), (1, 0.5)]]
+    assert [p.id for p in rank(noisy)] == [3, 5, 7, 1]
+    assert tied(2.0, 2.0001) and not tied(2.0, 2.001)
+
+    # 30 passages that differ only by a made-up name: every question matching them all ties them all
+    docs = [f"The {name} kettle is made by Acme. It costs 10 euros." for name in
+            [f"Brand{i:02d}" for i in range(30)]]
+    index = TextIndex.build(docs, [{"i": i} for i in range(len(docs))])
+    for k in (1, 3, 10):
+        hits = index.search("Which company makes the kettle?", k)
+        assert [payload["i"] for payload, _ in hits] == list(range(k))  # the tie reaches past 2k+8 fetched
+    # a word of one passage lifts it above the tie; the rest of the top 3 are the lowest ids
+    assert [p["i"] for p, _ in index.search("Which company makes the Brand17 kettle?", 3)] == [17, 0, 1]
+    index.close()

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tunekit.errors import ConfigError, Problem
+from tunekit.locate import locate_model
 
 
 class Section(BaseModel):
@@ -370,7 +371,7 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     return cfg
 
 
-def _file_problems(cfg: RunConfig, source: str, key_lines: dict) -> list[Problem]:
+def _file_problems(cfg: RunConfig, source: str, key_lines: dict, base_dir: Path) -> list[Problem]:
     problems = []
     for dotted, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation),
                          ("eval.data", cfg.eval.data)):
@@ -379,13 +380,11 @@ def _file_problems(cfg: RunConfig, source: str, key_lines: dict) -> list[Problem
             where = f"{source}:{line} {dotted}" if line else f"{source} {dotted}"
             problems.append(Problem(where, f"file not found: {path}",
                                     "relative paths are resolved against the config file's directory"))
-    base = cfg.model.base
-    looks_local = base.startswith((".", "/", "~")) or base.count("/") > 1
-    if looks_local and not Path(base).expanduser().exists():
-        line = key_lines.get(("model", "base"))
-        where = f"{source}:{line} model.base" if line else f"{source} model.base"
-        problems.append(Problem(where, f"model directory not found: {base}",
-                                "give a local model dir, an earlier run dir, or a hub id like org/name"))
+    line = key_lines.get(("model", "base"))
+    located = locate_model(cfg.model.base, base_dir,
+                           field=f"{source}:{line} model.base" if line else f"{source} model.base")
+    if isinstance(located, Problem):
+        problems.append(located)
     return problems
 
 
@@ -400,7 +399,7 @@ def config_from_dict(data: dict, *, source: str = "<config>", base_dir: Path | N
                           title=f"{source}: invalid config") from None
     cfg = _resolve_paths(cfg, base_dir or Path.cwd())
     if check_files:
-        problems = _file_problems(cfg, source, key_lines)
+        problems = _file_problems(cfg, source, key_lines, base_dir or Path.cwd())
         if problems:
             raise ConfigError(problems, title=f"{source}: invalid config")
     return cfg

@@ -18,6 +18,7 @@ import torch
 
 from tunekit.config import RunConfig, load_config
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.locate import locate_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -267,7 +268,11 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
-    if not Path(path).expanduser().exists():  # a hub id
+    located = locate_model(str(path), field="MODEL")
+    if isinstance(located, Problem):
+        raise TunekitError(located)
+    if not Path(located).is_absolute():  # a hub id
+        path = located
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map={"": str(device)})
             return model.eval(), AutoTokenizer.from_pretrained(str(path))

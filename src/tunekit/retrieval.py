@@ -22,6 +22,7 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ VECTOR = "bm25"  # the name of the sparse vector in the collection
 K1 = 1.2  # BM25 term-frequency saturation
 B = 0.75  # BM25 length normalisation
 _WORD = re.compile(r"\w+", re.UNICODE)
+# Scores this close (relative) are equal: BM25 gives equal scores to documents of the same shape (the same
+# words but a name), and floating-point noise that differs between machines would otherwise order them.
+TIE = 1e-4
 
 
 def words(text: str) -> list[str]:
@@ -56,6 +60,21 @@ def query_vector(text: str) -> tuple[list[int], list[float]]:
     """(indices, values): 1 for each distinct word of the query."""
     indices = sorted({term_id(w) for w in words(text)})
     return indices, [1.0] * len(indices)
+
+
+def tied(a: float, b: float) -> bool:
+    return abs(a - b) <= TIE * max(1.0, abs(a), abs(b))
+
+
+def rank(points: list) -> list:
+    """Points (with .score and .id) best first, each run of tied scores in id order."""
+    by_score = sorted(points, key=lambda p: -p.score)
+    out: list = []
+    while by_score:
+        group = list(takewhile(lambda p, top=by_score[0].score: tied(top, p.score), by_score))  # a prefix
+        out += sorted(group, key=lambda p: p.id)
+        by_score = by_score[len(group):]
+    return out
 
 
 def _qdrant():
@@ -112,15 +131,25 @@ class TextIndex:
     def search(self, query: str, k: int) -> list[tuple[dict, float]]:
         """The k documents with the highest BM25 score for `query`: (payload, score), best first.
 
-        Documents sharing no word with the query score nothing and are not returned.
+        Documents sharing no word with the query score nothing and are not returned. The ranking is the same
+        on every machine: scores within `TIE` (relative) of each other are a tie, whatever floating-point
+        noise puts one above the other, and a tie goes to the lower document id (the order of indexing). So
+        that a tie straddling the k-th place is seen whole, more than k are fetched until the last one
+        fetched scores below the k-th.
         """
         _, models = _qdrant()
         indices, values = query_vector(query)
         if not indices or k < 1:
             return []
-        found = self.client.query_points(self.collection, query=models.SparseVector(indices=indices, values=values),
-                                         using=VECTOR, limit=k, with_payload=True)
-        return [(point.payload or {}, float(point.score)) for point in found.points]
+        vector = models.SparseVector(indices=indices, values=values)
+        limit = 2 * k + 8
+        while True:
+            points = self.client.query_points(self.collection, query=vector, using=VECTOR, limit=limit,
+                                              with_payload=True).points
+            ranked = rank(points)
+            if len(points) < limit or len(ranked) <= k or not tied(ranked[k - 1].score, ranked[-1].score):
+                return [(point.payload or {}, float(point.score)) for point in ranked[:k]]
+            limit *= 4  # the k-th place's tie may go on past what was fetched
 
     def close(self) -> None:
         self.client.close()

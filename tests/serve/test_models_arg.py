@@ -13,13 +13,26 @@ from tunekit.serve.app import ServeSettings, check_exposure  # noqa: E402
 from tunekit.serve.inference import ModelSpec, _plan, load_models, parse_model_arg  # noqa: E402
 
 
-def test_names(tmp_path):
+def test_names(tmp_path, monkeypatch):
+    from tunekit import locate
+
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
     assert parse_model_arg(str(model_dir)) == ModelSpec("my-model", str(model_dir))
     assert parse_model_arg(f"org/name:v1={model_dir}") == ModelSpec("org/name:v1", str(model_dir))
+    monkeypatch.setattr(locate, "hub_reachable", lambda: True)
     assert parse_model_arg("Qwen/Qwen2.5-0.5B-Instruct") == ModelSpec("Qwen/Qwen2.5-0.5B-Instruct",
                                                                        "Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def test_relative_paths_are_made_absolute_against_the_start_folder(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny-chat").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    absolute = str(tmp_path / "models" / "tiny-chat")
+    assert parse_model_arg("models/tiny-chat") == ModelSpec("tiny-chat", absolute)
+    assert parse_model_arg("base=models/tiny-chat") == ModelSpec("base", absolute)
+    assert parse_model_arg("base=tiny-chat", tmp_path / "models") == ModelSpec("base", absolute)
+    assert ServeSettings(data_dir="serve-data").data_dir == tmp_path / "serve-data"
 
 
 def test_a_bare_adapter_dir_shares_the_base_it_names(tmp_path):

@@ -36,6 +36,7 @@ from tunekit.data.formats import (
 )
 from tunekit.data.types import Sequence
 from tunekit.errors import DataError, Problem, TunekitError
+from tunekit.locate import locate_model
 
 MAX_STORED_PROBLEMS = 1000  # problems kept with their details; all are counted
 MIN_EXAMPLES = 10  # fewer -> too_few_examples (the OpenAI fine-tuning minimum)
@@ -414,25 +415,14 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
 
 def load_tokenizer(model: str) -> Any:
     """A transformers tokenizer from a local model dir or a hub id; DataError (not a traceback) if neither."""
-    local = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or local.exists()
-    if looks_local and not local.is_dir():
-        raise DataError(Problem("--model", f"model directory not found: {model}",
-                                "give a local model dir (with tokenizer files) or a hub id like org/name"))
+    located = locate_model(model, field="--model")
+    if isinstance(located, Problem):
+        raise DataError(located)
     from transformers import AutoTokenizer
 
-    if looks_local:
-        attempts = [{}]
-    else:  # a hub id: the local cache first (no network), then the hub
-        attempts = [{"local_files_only": True}, {}]
-    for k, kwargs in enumerate(attempts):
-        try:
-            return AutoTokenizer.from_pretrained(str(local) if looks_local else model, **kwargs)
-        except (OSError, ValueError) as exc:
-            if k + 1 < len(attempts):
-                continue
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
-                                    "give a local model dir with tokenizer files, or a hub id in the local "
-                                    "cache (set HF_HUB_OFFLINE=1 to skip network retries when offline)")) from None
-    raise AssertionError("unreachable")
+    try:
+        return AutoTokenizer.from_pretrained(located)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
+                                "give a local model dir with tokenizer files, or a hub id")) from None

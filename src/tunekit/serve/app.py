@@ -31,7 +31,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from tunekit.errors import Problem, TunekitError
@@ -74,6 +74,13 @@ class ServeSettings(BaseModel):
     # machine 2 torch threads made single requests ~5x slower than 1: docs/benchmarks.md)
     threads: int | None = Field(None, ge=1)
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        """Made absolute when the settings are made (at start-up, against the folder the server was started
+        from): job folders, their configs and the worker's processes then name the same files from anywhere."""
+        return None if value is None else value.expanduser().absolute()
+
 
 def parse_key(text: str) -> tuple[bytes, str]:
     """`PROJECT:KEY` -> (KEY, PROJECT); a key without a colon belongs to the project "default"."""
@@ -99,7 +106,9 @@ def check_exposure(settings: ServeSettings) -> None:
 
 
 def create_app(settings: ServeSettings, models: dict[str, Served] | None = None) -> FastAPI:
-    """The app; `models` (from `inference.load_models`) are loaded from `settings.models` when not given."""
+    """The app; `models` (from `inference.load_models`) are loaded from `settings.models` when not given.
+
+    Local model paths in `settings.models` are read against the working directory, once, here."""
     from tunekit.model import resolve_device
 
     check_exposure(settings)

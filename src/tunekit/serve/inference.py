@@ -38,6 +38,7 @@ import torch
 
 from tunekit.data.render import end_of_turn_ids
 from tunekit.errors import Problem, TunekitError
+from tunekit.locate import locate_model
 from tunekit.model import ADAPTER_CONFIG, read_run_dir
 
 # --------------------------------------------------------------------------------------------------
@@ -52,15 +53,21 @@ class ModelSpec:
     path: str
 
 
-def parse_model_arg(text: str) -> ModelSpec:
-    """`NAME=PATH` or `PATH` (named after the dir, or the hub id itself). NAME may hold `/` and `:`."""
+def parse_model_arg(text: str, relative_to: Path | None = None) -> ModelSpec:
+    """`NAME=PATH` or `PATH` (named after the dir, or the hub id itself). NAME may hold `/` and `:`.
+
+    A local PATH is made absolute against `relative_to` (default: the working directory), so that what a
+    fine-tuning job's worker is given names the same folder from anywhere; a PATH that is neither a local
+    folder nor a loadable hub id fails here, naming the folder looked for (`locate.locate_model`)."""
+    folder = (relative_to or Path.cwd()).absolute()
     name, sep, path = text.partition("=")
-    local = Path(text).expanduser()
-    if sep and name and path and not local.exists():
-        return ModelSpec(name, path)
-    if local.exists():
-        return ModelSpec(local.resolve().name, text)
-    return ModelSpec(text, text)
+    if not (sep and name and path) or (folder / Path(text).expanduser()).exists():
+        name, path = "", text  # the whole argument is the path (it may hold '=')
+    located = locate_model(path, folder, field=f"MODEL {text}")
+    if isinstance(located, Problem):
+        raise TunekitError(located)
+    local = Path(located).is_absolute()
+    return ModelSpec(name or (Path(located).name if local else located), located)
 
 
 @dataclass

@@ -76,7 +76,7 @@ class Store:
     """The database under `data_dir` (created and migrated on open)."""
 
     def __init__(self, data_dir: Path):
-        self.dir = Path(data_dir)
+        self.dir = Path(data_dir).expanduser().absolute()  # job folders are handed to processes run elsewhere
         (self.dir / "blobs").mkdir(parents=True, exist_ok=True)
         (self.dir / "jobs").mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()

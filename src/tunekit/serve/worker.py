@@ -65,6 +65,9 @@ def base_of(state, project: str, name: str) -> tuple[str, str, int]:
         known = ", ".join(sorted(n for n in state.models if state.model_owner.get(n) in (None, project)))
         raise APIError(400, f"model {name!r} is not served here (models: {known or 'none'}): give a served model "
                             "or an earlier fine-tuned model of this project", param="model", code="model_not_found")
+    if Path(served.path).is_absolute() and not Path(served.path).exists():  # loaded at start-up, gone since
+        raise APIError(400, f"model {name!r} cannot be trained from: its folder {served.path} no longer exists",
+                       param="model", code="model_not_found")
     job = state.store.job_by_model(name.split(":ckpt-step-")[0]) if owner is not None else None
     if job is None:
         return served.path, name, served.context
