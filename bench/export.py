@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from tunekit.data.render import end_of_turn_ids, render_prompt
-from tunekit.export import export
-from tunekit.gguf_run import llama_cpp_greedy
+from tunekit.export.export import export
+from tunekit.export.gguf_run import llama_cpp_greedy
 from tunekit.model import load_for_inference
 
 REPO = Path(__file__).resolve().parents[1]

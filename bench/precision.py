@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def one_run(method: str, precision: str, steps: int, threads: int, out: Path) -> dict:
     """Train in this process and return the per-step metrics (called in a child process)."""
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     cfg = load_config(REPO / "examples" / "quickstart" / "config.yaml", [
         f"method={method}", f"train.mixed_precision={precision}", f"train.max_steps={steps}",

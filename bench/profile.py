@@ -39,7 +39,7 @@ def main() -> None:
     steps = args.wait + 1 + args.active
     if args.run == "tunekit":
         from bench.run_tunekit import tunekit_config
-        from tunekit.train import train
+        from tunekit.train.loop import train
 
         cfg, _ = tunekit_config(preset, workdir, AutoTokenizer.from_pretrained(workdir / "model"), rows)
         cfg.train.max_steps = steps

@@ -58,7 +58,7 @@ def main() -> None:
     from bench import measure
     from bench.data import read_jsonl
     from tunekit.model import load_for_inference
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     train_rows = read_jsonl(args.workdir / "train.jsonl")
     eval_rows = read_jsonl(args.workdir / "eval.jsonl")

@@ -143,7 +143,7 @@ def load(base_url: str, requests: list[dict], clients: int, max_tokens: int) -> 
 
 async def job_tokens(job) -> list[int]:
     """The token ids an engine job produces, read from its events until it finishes."""
-    from tunekit.serve.inference import Finished, Token
+    from tunekit.generate.engine import Finished, Token
 
     ids = []
     while not isinstance(event := await job.events.get(), Finished):
@@ -156,7 +156,8 @@ def engine_levels(model_dir: Path, requests: list[dict], levels: list[int], max_
                   prefix_cache_mib: int = 0) -> list[dict]:
     """The batch loop alone, in-process: closed-loop clients as asyncio tasks, no HTTP."""
     from tunekit.data.render import render_prompt
-    from tunekit.serve.inference import Engine, Job, Sampling, load_models, parse_model_arg
+    from tunekit.generate.engine import Engine, Job, Sampling
+    from tunekit.generate.models import load_models, parse_model_arg
 
     served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
     rendered = [render_prompt(m, served.tokenizer) for m in requests]
@@ -201,7 +202,8 @@ def continuous(model_dir: Path, requests: list[dict], max_tokens: int, reference
     from transformers import GenerationConfig
 
     from tunekit.data.render import render_prompt
-    from tunekit.serve.inference import Engine, Job, Sampling, load_models, parse_model_arg
+    from tunekit.generate.engine import Engine, Job, Sampling
+    from tunekit.generate.models import load_models, parse_model_arg
 
     served = load_models([parse_model_arg(f"tiny={model_dir}")], "cpu")["tiny"]
     tokenizer, model = served.tokenizer, served.weights.model

@@ -10,7 +10,7 @@ Steps, all deterministic from --seed:
   2. tokenizer: byte-level BPE (tokenizers library) trained on the corpus, ChatML special tokens,
      <|im_end|> as eos, a ChatML chat template.
   3. a random-init model dir (LlamaConfig, tied embeddings) saved with the tokenizer.
-  4. stage 1 pretraining with tunekit's own loop: `tunekit.train.train(cfg)`, text format, method full.
+  4. stage 1 pretraining with tunekit's own loop: `tunekit.train(cfg)`, text format, method full.
   5. stage 2: more steps from stage 1's weights on chats that copy made-up names, random numbers and
      codes (NOVEL_TASKS), which stage 1's word lists cannot teach.
   6. the final weights (fp32 safetensors, < 16 MB) saved with the tokenizer, build.json and a model card.
@@ -607,7 +607,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     args.work.mkdir(parents=True, exist_ok=True)
     init_dir = args.work / "init"

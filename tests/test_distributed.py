@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from toy_runs import toy_config
 
 from tunekit.errors import TunekitError
-from tunekit.train import train
+from tunekit.train.loop import train
 
 REL = 1e-5  # fp32: summation order differs (all-reduce), nothing else
 

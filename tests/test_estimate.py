@@ -13,8 +13,8 @@ import torch
 from toy_runs import toy_config
 
 from tunekit.errors import ConfigError
-from tunekit.estimate import MB, available_memory, estimate_memory, model_shapes
-from tunekit.train import train
+from tunekit.train.estimate import MB, available_memory, estimate_memory, model_shapes
+from tunekit.train.loop import train
 
 
 def medium_model_dir(path: Path, tokenizer) -> Path:
@@ -116,6 +116,6 @@ def test_peak_rss_is_the_process_own_not_its_parent():
     """A run started by a large process (pytest, the jobs server) reports its own peak: Linux carries
     ru_maxrss across exec, so a child of a 600 MiB parent would otherwise report at least 600 MiB."""
     ballast = bytearray(600 * MB)  # noqa: F841  (resident: bytearray zero-fills its memory)
-    code = "from tunekit.estimate import peak_rss; print(peak_rss())"
+    code = "from tunekit.train.estimate import peak_rss; print(peak_rss())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 * MB, child / MB

@@ -19,7 +19,7 @@ import torch
 from tunekit.config import RunConfig, load_config
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import DataError, TunekitError
-from tunekit.evaluate import (
+from tunekit.eval.evaluate import (
     choose_shots,
     evaluate,
     generate,
@@ -343,7 +343,7 @@ def test_evaluate_run_against_base_and_few_shot(run_dir, tiny_llama_dir):
     assert few.metrics["prompt_tokens"] > base.metrics["prompt_tokens"] == tuned.metrics["prompt_tokens"]
     assert len(few.shot_lines) == 2 and set(few.shot_lines) <= {1, 2, 3, 4, 5, 6}
     # Aggregates are the means of the per-example scores of the stored predictions.
-    from tunekit.metrics import exact_match
+    from tunekit.eval.metrics import exact_match
 
     for c in result.candidates:
         assert len(c.predictions) == len(EVAL)
@@ -370,7 +370,7 @@ def test_evaluate_with_retrieval_shots(run_dir, tmp_path):
     assert rag.example_shot_lines == [[line for line, _ in pairs] for pairs in expected]
     data = result.to_dict()
     assert data["examples"][0]["shot_lines"] == {"rag:2": rag.example_shot_lines[0]}
-    from tunekit.report import RAG_NOTE, write_report
+    from tunekit.eval.report import RAG_NOTE, write_report
 
     write_report(data, tmp_path / "eval")
     assert f"- rag:2: {RAG_NOTE}" in (tmp_path / "eval" / "report.md").read_text()
@@ -490,7 +490,7 @@ def test_tool_call_examples_are_scored_as_calls(tmp_path, tokenizer_with_templat
 
 def test_evaluate_from_config_writes_run_eval(run_dir):
     from tunekit.config import load_config
-    from tunekit.evaluate import evaluate_from_config
+    from tunekit.eval.evaluate import evaluate_from_config
 
     cfg = load_config(run_dir / "config.yaml", ["eval.limit=2", "eval.max_new_tokens=2", "eval.enabled=true"])
     result = evaluate_from_config(cfg, run_dir)

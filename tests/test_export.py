@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from tunekit.config import config_from_dict
 from tunekit.data.render import end_of_turn_ids, render_prompt, render_prompt_text
 from tunekit.errors import TunekitError
-from tunekit.export import export, fixed_system_prompt, pre_tokenizer_tag
-from tunekit.gguf_run import llama_cpp_greedy
+from tunekit.export.export import export, fixed_system_prompt, pre_tokenizer_tag
+from tunekit.export.gguf_run import llama_cpp_greedy
 from tunekit.model import load_for_inference
-from tunekit.train import train
+from tunekit.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "models" / "tiny-chat"
@@ -293,7 +293,7 @@ def test_modelfile_parser_follows_the_documented_syntax():
 
 
 def _need_gguf():
-    from tunekit.export import missing_modules
+    from tunekit.export.export import missing_modules
 
     missing = missing_modules("gguf", "llama_cpp")
     if missing:
@@ -425,7 +425,7 @@ def test_llama_cpp_converter_still_refuses_the_tiny_tokenizer_by_hash(tmp_path):
     version starts to recognise it, this fails and the tag is no longer needed."""
     _need_gguf()
     from tunekit.errors import Problem
-    from tunekit.export import _run_converter, find_converter
+    from tunekit.export.export import _run_converter, find_converter
 
     problems: list[Problem] = []
     llama_cpp = find_converter(None, problems, lambda message: None)

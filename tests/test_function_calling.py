@@ -92,7 +92,7 @@ ACCURACY_FLOOR = 0.12
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> Path:
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     out = tmp_path_factory.mktemp("fc") / "function-calling"
     # One torch thread: on a machine whose cores other jobs share, two threads that wait on each other are
@@ -105,8 +105,8 @@ def test_short_run_learns_the_call_format(short_run):
     """100 steps teach the syntax and start on the arguments: the tuned run answers held-out tool questions
     with calls that parse (the base never does), some with the right arguments copied from the question, and
     its held-out loss falls from ~8.5 to under 0.5 (measured: 0.09)."""
-    from tunekit.evaluate import evaluate
-    from tunekit.toolcalls import parse_tool_calls
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.eval.toolcalls import parse_tool_calls
 
     result = evaluate(short_run, EXAMPLE / "valid.jsonl", baselines=["base"], limit=HELD_OUT, max_new_tokens=200,
                       batch_size=20, device="cpu")

@@ -1,6 +1,6 @@
 import pytest
 
-from tunekit.metrics import (
+from tunekit.eval.metrics import (
     Reference,
     ToolCall,
     exact_match,

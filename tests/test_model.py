@@ -7,10 +7,11 @@ import torch
 from canary import still_broken
 from toy_runs import packed, random_sequences, toy_config
 
-from tunekit.checkpoint import save_weights
 from tunekit.errors import ConfigError
 from tunekit.model import apply_method, load_base, load_for_inference, resolve_attn, resolve_dtype
-from tunekit.train import TrainedNLL, backward_step, train
+from tunekit.train.checkpoint import save_weights
+from tunekit.train.loop import backward_step, train
+from tunekit.train.sft import TrainedNLL
 
 X = torch.tensor([[5, 17, 99, 240, 31, 8, 77, 400]])
 

@@ -1,4 +1,4 @@
-"""The Ollama TEMPLATE learned from a chat template (tunekit.ollama): executed by Go's text/template, the engine
+"""The Ollama TEMPLATE learned from a chat template (tunekit.export.ollama): executed by Go's text/template, the engine
 Ollama uses, it renders conversations exactly as the Jinja template does, for every shared template family it
 accepts; templates it cannot translate are refused with the reason."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from go_template import go_render, ollama_data
 
-from tunekit.ollama import START, OllamaTemplate, learn, verify
+from tunekit.export.ollama import START, OllamaTemplate, learn, verify
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart"
 

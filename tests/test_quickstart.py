@@ -216,7 +216,7 @@ def test_chat_command_names_a_missing_dir(tmp_path):
 
 
 def _evaluate(run_dir: Path, limit: int):
-    from tunekit.evaluate import evaluate
+    from tunekit.eval.evaluate import evaluate
 
     result = evaluate(run_dir, QUICKSTART / "valid.jsonl", baselines=["base"], limit=limit, max_new_tokens=48,
                       batch_size=16, device="cpu")
@@ -229,7 +229,7 @@ def _evaluate(run_dir: Path, limit: int):
 def test_quickstart_short_run_learns(tmp_path):
     """A few LoRA steps of the quickstart config: outputs exist, validation loss falls, JSON gets valid."""
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     cfg = load_config(QUICKSTART / "config.yaml", ["train.max_steps=10", f"output.dir={tmp_path / 'run'}"])
     result = train(cfg)

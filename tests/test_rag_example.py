@@ -33,7 +33,7 @@ def test_shipped_data_is_what_the_generator_writes(tmp_path):
         assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
     assert stats["retrieved"] == stats["answerable"] > 0  # every answer's passage is among the top 3
     # The index on disk is the knowledge base: it opens again and finds a passage by its entity's name.
-    from tunekit.retrieval import TextIndex
+    from tunekit.eval.retrieval import TextIndex
 
     index = TextIndex.open(tmp_path / "index", collection="passages")
     assert index.size == len(kb)
@@ -75,9 +75,9 @@ HELD_OUT = 40
 
 def test_short_run_learns_and_the_comparison_prints(tmp_path, capsys):
     from tunekit.config import load_config
-    from tunekit.evaluate import evaluate
-    from tunekit.report import write_report
-    from tunekit.train import train
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.eval.report import write_report
+    from tunekit.train.loop import train
 
     cfg = load_config(EXAMPLE / "config.yaml", [f"train.max_steps={STEPS}", "train.threads=1",
                                                 f"output.dir={tmp_path / 'rag'}"])

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tunekit.report import paired_difference, primary_metric, verdict, write_report
+from tunekit.eval.report import paired_difference, primary_metric, verdict, write_report
 
 
 def make_results(tuned_hits: list[int], base_hits: list[int], few_hits: list[int] | None = None) -> dict:

@@ -1,4 +1,4 @@
-"""tunekit.retrieval: BM25 sparse vectors in Qdrant's local mode (no server, no network)."""
+"""tunekit.eval.retrieval: BM25 sparse vectors in Qdrant's local mode (no server, no network)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("qdrant_client", reason="retrieval needs the rag extra: pip install -e '.[rag]'")
 
-from tunekit.retrieval import K1, B, TextIndex, document_vector, query_vector, term_id, words  # noqa: E402
+from tunekit.eval.retrieval import K1, B, TextIndex, document_vector, query_vector, term_id, words  # noqa: E402
 
 DOCS = ["the red fox jumps over the lazy dog",
         "a lazy cat sleeps all day",
@@ -73,7 +73,7 @@ def test_equal_scores_rank_by_document_id_whatever_the_noise():
     """Documents of the same shape score alike; the k-th place's tie is resolved by id, on any machine."""
     from types import SimpleNamespace
 
-    from tunekit.retrieval import rank, tied
+    from tunekit.eval.retrieval import rank, tied
 
     noisy = [SimpleNamespace(id=i, score=s) for i, s in [(7, 2.0000001), (3, 1.9999999), (5, 2.0), (1, 0.5)]]
     assert [p.id for p in rank(noisy)] == [3, 5, 7, 1]

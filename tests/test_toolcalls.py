@@ -1,6 +1,6 @@
 """Where a reply's tool calls start and how it splits into content and calls (parsing itself: test_metrics)."""
 
-from tunekit.toolcalls import ToolCall, split_reply, tool_call_start
+from tunekit.eval.toolcalls import ToolCall, split_reply, tool_call_start
 
 
 def test_tool_call_start():

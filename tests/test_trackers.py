@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from toy_runs import toy_config, write_toy_chat
 
-from tunekit import trackers
 from tunekit.config import config_from_dict
 from tunekit.errors import ConfigError
-from tunekit.train import train
+from tunekit.train import trackers
+from tunekit.train.loop import train
 
 
 @pytest.fixture

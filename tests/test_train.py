@@ -19,15 +19,10 @@ from tunekit.data.pack import collate_packed
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, TunekitError
 from tunekit.model import apply_method, load_base, load_for_inference
-from tunekit.train import (
-    TrainedNLL,
-    backward_step,
-    list_checkpoints,
-    lr_factor,
-    make_plan,
-    train,
-    trained_nll,
-)
+from tunekit.train.checkpoint import list_checkpoints
+from tunekit.train.hyper import lr_factor, make_plan
+from tunekit.train.loop import backward_step, train
+from tunekit.train.sft import TrainedNLL, trained_nll
 
 
 def full_logits_loss(model, batch) -> torch.Tensor:
@@ -281,7 +276,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_llama_dir):
 
 def test_padded_and_packed_batches_give_the_same_loss(tmp_path, tiny_llama_dir):
     from tunekit.data.dataset import valid_rows
-    from tunekit.train import evaluate_loss, make_batches
+    from tunekit.train.loop import evaluate_loss, make_batches
 
     cfg = toy_config(tmp_path, tiny_llama_dir)
     model = apply_method(load_base(cfg), cfg)
@@ -376,7 +371,7 @@ def test_eval_section_runs_the_evaluation_after_training(tmp_path, tiny_llama_di
 def test_stop_file_pauses_at_a_checkpoint_and_resume_matches_uninterrupted(tmp_path, tiny_llama_dir):
     """A STOP file in the run dir ends the loop after that step with a checkpoint; --resume finishes it
     with the same per-step losses as a run never stopped (how `tunekit serve` pauses a job)."""
-    from tunekit.train import STOP_FILE, TrainingStopped
+    from tunekit.train.loop import STOP_FILE, TrainingStopped
 
     sections = dict(train={"max_steps": 4, "threads": 1})
     reference = [json.loads(x) for x in (train(toy_config(tmp_path, tiny_llama_dir, out="whole", **sections))

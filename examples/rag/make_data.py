@@ -3,7 +3,7 @@ question with the top-k retrieved passages in the prompt (OpenAI's cookbook on f
 
 - The knowledge base is generated from made-up names (products, their makers and prices; people, their
   roles and offices; shop policies), so no model can know it: a right answer must come from the passages.
-- Each passage is indexed by `tunekit.retrieval.TextIndex` (BM25 sparse vectors in Qdrant's local mode,
+- Each passage is indexed by `tunekit.eval.retrieval.TextIndex` (BM25 sparse vectors in Qdrant's local mode,
   in memory or under --index DIR). Each question gets the top-k passages retrieved for it.
 - The answer is the fact when a retrieved passage holds it, else "I don't know". Unanswerable questions
   are hard negatives: they name a product or person that is not in the base but shares words with one
@@ -21,7 +21,7 @@ import json
 import random
 from pathlib import Path
 
-from tunekit.retrieval import TextIndex
+from tunekit.eval.retrieval import TextIndex
 
 HERE = Path(__file__).resolve().parent
 IDK = "I don't know"

@@ -6,11 +6,13 @@ Python API (the CLI is a thin layer over these):
     import tunekit
     result = tunekit.train(load_config("run.yaml", ["train.lr=1e-4"]))   # -> TrainResult(run_dir, summary)
 
-`tunekit.train` is the function; import the module's other names with `from tunekit.train import ...`.
+`tunekit.train` is the function (the package of the training stage is `tunekit.train`'s files: import its
+names with `from tunekit.train.loop import ...`). The stages, in the order data flows: data/, model.py,
+train/, eval/, export/, generate/, serve/ (docs/architecture.md).
 """
 
 from tunekit.config import RunConfig, load_config
-from tunekit.train import TrainResult, train
+from tunekit.train.loop import TrainResult, train
 
 __version__ = "0.1.0"
 __all__ = ["RunConfig", "TrainResult", "load_config", "train", "__version__"]

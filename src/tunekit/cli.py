@@ -164,7 +164,8 @@ def data_check(
                                         "data cache that training uses")] = True,
 ) -> None:
     """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
-    from tunekit.data.check import check_file, load_tokenizer
+    from tunekit.data.check import check_file
+    from tunekit.model import load_tokenizer
 
     if fmt not in ("auto", "chat", "completion", "text"):
         fail(TunekitError(Problem("--format", f"unknown format {fmt!r}", "use auto, chat, completion or text")))
@@ -173,7 +174,7 @@ def data_check(
     if show not in ("summary", "all"):
         fail(TunekitError(Problem("--show", f"unknown value {show!r}", "use summary or all")))
     try:
-        tokenizer = load_tokenizer(model) if model else None
+        tokenizer = load_tokenizer(model, where="--model") if model else None
         report = check_file(file, validation=validation, tokenizer=tokenizer, max_len=max_len, fmt=fmt,
                             max_line_bytes=max_line_bytes, truncation=truncation,  # type: ignore[arg-type]
                             cache=cache)
@@ -193,13 +194,13 @@ def data_preview(
     n: Annotated[int, typer.Option("-n", min=1, help="How many examples")] = 3,
 ) -> None:
     """Print examples as the model's chat template renders them, trained tokens highlighted."""
-    from tunekit.data.check import load_tokenizer
     from tunekit.data.formats import load_examples
     from tunekit.data.preview import TRAINED_STYLE, preview_example
     from tunekit.data.render import template_warnings
+    from tunekit.model import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model, where="--model")
         _, examples = load_examples(file)
         if getattr(tokenizer, "chat_template", None):
             for warning in template_warnings(tokenizer):
@@ -291,8 +292,8 @@ def eval_cmd(
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
 ) -> None:
     """Compare the fine-tuned run with baselines on held-out data; write report.md/.html + results.json."""
-    from tunekit.evaluate import evaluate
-    from tunekit.report import write_report
+    from tunekit.eval.evaluate import evaluate
+    from tunekit.eval.report import write_report
 
     try:
         result = evaluate(run_dir, data, baselines=baseline, models=model or [], max_new_tokens=max_new_tokens,
@@ -318,10 +319,10 @@ def train_cmd(
                                                             "then stop (no weights load, nothing is written)")] = False,
 ) -> None:
     """Train as the config says (full, LoRA or QLoRA); writes the run dir named by output.dir."""
-    from tunekit import distributed
     from tunekit.config import load_config
     from tunekit.errors import ConfigError
-    from tunekit.train import STOPPED_EXIT_CODE, TrainingStopped, check_setup, train
+    from tunekit.train import distributed
+    from tunekit.train.loop import STOPPED_EXIT_CODE, TrainingStopped, check_setup, train
 
     try:
         cfg = load_config(file, overrides or [])
@@ -353,7 +354,7 @@ def chat(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
 ) -> None:
     """Talk to a trained model. Replies stop at the chat template's end of turn."""
-    from tunekit.chat import load_chat, reply
+    from tunekit.generate.chat import load_chat, reply
 
     history = [{"role": "system", "content": system}] if system else []
     interactive = prompt is None and sys.stdin.isatty()
@@ -463,7 +464,7 @@ def export_cmd(
                                                                        "convert_hf_to_gguf.py (gguf, ollama)")] = None,
 ) -> None:
     """Export a run: merged weights, the LoRA adapter, a GGUF file, or GGUF + an Ollama Modelfile."""
-    from tunekit.export import export
+    from tunekit.export.export import export
 
     try:
         result = export(run_dir, fmt=fmt, out=out, checkpoint=checkpoint, dtype=dtype, quant=quant, name=name,

@@ -4,7 +4,7 @@
 parameters that train trainable: all of them (full), or a LoRA adapter (lora; qlora = the same adapter
 over a bitsandbytes 4-bit base). `load_for_inference(path)` loads what a run produced.
 
-Run dir layout (written by tunekit.train): RUN_DIR/config.yaml, RUN_DIR/final/ (a peft adapter or a full
+Run dir layout (written by tunekit.train.loop): RUN_DIR/config.yaml, RUN_DIR/final/ (a peft adapter or a full
 model, plus the tokenizer), RUN_DIR/checkpoints/step-NNNNNN/ (same weight format).
 """
 
@@ -149,18 +149,46 @@ def _merged(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool
     return PeftModel.from_pretrained(base, str(run.final)).merge_and_unload()
 
 
-def load_tokenizer(cfg: RunConfig):
-    """The tokenizer of the base (for an earlier run: the one saved in its final/)."""
+def load_tokenizer(source: str | Path, *, where: str = "model", trust_remote_code: bool = False):
+    """The tokenizer of a model dir, a run's final/, or a hub id: the one place tunekit loads a tokenizer.
+
+    A TunekitError naming `where` (the argument or config field the source came from) when `source` is not a
+    folder or a loadable hub id (`locate.locate_model`), or holds no tokenizer."""
     from transformers import AutoTokenizer
 
-    run = read_run_dir(cfg.model.base)
-    source = run.final if run is not None else cfg.model.base
+    located = locate_model(str(source), field=where)
+    if isinstance(located, Problem):
+        raise TunekitError(located)
     try:
-        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.model.trust_remote_code)
+        return AutoTokenizer.from_pretrained(located, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise TunekitError(Problem("model.base", f"cannot load a tokenizer from {source}: {exc}",
-                                   "the model dir must hold tokenizer files")) from None
-    return tok
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunekitError(Problem(where, f"cannot load a tokenizer from {source}: {first}",
+                                   "the model dir (or the run's final/) must hold tokenizer files")) from None
+
+
+def run_tokenizer(cfg: RunConfig):
+    """The tokenizer of the base (for an earlier run: the one saved in its final/)."""
+    run = read_run_dir(cfg.model.base)
+    return load_tokenizer(run.final if run is not None else cfg.model.base, where="model.base",
+                          trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_causal_lm(source: str | Path, device: torch.device, *, where: str = "model"):
+    """A causal LM for inference, in eval mode, in its saved dtype, on `device`: the one place tunekit loads a
+    model to generate with (training loads through `load_base`, which applies the run's dtype and method)."""
+    from transformers import AutoModelForCausalLM
+
+    located = locate_model(str(source), field=where)
+    if isinstance(located, Problem):
+        raise TunekitError(located)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(located, dtype="auto", device_map={"": str(device)})
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunekitError(Problem(where, f"cannot load a causal LM from {source}: {first}",
+                                   "give a model dir, a run dir, or a reachable hub id")) from None
+    return model.eval()
 
 
 def load_base(cfg: RunConfig, device: torch.device | None = None):
@@ -265,21 +293,14 @@ def _find_run_for(weights: Path) -> RunDir | None:
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
     """(model, tokenizer) in eval mode from a run dir, its final/, a checkpoint, or a plain model dir."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(device)
-    located = locate_model(str(path), field="MODEL")
+    located = locate_model(str(path), field=str(path))
     if isinstance(located, Problem):
         raise TunekitError(located)
     if not Path(located).is_absolute():  # a hub id
-        path = located
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto", device_map={"": str(device)})
-            return model.eval(), AutoTokenizer.from_pretrained(str(path))
-        except OSError as exc:
-            raise TunekitError(Problem(str(path), f"not a run dir, checkpoint, model dir or reachable hub id: {exc}",
-                                       "give RUN_DIR, RUN_DIR/final, a checkpoint dir, or a model dir")) from None
-    path = Path(path).expanduser()
+        return load_causal_lm(located, device, where=str(path)), load_tokenizer(located, where=str(path))
+    path = Path(located)
     run = read_run_dir(path) if is_run_dir(path) else None
     weights = run.final if run is not None else path
     if run is None:
@@ -293,10 +314,10 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu"):
             base = adapter_base(run, cfg, device, quantize=False)
         else:
             base_name = json.loads((weights / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-            base = AutoModelForCausalLM.from_pretrained(base_name, dtype="auto", device_map={"": str(device)})
+            base = load_causal_lm(base_name, device, where=f"{weights / ADAPTER_CONFIG} base_model_name_or_path")
         model = PeftModel.from_pretrained(base, str(weights))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(weights), dtype="auto", device_map={"": str(device)})
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+        model = load_causal_lm(weights, device, where=str(path))
+    tokenizer = load_tokenizer(tok_source, where=str(path))
     model.eval()
     return model, tokenizer

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from toy_runs import toy_config
 
-from tunekit.train import train
+from tunekit.train.loop import train
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

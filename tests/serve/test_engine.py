@@ -12,19 +12,9 @@ import torch
 pytest.importorskip("fastapi", reason="tunekit serve needs the serve extra: pip install -e '.[serve]'")
 
 from tunekit.data.render import render_prompt  # noqa: E402
-from tunekit.serve.inference import (  # noqa: E402
-    Engine,
-    Finished,
-    Job,
-    Padded,
-    PrefixCache,
-    Sampling,
-    Slots,
-    _slots_fit,
-    _slots_work,
-    load_models,
-    parse_model_arg,
-)
+from tunekit.generate.engine import Engine, Finished, Job, Sampling  # noqa: E402
+from tunekit.generate.kvcache import Padded, PrefixCache, Slots, _slots_fit, _slots_work  # noqa: E402
+from tunekit.generate.models import load_models, parse_model_arg  # noqa: E402
 
 TINY_CHAT = Path(__file__).resolve().parents[2] / "models" / "tiny-chat"
 

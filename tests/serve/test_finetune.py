@@ -26,7 +26,7 @@ from live_server import free_port, serving  # noqa: E402
 from toy_runs import WORDS  # noqa: E402
 
 from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
-from tunekit.evaluate import generate  # noqa: E402
+from tunekit.generate.engine import generate  # noqa: E402
 from tunekit.model import load_for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -476,7 +476,7 @@ def test_restart_mid_job_loses_nothing(tmp_path, tiny_llama_dir):
     """SIGKILL the server while a job trains: after a restart every file and job is there, the job continues
     from its last checkpoint, events are not repeated, and the losses equal an uninterrupted run's."""
     from tunekit.config import load_config
-    from tunekit.train import train
+    from tunekit.train.loop import train
 
     data_dir, port, keys = tmp_path / "data", free_port(), tmp_path / "keys.txt"
     keys.write_text("# project:key\nteam:key-1\n")

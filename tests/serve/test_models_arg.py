@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("fastapi", reason="tunekit serve needs the serve extra: pip install -e '.[serve]'")
 
 from tunekit.errors import TunekitError  # noqa: E402
+from tunekit.generate.models import ModelSpec, _plan, load_models, parse_model_arg  # noqa: E402
 from tunekit.serve.app import ServeSettings, check_exposure  # noqa: E402
-from tunekit.serve.inference import ModelSpec, _plan, load_models, parse_model_arg  # noqa: E402
 
 
 def test_names(tmp_path, monkeypatch):

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="tunekit serve needs the serve extra: pip install -e '.[serve]'")
 
+from tunekit.generate.engine import Token  # noqa: E402
 from tunekit.serve.chat import Reply  # noqa: E402
-from tunekit.serve.inference import Token  # noqa: E402
 
 
 def feed(reply: Reply, ids: list[int], end: str = "stop") -> list[str]:

@@ -20,7 +20,7 @@ from live_server import serving, start  # noqa: E402
 from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run  # noqa: E402
 
 from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
-from tunekit.evaluate import generate  # noqa: E402
+from tunekit.generate.engine import generate  # noqa: E402
 from tunekit.model import load_for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -35,8 +35,7 @@ from tunekit.data.formats import (
     validate_in_file,
 )
 from tunekit.data.types import Sequence
-from tunekit.errors import DataError, Problem, TunekitError
-from tunekit.locate import locate_model
+from tunekit.errors import TunekitError
 
 MAX_STORED_PROBLEMS = 1000  # problems kept with their details; all are counted
 MIN_EXAMPLES = 10  # fewer -> too_few_examples (the OpenAI fine-tuning minimum)
@@ -411,18 +410,3 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
                        counts=dict(problems.counts), severities=problems.severities, stats=stats,
                        validation=str(validation) if validation is not None else None,
                        validation_examples=validation_examples, notes=notes)
-
-
-def load_tokenizer(model: str) -> Any:
-    """A transformers tokenizer from a local model dir or a hub id; DataError (not a traceback) if neither."""
-    located = locate_model(model, field="--model")
-    if isinstance(located, Problem):
-        raise DataError(located)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(located)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(Problem("--model", f"cannot load a tokenizer from {model}: {first}",
-                                "give a local model dir with tokenizer files, or a hub id")) from None

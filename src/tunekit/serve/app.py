@@ -35,10 +35,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from tunekit.errors import Problem, TunekitError
+from tunekit.generate.engine import Engine
+from tunekit.generate.models import Served, load_models, parse_model_arg
 from tunekit.serve.chat import router as chat_router
 from tunekit.serve.errors import APIError
 from tunekit.serve.files import router as files_router
-from tunekit.serve.inference import Engine, Served, load_models, parse_model_arg
 from tunekit.serve.jobs import router as jobs_router
 from tunekit.serve.store import DEFAULT_PROJECT, Store
 from tunekit.serve.ui import add_dashboard

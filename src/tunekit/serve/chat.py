@@ -19,10 +19,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit.errors import TunekitError
+from tunekit.eval.toolcalls import MARKERS, ToolCall, parse_tool_calls, strip_fence, tool_call_start
+from tunekit.generate.engine import Failed, Finished, Job, Sampling, Token
+from tunekit.generate.models import Served
+from tunekit.serve.deps import find_model, project_of, visible_models
 from tunekit.serve.errors import APIError
-from tunekit.serve.inference import Failed, Finished, Job, Sampling, Served, Token
-from tunekit.serve.store import project_of
-from tunekit.toolcalls import MARKERS, ToolCall, parse_tool_calls, strip_fence, tool_call_start
 
 router = APIRouter()
 
@@ -357,25 +358,10 @@ def _model_json(served: Served) -> dict:
     return {"id": served.name, "object": "model", "created": served.created, "owned_by": "tunekit"}
 
 
-def _visible(request: Request) -> dict[str, Served]:
-    """The models this request's project may use: the server's own, and its project's fine-tuned models."""
-    project, owners = project_of(request), request.app.state.model_owner
-    return {name: s for name, s in request.app.state.models.items() if owners.get(name) in (None, project)}
-
-
-def find_model(request: Request, name: str) -> Served:
-    models = _visible(request)
-    served = models.get(name)
-    if served is None:
-        known = ", ".join(sorted(models)) or "none"
-        raise APIError(404, f"The model {name!r} does not exist (served: {known})", param="model",
-                       code="model_not_found")
-    return served
-
-
 @router.get("/v1/models")
 def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [_model_json(s) for s in _visible(request).values()]}
+    models = visible_models(request.app.state, project_of(request))
+    return {"object": "list", "data": [_model_json(s) for s in models.values()]}
 
 
 @router.get("/v1/models/{model_id:path}")

@@ -17,8 +17,9 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel
 
+from tunekit.serve.deps import find_model, project_of, store_of
 from tunekit.serve.errors import APIError
-from tunekit.serve.store import Store, new_id, now, page, project_of
+from tunekit.serve.store import new_id, now, page
 
 router = APIRouter()
 log = logging.getLogger("tunekit.serve")
@@ -57,14 +58,6 @@ def file_json(row: dict) -> dict:
     return FileObject(id=row["id"], bytes=row["bytes"], created_at=row["created_at"], filename=row["filename"],
                       purpose=row["purpose"], status=row["status"],
                       status_details=row["status_details"]).model_dump()
-
-
-def store_of(request: Request) -> Store:
-    store = request.app.state.store
-    if store is None:
-        raise APIError(400, "this server keeps no files or jobs: start it with --data-dir DIR",
-                       code="no_data_dir")
-    return store
 
 
 def find_file(request: Request, file_id: str, param: str = "file_id", status: int = 404) -> dict:
@@ -175,8 +168,6 @@ def _tokenizer_of(request: Request, model: str | None):
     """The tokenizer of a served model visible to this project (None when no model is asked for)."""
     if model is None or model == "":
         return None
-    from tunekit.serve.chat import find_model
-
     return find_model(request, model).tokenizer
 
 

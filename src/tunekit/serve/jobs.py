@@ -19,9 +19,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunekit.serve.deps import find_model, project_of, store_of
 from tunekit.serve.errors import APIError
-from tunekit.serve.files import find_file, store_of
-from tunekit.serve.store import new_id, now, page, project_of
+from tunekit.serve.files import find_file
+from tunekit.serve.store import new_id, now, page
 from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop, unserve
 
 router = APIRouter()
@@ -318,10 +319,8 @@ class ModelDeleted(BaseModel):
 def delete_model(request: Request, model_id: str) -> dict:
     """Stop serving a fine-tuned model of this project (and its checkpoints); its job and files stay."""
     store, state = store_of(request), request.app.state
-    owner = state.model_owner.get(model_id)
-    if model_id not in state.models or owner not in (None, project_of(request)):
-        raise APIError(404, f"The model {model_id!r} does not exist", param="model", code="model_not_found")
-    job = store.job_by_model(model_id) if owner is not None else None
+    find_model(request, model_id)  # another project's model does not exist here
+    job = store.job_by_model(model_id) if state.model_owner.get(model_id) is not None else None
     if job is None:
         raise APIError(400, f"{model_id!r} is not a fine-tuned model (a served base or a checkpoint): only "
                             "fine-tuned models can be deleted", param="model")

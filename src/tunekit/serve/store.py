@@ -270,8 +270,3 @@ def page(rows: list[dict], after: str | None, limit: int) -> tuple[list[dict], b
         index = next((i for i, r in enumerate(rows) if r["id"] == after), None)
         rows = [] if index is None else rows[index + 1:]
     return rows[:limit], len(rows) > limit
-
-
-def project_of(request) -> str:
-    """The project of the request's API key (set by the app's guard); `local` on a server without keys."""
-    return getattr(request.state, "project", None) or DEFAULT_PROJECT

@@ -15,7 +15,7 @@ Each pass of `Worker._tick`, top to bottom:
 
 Training runs in its own process (`python -m tunekit.cli train`), so a crash or out-of-memory there never
 takes the server down; on Linux the process is killed when the server dies (and its training processes
-with it: each dies with its launcher, see tunekit.distributed.setup), and a job found `running` when the
+with it: each dies with its launcher, see tunekit.train.distributed.setup), and a job found `running` when the
 server starts again is queued and continues from its last checkpoint. A job's processes are a process
 group of their own, killed together.
 """
@@ -36,13 +36,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunekit.serve.deps import visible_models
 from tunekit.serve.errors import APIError
 from tunekit.serve.store import Store, new_id, now
+from tunekit.train import hyper
 
 log = logging.getLogger("tunekit.serve")
 
 MIN_EXAMPLES = 10  # OpenAI's minimum training examples
-DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}  # train.lr "auto" (train.make_plan): x multiplier
 # Config fields a job's `tunekit` object may not set: the server chooses them.
 RESERVED = ("model", "data.train", "data.validation", "output.dir", "output.overwrite", "output.wandb",
             "output.mlflow", "output.tensorboard", "eval.data", "train.epochs", "train.batch_size", "train.lr",
@@ -59,10 +60,10 @@ TRAIN_LOG_TAIL = 1500  # characters of a failed run's output kept in the job's e
 def base_of(state, project: str, name: str) -> tuple[str, str, int]:
     """(`model.base` for training, root base name, context) of a job's `model`; 400 naming `model` if the
     name is neither a served model nor a fine-tuned model (or checkpoint) of this project."""
-    served = state.models.get(name)
-    owner = state.model_owner.get(name)
-    if served is None or (owner is not None and owner != project):
-        known = ", ".join(sorted(n for n in state.models if state.model_owner.get(n) in (None, project)))
+    models = visible_models(state, project)
+    served, owner = models.get(name), state.model_owner.get(name)
+    if served is None:
+        known = ", ".join(sorted(models))
         raise APIError(400, f"model {name!r} is not served here (models: {known or 'none'}): give a served model "
                             "or an earlier fine-tuned model of this project", param="model", code="model_not_found")
     if Path(served.path).is_absolute() and not Path(served.path).exists():  # loaded at start-up, gone since
@@ -115,7 +116,7 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
     cfg["model"] = {**cfg.get("model", {}), "base": base}
     cfg["data"] = {**cfg.get("data", {}), "train": str(train),
                    "validation": str(validation) if validation else None}
-    lr = DEFAULT_LR.get(method, 2e-4) * (1.0 if hp["learning_rate_multiplier"] == "auto"
+    lr = hyper.auto_lr(method) * (1.0 if hp["learning_rate_multiplier"] == "auto"
                                         else hp["learning_rate_multiplier"])
     cfg["train"] = {**cfg["train"], "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "lr": lr,
                     "seed": seed}
@@ -312,7 +313,6 @@ class Worker:
 
     def _validate(self, job: dict) -> None:
         from tunekit.config import config_from_dict
-        from tunekit.data.check import recommended_epochs
         from tunekit.errors import ConfigError
 
         for file_id, param in ((job["training_file"], "training_file"), (job["validation_file"], "validation_file")):
@@ -332,11 +332,11 @@ class Worker:
         examples = self.store.file(job["project"], job["training_file"])["examples"]
         hp = dict(job["hyperparameters"])
         if hp["n_epochs"] == "auto":
-            hp["n_epochs"] = recommended_epochs(examples)
+            hp["n_epochs"] = hyper.auto_epochs(examples)
         max_len = job["overrides"].get("data", {}).get("max_len", 1024)
         batch_tokens = job["overrides"].get("train", {}).get("batch_tokens", 16384)
         if hp["batch_size"] == "auto":
-            hp["batch_size"] = max(1, batch_tokens // max_len)  # train.make_plan's rule
+            hp["batch_size"] = hyper.auto_batch_size(batch_tokens, max_len)
         if hp["learning_rate_multiplier"] == "auto":
             hp["learning_rate_multiplier"] = 1.0
         base = self._base_dir(job, job_dir)
@@ -357,7 +357,7 @@ class Worker:
         of the earlier run's config and tokenizer with the checkpoint's adapter as final/."""
         if not job["base"].startswith("ckpt:"):
             return job["base"]
-        from tunekit.checkpoint import copy_weights  # imports torch: only for a job from a checkpoint
+        from tunekit.train.checkpoint import copy_weights  # imports torch: only for a job from a checkpoint
 
         ckpt = Path(job["base"][len("ckpt:"):])
         earlier = ckpt.parent.parent  # RUN/checkpoints/step-N
@@ -382,7 +382,7 @@ class Worker:
                                                              for p in (run_dir / "checkpoints").iterdir())
         cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
             ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
-        from tunekit.distributed import die_with_parent
+        from tunekit.train.distributed import die_with_parent
 
         with open(job_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -510,7 +510,7 @@ class Worker:
 
     def _serve(self, job: dict) -> None:
         """Put the job's model (and its kept LoRA checkpoints) in /v1/models for its project."""
-        from tunekit.serve.inference import ModelSpec, load_models
+        from tunekit.generate.models import ModelSpec, load_models
         run_dir = self.store.dir / "jobs" / job["id"] / "run"
         specs = [ModelSpec(job["fine_tuned_model"], str(run_dir))]
         chained = job["base"].startswith("ckpt:") or (Path(job["base"]) / "config.yaml").is_file()

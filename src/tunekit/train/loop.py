@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -23,35 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from tunekit import distributed, trackers
-from tunekit.checkpoint import (
-    copy_weights,
-    list_checkpoints,
-    load_training_state,
-    load_weights,
-    restore_rng,
-    save_checkpoint,
-)
 from tunekit.config import RunConfig, load_config
-from tunekit.data.check import recommended_epochs
 from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
-from tunekit.data.types import IGNORE, Sequence
-from tunekit.distributed import SINGLE, Dist
+from tunekit.data.types import Sequence
 from tunekit.errors import ConfigError, Problem, TunekitError
-from tunekit.estimate import (
-    MB,
-    MemoryEstimate,
-    available_memory,
-    estimate_memory,
-    fits,
-    model_shapes,
-    peak_rss,
-    ways_to_fit,
-)
 from tunekit.fsio import publish_dir
 from tunekit.model import (
     apply_method,
@@ -59,10 +35,23 @@ from tunekit.model import (
     flash_attn_installed,
     is_run_dir,
     load_base,
-    load_tokenizer,
     read_run_dir,
     resolve_device,
+    run_tokenizer,
 )
+from tunekit.train import distributed, trackers
+from tunekit.train.checkpoint import (
+    copy_weights,
+    list_checkpoints,
+    load_training_state,
+    load_weights,
+    restore_rng,
+    save_checkpoint,
+)
+from tunekit.train.distributed import SINGLE, Dist
+from tunekit.train.estimate import MB, check_memory, peak_rss
+from tunekit.train.hyper import Plan, lr_factor, make_plan
+from tunekit.train.sft import TrainedNLL
 
 # A file of this name in the run dir asks the loop to stop after the current step: it writes a checkpoint,
 # removes the file and raises TrainingStopped (`tunekit serve` pauses a fine-tuning job this way).
@@ -86,20 +75,6 @@ class TrainingStopped(TunekitError):
 class TrainResult:
     run_dir: Path
     summary: dict
-
-
-@dataclass
-class Plan:
-    """Hyperparameters with every "auto" resolved."""
-
-    epochs: int
-    lr: float
-    batch_size: int  # rows per optimizer step
-    micro_batch_size: int  # rows per forward/backward
-    rows_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,85 +159,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Plan
-
-
-def make_plan(cfg: RunConfig, n_examples: int, rows_per_epoch: int) -> Plan:
-    t = cfg.train
-    epochs = recommended_epochs(n_examples) if t.epochs == "auto" else t.epochs
-    lr = (1e-5 if cfg.method == "full" else 2e-4) if t.lr == "auto" else t.lr
-    batch = max(1, t.batch_tokens // cfg.data.max_len) if t.batch_size == "auto" else t.batch_size
-    micro = min(t.micro_batch_size, batch)
-    steps_per_epoch = math.ceil(rows_per_epoch / batch)
-    total = epochs * steps_per_epoch
-    if t.max_steps is not None:
-        total = min(total, t.max_steps)
-    warmup = math.ceil(t.warmup_ratio * total)
-    return Plan(epochs, lr, batch, micro, rows_per_epoch, steps_per_epoch, total, warmup)
-
-
-def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if kind == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loss: LM head only at trained positions
-
-
-def forward_hidden(model, batch: Batch) -> torch.Tensor:
-    """(B, T, H) final hidden states of the decoder body."""
-    body, _ = body_and_head(model)
-    # use_cache=False is what lets transformers build the per-sequence mask from packed position_ids.
-    out = body(input_ids=batch.input_ids, position_ids=batch.position_ids,
-               attention_mask=batch.attention_mask, use_cache=False)
-    return out.last_hidden_state
-
-
-def _chunk_logits(head, softcap: float | None, h: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (chunk, V), fp32 for the softmax
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
-def _chunk_nll(head, softcap: float | None, h: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed NLL, count of positions whose argmax is the target) of one chunk; the count has no grad."""
-    logits = _chunk_logits(head, softcap, h)  # (chunk, V)
-    return F.cross_entropy(logits, target, reduction="sum"), (logits.detach().argmax(-1) == target).sum()
-
-
-def trained_nll(model, batch: Batch, chunk: int) -> tuple[torch.Tensor, int, int]:
-    """(summed NLL over trained positions, their count, how many the model already predicts) for one
-    micro-batch.
-
-    Hidden states are gathered at the N positions whose next token is trained, then projected through
-    the LM head `chunk` rows at a time. With grad enabled each chunk is recomputed in backward
-    (activation checkpointing), so at most one (chunk, V) logits block is alive at a time.
-    """
-    _, head = body_and_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = forward_hidden(model, batch)  # (B, T, H)
-    keep = batch.targets != IGNORE  # (B, T)
-    h = hidden[keep]  # (N, H)
-    target = batch.targets[keep]  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
-    for start in range(0, h.shape[0], chunk):
-        h_c, t_c = h[start:start + chunk], target[start:start + chunk]
-        if torch.is_grad_enabled():
-            nll_c, right_c = checkpoint(_chunk_nll, head, softcap, h_c, t_c, use_reentrant=False)
-        else:
-            nll_c, right_c = _chunk_nll(head, softcap, h_c, t_c)
-        total, correct = total + nll_c, correct + right_c
-    return total, int(target.numel()), int(correct)
+# A step: forward + backward of the objective over micro-batches (the objective's loss: sft.py)
 
 
 def autocast(device: torch.device | str, mixed_precision: str = "no"):
@@ -272,18 +169,6 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
     restores it), and the logits are cast to fp32 before the softmax either way.
     """
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
-
-
-class TrainedNLL(torch.nn.Module):
-    """The loss as a module: forward(batch) -> trained_nll(model, batch, chunk). This is what the loop
-    calls, and what DDP / FSDP2 wrap (their hooks run on a module's forward)."""
-
-    def __init__(self, model, chunk: int):
-        super().__init__()
-        self.model, self.chunk = model, chunk
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int, int]:
-        return trained_nll(self.model, batch, self.chunk)
 
 
 def backward_step(net, micro_batches: list[Batch], device, mixed_precision: str = "no", *,
@@ -368,7 +253,7 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None, dry_run: bool =
           processes: int | None = None) -> TrainResult:
     """Train as configured; write the run dir; return its path and summary.
 
-    Started by torchrun (WORLD_SIZE > 1), every process runs this same function; see tunekit.distributed.
+    Started by torchrun (WORLD_SIZE > 1), every process runs this same function; see tunekit.train.distributed.
     dry_run: print the plan and the memory estimate per process (for `processes` of them) and stop before
     any weight loads or anything is written; the summary holds them.
     """
@@ -393,21 +278,25 @@ def train(cfg: RunConfig, *, resume: bool = False, console=None, dry_run: bool =
         distributed.teardown(d, together=together)
 
 
-def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = False) -> TrainResult:
-    say = console.print
-    wall_start = time.time()
+@dataclass
+class TrainData:
+    """What the loop reads: the rendered splits, their rows and the plan made from them."""
 
-    # --- 1. checks that need no weights, then data (tokenizer only) --------------------------------
-    problems = check_setup(cfg, resume=resume, world_size=d.world_size, run_dir=not dry_run)
-    if problems:
-        raise ConfigError(problems, title="cannot start training")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = distributed.device_of(d, resolve_device(cfg.train.device))
-    tokenizer = load_tokenizer(cfg)
+    tokenizer: object
+    pad_id: int
+    splits: DataSplits
+    lengths: object  # tokens per training sequence (an array when read from the data cache)
+    rows0: list[list[int]]  # epoch 0's rows (packing and the plan are measured on it)
+    plan: Plan
+    valid_batches: list[Batch]
+
+
+def build_data(cfg: RunConfig, d: Dist, say, *, dry_run: bool) -> TrainData:
+    """Tokenizer, rendered data (the main process renders into the data cache, the others read it) and the
+    plan; printed."""
+    tokenizer = run_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    # The others read what the main process rendered into the data cache (a dry run has no process group).
-    with distributed.main_first(SINGLE if dry_run else d):
+    with distributed.main_first(SINGLE if dry_run else d):  # a dry run has no process group
         data: DataSplits = load_splits(cfg.data, tokenizer)
     for note in data.notes:
         say(f"[yellow]note:[/] {note}", highlight=False)
@@ -425,12 +314,12 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     if d.on:
         say(f"{d.world_size} processes ({d.strategy}): up to {math.ceil(plan.batch_size / d.world_size)} rows per "
             "process per step", highlight=False)
-    memory = _check_memory(cfg, plan, d, device, say)
-    if dry_run:
-        return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
-                                                  "strategy": d.strategy, "memory_estimate_mb": memory.to_dict()})
+    return TrainData(tokenizer, pad_id, data, lengths, rows0, plan, valid_batches)
 
-    # --- 2. run dir (written by the main process only) ----------------------------------------------
+
+def prepare_run_dir(cfg: RunConfig, d: Dist, *, resume: bool) -> Path:
+    """The run dir, emptied of an earlier run (output.overwrite) and holding the resolved config; written by
+    the main process only."""
     run_dir = Path(cfg.output.dir)
     if d.main:
         if not resume and run_dir.exists() and cfg.output.overwrite:
@@ -441,25 +330,60 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             (run_dir / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    return run_dir
 
-    # --- 3. model, optimizer, schedule --------------------------------------------------------------
+
+def build_model(cfg: RunConfig, d: Dist, device: torch.device, ckpt: Path | None):
+    """(model, net, trained params): the base with the method applied (the checkpoint's weights restored),
+    wrapped as the objective for this many processes."""
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     model = apply_method(load_base(cfg, device), cfg)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: gradients reach LoRA weights even though the frozen inputs need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ckpt = list_checkpoints(run_dir)[-1] if resume else None
     if ckpt is not None:
         load_weights(model, ckpt)  # before wrapping: FSDP2 then shards the restored weights
     model.train()
     net = distributed.wrap(TrainedNLL(model, cfg.train.lm_head_chunk), body_and_head(model)[0].layers, d,
                            cfg.train.mixed_precision)
     params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in sharded ones
+    return model, net, params
+
+
+def build_optimizer(cfg: RunConfig, plan: Plan, params: list, device: torch.device):
+    """(AdamW, its lr schedule: warmup then cfg.train.scheduler)."""
     optimizer = torch.optim.AdamW(params, lr=plan.lr, betas=tuple(cfg.train.adam_betas),
                                   weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.train.scheduler, plan.warmup_steps, plan.total_steps))
+    return optimizer, scheduler
+
+
+def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = False) -> TrainResult:
+    say = console.print
+    wall_start = time.time()
+
+    # --- 1. checks that need no weights, then data (tokenizer only) --------------------------------
+    problems = check_setup(cfg, resume=resume, world_size=d.world_size, run_dir=not dry_run)
+    if problems:
+        raise ConfigError(problems, title="cannot start training")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = distributed.device_of(d, resolve_device(cfg.train.device))
+    td = build_data(cfg, d, say, dry_run=dry_run)
+    tokenizer, pad_id, data, lengths, rows0, plan = td.tokenizer, td.pad_id, td.splits, td.lengths, td.rows0, td.plan
+    valid_batches = td.valid_batches
+    memory = check_memory(cfg, plan, d, device, say)
+    if dry_run:
+        return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
+                                                  "strategy": d.strategy, "memory_estimate_mb": memory.to_dict()})
+
+    # --- 2. run dir, model, optimizer, restored state -----------------------------------------------
+    run_dir = prepare_run_dir(cfg, d, resume=resume)
+    ckpt = list_checkpoints(run_dir)[-1] if resume else None
+    model, net, params = build_model(cfg, d, device, ckpt)
+    optimizer, scheduler = build_optimizer(cfg, plan, params, device)
 
     step, metrics, trained_total, initial_valid = 0, [], 0, {}
     if ckpt is not None:
@@ -485,7 +409,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         return save_checkpoint(run_dir, model, net, optimizer, scheduler,
                                _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
 
-    # --- 4. the loop --------------------------------------------------------------------------------
+    # --- 3. the loop --------------------------------------------------------------------------------
     window_trained, window_real, window_start = 0, 0, time.time()
     real_seen, row_seen, train_time, last_loss = 0, 0, 0.0, None
     trained_this_run, first_step = 0, step
@@ -564,7 +488,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 raise TrainingStopped(Problem(str(run_dir), f"stopped at step {step} on request ({STOP_FILE} file)",
                                               "continue with --resume"))
 
-    # --- 5. final weights, summary ------------------------------------------------------------------
+    # --- 4. final weights, summary ------------------------------------------------------------------
     peaks = distributed.gather_objects(peak_rss(), d)  # per process, up to here (before the final save)
     last = checkpoint_now()
     if d.main:  # final/ holds the last checkpoint's weights: gathered (under FSDP2) and serialized once
@@ -606,7 +530,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     tracking.log_summary(summary)
 
     if cfg.eval.enabled:
-        from tunekit.evaluate import evaluate_from_config
+        from tunekit.eval.evaluate import evaluate_from_config
 
         try:
             evaluate_from_config(cfg, run_dir, log=lambda message: say(message, highlight=False))
@@ -618,28 +542,6 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                               **{c["name"]: c["metrics"] for c in results["candidates"]}}, name="eval")
     tracking.close()
     return TrainResult(run_dir, summary)
-
-
-def _check_memory(cfg: RunConfig, plan: Plan, d: Dist, device: torch.device, say) -> MemoryEstimate:
-    """Print the memory estimate per process; refuse a run that cannot fit, naming settings that would."""
-    shapes = model_shapes(cfg)
-    # Rows a process runs at once, each counted at max_len tokens.
-    micro = min(plan.micro_batch_size, math.ceil(min(plan.batch_size, plan.rows_per_epoch) / d.world_size))
-    memory = estimate_memory(cfg, shapes, micro_batch=micro, processes=d.world_size, strategy=d.strategy)
-    for line in memory.lines():
-        say(line, highlight=False)
-    available = available_memory(device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
-    if not fits(memory, available, local, device):
-        ways = ways_to_fit(cfg, shapes, memory, micro_batch=micro, available=available,
-                           local_processes=local, device=device)
-        where = f"{local} processes x " if local > 1 and device.type == "cpu" else ""
-        raise ConfigError(Problem(
-            "train", f"the run needs about {where}{(memory.total - memory.baseline) / MB:,.0f} MiB more {device.type} "
-            f"memory but {available / MB:,.0f} MiB are available",
-            ("these would fit: " + "; ".join(ways)) if ways else
-            "lower data.max_len, use method: lora or qlora, or a machine with more memory"), title="cannot start training")
-    return memory
 
 
 def _state(step: int, plan: Plan, metrics: list, trained_tokens: int, initial_valid: dict) -> dict:

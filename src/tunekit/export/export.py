@@ -1,6 +1,6 @@
 """Export a run for the runtimes people deploy with: merged weights, the adapter, GGUF, an Ollama Modelfile.
 
-    from tunekit.export import export
+    from tunekit.export.export import export
     result = export("runs/quickstart", fmt="gguf", quant="f16")
 
 Every format is written into a temporary folder beside OUT and renamed into place when complete, so OUT is
@@ -11,7 +11,7 @@ dependencies, an existing OUT) is checked first and reported at once as a `Tunek
 - merged: the adapter folded into the base (QLoRA: into the dequantized 4-bit base the adapter was trained on),
   safetensors + tokenizer + chat template + generation_config.json whose eos_token_id lists the end-of-turn ids.
 - adapter: the peft adapter, base_model_name_or_path set to the base a user can load (a hub id or a local dir).
-- gguf: llama.cpp's converter run on the merged model (tunekit.gguf_convert), one .gguf file.
+- gguf: llama.cpp's converter run on the merged model (tunekit.export.gguf_convert), one .gguf file.
 - ollama: the .gguf plus a Modelfile (TEMPLATE, stop parameters, SYSTEM) and the `ollama create` command.
 
 GGUF needs llama.cpp's converter (convert_hf_to_gguf.py and its conversion/ and gguf-py/ folders). It ships in
@@ -75,15 +75,15 @@ class _Plan:
     name: str
     converter: Path | None = None
     pre_tokenizer: str | None = None  # tag for an unknown BPE tokenizer (gguf)
-    ollama: object | None = None  # tunekit.ollama.OllamaTemplate learned from the chat template (ollama)
+    ollama: object | None = None  # tunekit.export.ollama.OllamaTemplate learned from the chat template (ollama)
     _tokenizer: object | None = None
 
     def tokenizer(self):
         """The run's tokenizer (from `tokenizer_dir`), loaded once per export."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from tunekit.model import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            self._tokenizer = load_tokenizer(self.tokenizer_dir, where=str(self.tokenizer_dir))
         return self._tokenizer
 
 
@@ -277,7 +277,7 @@ def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
 
 
 def _check_ollama(plan: _Plan, problems: list[Problem]) -> None:
-    from tunekit.ollama import learn
+    from tunekit.export.ollama import learn
 
     plan.ollama, why = learn(plan.tokenizer())
     if plan.ollama is None:
@@ -360,7 +360,7 @@ def _fetch_converter(llama_version: str, dest: Path) -> None:
 
 
 def _run_converter(llama_cpp: Path, *args: str) -> dict | None:
-    cmd = [sys.executable, "-m", "tunekit.gguf_convert", str(llama_cpp), *args]
+    cmd = [sys.executable, "-m", "tunekit.export.gguf_convert", str(llama_cpp), *args]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-6:])
@@ -569,8 +569,8 @@ def data_prompts(paths: list[Path], limit: int = 2000) -> tuple[list[list[dict]]
 
 def ollama_template(plan: _Plan, gguf: Path) -> tuple[object, list[str]]:
     """The learned TEMPLATE fitted to how llama.cpp tokenizes the GGUF, checked on the run's own prompts."""
-    from tunekit.gguf_run import llama_cpp_adds_bos
-    from tunekit.ollama import START, verify
+    from tunekit.export.gguf_run import llama_cpp_adds_bos
+    from tunekit.export.ollama import START, verify
 
     tokenizer = plan.tokenizer()
     template, notes = plan.ollama, list(plan.ollama.notes)

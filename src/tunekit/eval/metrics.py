@@ -8,7 +8,7 @@ rules are testable on hand-made cases:
   both ends ("Paris." == " paris").
 - JSON valid / JSON equal: the prediction parses as JSON (a single ```json fence around it is allowed);
   equal = the parsed values are equal, with object key order ignored and `true` != `1`.
-- tool calls: parsed from the generated text by `tunekit.toolcalls` (Hermes/Qwen `<tool_call>{...}</tool_call>`,
+- tool calls: parsed from the generated text by `tunekit.eval.toolcalls` (Hermes/Qwen `<tool_call>{...}</tool_call>`,
   Mistral `[TOOL_CALLS][...]`, bare `{"name": .., "arguments"/"parameters": ..}` as Llama 3.1 emits);
   a call matches when the function name is equal and the arguments are equal as parsed JSON.
 """
@@ -20,7 +20,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from tunekit.toolcalls import ToolCall, parse_arguments, parse_tool_calls, strip_fence
+from tunekit.eval.toolcalls import ToolCall, parse_arguments, parse_tool_calls, strip_fence
 
 # --------------------------------------------------------------------------------------------------
 # Reference: what the last assistant message of an example says

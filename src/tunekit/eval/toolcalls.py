@@ -4,7 +4,7 @@
 - Mistral: `[TOOL_CALLS][{...}, ...]`, or v11 `[TOOL_CALLS]name[ARGS]{...}`;
 - Llama 3.1 JSON tools (optionally after `<|python_tag|>`) or any bare `{"name": .., "arguments"/"parameters": ..}`.
 
-Used by `tunekit.metrics` (scoring predicted calls) and `tunekit.serve` (returning `tool_calls`). Nothing here
+Used by `tunekit.eval.metrics` (scoring predicted calls) and `tunekit.serve` (returning `tool_calls`). Nothing here
 loads a model: plain strings in, plain values out.
 """
 

@@ -10,10 +10,11 @@ reads top to bottom as:
    candidate that uses it (base zero-shot and few-shot share the base):
    - teacher-forced metrics on the held-out set: loss / perplexity / token accuracy at trained positions
      (`render_example`; few-shot and rag shots sit in the prompt with weight 0, so they are never scored),
-   - greedy generation of the last assistant message (`render_prompt`, stopping at the template's
-     end-of-turn ids), scored against the reference with `tunekit.metrics`,
+   - greedy generation of the last assistant message through `tunekit.generate` (the engine the server
+     answers with; `render_prompt`, stopping at the template's
+     end-of-turn ids), scored against the reference with `tunekit.eval.metrics`,
    - cost: prompt tokens and latency per request;
-3. return an `EvalResult`; `EvalResult.to_dict()` is what results.json holds and what `tunekit.report`
+3. return an `EvalResult`; `EvalResult.to_dict()` is what results.json holds and what `tunekit.eval.report`
    renders.
 """
 
@@ -25,7 +26,6 @@ import importlib.util
 import json
 import math
 import random
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,8 @@ from tunekit.config import RunConfig, load_config
 from tunekit.data.formats import read_jsonl
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, DataError, Problem, TemplateError, TunekitError
-from tunekit.metrics import METRIC_LABELS, Reference, reference_display, reference_of, score_example
+from tunekit.eval.metrics import METRIC_LABELS, Reference, reference_display, reference_of, score_example
+from tunekit.generate.engine import Generation, generate
 
 # Upper bound on floats in one (B, T, V) logits tensor for teacher forcing (2^27 floats = 512 MiB fp32):
 # rows per forward shrink so that long sequences with a large vocabulary still fit.
@@ -187,7 +188,7 @@ def choose_shots(train_path: str | Path, evaluated: list[dict], k: int, seed: in
 def prompt_text(example: dict) -> str:
     """What retrieval compares: the text of the messages before the last assistant message, system
     messages left out (they are usually the same in every example)."""
-    from tunekit.metrics import message_text
+    from tunekit.eval.metrics import message_text
 
     return "\n".join(message_text(m.get("content")) for m in _prompt_messages(example)
                      if isinstance(m, dict) and m.get("role") != "system")
@@ -195,13 +196,13 @@ def prompt_text(example: dict) -> str:
 
 def retrieve_shots(train_path: str | Path, evaluated: list[dict], k: int) -> list[list[tuple[int, dict]]]:
     """For each evaluated example, the K (line, example) pairs of the training file whose prompts are most
-    similar to its prompt (BM25 over `tunekit.retrieval.TextIndex`), most similar last (nearest the
+    similar to its prompt (BM25 over `tunekit.eval.retrieval.TextIndex`), most similar last (nearest the
     question).
 
     The pool is `shot_pool`'s: never an evaluated example or a training line asking the same prompt as
     one. Training lines with identical messages count once, so the K shots are K different examples.
     """
-    from tunekit.retrieval import TextIndex
+    from tunekit.eval.retrieval import TextIndex
 
     pool: list[tuple[int, dict]] = []
     seen: set[str] = set()
@@ -368,53 +369,6 @@ def teacher_forced(model, sequences: list[Sequence], *, batch_size: int, pad_id:
         return TeacherForced(float("nan"), float("nan"), float("nan"), 0)
     loss = loss_sum / count
     return TeacherForced(loss, math.exp(min(loss, 700.0)), correct / count, count)
-
-
-@dataclass
-class Generation:
-    ids: list[int]  # generated tokens up to (not including) the first end-of-turn id
-    stopped: bool  # an end-of-turn id was generated (False: cut by max_new_tokens)
-    latency_ms: float  # wall time of its batch / requests in the batch
-
-
-def generate(model, prompts: list[list[int]], *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
-             batch_size: int) -> list[Generation]:
-    """Greedy continuation of each prompt, batched with left padding, stopping at any of `stop_ids`.
-
-    Left padding keeps every prompt's last token at the end of its row, so the next token of all rows is
-    read from the same column; the attention mask hides the pads and generate() derives position ids
-    from it, which makes batched output equal to one-by-one output. Decoding is greedy even when the
-    model's own generation_config asks for sampling (values set here take precedence); an empty
-    `stop_ids` falls back to the model's configured eos.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    device = _device(model)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=list(stop_ids) or None, pad_token_id=pad_id)
-    results: list[Generation | None] = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths -> less padding
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):
-            n = len(prompts[i])
-            ids[row, width - n:] = torch.tensor(prompts[i])
-            mask[row, width - n:] = 1
-        began = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
-        new = out[:, width:].tolist()  # (B, new tokens); rows that stopped early are padded after the stop
-        per_request_ms = (time.perf_counter() - began) * 1000.0 / len(chunk)  # after tolist: GPU work is done
-        stops = set(stop_ids)
-        for row, i in enumerate(chunk):
-            tokens = new[row]
-            cut = next((j for j, t in enumerate(tokens) if t in stops), None)
-            results[i] = Generation(tokens if cut is None else tokens[:cut], cut is not None, per_request_ms)
-    return results  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -637,7 +591,9 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     RunConfig (read from run_dir/config.yaml when not given).
     Raises TunekitError listing every problem before any weight loads.
     """
-    from tunekit.model import load_for_inference
+    import torch
+
+    from tunekit.model import load_for_inference, resolve_device
 
     log = log or (lambda message: None)
     run_dir = Path(run_dir)
@@ -652,7 +608,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     problems: list[Problem] = []
     if device not in ("auto", "cpu", "cuda"):
         problems.append(Problem("device", f"unknown device '{device}'", "use auto, cpu or cuda"))
-    elif device == "cuda" and not _cuda_available():
+    elif device == "cuda" and not torch.cuda.is_available():
         problems.append(Problem("device", "cuda was asked for but torch sees no GPU", "use --device cpu or auto"))
     if data is None:
         data = config.eval.data or config.data.validation if config is not None else None
@@ -694,7 +650,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     run_tokenizer = None
     for path in dict.fromkeys(s.path for s in specs):
         log(f"loading {path}")
-        model, tokenizer = load_for_inference(path, device=_resolve_device(device))
+        model, tokenizer = load_for_inference(path, device=resolve_device(device))
         if path == str(run_dir):
             run_tokenizer = tokenizer
         elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
@@ -708,7 +664,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
                 batch_size=batch_size, scorer=scorer_fn, log=log, cached=cached)
         del model
         gc.collect()
-        _empty_cuda_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy",
@@ -729,29 +686,10 @@ def training_cost(run_dir: Path) -> dict | None:
     return cost if all(isinstance(v, int | float) for v in cost.values()) else None
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if _cuda_available() else "cpu"
-    return device
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate_from_config(cfg: RunConfig, run_dir: str | Path, *, log: Callable[[str], None] | None = None,
                          out_dir: str | Path | None = None) -> EvalResult:
     """The `eval` section of a run config: evaluate the finished run and write RUN_DIR/eval/ (the report)."""
-    from tunekit.report import write_report
+    from tunekit.eval.report import write_report
 
     data = cfg.eval.data or cfg.data.validation
     if data is None:

@@ -24,6 +24,8 @@ The model is built on the meta device (shapes only, no memory) to count its para
 
 from __future__ import annotations
 
+import math
+import os
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tunekit.config import RunConfig
+from tunekit.errors import ConfigError, Problem
 from tunekit.model import apply_method, config_source, resolve_device, resolve_dtype
 
 MB = 2**20
@@ -224,3 +227,25 @@ def ways_to_fit(cfg: RunConfig, shapes: Shapes, est: MemoryEstimate, *, micro_ba
             out.append(f"{label} (~{e.total / MB:,.0f} MiB per process)")
     return out
 
+
+def check_memory(cfg: RunConfig, plan, d, device: torch.device, say) -> MemoryEstimate:
+    """Print the memory estimate per process (`plan`: hyper.Plan, `d`: distributed.Dist); refuse a run that
+    cannot fit, naming settings that would."""
+    shapes = model_shapes(cfg)
+    # Rows a process runs at once, each counted at max_len tokens.
+    micro = min(plan.micro_batch_size, math.ceil(min(plan.batch_size, plan.rows_per_epoch) / d.world_size))
+    memory = estimate_memory(cfg, shapes, micro_batch=micro, processes=d.world_size, strategy=d.strategy)
+    for line in memory.lines():
+        say(line, highlight=False)
+    available = available_memory(device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))
+    if not fits(memory, available, local, device):
+        ways = ways_to_fit(cfg, shapes, memory, micro_batch=micro, available=available,
+                           local_processes=local, device=device)
+        where = f"{local} processes x " if local > 1 and device.type == "cpu" else ""
+        raise ConfigError(Problem(
+            "train", f"the run needs about {where}{(memory.total - memory.baseline) / MB:,.0f} MiB more {device.type} "
+            f"memory but {available / MB:,.0f} MiB are available",
+            ("these would fit: " + "; ".join(ways)) if ways else
+            "lower data.max_len, use method: lora or qlora, or a machine with more memory"), title="cannot start training")
+    return memory

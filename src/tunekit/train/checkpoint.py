@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from tunekit.distributed import SINGLE, Dist, barrier, gather_objects
 from tunekit.errors import Problem, TunekitError
 from tunekit.fsio import publish_dir
+from tunekit.train.distributed import SINGLE, Dist, barrier, gather_objects
 
 STATE_FILE = "trainer_state.json"
 OPTIM_FILE = "optimizer.pt"

@@ -1,7 +1,7 @@
 """Run llama.cpp's own HF -> GGUF converter on a merged model dir (a separate process, started by export).
 
-    python -m tunekit.gguf_convert LLAMA_CPP_DIR check MODEL_DIR
-    python -m tunekit.gguf_convert LLAMA_CPP_DIR convert MODEL_DIR OUTFILE QUANT [PRE]
+    python -m tunekit.export.gguf_convert LLAMA_CPP_DIR check MODEL_DIR
+    python -m tunekit.export.gguf_convert LLAMA_CPP_DIR convert MODEL_DIR OUTFILE QUANT [PRE]
 
 LLAMA_CPP_DIR is a llama.cpp source tree (convert_hf_to_gguf.py, conversion/, gguf-py/). It runs in its own
 process because the converter puts its gguf-py on sys.path and keeps state in class attributes.
@@ -12,7 +12,7 @@ config.json and the tokenizer files are read, no weights.
 
 `convert` writes OUTFILE. llama.cpp identifies a BPE tokenizer's pre-tokenizer by hashing the tokens of a test
 string and refuses hashes it has no entry for; its documented remedy is to extend `get_vocab_base_pre()`. PRE
-(chosen by tunekit.export from tokenizer.json) is the answer given for a tokenizer the table does not know; a
+(chosen by tunekit.export.export from tokenizer.json) is the answer given for a tokenizer the table does not know; a
 tokenizer the table knows keeps llama.cpp's own answer. Nothing here imports tunekit.
 """
 

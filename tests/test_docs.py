@@ -1,0 +1,332 @@
+"""Every shell command and Python snippet in README.md, docs/*.md and examples/*/README.md, run as written.
+
+Where they run: a copy of this working tree (its files that git tracks or would track: no .venv, no runs/) in
+a temporary folder, with its own .venv layered over this one (a .pth naming this venv's site-packages) and set
+up by the project's own `scripts/setup.sh`. So every command runs from the repository root as a user's would,
+`tunekit` and `python` are the copy's, and nothing the commands write (runs/, serve-data/, example data
+regenerated) touches this checkout.
+
+How a document is read:
+- ```bash blocks: each command (a line with its `\\` continuations) runs on its own in bash from the root and
+  must exit 0. A command ending in `&` runs in the background; its block waits for it at the end (it must
+  exit 0 too).
+- `tunekit serve ...` (with or without `&`) starts in the background on a free port (`--port N` or `--port
+  PORT` replaced), must answer /health, and stays up until its document ends or the next server starts; `:N`
+  and `:PORT` in the later commands and snippets of that document name the free port.
+- ```python blocks run as one script with the copy's python from the root.
+- Other blocks (yaml, json, output) are not run.
+- A `<!-- doctest: {...} -->` comment on the line before a block changes how it runs, in the document where a
+  reader sees it: `"skip": REASON` (the block is not run), `"skip_commands": {PREFIX: REASON}` (commands that
+  start with PREFIX are not run), `"append": {PREFIX: ARGS}` (ARGS appended to commands that start with
+  PREFIX, e.g. a step limit for a command that trains for minutes), `"replace": {OLD: NEW}` (text replaced in
+  the block), `"why"`: why it was shortened.
+
+Each command is one test, named FILE:LINE and the command; skipped ones skip with their reason, so `pytest -ra`
+lists every documented command that did not run and why. The tests of one document depend on the earlier ones
+(a run trained, a server started): run the module whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from live_server import free_port
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").glob("*/README.md"))]
+MARKER = re.compile(r"^<!--\s*doctest:\s*(\{.*\})\s*-->\s*$")
+FENCE = re.compile(r"^```(\w*)\s*$")
+COMMAND_TIMEOUT_S = 900
+COPY_IGNORE = (".venv", ".git", "runs", "serve-data", "__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache",
+               "build", "dist", ".whl", ".gl", ".hypothesis")
+
+
+@dataclass
+class Command:
+    doc: str  # the document, relative to the repository
+    line: int  # where the command starts in it
+    lang: str  # bash | python
+    text: str  # as written (python: the whole block)
+    last_in_block: bool
+    marker: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        first = self.text.strip().splitlines()[0] if self.text.strip() else ""
+        return f"{self.doc}:{self.line} {first[:70]}"
+
+
+def read_blocks(path: Path) -> list[tuple[int, str, str, dict]]:
+    """(line of the first body line, language, body, doctest marker) of every fenced block."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if opening is None:
+            i += 1
+            continue
+        marker = {}
+        if i > 0 and (found := MARKER.match(lines[i - 1].strip())):
+            marker = json.loads(found.group(1))
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        blocks.append((i + 2, opening.group(1), "\n".join(lines[i + 1:end]), marker))
+        i = end + 1
+    return blocks
+
+
+def bash_commands(body: str, first_line: int) -> list[tuple[int, str]]:
+    """(line, command) for each command of a bash block; continuation lines are joined, blank lines and
+    comment-only lines dropped."""
+    out, pending, start = [], [], 0
+    for k, line in enumerate(body.splitlines()):
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if not pending:
+            start = first_line + k
+        pending.append(line)
+        if not line.rstrip().endswith("\\"):
+            out.append((start, "\n".join(pending)))
+            pending = []
+    return out
+
+
+def collect() -> list[Command]:
+    commands = []
+    for path in DOCS:
+        doc = str(path.relative_to(REPO))
+        for first_line, lang, body, marker in read_blocks(path):
+            for old, new in marker.get("replace", {}).items():
+                assert old in body, f"{doc}:{first_line}: the doctest marker replaces {old!r}, which is not there"
+                body = body.replace(old, new)
+            if lang in ("bash", "sh", "shell"):
+                found = bash_commands(body, first_line)
+                commands += [Command(doc, line, "bash", text, k == len(found) - 1, marker)
+                             for k, (line, text) in enumerate(found)]
+            elif lang == "python":
+                commands.append(Command(doc, first_line, "python", body, True, marker))
+    return commands
+
+
+COMMANDS = collect()
+
+
+# --------------------------------------------------------------------------------------------------
+# The copy of the repository the commands run in
+
+
+@dataclass
+class Sandbox:
+    root: Path
+    env: dict
+    servers: list = field(default_factory=list)  # (doc, Popen, log path)
+    background: list = field(default_factory=list)  # (command id, Popen, log path) of the current block
+    ports: dict = field(default_factory=dict)  # "8000" / "PORT" -> the free port, for the current document
+    port_doc: str = ""
+
+    def stop_servers(self) -> None:
+        for _, proc, _ in self.servers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+        self.servers.clear()
+
+
+def copy_tree(dest: Path) -> None:
+    """The files of this working tree that git tracks or would track (ignored build outputs left out)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True) if (REPO / ".git").exists() else None
+    if listed is None or listed.returncode != 0:
+        shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
+        return
+    for name in listed.stdout.decode().split("\0"):
+        source = REPO / name
+        if name and source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name, follow_symlinks=False)
+
+
+def copy_scripts(source: Path, dest: Path) -> None:
+    """The console scripts of this venv (torchrun, ...) as the layered venv's own: run by its python."""
+    python = dest / "python"
+    for script in source.iterdir():
+        target = dest / script.name
+        if target.exists() or not script.is_file():
+            continue
+        head = script.read_bytes()[:200]
+        if head.startswith(b"#!") and b"python" in head.split(b"\n", 1)[0]:
+            body = script.read_text(encoding="utf-8").split("\n", 1)[1]
+            target.write_text(f"#!{python}\n{body}", encoding="utf-8")
+            target.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("docs") / "tunekit"
+    root.mkdir()
+    copy_tree(root)
+    # its own venv, seeing every package of this one; setup.sh then installs the copy's tunekit into it
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", str(root / ".venv")], check=True)
+    site = Path(subprocess.run([str(root / ".venv" / "bin" / "python"), "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "tunekit-parent-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
+    copy_scripts(Path(sys.executable).parent, root / ".venv" / "bin")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(PATH=f"{root / '.venv' / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}", VIRTUAL_ENV=str(root / ".venv"),
+               PYTHONUNBUFFERED="1", TUNEKIT_EXTRAS="dev,serve,rag,gguf")
+    setup = subprocess.run(["bash", "scripts/setup.sh"], cwd=root, env=env, capture_output=True, text=True,
+                           timeout=COMMAND_TIMEOUT_S)
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    box = Sandbox(root, env)
+    yield box
+    box.stop_servers()
+    for _, proc, _ in box.background:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one command
+
+
+def without_comment(text: str) -> str:
+    """The command without a trailing `# comment` (one with no quote in it), so arguments can follow."""
+    return re.sub(r"\s+#[^'\"\n]*$", "", text)
+
+
+def is_server(text: str) -> bool:
+    return text.strip().startswith("tunekit serve")
+
+
+def with_ports(text: str, box: Sandbox) -> str:
+    for written, port in box.ports.items():
+        text = re.sub(rf"(127\.0\.0\.1|localhost):{written}\b", rf"\g<1>:{port}", text)
+    return text
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with code {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the server did not answer /health in 180 s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def finish_block(box: Sandbox) -> None:
+    """Wait for the block's background commands; each must exit 0."""
+    waiting, box.background = box.background, []
+    for command_id, proc, log in waiting:
+        try:
+            code = proc.wait(COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"{command_id} (in the background) did not end in {COMMAND_TIMEOUT_S} s")
+        assert code == 0, f"{command_id} (in the background) exited with {code}:\n" \
+                          f"{log.read_text(errors='replace')[-4000:]}"
+
+
+def run_command(cmd: Command, box: Sandbox) -> None:
+    if box.port_doc != cmd.doc:  # a new document: its servers are its own
+        box.stop_servers()
+        box.ports, box.port_doc = {}, cmd.doc
+    logs = box.root.parent / "logs"
+    logs.mkdir(exist_ok=True)
+    log = logs / f"{len(list(logs.iterdir())):03d}.log"
+    if cmd.lang == "python":
+        script = logs / f"snippet-{cmd.line}.py"
+        script.write_text(with_ports(cmd.text, box), encoding="utf-8")
+        done = subprocess.run([str(box.root / ".venv" / "bin" / "python"), str(script)], cwd=box.root, env=box.env,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
+        return
+    text = cmd.text.strip()
+    background = text.endswith("&") and not text.endswith("&&")
+    text = text.rstrip("&").rstrip() if background else text
+    for prefix, args in cmd.marker.get("append", {}).items():
+        if text.startswith(prefix):
+            text = f"{without_comment(text)} {args}"
+    if is_server(text):
+        port = free_port()
+        found = re.search(r"--port[ =](\S+)", text)
+        if found:
+            box.ports[found.group(1)] = port
+            text = text[:found.start()] + f"--port {port}" + text[found.end():]
+        else:
+            box.ports["8000"] = port
+            text += f" --port {port}"
+        proc = subprocess.Popen(["bash", "-c", text], cwd=box.root, env=box.env, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        box.servers.append((cmd.doc, proc, log))
+        wait_healthy(proc, port, log)
+        return
+    text = with_ports(text, box)
+    if background:
+        proc = subprocess.Popen(["bash", "-c", text], cwd=box.root, env=box.env, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        box.background.append((cmd.id, proc, log))
+        return
+    done = subprocess.run(["bash", "-c", text], cwd=box.root, env=box.env, capture_output=True, text=True,
+                          timeout=COMMAND_TIMEOUT_S)
+    assert done.returncode == 0, f"{text}\nexit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
+
+
+def skip_reason(cmd: Command) -> str | None:
+    if "skip" in cmd.marker:
+        return cmd.marker["skip"]
+    for prefix, reason in cmd.marker.get("skip_commands", {}).items():
+        if cmd.text.strip().startswith(prefix):
+            return reason
+    return None
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
+def test_documented_command_runs_as_written(cmd: Command, sandbox: Sandbox):
+    try:
+        reason = skip_reason(cmd)
+        if reason is not None:
+            pytest.skip(f"{cmd.id}: {reason}")
+        run_command(cmd, sandbox)
+    finally:
+        if cmd.last_in_block:
+            finish_block(sandbox)
+
+
+# --------------------------------------------------------------------------------------------------
+# The reader itself
+
+
+def test_every_doc_is_read_and_markers_parse():
+    assert {"README.md", "docs/dashboard.md", "examples/quickstart/README.md"} <= {c.doc for c in COMMANDS}
+    assert any(c.lang == "python" for c in COMMANDS) and any(is_server(c.text) for c in COMMANDS)
+    for c in COMMANDS:
+        assert set(c.marker) <= {"skip", "skip_commands", "append", "replace", "why"}, c.id
+        if c.marker.get("append") or c.marker.get("replace"):
+            assert c.marker.get("why"), f"{c.id}: say why the command is shortened"
+
+
+def test_bash_commands_join_continuations_and_drop_comments():
+    body = "# a comment\ntunekit train run.yaml \\\n    --nproc 2   # two\n\npython x.py &\n"
+    assert bash_commands(body, 10) == [(11, "tunekit train run.yaml \\\n    --nproc 2   # two"), (14, "python x.py &")]
+    assert without_comment("tunekit train a.yaml   # -> runs/a/") == "tunekit train a.yaml"
+    assert without_comment("tunekit chat r \"a # b\"") == "tunekit chat r \"a # b\""
