@@ -19,15 +19,9 @@ import torch
 from tunekit.config import RunConfig, load_config
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import DataError, TunekitError
-from tunekit.eval.evaluate import (
-    choose_shots,
-    evaluate,
-    generate,
-    read_eval_examples,
-    retrieve_shots,
-    teacher_forced,
-    with_shots,
-)
+from tunekit.eval.evaluate import evaluate, read_eval_examples, teacher_forced
+from tunekit.eval.shots import choose_shots, retrieve_shots, with_shots
+from tunekit.generate.engine import generate
 
 # --------------------------------------------------------------------------------------------------
 # Stand-ins for modules other parts of the project provide (used only when those are absent)

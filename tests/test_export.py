@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from tunekit.config import config_from_dict
 from tunekit.data.render import end_of_turn_ids, render_prompt, render_prompt_text
 from tunekit.errors import TunekitError
-from tunekit.export.export import export, fixed_system_prompt, pre_tokenizer_tag
+from tunekit.export.export import export, pre_tokenizer_tag
 from tunekit.export.gguf_run import llama_cpp_greedy
+from tunekit.export.ollama import fixed_system_prompt
 from tunekit.model import load_for_inference
 from tunekit.train.loop import train
 

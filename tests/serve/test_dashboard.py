@@ -47,7 +47,8 @@ def get(client, path: str) -> dict:
 
 
 def test_check_endpoint_reports_lines_fields_counts_and_token_stats(server, tiny_llama_dir):
-    from tunekit.data.check import check_file, load_tokenizer
+    from tunekit.data.check import check_file
+    from tunekit.model import load_tokenizer
 
     url, _ = server
     client = sdk(url)
@@ -73,7 +74,8 @@ def test_check_with_a_model_writes_the_data_cache_once_and_reads_it_after(server
     """The report's token statistics come through the rendered-data cache that training reads: the first
     report writes the entry, the second reads it (no new entry) and says the same; both equal the CLI's."""
     from tunekit.data import cache
-    from tunekit.data.check import check_file, load_tokenizer
+    from tunekit.data.check import check_file
+    from tunekit.model import load_tokenizer
 
     url, _ = server
     client = sdk(url)
@@ -92,8 +94,8 @@ def test_check_with_a_model_writes_the_data_cache_once_and_reads_it_after(server
 
 
 def test_preview_endpoint_marks_exactly_the_trained_tokens(server, tiny_llama_dir):
-    from tunekit.data.check import load_tokenizer
     from tunekit.data.render import render_example
+    from tunekit.model import load_tokenizer
 
     url, _ = server
     client = sdk(url)
@@ -400,3 +402,34 @@ def test_pause_resume_cancel_buttons(page, server):
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     for message in ("Pausing fine-tuning job", "Resuming fine-tuning job", "Fine-tuning job cancelled"):
         page.wait_for_selector(f"#events td:has-text('{message}')")
+
+
+def test_every_page_loads_without_console_errors_or_failed_requests(browser, server):
+    """A visit to each page, in a fresh browser context, logs no console error and no request fails or is
+    answered 4xx/5xx: the browser's own requests included (a missing /favicon.ico is a console error)."""
+    url, _ = server
+    client = sdk(url)
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=upload(client, BROKEN, name="broken.jsonl").id,
+                                         extra_body=tiny_job(max_steps=1))  # fails at once: its page shows the error
+    origin = url.removesuffix("/v1")
+    pages = {"data": "#files-empty, #files", "jobs": "#jobs-empty, #jobs", "playground": "#pg-model",
+             "compare": "#cmp-model-0", f"jobs/{job.id}": "#job-status"}
+    problems = []
+    for path, shown in pages.items():
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+
+        def seen(what: str, path: str = path) -> None:
+            problems.append(f"#/{path}: {what}")
+
+        page.on("console", lambda m, seen=seen: m.type == "error" and seen(f"console error {m.text!r} at {m.location['url']}"))
+        page.on("pageerror", lambda e, seen=seen: seen(f"page error {e}"))
+        page.on("requestfailed", lambda r, seen=seen: seen(f"request failed: {r.url} ({r.failure})"))
+        page.on("response", lambda r, seen=seen: r.status >= 400 and seen(f"HTTP {r.status} for {r.url}"))
+        page.goto(f"{origin}/#/{path}")
+        page.wait_for_selector(shown)
+        page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(500)  # what the browser asks for after the load (its icon) has come back
+        context.close()
+    assert problems == [], "\n".join(problems)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunekit.errors import Problem, TunekitError
+from tunekit.export.card import write_model_card
+from tunekit.export.ollama import modelfile, ollama_template
 from tunekit.fsio import publish_dir
 
 FORMATS = ("merged", "adapter", "gguf", "ollama")
@@ -102,7 +104,7 @@ def export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, chec
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.out.name}-", dir=plan.out.parent))
     try:
         notes, command = _write(plan, tmp, say)
-        _write_model_card(plan, tmp, notes)
+        write_model_card(plan, tmp, notes, base=_root_base(_run(plan)), run_base=_run(plan).cfg.model.base)
         publish_dir(tmp, plan.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -508,185 +510,7 @@ def _write_adapter(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
     return notes, f"vllm serve {resolved} --enable-lora --lora-modules {plan.name}={plan.out}"
 
 
-# ------------------------------------------------------------------------------------------ Ollama
-
-
-def fixed_system_prompt(data_file: Path) -> str | None:
-    """The system message every chat example of the data starts with, when they all share one."""
-    seen: set[str] = set()
-    try:
-        with open(data_file, encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                messages = json.loads(line).get("messages") or []
-                first = messages[0] if messages else {}
-                if first.get("role") != "system" or not isinstance(first.get("content"), str):
-                    return None
-                seen.add(first["content"])
-                if len(seen) > 1:
-                    return None
-    except (OSError, ValueError, AttributeError):
-        return None
-    return seen.pop() if seen else None
-
-
-def _quoted(text: str) -> str:
-    """A Modelfile value: triple quotes (text may span lines) unless it holds triple quotes itself."""
-    if '"""' in text:
-        return json.dumps(text)
-    return f'"""{text}"""'
-
-
-def data_prompts(paths: list[Path], limit: int = 2000) -> tuple[list[list[dict]], int]:
-    """The prompts of the run's chat data as Ollama sees them (the messages before each assistant message, text
-    content only), and how many examples were left out for tools or non-text content."""
-    prompts, skipped = [], 0
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                for line in fh:
-                    if len(prompts) >= limit:
-                        return prompts, skipped
-                    try:
-                        example = json.loads(line) if line.strip() else None
-                    except ValueError:
-                        continue
-                    messages = example.get("messages") if isinstance(example, dict) else None
-                    if not isinstance(messages, list):
-                        continue
-                    if example.get("tools") or any(
-                            not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                            or not isinstance(m.get("content"), str) or m.get("tool_calls") for m in messages):
-                        skipped += 1
-                        continue
-                    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-                    prompts += [plain[:i] for i, m in enumerate(plain) if m["role"] == "assistant" and i > 0]
-        except OSError:
-            continue
-    return prompts, skipped
-
-
-def ollama_template(plan: _Plan, gguf: Path) -> tuple[object, list[str]]:
-    """The learned TEMPLATE fitted to how llama.cpp tokenizes the GGUF, checked on the run's own prompts."""
-    from tunekit.export.gguf_run import llama_cpp_adds_bos
-    from tunekit.export.ollama import START, verify
-
-    tokenizer = plan.tokenizer()
-    template, notes = plan.ollama, list(plan.ollama.notes)
-    bos = tokenizer.bos_token
-    starts_with_bos = bool(bos) and all(v.startswith(bos) for k, v in template.transitions.items() if k[0] == START)
-    if llama_cpp_adds_bos(gguf):
-        if starts_with_bos:  # llama.cpp puts BOS before the prompt itself; the TEMPLATE must not write it again
-            template = template.without_leading(bos)
-        else:
-            notes.append("llama.cpp adds a BOS token before every prompt of this GGUF; the chat template does not "
-                         "write one, so Ollama's prompts start with a token the fine-tune did not see")
-    paths = [p for p in (plan.cfg.data.train, plan.cfg.data.validation) if p is not None]
-    prompts, skipped = data_prompts([Path(p) for p in paths])
-    differ = verify(plan.ollama, tokenizer, prompts)  # text before tokenization, BOS as the template writes it
-    notes.append(f"the Ollama TEMPLATE renders {len(prompts) - len(differ)} of {len(prompts)} prompts of the "
-                 f"run's data exactly like the chat template"
-                 + (f" ({skipped} examples with tools or non-text content were not compared: the TEMPLATE does "
-                    "not translate tools)" if skipped else ""))
-    if differ:
-        notes.append("first difference: " + differ[0])
-    return template, notes
-
-
-def modelfile(plan: _Plan, gguf_name: str, template) -> str:
-    from tunekit.data.render import end_of_turn_ids
-
-    tokenizer = plan.tokenizer()
-    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))))
-    lines = [f"# {plan.name}: exported by tunekit from {plan.run_dir}"
-             + (f" ({plan.checkpoint})" if plan.checkpoint else ""),
-             f"FROM ./{gguf_name}",
-             f"TEMPLATE {_quoted(template.go_template())}"]
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
-    lines.append("PARAMETER temperature 0")
-    system = fixed_system_prompt(plan.cfg.data.train)
-    if system is not None:
-        lines.append(f"SYSTEM {_quoted(system)}")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------- model card
-
-
-def _write_model_card(plan: _Plan, dest: Path, notes: list[str]) -> None:
-    cfg = plan.cfg
-    summary_path = plan.run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
-    lines = [f"# {plan.name}", "", f"Exported by tunekit from the run `{plan.run_dir}`"
-             + (f", checkpoint `{plan.checkpoint}`" if plan.checkpoint else "") + f", as **{plan.fmt}**.", ""]
-    lines += ["## Training", "", f"- base model: `{_root_base(_run(plan))}`"
-              + (f" (through the run `{cfg.model.base}`)" if _run(plan).cfg.model.base != _root_base(_run(plan))
-                 else ""),
-              f"- method: {cfg.method}"]
-    if cfg.method in ("lora", "qlora"):
-        lora = cfg.lora
-        lines.append(f"- LoRA: r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g}, targets "
-                     f"{lora.target_modules if isinstance(lora.target_modules, str) else ', '.join(lora.target_modules)}")
-    if cfg.method == "qlora":
-        lines.append(f"- 4-bit base: {cfg.quant.quant_type}, double quant {cfg.quant.double_quant}")
-    t = cfg.train
-    lines.append(f"- lr {t.lr}, epochs {t.epochs}, batch {t.batch_size} rows / {t.batch_tokens} tokens, "
-                 f"scheduler {t.scheduler}, seed {t.seed}")
-    if summary:
-        lines.append(f"- steps {summary.get('steps')}, final train loss {_num(summary.get('final_train_loss'))}, "
-                     f"validation loss {_num(summary.get('initial_valid_loss'))} -> "
-                     f"{_num(summary.get('final_valid_loss'))}")
-    lines += ["", "## Data", "", f"- train: `{Path(cfg.data.train).name}`"
-              + (f", {summary['train_examples']} examples" if "train_examples" in summary else "")
-              + (f", {summary['trained_tokens']:,} trained tokens" if summary.get("trained_tokens") else "")]
-    if cfg.data.validation is not None or summary.get("valid_examples"):
-        lines.append(f"- validation: `{Path(cfg.data.validation).name if cfg.data.validation else 'held out from train'}`"
-                     + (f", {summary['valid_examples']} examples" if "valid_examples" in summary else ""))
-    results = plan.run_dir / "eval" / "results.json"
-    if results.is_file():
-        lines += ["", "## Evaluation", ""] + _eval_lines(json.loads(results.read_text(encoding="utf-8")))
-    if notes:
-        lines += ["", "## Export notes", ""] + [f"- {n}" for n in notes]
-    lines += ["", "## Use it", ""] + _usage(plan)
-    (dest / "README.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
 def _run(plan: _Plan):
     from tunekit.model import read_run_dir
 
     return read_run_dir(plan.run_dir)
-
-
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _eval_lines(results: dict) -> list[str]:
-    rows = []
-    for cand in results.get("candidates", []):
-        metrics = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in (cand.get("metrics") or {}).items() if isinstance(v, int | float))
-        rows.append(f"- {cand.get('name')} ({cand.get('kind')}): {metrics}")
-    return rows or ["- (the report has no candidates)"]
-
-
-def _usage(plan: _Plan) -> list[str]:
-    out = plan.out
-    if plan.fmt == "merged":
-        return ["transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                f'model = AutoModelForCausalLM.from_pretrained("{out}")',
-                f'tokenizer = AutoTokenizer.from_pretrained("{out}")', "```", "",
-                "generation_config.json stops generation at the chat template's end of turn.", "",
-                f"vLLM: `vllm serve {out}`", ""]
-    if plan.fmt == "adapter":
-        return ["peft:", "", "```python", "from peft import AutoPeftModelForCausalLM",
-                f'model = AutoPeftModelForCausalLM.from_pretrained("{out}")', "```", "",
-                f"vLLM: `vllm serve {plan.base_dir} --enable-lora --lora-modules {plan.name}={out}`", ""]
-    gguf_name = f"{plan.name}-{plan.quant}.gguf"
-    lines = [f"llama.cpp: `llama-cli -m {out / gguf_name} -cnv` (the chat template is in the file's metadata)",
-             "", "llama-cpp-python:", "", "```python", "from llama_cpp import Llama",
-             f'llm = Llama(model_path="{out / gguf_name}")', "```"]
-    if plan.fmt == "ollama":
-        lines += ["", f"Ollama: `ollama create {plan.name} -f {out / 'Modelfile'}` then `ollama run {plan.name}`"]
-    return lines

@@ -25,6 +25,11 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tunekit.export.export import _Plan as Plan
 
 START, GEN = "start", "gen"
 ROLES = ("system", "user", "assistant")
@@ -156,3 +161,107 @@ def verify(template: OllamaTemplate, tokenizer, conversations: Iterable[list[dic
             problems.append(f"conversation {k + 1}: renders differently from character {at} "
                             f"(Jinja {expected[at:at + 24]!r}, Ollama {got[at:at + 24]!r})")
     return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's Modelfile
+
+
+def fixed_system_prompt(data_file: Path) -> str | None:
+    """The system message every chat example of the data starts with, when they all share one."""
+    seen: set[str] = set()
+    try:
+        with open(data_file, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                messages = json.loads(line).get("messages") or []
+                first = messages[0] if messages else {}
+                if first.get("role") != "system" or not isinstance(first.get("content"), str):
+                    return None
+                seen.add(first["content"])
+                if len(seen) > 1:
+                    return None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return seen.pop() if seen else None
+
+
+def _quoted(text: str) -> str:
+    """A Modelfile value: triple quotes (text may span lines) unless it holds triple quotes itself."""
+    if '"""' in text:
+        return json.dumps(text)
+    return f'"""{text}"""'
+
+
+def data_prompts(paths: list[Path], limit: int = 2000) -> tuple[list[list[dict]], int]:
+    """The prompts of the run's chat data as Ollama sees them (the messages before each assistant message, text
+    content only), and how many examples were left out for tools or non-text content."""
+    prompts, skipped = [], 0
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                for line in fh:
+                    if len(prompts) >= limit:
+                        return prompts, skipped
+                    try:
+                        example = json.loads(line) if line.strip() else None
+                    except ValueError:
+                        continue
+                    messages = example.get("messages") if isinstance(example, dict) else None
+                    if not isinstance(messages, list):
+                        continue
+                    if example.get("tools") or any(
+                            not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                            or not isinstance(m.get("content"), str) or m.get("tool_calls") for m in messages):
+                        skipped += 1
+                        continue
+                    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+                    prompts += [plain[:i] for i, m in enumerate(plain) if m["role"] == "assistant" and i > 0]
+        except OSError:
+            continue
+    return prompts, skipped
+
+
+def ollama_template(plan: Plan, gguf: Path) -> tuple[object, list[str]]:
+    """The learned TEMPLATE fitted to how llama.cpp tokenizes the GGUF, checked on the run's own prompts."""
+    from tunekit.export.gguf_run import llama_cpp_adds_bos
+    from tunekit.export.ollama import START, verify
+
+    tokenizer = plan.tokenizer()
+    template, notes = plan.ollama, list(plan.ollama.notes)
+    bos = tokenizer.bos_token
+    starts_with_bos = bool(bos) and all(v.startswith(bos) for k, v in template.transitions.items() if k[0] == START)
+    if llama_cpp_adds_bos(gguf):
+        if starts_with_bos:  # llama.cpp puts BOS before the prompt itself; the TEMPLATE must not write it again
+            template = template.without_leading(bos)
+        else:
+            notes.append("llama.cpp adds a BOS token before every prompt of this GGUF; the chat template does not "
+                         "write one, so Ollama's prompts start with a token the fine-tune did not see")
+    paths = [p for p in (plan.cfg.data.train, plan.cfg.data.validation) if p is not None]
+    prompts, skipped = data_prompts([Path(p) for p in paths])
+    differ = verify(plan.ollama, tokenizer, prompts)  # text before tokenization, BOS as the template writes it
+    notes.append(f"the Ollama TEMPLATE renders {len(prompts) - len(differ)} of {len(prompts)} prompts of the "
+                 f"run's data exactly like the chat template"
+                 + (f" ({skipped} examples with tools or non-text content were not compared: the TEMPLATE does "
+                    "not translate tools)" if skipped else ""))
+    if differ:
+        notes.append("first difference: " + differ[0])
+    return template, notes
+
+
+def modelfile(plan: Plan, gguf_name: str, template) -> str:
+    from tunekit.data.render import end_of_turn_ids
+
+    tokenizer = plan.tokenizer()
+    stops = list(dict.fromkeys(tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer))))
+    lines = [f"# {plan.name}: exported by tunekit from {plan.run_dir}"
+             + (f" ({plan.checkpoint})" if plan.checkpoint else ""),
+             f"FROM ./{gguf_name}",
+             f"TEMPLATE {_quoted(template.go_template())}"]
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stops]
+    lines.append("PARAMETER temperature 0")
+    system = fixed_system_prompt(plan.cfg.data.train)
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    return "\n".join(lines) + "\n"

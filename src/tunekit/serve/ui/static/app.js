@@ -9,16 +9,18 @@ let timers = [];  // polling timers of the page shown; cleared when the page cha
 // ------------------------------------------------------------------------------------------------
 // DOM and API helpers
 
+const given = (x) => x !== null && x !== undefined;
+
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === null || v === undefined || v === false) continue;
+    if (!given(v) || v === false) continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
   for (const c of children.flat(Infinity)) {
-    if (c === null || c === undefined || c === false) continue;
+    if (!given(c) || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
   return el;
@@ -30,6 +32,11 @@ class ApiError extends Error {
     super(e.message || `HTTP ${status}`);
     this.status = status; this.param = e.param; this.code = e.code;
   }
+}
+
+// a table with a head row of `columns` (texts) and a body of `rows` (tr elements)
+function table(attrs, columns, rows) {
+  return h("table", attrs, h("thead", {}, h("tr", {}, columns.map((x) => h("th", {}, x)))), h("tbody", {}, rows));
 }
 
 function authHeaders() {
@@ -63,15 +70,17 @@ async function call(path, opts = {}, asked = false) {
   return data;
 }
 
-// every page of a list endpoint (after=last id)
-async function listAll(path, limit = 1000) {
+// every page of a list endpoint (after=last id); with `take` (the items of a page to keep), only up to the
+// first page where it keeps fewer than all
+async function listAll(path, limit = 1000, take = (items) => items) {
   const out = [];
   let after = null;
   for (;;) {
     const sep = path.includes("?") ? "&" : "?";
     const page = await call(`${path}${sep}limit=${limit}${after ? `&after=${encodeURIComponent(after)}` : ""}`);
-    out.push(...page.data);
-    if (!page.has_more || !page.data.length) return out;
+    const kept = take(page.data);
+    out.push(...kept);
+    if (kept.length < page.data.length || !page.has_more || !page.data.length) return out;
     after = page.data[page.data.length - 1].id;
   }
 }
@@ -106,6 +115,11 @@ function errorBox(err) {
   return h("p", { class: "error", role: "alert" }, `${err.message}${where}`);
 }
 
+// the error box of a value the user typed that cannot be sent (`param`: the field)
+function inputError(message, param) {
+  return errorBox(new ApiError(400, { error: { message, param } }));
+}
+
 // run `fn`, showing its error in `slot` (an element) instead of failing silently
 async function guarded(slot, fn) {
   try {
@@ -133,7 +147,7 @@ function stopTimers() {
 }
 
 const when = (t) => (t ? new Date(t * 1000).toLocaleString() : "");
-const num = (x, digits = 0) => (x === null || x === undefined ? "–"
+const num = (x, digits = 0) => (!given(x) ? "–"
   : Number(x).toLocaleString(undefined, { maximumFractionDigits: digits }));
 const badge = (status) => h("span", { class: `badge s-${status}` }, status);
 
@@ -141,8 +155,22 @@ async function models() {
   return (await call("/models")).data.map((m) => m.id);
 }
 
-function modelSelect(names, attrs = {}, selected = null) {
-  return h("select", attrs, names.map((n) => h("option", { value: n, selected: n === selected }, n)));
+// the served models' names; null, after saying why in `slot`, where there are none or they cannot be read
+async function servedModels(slot) {
+  const names = await guarded(slot, models);
+  if (names && !names.length) slot.replaceChildren(h("p", { class: "muted" }, "No model is served."));
+  return names && names.length ? names : null;
+}
+
+// a choice of model; `blank`: the label of a first, empty choice (none where null)
+function modelSelect(names, attrs = {}, selected = null, blank = null) {
+  return h("select", attrs, blank === null ? null : h("option", { value: "", selected: selected === "" }, blank),
+    names.map((n) => h("option", { value: n, selected: n === selected }, n)));
+}
+
+// Ctrl+Enter (Cmd+Enter) in `field` submits `form`
+function submitOnCtrlEnter(field, form) {
+  field.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -188,18 +216,14 @@ async function pageData(main) {
   async function refresh() {
     const files = await guarded(listSlot, () => listAll("/files?purpose=fine-tune", 10000));
     if (!files) return;
-    if (!files.length) {
-      listSlot.replaceChildren(h("p", { class: "muted", id: "files-empty" }, "No files yet: drop a JSONL file above."));
-      return;
-    }
-    listSlot.replaceChildren(h("table", { id: "files" },
-      h("thead", {}, h("tr", {}, ["File", "ID", "Bytes", "Status", "Uploaded", ""].map((x) => h("th", {}, x)))),
-      h("tbody", {}, files.map((f) => h("tr", { "data-file": f.id },
+    listSlot.replaceChildren(files.length ? table({ id: "files" }, ["File", "ID", "Bytes", "Status", "Uploaded", ""],
+      files.map((f) => h("tr", { "data-file": f.id },
         h("td", {}, f.filename), h("td", { class: "mono" }, f.id), h("td", {}, num(f.bytes)),
         h("td", {}, badge(f.status)), h("td", {}, when(f.created_at)),
         h("td", {}, h("div", { class: "row" },
           h("button", { type: "button", class: "quiet", onclick: () => showReport(f) }, "Report"),
-          h("button", { type: "button", class: "danger", "aria-label": `delete ${f.filename}`, onclick: () => remove(f) }, "Delete"))))))));
+          h("button", { type: "button", class: "danger", "aria-label": `delete ${f.filename}`, onclick: () => remove(f) }, "Delete"))))))
+      : h("p", { class: "muted", id: "files-empty" }, "No files yet: drop a JSONL file above."));
   }
 
   async function remove(f) {
@@ -232,11 +256,11 @@ async function pageData(main) {
 
   names = await guarded(modelSlot, models) || [];
   if (names.length) {
-    const sel = modelSelect(["", ...names], { id: "stats-model" }, names[0]);
-    sel.options[0].textContent = "(characters, no model)";
-    sel.addEventListener("change", () => { if (shown) showReport(shown); });
+    const again = () => { if (shown) showReport(shown); };
+    const sel = modelSelect(names, { id: "stats-model" }, names[0], "(characters, no model)");
+    sel.addEventListener("change", again);
     const maxLen = h("input", { id: "stats-max-len", type: "number", min: "1", placeholder: "none", size: "6" });
-    maxLen.addEventListener("change", () => { if (shown) showReport(shown); });
+    maxLen.addEventListener("change", again);
     modelSlot.replaceChildren(h("label", { class: "inline" }, "Token statistics and preview for\u00a0", sel),
       h("label", { class: "inline" }, "\u00a0max length\u00a0", maxLen));
   }
@@ -251,32 +275,29 @@ function renderReport(r) {
   const codes = Object.entries(r.counts).sort((a, b) => b[1] - a[1]);
   if (codes.length) {
     out.push(h("div", { class: "cols" },
-      h("div", {}, h("h3", {}, "Problems per code"), h("table", { class: "counts", id: "counts" },
-        h("thead", {}, h("tr", {}, h("th", {}, "Code"), h("th", {}, "Severity"), h("th", {}, "Count"))),
-        h("tbody", {}, codes.map(([code, n]) => h("tr", {}, h("td", { class: "mono" }, code),
-          h("td", { class: `sev-${r.severities[code]}` }, r.severities[code]), h("td", {}, num(n)))))))));
+      h("div", {}, h("h3", {}, "Problems per code"), table({ class: "counts", id: "counts" }, ["Code", "Severity", "Count"],
+        codes.map(([code, n]) => h("tr", {}, h("td", { class: "mono" }, code),
+          h("td", { class: `sev-${r.severities[code]}` }, r.severities[code]), h("td", {}, num(n))))))));
     out.push(h("h3", {}, `Problems${r.problems_stored < codes.reduce((s, c) => s + c[1], 0) ? ` (first ${r.problems_stored})` : ""}`),
-      h("table", { id: "problems" },
-        h("thead", {}, h("tr", {}, ["Line", "Field", "Code", "Problem", "How to fix"].map((x) => h("th", {}, x)))),
-        h("tbody", {}, r.problems.map((p) => h("tr", { class: `sev-${p.severity}` },
+      table({ id: "problems" }, ["Line", "Field", "Code", "Problem", "How to fix"],
+        r.problems.map((p) => h("tr", { class: `sev-${p.severity}` },
           h("td", {}, p.line === null ? "file" : `${p.line}${p.column ? ":" + p.column : ""}`),
           h("td", { class: "mono" }, p.path || ""), h("td", { class: "mono" }, p.code),
-          h("td", {}, p.message), h("td", {}, p.hint))))));
+          h("td", {}, p.message), h("td", {}, p.hint)))));
   }
   const s = r.stats;
   if (s) {
     const unit = s.unit;
     const line = (label, sum) => (sum ? h("tr", {}, h("td", {}, label), ...["min", "p5", "median", "mean", "p95", "max"].map((k) => h("td", {}, num(sum[k], 1))), h("td", {}, num(sum.total))) : null);
-    out.push(h("h3", {}, `Statistics (${unit})`), h("table", { id: "stats" },
-      h("thead", {}, h("tr", {}, ["per example", "min", "p5", "median", "mean", "p95", "max", "total"].map((x) => h("th", {}, x)))),
-      h("tbody", {}, line(`${unit}`, s.length), line(`trained ${unit}`, s.trained), line("messages", s.messages))));
+    out.push(h("h3", {}, `Statistics (${unit})`), table({ id: "stats" }, ["per example", "min", "p5", "median", "mean", "p95", "max", "total"],
+      [line(`${unit}`, s.length), line(`trained ${unit}`, s.trained), line("messages", s.messages)]));
     const facts = [`${num(s.examples)} examples`, `recommended epochs: ${num(s.epochs)} (OpenAI cookbook rule)`];
-    if (s.tokens_per_epoch !== null && s.tokens_per_epoch !== undefined) {
+    if (given(s.tokens_per_epoch)) {
       facts.push(`${num(s.tokens_per_epoch)} tokens per epoch (${num(s.trained_tokens_per_epoch)} trained)`,
         `estimated for ${s.epochs} epochs: ${num(s.estimated_tokens)} tokens, ${num(s.estimated_trained_tokens)} trained`);
       if (s.max_len) facts.push(`${num(s.over_max_len)} examples over max length ${s.max_len} (${s.truncation}), ${num(s.trained_lost)} trained tokens lost`);
     }
-    if (s.without_system_message !== null && s.without_system_message !== undefined) {
+    if (given(s.without_system_message)) {
       facts.push(`${num(s.without_system_message)} without a system message, ${num(s.without_user_message)} without a user message`);
     }
     out.push(h("ul", { id: "facts" }, facts.map((f) => h("li", {}, f))));
@@ -321,15 +342,11 @@ async function pageJobs(main) {
   every(2000, async () => {
     const jobs = await guarded(listSlot, () => call("/fine_tuning/jobs?limit=100"));
     if (!jobs) return;
-    if (!jobs.data.length) {
-      listSlot.replaceChildren(h("p", { class: "muted", id: "jobs-empty" }, "No jobs yet: create one above."));
-      return;
-    }
-    listSlot.replaceChildren(h("table", { id: "jobs" },
-      h("thead", {}, h("tr", {}, ["Job", "Base model", "Status", "Fine-tuned model", "Created"].map((x) => h("th", {}, x)))),
-      h("tbody", {}, jobs.data.map((j) => h("tr", {},
+    listSlot.replaceChildren(jobs.data.length ? table({ id: "jobs" }, ["Job", "Base model", "Status", "Fine-tuned model", "Created"],
+      jobs.data.map((j) => h("tr", {},
         h("td", {}, h("a", { href: `#/jobs/${j.id}`, class: "mono" }, j.id)), h("td", {}, j.model),
-        h("td", {}, badge(j.status)), h("td", { class: "mono" }, j.fine_tuned_model || ""), h("td", {}, when(j.created_at)))))));
+        h("td", {}, badge(j.status)), h("td", { class: "mono" }, j.fine_tuned_model || ""), h("td", {}, when(j.created_at)))))
+      : h("p", { class: "muted", id: "jobs-empty" }, "No jobs yet: create one above."));
   });
 }
 
@@ -362,7 +379,7 @@ function jobForm(names, files, msg) {
       const raw = (v[k] || "").trim();
       if (!raw || raw === "auto") continue;
       const n = Number(raw);
-      if (!Number.isFinite(n)) { msg.replaceChildren(errorBox(new ApiError(400, { error: { message: `${k} must be a number or auto, not "${raw}"`, param: k } }))); return; }
+      if (!Number.isFinite(n)) { msg.replaceChildren(inputError(`${k} must be a number or auto, not "${raw}"`, k)); return; }
       hp[k] = k === "learning_rate_multiplier" ? n : Math.round(n);
     }
     const body = { model: v.model, training_file: v.training_file,
@@ -372,7 +389,7 @@ function jobForm(names, files, msg) {
     if (v.seed) body.seed = Number(v.seed);
     if ((v.tunekit || "").trim()) {
       try { body.tunekit = JSON.parse(v.tunekit); } catch (err) {
-        msg.replaceChildren(errorBox(new ApiError(400, { error: { message: `the overrides are not valid JSON: ${err.message}`, param: "tunekit" } })));
+        msg.replaceChildren(inputError(`the overrides are not valid JSON: ${err.message}`, "tunekit"));
         return;
       }
     }
@@ -385,8 +402,8 @@ function jobForm(names, files, msg) {
 // an SVG line chart of train and validation loss by step; data-points counts the points drawn
 function lossChart(points) {
   const W = 640, H = 240, L = 48, R = 12, T = 14, B = 30;
-  const train = points.filter((p) => p.train_loss !== null && p.train_loss !== undefined);
-  const valid = points.filter((p) => p.valid_loss !== null && p.valid_loss !== undefined);
+  const train = points.filter((p) => given(p.train_loss));
+  const valid = points.filter((p) => given(p.valid_loss));
   const svgNS = "http://www.w3.org/2000/svg";
   const el = (tag, attrs, text) => {
     const e = document.createElementNS(svgNS, tag);
@@ -455,15 +472,7 @@ async function pageJob(main, id) {
 
   // the events newer than those already read: pages from the newest until one holds a known event
   async function newEvents() {
-    const fresh = [];
-    let after = null;
-    for (;;) {
-      const page = await call(`/fine_tuning/jobs/${id}/events?limit=50${after ? `&after=${encodeURIComponent(after)}` : ""}`);
-      const unseen = page.data.filter((e) => !seen.has(e.id));
-      fresh.push(...unseen);
-      if (unseen.length < page.data.length || !page.has_more || !page.data.length) break;
-      after = page.data[page.data.length - 1].id;
-    }
+    const fresh = await listAll(`/fine_tuning/jobs/${id}/events`, 50, (page) => page.filter((e) => !seen.has(e.id)));
     for (const e of fresh) seen.add(e.id);
     evs = fresh.concat(evs);
     return fresh;
@@ -473,6 +482,7 @@ async function pageJob(main, id) {
     await call(`/fine_tuning/jobs/${id}/${verb}`, { method: "POST" });
     await update();
   });
+  const actButton = (verb, label, cls, disabled) => h("button", { type: "button", class: cls, disabled, onclick: () => act(verb) }, label);
 
   async function update() {
     const job = await guarded(msg, () => call(`/fine_tuning/jobs/${id}`));
@@ -484,10 +494,8 @@ async function pageJob(main, id) {
       head.replaceChildren(h("h1", {}, "Job ", h("span", { class: "mono" }, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
         h("p", { class: "muted" }, `base ${job.model} · training ${job.training_file}${job.validation_file ? ` · validation ${job.validation_file}` : ""}`
           + ` · epochs ${hp.n_epochs}, batch ${hp.batch_size}, lr × ${hp.learning_rate_multiplier} · seed ${job.seed}`),
-        h("div", { class: "row" },
-          h("button", { type: "button", class: "danger", disabled: TERMINAL.includes(job.status), onclick: () => act("cancel") }, "Cancel"),
-          h("button", { type: "button", class: "quiet", disabled: job.status !== "running", onclick: () => act("pause") }, "Pause"),
-          h("button", { type: "button", class: "quiet", disabled: job.status !== "paused", onclick: () => act("resume") }, "Resume")));
+        h("div", { class: "row" }, actButton("cancel", "Cancel", "danger", TERMINAL.includes(job.status)),
+          actButton("pause", "Pause", "quiet", job.status !== "running"), actButton("resume", "Resume", "quiet", job.status !== "paused")));
     }
     if (job.error) {
       msg.replaceChildren(h("div", { class: "error", role: "alert", id: "job-error" },
@@ -505,10 +513,9 @@ async function pageJob(main, id) {
     const cps = statusChanged || (fresh && fresh.some((e) => e.data && e.data.checkpoint_step !== undefined))
       ? await call(`/fine_tuning/jobs/${id}/checkpoints?limit=100`).catch(() => null) : null;
     if (cps) {
-      ckpts.replaceChildren(cps.data.length ? h("table", { id: "checkpoints" },
-        h("thead", {}, h("tr", {}, ["Step", "Model name", "Train loss", "Valid loss"].map((x) => h("th", {}, x)))),
-        h("tbody", {}, cps.data.map((c) => h("tr", {}, h("td", {}, c.step_number), h("td", { class: "mono" }, c.fine_tuned_model_checkpoint),
-          h("td", {}, num(c.metrics.train_loss, 4)), h("td", {}, num(c.metrics.valid_loss, 4))))))
+      ckpts.replaceChildren(cps.data.length ? table({ id: "checkpoints" }, ["Step", "Model name", "Train loss", "Valid loss"],
+        cps.data.map((c) => h("tr", {}, h("td", {}, c.step_number), h("td", { class: "mono" }, c.fine_tuned_model_checkpoint),
+          h("td", {}, num(c.metrics.train_loss, 4)), h("td", {}, num(c.metrics.valid_loss, 4)))))
         : h("p", { class: "muted" }, "No checkpoints yet."));
     }
     if (job.fine_tuned_model && !modelSlot.childElementCount) {
@@ -598,6 +605,34 @@ function toolCallView(c) {
   return h("div", { class: "toolcall" }, "tool call ", h("strong", {}, c.name), `(${c.arguments})`);
 }
 
+// the settings inputs of a chat page (ids `${prefix}-system`, `-temperature`, `-max-tokens`) and `request`,
+// the body of a chat request from them: the system prompt (where one is written) goes before `messages`
+function chatSettings(prefix, { systemHint, temperature, maxTokens }) {
+  const inputs = {
+    system: h("textarea", { id: `${prefix}-system`, rows: "2", placeholder: systemHint }),
+    temperature: h("input", { id: `${prefix}-temperature`, type: "number", min: "0", max: "2", step: "0.1", value: temperature }),
+    maxTokens: h("input", { id: `${prefix}-max-tokens`, type: "number", min: "1", value: maxTokens }),
+  };
+  const request = (model, messages, extra = {}) => ({ model,
+    messages: [...(inputs.system.value.trim() ? [{ role: "system", content: inputs.system.value }] : []), ...messages],
+    temperature: Number(inputs.temperature.value), max_tokens: Number(inputs.maxTokens.value), ...extra });
+  return { ...inputs, request };
+}
+
+// stream the reply to `request` into `box`: the model's name, the text as it comes, its tool calls, then a
+// line `summary(result)` (`metaText` until then); marks the box data-done; returns streamChat's result
+async function streamReply(box, request, summary, metaText) {
+  const body = h("span", { class: "text" });
+  const meta = h("div", { class: "meta" }, metaText);
+  box.replaceChildren(h("span", { class: "who" }, request.model), body, meta);
+  delete box.dataset.done;
+  const r = await streamChat(request, (t) => body.append(t));
+  for (const c of r.toolCalls) box.insertBefore(toolCallView(c), meta);
+  meta.textContent = summary(r);
+  box.dataset.done = "true";
+  return r;
+}
+
 function hashParams() {
   const q = location.hash.split("?")[1] || "";
   return new URLSearchParams(q);
@@ -609,14 +644,11 @@ function hashParams() {
 async function pagePlayground(main) {
   const msg = h("div");
   main.replaceChildren(h("h1", {}, "Playground"), msg);
-  const names = await guarded(msg, models);
+  const names = await servedModels(msg);
   if (!names) return;
-  if (!names.length) { msg.replaceChildren(h("p", { class: "muted" }, "No model is served.")); return; }
   const wanted = hashParams().get("model");
   const model = modelSelect(names, { id: "pg-model" }, names.includes(wanted) ? wanted : names[0]);
-  const system = h("textarea", { id: "pg-system", rows: "2", placeholder: "optional system prompt" });
-  const temperature = h("input", { id: "pg-temperature", type: "number", min: "0", max: "2", step: "0.1", value: "0.7" });
-  const maxTokens = h("input", { id: "pg-max-tokens", type: "number", min: "1", value: "128" });
+  const settings = chatSettings("pg", { systemHint: "optional system prompt", temperature: "0.7", maxTokens: "128" });
   const tools = h("textarea", { id: "pg-tools", rows: "4", spellcheck: "false",
     placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]' });
   const log = h("div", { class: "chat", id: "pg-log", "aria-live": "polite" });
@@ -628,12 +660,13 @@ async function pagePlayground(main) {
   const empty = () => h("p", { class: "muted" }, "No messages yet: write one below.");
   log.append(empty());
   const form = h("form", { class: "card" },
-    h("div", { class: "grid" }, h("label", {}, "Model", model), h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens)),
-    h("label", {}, "System prompt", system),
+    h("div", { class: "grid" }, h("label", {}, "Model", model), h("label", {}, "Temperature", settings.temperature),
+      h("label", {}, "Max tokens", settings.maxTokens)),
+    h("label", {}, "System prompt", settings.system),
     h("details", { id: "pg-tools-fold" }, h("summary", {}, "Tools (JSON array of tool definitions)"), tools),
     log, error, h("label", {}, "Message", input), h("div", { class: "row" }, send, clear));
   main.append(form);
-  input.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
+  submitOnCtrlEnter(input, form);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     const text = input.value.trim();
@@ -641,7 +674,7 @@ async function pagePlayground(main) {
     let toolDefs;
     if (tools.value.trim()) {
       try { toolDefs = JSON.parse(tools.value); } catch (err) {
-        error.replaceChildren(errorBox(new ApiError(400, { error: { message: `the tools are not valid JSON: ${err.message}`, param: "tools" } })));
+        error.replaceChildren(inputError(`the tools are not valid JSON: ${err.message}`, "tools"));
         return;
       }
     }
@@ -649,19 +682,13 @@ async function pagePlayground(main) {
     history.push({ role: "user", content: text });
     log.append(h("div", { class: "msg user" }, h("span", { class: "who" }, "user"), text));
     input.value = "";
-    const body = h("span", { class: "text" });
-    const meta = h("div", { class: "meta" });
-    const bubble = h("div", { class: "msg assistant" }, h("span", { class: "who" }, model.value), body, meta);
+    const bubble = h("div", { class: "msg assistant" });
     log.append(bubble);
     send.disabled = true;
     error.replaceChildren();
-    const messages = [...(system.value.trim() ? [{ role: "system", content: system.value }] : []), ...history];
     try {
-      const r = await streamChat({ model: model.value, messages, temperature: Number(temperature.value),
-        max_tokens: Number(maxTokens.value), ...(toolDefs ? { tools: toolDefs } : {}) }, (t) => body.append(t));
-      for (const c of r.toolCalls) bubble.insertBefore(toolCallView(c), meta);
-      meta.textContent = `${r.usage ? r.usage.completion_tokens : "?"} tokens · ${Math.round(r.totalMs)} ms · finish: ${r.finish}`;
-      bubble.dataset.done = "true";
+      const r = await streamReply(bubble, settings.request(model.value, history, toolDefs ? { tools: toolDefs } : {}),
+        (done) => `${done.usage ? done.usage.completion_tokens : "?"} tokens · ${Math.round(done.totalMs)} ms · finish: ${done.finish}`);
       history.push(r.toolCalls.length
         ? { role: "assistant", content: r.content || null, tool_calls: r.toolCalls.map((c) => ({ id: c.id, type: "function", function: { name: c.name, arguments: c.arguments } })) }
         : { role: "assistant", content: r.content });
@@ -683,18 +710,14 @@ async function pageCompare(main) {
   const msg = h("div");
   main.replaceChildren(h("h1", {}, "Compare"), h("p", { class: "muted" },
     "One prompt, answered by two or three models side by side: is fine-tuning worth it? Few-shot examples (a JSON array of messages) go before the prompt of their column."), msg);
-  const names = await guarded(msg, models);
+  const names = await servedModels(msg);
   if (!names) return;
-  if (!names.length) { msg.replaceChildren(h("p", { class: "muted" }, "No model is served.")); return; }
   const wanted = (hashParams().get("models") || "").split(",").filter((m) => names.includes(m));
   const picks = [wanted[0] || names[0], wanted[1] || names[names.length - 1], ""];
   const prompt = h("textarea", { id: "cmp-prompt", rows: "3", placeholder: "Prompt (Ctrl+Enter to run)" });
-  const system = h("textarea", { id: "cmp-system", rows: "2", placeholder: "optional system prompt (all columns)" });
-  const temperature = h("input", { type: "number", id: "cmp-temperature", min: "0", max: "2", step: "0.1", value: "0" });
-  const maxTokens = h("input", { type: "number", id: "cmp-max-tokens", min: "1", value: "64" });
+  const settings = chatSettings("cmp", { systemHint: "optional system prompt (all columns)", temperature: "0", maxTokens: "64" });
   const columns = picks.map((pick, i) => {
-    const sel = modelSelect(["", ...names], { id: `cmp-model-${i}`, "aria-label": `model ${i + 1}` }, pick);
-    sel.options[0].textContent = "(none)";
+    const sel = modelSelect(names, { id: `cmp-model-${i}`, "aria-label": `model ${i + 1}` }, pick, "(none)");
     const shots = h("textarea", { rows: "3", spellcheck: "false", id: `cmp-shots-${i}`,
       placeholder: '[{"role": "user", "content": "say apple"}, {"role": "assistant", "content": "apple apple apple"}]' });
     const out = h("div", { class: "msg assistant", id: `cmp-out-${i}` }, h("span", { class: "muted" }, "—"));
@@ -702,14 +725,14 @@ async function pageCompare(main) {
       h("details", {}, h("summary", {}, "few-shot examples"), shots), out) };
   });
   const run = h("button", { type: "submit", id: "cmp-run" }, "Run");
-  const form = h("form", {}, h("div", { class: "card" }, h("label", {}, "Prompt", prompt), h("label", {}, "System prompt", system),
-    h("div", { class: "row" }, h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens), run)),
+  const form = h("form", {}, h("div", { class: "card" }, h("label", {}, "Prompt", prompt), h("label", {}, "System prompt", settings.system),
+    h("div", { class: "row" }, h("label", {}, "Temperature", settings.temperature), h("label", {}, "Max tokens", settings.maxTokens), run)),
   h("div", { class: "cols" }, columns.map((c) => c.box)));
   main.append(form);
-  prompt.addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); form.requestSubmit(); } });
+  submitOnCtrlEnter(prompt, form);
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    if (!prompt.value.trim()) { msg.replaceChildren(errorBox(new ApiError(400, { error: { message: "write a prompt first", param: "prompt" } }))); return; }
+    if (!prompt.value.trim()) { msg.replaceChildren(inputError("write a prompt first", "prompt")); return; }
     msg.replaceChildren();
     run.disabled = true;
     await Promise.all(columns.map(async (c) => {
@@ -717,22 +740,16 @@ async function pageCompare(main) {
       let shots = [];
       if (c.shots.value.trim()) {
         try { shots = JSON.parse(c.shots.value); if (!Array.isArray(shots)) throw new Error("not an array"); } catch (err) {
-          c.out.replaceChildren(errorBox(new ApiError(400, { error: { message: `few-shot examples must be a JSON array of messages: ${err.message}` } })));
+          c.out.replaceChildren(inputError(`few-shot examples must be a JSON array of messages: ${err.message}`));
           return;
         }
       }
-      const body = h("span", { class: "text" });
-      const meta = h("div", { class: "meta" }, "…");
-      c.out.replaceChildren(h("span", { class: "who" }, c.sel.value), body, meta);
-      delete c.out.dataset.done;
-      const messages = [...(system.value.trim() ? [{ role: "system", content: system.value }] : []), ...shots, { role: "user", content: prompt.value }];
       try {
-        const r = await streamChat({ model: c.sel.value, messages, temperature: Number(temperature.value), max_tokens: Number(maxTokens.value) }, (t) => body.append(t));
-        for (const call of r.toolCalls) c.out.insertBefore(toolCallView(call), meta);
-        const u = r.usage || {};
-        meta.textContent = `${u.completion_tokens ?? "?"} tokens (prompt ${u.prompt_tokens ?? "?"}) · ${Math.round(r.totalMs)} ms`
-          + (r.firstMs !== null ? ` · first token ${Math.round(r.firstMs)} ms` : "");
-        c.out.dataset.done = "true";
+        await streamReply(c.out, settings.request(c.sel.value, [...shots, { role: "user", content: prompt.value }]), (r) => {
+          const u = r.usage || {};
+          return `${u.completion_tokens ?? "?"} tokens (prompt ${u.prompt_tokens ?? "?"}) · ${Math.round(r.totalMs)} ms`
+            + (r.firstMs !== null ? ` · first token ${Math.round(r.firstMs)} ms` : "");
+        }, "…");
       } catch (err) {
         c.out.replaceChildren(errorBox(err));
       }
