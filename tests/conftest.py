@@ -174,3 +174,35 @@ def tiny_llama_dir(tmp_path_factory, chat_tokenizer) -> Path:
 def tiny_qwen_dir(tmp_path_factory, chat_tokenizer) -> Path:
     """A saved tiny Qwen2-shaped model (hidden 64, 2 layers) + ChatML tokenizer."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", chat_tokenizer)
+
+
+def with_template(base_tokenizer, template: str):
+    """A copy of `base_tokenizer` whose chat template is `template`."""
+    import copy
+
+    tok = copy.deepcopy(base_tokenizer)
+    tok.chat_template = template
+    return tok
+
+
+def greedy(path, messages, max_new_tokens: int, tools=None) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of transformers' own greedy `generate` of the model at `path` (a
+    run dir, checkpoint or model dir) on one prompt alone: the reference tunekit's engine is held to (tests
+    compare what `tunekit serve` answers with it; test_generate compares the engine itself)."""
+    import torch
+
+    from tunekit.data.render import end_of_turn_ids, render_prompt
+    from tunekit.model import load_for_inference
+
+    model, tokenizer = load_for_inference(path)
+    prompt = list(render_prompt({"messages": messages, "tools": tools}, tokenizer))
+    stop = end_of_turn_ids(tokenizer)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, num_beams=1, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+    cut = next((i for i, t in enumerate(out) if t in stop), None)
+    new = out if cut is None else out[:cut]
+    text = tokenizer.decode(new, skip_special_tokens=False)
+    return text, len(prompt), len(new) + int(cut is not None)  # the end-of-turn token is generated too

@@ -77,3 +77,15 @@ def test_chat_reply_is_the_engines_greedy_answer():
     expected = transformers_greedy(model, list(render_prompt(messages, tokenizer)), stop, stop[0], 32)
     assert reply(model, tokenizer, messages, max_new_tokens=32) == tokenizer.decode(expected,
                                                                                      skip_special_tokens=True).strip()
+
+
+def test_tunekit_chat_prints_the_answer_and_no_library_progress_bars():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "tunekit.cli", "chat", str(TINY_CHAT), "Hello!", "--max-new-tokens",
+                           "16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    model, tokenizer = load_for_inference(TINY_CHAT)
+    assert done.stdout.strip() == reply(model, tokenizer, [{"role": "user", "content": "Hello!"}], max_new_tokens=16)
+    assert "Loading weights" not in done.stderr + done.stdout and "it/s" not in done.stderr

@@ -99,6 +99,7 @@ def continues_adapter(cfg: RunConfig, run: RunDir | None) -> bool:
 def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, quantize: bool):
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     dtype = resolve_dtype(cfg.model.dtype, device)
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.model.attn_implementation, device),
                   trust_remote_code=cfg.model.trust_remote_code, device_map={"": str(device)})
@@ -149,6 +150,14 @@ def _merged(run: RunDir, cfg: RunConfig, device: torch.device, *, quantize: bool
     return PeftModel.from_pretrained(base, str(run.final)).merge_and_unload()
 
 
+def quiet_libraries() -> None:
+    """transformers' own progress bars ("Loading weights") off: a command shows tunekit's progress only. Its
+    warnings stay (Python shows each once)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(source: str | Path, *, where: str = "model", trust_remote_code: bool = False):
     """The tokenizer of a model dir, a run's final/, or a hub id: the one place tunekit loads a tokenizer.
 
@@ -179,6 +188,7 @@ def load_causal_lm(source: str | Path, device: torch.device, *, where: str = "mo
     model to generate with (training loads through `load_base`, which applies the run's dtype and method)."""
     from transformers import AutoModelForCausalLM
 
+    quiet_libraries()
     located = locate_model(str(source), field=where)
     if isinstance(located, Problem):
         raise TunekitError(located)

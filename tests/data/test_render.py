@@ -12,7 +12,7 @@ import re
 
 import pytest
 from canary import still_broken
-from conftest import chatml_template, shared_template, shared_template_names
+from conftest import chatml_template, shared_template, shared_template_names, with_template
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -269,12 +269,6 @@ QWEN3_STYLE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-
-
-def with_template(base_tokenizer, template: str):
-    tok = copy.deepcopy(base_tokenizer)
-    tok.chat_template = template
-    return tok
 
 
 def test_qwen3_style_template_that_drops_earlier_reasoning(base_tokenizer):

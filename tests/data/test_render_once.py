@@ -6,10 +6,8 @@ returns None where it cannot prove its answer (render_example then renders by pr
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-from conftest import shared_template, shared_template_names
+from conftest import shared_template, shared_template_names, with_template
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,12 +20,6 @@ NAMES = shared_template_names() or [pytest.param("none", marks=pytest.mark.skip(
 NO_LAYOUT_WITH_SYSTEM = {"mistral-tools"}
 # Fold the system message into the first user turn: the first two messages are rendered together.
 FOLDS_SYSTEM = {"gemma-it", "llama-2-chat"}
-
-
-def with_template(base_tokenizer, template: str):
-    tok = copy.deepcopy(base_tokenizer)
-    tok.chat_template = template
-    return tok
 
 
 def fast(example: dict, tok):

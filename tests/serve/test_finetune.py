@@ -22,12 +22,9 @@ import pytest
 openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
 
+from conftest import greedy  # noqa: E402
 from live_server import free_port, serving  # noqa: E402
 from toy_runs import WORDS  # noqa: E402
-
-from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
-from tunekit.generate.engine import generate  # noqa: E402
-from tunekit.model import load_for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "say apple"}]
@@ -66,14 +63,6 @@ def wait_for(client, job_id: str, statuses: tuple[str, ...], timeout: float = 30
             return job
         assert time.monotonic() < deadline, f"job still {job.status}: {job}"
         time.sleep(0.3)
-
-
-def greedy(path, messages, max_new_tokens: int = 12) -> str:
-    model, tokenizer = load_for_inference(path)
-    prompt = render_prompt({"messages": messages}, tokenizer)
-    out = generate(model, [prompt], stop_ids=end_of_turn_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-                   max_new_tokens=max_new_tokens, batch_size=1)[0]
-    return tokenizer.decode(out.ids, skip_special_tokens=False)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +129,9 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
     assert {"tiny", job.fine_tuned_model, f"{job.fine_tuned_model}:ckpt-step-8"} <= served
     reply = client.chat.completions.create(model=job.fine_tuned_model, messages=QUESTION, temperature=0,
                                            max_completion_tokens=12)
-    tuned = greedy(run_dir, QUESTION)
+    tuned = greedy(run_dir, QUESTION, 12)[0]
     assert reply.choices[0].message.content == tuned
-    assert tuned != greedy(tiny_llama_dir, QUESTION), "training did not change the answer"
+    assert tuned != greedy(tiny_llama_dir, QUESTION, 12)[0], "training did not change the answer"
 
     csv_file, report, html = (client.files.retrieve(f) for f in job.result_files)
     assert (csv_file.filename, csv_file.purpose, report.filename, html.filename) == (
@@ -174,7 +163,7 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
         run_dir / "checkpoints" / "step-000008" / "adapter_model.safetensors").read_bytes()
     ckpt_reply = client.chat.completions.create(model=ckpt_model, messages=QUESTION, temperature=0,
                                                 max_completion_tokens=12)
-    assert ckpt_reply.choices[0].message.content == greedy(snapshot, QUESTION)
+    assert ckpt_reply.choices[0].message.content == greedy(snapshot, QUESTION, 12)[0]
 
     assert {j.id for j in client.fine_tuning.jobs.list(metadata={"team": "a"})} == {job.id}
     without = client.fine_tuning.jobs.list(extra_query={"metadata": "null"})  # jobs that have no metadata
@@ -576,7 +565,7 @@ def test_openai_sdk_example_runs(server, tmp_path, capsys):
     assert "Fine-tuning job started" in out and f"{name} says: {answer}" in out
     job = app.state.store.job_by_model(name)
     first = json.loads((tmp_path / "valid.jsonl").read_text().splitlines()[0])["messages"][:1]
-    assert answer == greedy(data_dir / "jobs" / job["id"] / "run", first, 64)
+    assert answer == greedy(data_dir / "jobs" / job["id"] / "run", first, 64)[0]
 
 
 def test_readme_snippet_runs(server, tmp_path):

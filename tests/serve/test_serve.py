@@ -16,12 +16,9 @@ openai = pytest.importorskip("openai", reason="tunekit serve tests need the serv
 pytest.importorskip("fastapi", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 
+from conftest import greedy  # noqa: E402
 from live_server import serving, start  # noqa: E402
 from runs import TOOL_ARGUMENTS, TOOL_QUESTION, WEATHER_TOOL, hermes_base, lora_run, tool_call_run  # noqa: E402
-
-from tunekit.data.render import end_of_turn_ids, render_prompt  # noqa: E402
-from tunekit.generate.engine import generate  # noqa: E402
-from tunekit.model import load_for_inference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CHAT = REPO / "models" / "tiny-chat"
@@ -31,17 +28,6 @@ HELLO = [{"role": "user", "content": "Hello! How are you?"}]
 def client(base_url: str, key: str = "anything") -> openai.OpenAI:
     # max_retries=0: the SDK retries 5xx, which would hide a server error
     return openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=120)
-
-
-def greedy(path, messages, max_new_tokens: int, tools=None) -> tuple[str, int, int]:
-    """(text, prompt tokens, completion tokens) of tunekit's greedy generate on the model at `path`."""
-    model, tokenizer = load_for_inference(path)
-    prompt = render_prompt({"messages": messages, "tools": tools}, tokenizer)
-    stop = end_of_turn_ids(tokenizer)
-    out = generate(model, [prompt], stop_ids=stop, pad_id=tokenizer.pad_token_id, max_new_tokens=max_new_tokens,
-                   batch_size=1)[0]
-    text = tokenizer.decode(out.ids, skip_special_tokens=False)
-    return text, len(prompt), len(out.ids) + int(out.stopped)  # the end-of-turn token is generated too
 
 
 def streamed(stream) -> tuple[str, list, object]:

@@ -640,16 +640,25 @@ def _flag_choices(n: int) -> list[tuple[bool, ...]]:
     return [tuple(bool(bits >> j & 1) for j in range(n)) for bits in range(2 ** n)]
 
 
-def _fit_rendered_head(probes: list) -> _Layout | None:
-    """A layout whose first two messages (system, user) are rendered together, then one wrap per message."""
-    messages, renders, generations = probes[0]
+def _learn_wraps(messages: list[dict], renders: list[str], first: int) -> dict[str, _Wrap] | None:
+    """Per role, the text around a message's content, learned from what each render from message `first` on
+    adds to the one before; None when a render does not extend the one before, or a role is wrapped two ways."""
     wraps: dict[str, _Wrap] = {}
-    for k in range(2, len(messages)):
+    for k in range(first, len(messages)):
         if not renders[k].startswith(renders[k - 1]):
             return None
         wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
         if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
             return None
+    return wraps
+
+
+def _fit_rendered_head(probes: list) -> _Layout | None:
+    """A layout whose first two messages (system, user) are rendered together, then one wrap per message."""
+    messages, renders, generations = probes[0]
+    wraps = _learn_wraps(messages, renders, 2)
+    if wraps is None:
+        return None
     if not renders[1] or not generations[2].startswith(renders[1]):
         return None
     generation = generations[2][len(renders[1]):]
@@ -669,13 +678,9 @@ def _fit_rendered_head(probes: list) -> _Layout | None:
 def _fit_layout(probes: list, system: bool) -> _Layout | None:
     """A layout with a head around the first message (system) or before it (user), one wrap per message."""
     messages, renders, generations = probes[0]
-    wraps: dict[str, _Wrap] = {}
-    for k in range(1, len(messages)):
-        if not renders[k].startswith(renders[k - 1]):
-            return None
-        wrap = _split_around(renders[k][len(renders[k - 1]):], messages[k]["content"])
-        if wrap is None or wraps.setdefault(messages[k]["role"], wrap) != wrap:
-            return None
+    wraps = _learn_wraps(messages, renders, 1)
+    if wraps is None:
+        return None
     if system:
         head = _split_around(renders[0], messages[0]["content"])
         if head is None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit.errors import TunekitError
 from tunekit.eval.toolcalls import MARKERS, ToolCall, parse_tool_calls, strip_fence, tool_call_start
-from tunekit.generate.engine import Failed, Finished, Job, Sampling, Token
+from tunekit.generate.engine import Failed, Job, Sampling, Token
 from tunekit.generate.models import Served
 from tunekit.serve.deps import find_model, project_of, visible_models
 from tunekit.serve.errors import APIError
@@ -452,8 +452,10 @@ async def chat_completions(request: Request):
     return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage_of()})
 
 
-async def _collect(job: Job, replies: list[Reply]) -> None:
-    """Read the job's events until every choice has finished (non-stream requests)."""
+async def _read(job: Job, replies: list[Reply]):
+    """The job's events as (choice, its reply, the text they added, whether the choice finished), until every
+    choice has finished. A token that completes a stop string cancels its choice's rows. APIError 500 when
+    generation failed, 503 when the server cancelled a choice (shutting down)."""
     open_choices = job.n
     while open_choices:
         event = await job.events.get()
@@ -461,15 +463,23 @@ async def _collect(job: Job, replies: list[Reply]) -> None:
             raise APIError(500, event.message, type="server_error", code="server_error")
         reply = replies[event.choice]
         if isinstance(event, Token):
-            reply.add(event)
+            text = reply.add(event)
             if reply.stopped:
                 job.cancel(event.choice)
-        elif isinstance(event, Finished):
-            if event.reason == "cancelled" and not reply.stopped:
-                raise APIError(503, "the request was cancelled (the server is shutting down)",
-                               type="server_error", code="cancelled")
-            reply.end(event.reason)
-            open_choices -= 1
+            yield event.choice, reply, text, False
+            continue
+        if event.reason == "cancelled" and not reply.stopped:
+            raise APIError(503, "the request was cancelled (the server is shutting down)",
+                           type="server_error", code="cancelled")
+        text = reply.end(event.reason)
+        open_choices -= 1
+        yield event.choice, reply, text, True
+
+
+async def _collect(job: Job, replies: list[Reply]) -> None:
+    """Read the job's events until every choice has finished (non-stream requests)."""
+    async for _ in _read(job, replies):
+        pass
 
 
 async def _stream(job: Job, replies: list[Reply], meta: dict, req: ChatRequest, include_usage: bool, usage_of,
@@ -490,40 +500,26 @@ async def _stream(job: Job, replies: list[Reply], meta: dict, req: ChatRequest, 
 
     try:
         yield chunk([delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
-        open_choices = job.n
-        while open_choices:
-            event = await job.events.get()
-            if isinstance(event, Failed):
-                yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error', 'param': None, 'code': 'server_error'}})}\n\n"
-                return
-            reply = replies[event.choice]
-            if isinstance(event, Token):
-                text = reply.add(event)
-                if reply.stopped:
-                    job.cancel(event.choice)
+        try:
+            async for choice, reply, text, finished in _read(job, replies):
                 if text:
-                    yield chunk([delta(event.choice, {"content": text}, reply=reply)])
-                continue
-            if event.reason == "cancelled" and not reply.stopped:
-                yield ("data: " + json.dumps({"error": {"message": "the request was cancelled (the server is "
-                                                                   "shutting down)", "type": "server_error",
-                                                        "param": None, "code": "cancelled"}}) + "\n\n")
-                return
-            text = reply.end(event.reason)
-            open_choices -= 1
-            if text:
-                yield chunk([delta(event.choice, {"content": text}, reply=reply)])
-            for k, call in enumerate(reply.calls):
-                first = _tool_call_json(call, k, f"call_{uuid.uuid4().hex[:24]}")
-                arguments = first["function"]["arguments"]
-                first["function"]["arguments"] = ""
-                yield chunk([delta(event.choice, {"tool_calls": [first]})])
-                yield chunk([delta(event.choice, {"tool_calls": [{"index": k, "function": {"arguments": arguments}}]})])
-            error = _check_reply(req, reply, event.choice)
-            if error:
-                yield f"data: {json.dumps(error.body())}\n\n"
-                return
-            yield chunk([delta(event.choice, {}, reply.finish, reply=reply)])
+                    yield chunk([delta(choice, {"content": text}, reply=reply)])
+                if not finished:
+                    continue
+                for k, call in enumerate(reply.calls):
+                    first = _tool_call_json(call, k, f"call_{uuid.uuid4().hex[:24]}")
+                    arguments = first["function"]["arguments"]
+                    first["function"]["arguments"] = ""
+                    yield chunk([delta(choice, {"tool_calls": [first]})])
+                    yield chunk([delta(choice, {"tool_calls": [{"index": k, "function": {"arguments": arguments}}]})])
+                error = _check_reply(req, reply, choice)
+                if error:
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    return
+                yield chunk([delta(choice, {}, reply.finish, reply=reply)])
+        except APIError as error:  # generation failed, or the server cancelled the request
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
         log["tokens"] = usage_of()["completion_tokens"]
         if include_usage:
             yield chunk([], usage_of())

@@ -14,7 +14,7 @@ earlier adapter merged into its base (tunekit's `model.previous_adapter: merge`)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -125,9 +125,14 @@ class FineTuningJob(BaseModel):
     user_provided_suffix: str | None = None
 
 
-class JobList(BaseModel):
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """OpenAI's list envelope: a page of objects, and whether more follow (`after` = the last id)."""
+
     object: Literal["list"] = "list"
-    data: list[FineTuningJob]
+    data: list[T]
     has_more: bool
 
 
@@ -141,12 +146,6 @@ class JobEvent(BaseModel):
     data: dict | None
 
 
-class EventList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[JobEvent]
-    has_more: bool
-
-
 class Checkpoint(BaseModel):
     id: str
     object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
@@ -157,12 +156,9 @@ class Checkpoint(BaseModel):
     metrics: dict[str, float | None]
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Checkpoint]
+class CheckpointPage(Page[Checkpoint]):
     first_id: str | None
     last_id: str | None
-    has_more: bool
 
 
 def job_json(job: dict) -> dict:
@@ -221,7 +217,7 @@ def create_job(request: Request, body: CreateJob) -> dict:
     return job_json(store.job(project, job_id))
 
 
-@router.get("/v1/fine_tuning/jobs", response_model=JobList)
+@router.get("/v1/fine_tuning/jobs", response_model=Page[FineTuningJob])
 def list_jobs(request: Request, after: str | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
     rows = store_of(request).jobs(project_of(request))
@@ -285,7 +281,7 @@ def resume_job(request: Request, fine_tuning_job_id: str) -> dict:
                        "Resuming fine-tuning job from its last checkpoint")
 
 
-@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", response_model=EventList)
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", response_model=Page[JobEvent])
 def list_events(request: Request, fine_tuning_job_id: str, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict:
     _find_job(request, fine_tuning_job_id)
@@ -295,7 +291,7 @@ def list_events(request: Request, fine_tuning_job_id: str, after: str | None = N
     return {"object": "list", "data": data, "has_more": more}
 
 
-@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", response_model=CheckpointPage)
 def list_checkpoints(request: Request, fine_tuning_job_id: str, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=1000)] = 10) -> dict:
     job = _find_job(request, fine_tuning_job_id)

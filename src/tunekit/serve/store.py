@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from tunekit.fsio import fsync_dir
+
 DEFAULT_PROJECT = "local"  # the project of every object when the server has no API keys
 
 MIGRATIONS: dict[int, list[str]] = {
@@ -158,11 +160,7 @@ class Store:
             os.fsync(fh.fileno())
         sha = digest.hexdigest()
         os.replace(source, self.blob_path(sha))
-        fd = os.open(self.dir / "blobs", os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.dir / "blobs")
         return sha, size
 
     def upload_tmp(self) -> Path:
