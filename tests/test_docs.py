@@ -136,13 +136,17 @@ class Sandbox:
     port_doc: str = ""
 
     def stop_servers(self) -> None:
-        for _, proc, _ in self.servers:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc, _ in self.servers:  # the whole process group: what the command started goes too
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
                 try:
                     proc.wait(30)
+                    break
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    continue
         self.servers.clear()
 
 
@@ -260,7 +264,7 @@ def run_command(cmd: Command, box: Sandbox) -> None:
                               capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
         assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
         return
-    text = cmd.text.strip()
+    text = without_comment(cmd.text.strip())
     background = text.endswith("&") and not text.endswith("&&")
     text = text.rstrip("&").rstrip() if background else text
     for prefix, args in cmd.marker.get("append", {}).items():

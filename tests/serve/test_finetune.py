@@ -390,6 +390,13 @@ def test_projects_cannot_see_each_others_objects(tmp_path, tiny_llama_dir):
             b.fine_tuning.jobs.retrieve(job.id)
         with pytest.raises(openai.NotFoundError):
             b.files.content(mine.id)
+        with pytest.raises(openai.NotFoundError):
+            b.files.delete(mine.id)
+        for refused in (lambda: b.fine_tuning.jobs.list_events(job.id), lambda: b.fine_tuning.jobs.cancel(job.id),
+                        lambda: b.fine_tuning.jobs.checkpoints.list(job.id),
+                        lambda: b.get(f"/files/{mine.id}/check", cast_to=object)):
+            with pytest.raises(openai.NotFoundError):
+                refused()
         assert b.files.list().data == [] and b.fine_tuning.jobs.list().data == []
         with pytest.raises(openai.BadRequestError) as err:
             b.fine_tuning.jobs.create(model="tiny", training_file=mine.id)
