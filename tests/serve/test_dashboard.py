@@ -18,8 +18,9 @@ import pytest
 openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
 
+from conftest import greedy  # noqa: E402
 from live_server import serving  # noqa: E402
-from test_finetune import QUESTION, greedy, sdk, tiny_job, toy_jsonl, upload  # noqa: E402
+from test_finetune import QUESTION, sdk, tiny_job, toy_jsonl, upload  # noqa: E402
 
 STEPS = 300  # at most, in the job of the browser test: a few seconds, so the page shows the curve growing
 CHROMIUM = os.environ.get("TUNEKIT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -312,7 +313,7 @@ def test_upload_train_watch_curve_chat_and_compare(page, server, tmp_path, tiny_
     base_text = page.inner_text("#cmp-out-0 .text")
     tuned_text = page.inner_text("#cmp-out-1 .text")
     assert tuned_text == reply
-    assert base_text == greedy(tiny_llama_dir, QUESTION, max_new_tokens=12).removesuffix("<|im_end|>")
+    assert base_text == greedy(tiny_llama_dir, QUESTION, 12)[0].removesuffix("<|im_end|>")
     assert base_text != tuned_text
     for i in (0, 1):
         meta = page.inner_text(f"#cmp-out-{i} .meta")

@@ -27,7 +27,8 @@ def auto_epochs(n_examples: int) -> int:
 
 
 def auto_lr(method: str) -> float:
-    return DEFAULT_LR[method]
+    """The peak lr of `method`; a method the config does not know gets LoRA's (the config check refuses it)."""
+    return DEFAULT_LR.get(method, DEFAULT_LR["lora"])
 
 
 def auto_batch_size(batch_tokens: int, max_len: int) -> int:
