@@ -72,6 +72,8 @@ class LoraConfig(Section):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # "all-linear": every nn.Linear in the transformer blocks (not the LM head).
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # Mixture-of-experts: also train the router that picks each token's experts (all-linear leaves it frozen).
+    train_router: bool = False
     use_rslora: bool = False
     use_dora: bool = False
 

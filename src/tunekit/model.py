@@ -18,6 +18,9 @@ import torch
 
 from tunekit.config import RunConfig, load_config
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.families import Architecture, architecture, lora_targets, read_architecture
+from tunekit.families import check as check_architecture
+from tunekit.families import resolve_attn as resolve_family_attn
 from tunekit.locate import locate_model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,11 +51,23 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attn(name: str, device: torch.device) -> str:
-    """auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."""
-    if name == "auto":
-        return "flash_attention_2" if device.type == "cuda" and flash_attn_installed() else "sdpa"
-    return name
+def model_architecture(source: str | Path) -> Architecture | None:
+    """The family of a model dir or hub id from its config alone (None when the config cannot be read)."""
+    arch = read_architecture(source)
+    if arch is not None or Path(str(source)).expanduser().is_dir():
+        return arch
+    try:
+        from transformers import AutoConfig
+
+        return architecture(AutoConfig.from_pretrained(str(source)).to_dict())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_attn(name: str, device: torch.device, arch: Architecture | None = None) -> str:
+    """auto: what the family supports and needs (`families.resolve_attn`): flash_attention_2 on CUDA with
+    flash-attn installed, else sdpa, else eager (Gemma-2)."""
+    return resolve_family_attn(name, device.type, arch, flash_attn_installed())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +116,11 @@ def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, 
 
     quiet_libraries()
     dtype = resolve_dtype(cfg.model.dtype, device)
-    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.model.attn_implementation, device),
+    arch = model_architecture(path)
+    problems = check_architecture(arch, attn_implementation=cfg.model.attn_implementation)
+    if problems:
+        raise ConfigError(problems)
+    kwargs = dict(dtype=dtype, attn_implementation=resolve_attn(cfg.model.attn_implementation, device, arch),
                   trust_remote_code=cfg.model.trust_remote_code, device_map={"": str(device)})
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -112,9 +131,15 @@ def _from_pretrained(path: str | Path, cfg: RunConfig, device: torch.device, *, 
             bnb_4bit_use_double_quant=cfg.quant.double_quant, bnb_4bit_compute_dtype=compute)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise TunekitError(Problem("model.base", f"cannot load a causal LM from {path}: {exc}",
                                    "give a local model dir, an earlier run dir, or a reachable hub id")) from None
+    except ValueError as exc:  # transformers refused a setting for this model (the files were found)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunekitError(Problem("model", f"transformers refused to load {path} with attn_implementation="
+                                            f"{kwargs['attn_implementation']}, dtype={dtype}: {first}",
+                                   "change the model.* setting it names (model.attn_implementation: auto picks "
+                                   "what the family supports)")) from None
 
 
 def config_source(base: str) -> str:
@@ -267,12 +292,12 @@ def apply_method(model, cfg: RunConfig):
         return PeftModel.from_pretrained(model, str(run.final), is_trainable=True)
 
     lora = cfg.lora
-    peft_cfg = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        # "all-linear": peft picks every nn.Linear / Linear4bit in the blocks, never the output layer.
-        target_modules=lora.target_modules, use_rslora=lora.use_rslora, use_dora=lora.use_dora,
-        task_type="CAUSAL_LM",
-    )
+    targets = {"target_modules": lora.target_modules}
+    if lora.target_modules == "all-linear":  # made explicit: fused experts included, routers left out
+        found = lora_targets(model, train_router=lora.train_router)
+        targets = {"target_modules": found.modules, "target_parameters": found.parameters or None}
+    peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_rslora=lora.use_rslora,
+                          use_dora=lora.use_dora, task_type="CAUSAL_LM", **targets)
     return get_peft_model(model, peft_cfg)
 
 

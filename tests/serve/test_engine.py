@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="tunekit serve needs the serve extra: pip 
 
 from tunekit.data.render import render_prompt  # noqa: E402
 from tunekit.generate.engine import Engine, Finished, Job, Sampling  # noqa: E402
-from tunekit.generate.kvcache import Padded, PrefixCache, Slots, _slots_fit, _slots_work  # noqa: E402
+from tunekit.generate.kvcache import Padded, PrefixCache, Slots, _slots_misfit, _slots_work, fits, window  # noqa: E402
 from tunekit.generate.models import load_models, parse_model_arg  # noqa: E402
 
 TINY_CHAT = Path(__file__).resolve().parents[2] / "models" / "tiny-chat"
@@ -75,7 +75,7 @@ def test_slots_give_each_row_the_logits_of_its_sequence_alone(tiny_llama_dir, pr
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32,  # GQA: 4 heads, 2 kv
                                                  attn_implementation=attention).eval()
-    assert _slots_fit(model) and model.config._attn_implementation == attention
+    assert _slots_misfit(model) is None and model.config._attn_implementation == attention
     rng = random.Random(0)
     prefixes = PrefixCache(2**30, block=8) if prefix_cache else None
     batch = Slots(model, pad_id=0, prefixes=prefixes, root="tiny")
@@ -160,7 +160,7 @@ def test_prefix_cache_finds_the_longest_stored_start_and_drops_least_recently_us
 
 
 def test_models_the_slots_do_not_fit_are_batched_with_their_own_cache(tmp_path, chat_tokenizer):
-    """A sliding-window model (Qwen2 with windowed layers) runs through transformers' cache and masks: rows
+    """A sliding-window model (Qwen2 with windowed layers) given prompts longer than its window runs through transformers' cache and masks: rows
     batched together give the tokens of one-by-one generation; later requests wait for the batch."""
     from conftest import tiny_model_config
     from transformers import AutoModelForCausalLM
@@ -173,9 +173,9 @@ def test_models_the_slots_do_not_fit_are_batched_with_their_own_cache(tmp_path, 
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     chat_tokenizer.save_pretrained(tmp_path)
     served = load_models([parse_model_arg(f"windowed={tmp_path}")], "cpu")["windowed"]
-    assert not _slots_fit(served.weights.model)
     prompts = [render_prompt([{"role": "user", "content": f"hello {w} there"}], chat_tokenizer)
                for w in ("a", "bb", "a b c d", "x")]
+    assert not any(fits(window(served.weights.model), len(p), 1) for p in prompts)
     alone = [asyncio.run(_run(served, [p], 0.0))[0][0] for p in prompts]
     together, batches = asyncio.run(_run(served, prompts, None))
     assert batches == 1 and together == alone
@@ -235,7 +235,7 @@ def test_padded_batches_drop_finished_rows():
                          num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=4,
                          max_window_layers=1, layer_types=["full_attention", "sliding_attention"])
     model = AutoModelForCausalLM.from_config(config).eval()
-    assert not _slots_fit(model)
+    assert window(model) == 4
     batch = Padded(model, pad_id=0)
     rows = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     with torch.inference_mode():

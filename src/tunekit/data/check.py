@@ -236,7 +236,7 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
             continue
         used, issues = validate_in_file(line.record, scan.format)
         counted = stored.get(line.number)
-        if count_fn is not None and stats and counted is None and not any(i.severity == "error" for i in issues):
+        if count_fn is not None and counted is None and not any(i.severity == "error" for i in issues):
             try:
                 sequences = count_fn(line.record)
             except TunekitError as exc:  # e.g. a TemplateError for this example
@@ -332,6 +332,16 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
     path = check_readable(path)
     if validation is not None:
         validation = check_readable(validation)
+    problems = _Problems()
+    if tokenizer is not None and count_fn is None and getattr(tokenizer, "chat_template", None):
+        from tunekit.data.render import template_problems
+
+        unusable = template_problems(tokenizer)
+        for problem in unusable:  # the tokenizer's fault, said once: the lines are checked without it
+            problems.add(DataIssue("template_unusable", problem.where, problem.message, problem.hint or "",
+                                   "error", None, None))
+        if unusable:
+            tokenizer = None
     store = None
     if count_fn is None and tokenizer is not None and cache:
         store = _cache_entry(path, tokenizer, fmt, max_line_bytes, num_workers)
@@ -347,7 +357,6 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
         count_fn = rendered_ahead(path, tokenizer, fmt=None if fmt == "auto" else fmt,
                                   max_line_bytes=max_line_bytes, num_workers=num_workers)
 
-    problems = _Problems()
     scan = _scan(path, None if fmt == "auto" else fmt, problems, stats=True, count_fn=count_fn, max_len=max_len,
                  max_line_bytes=max_line_bytes, truncation=truncation, store=store)
     sd, order = _duplicates(scan, str(path), problems)
@@ -355,7 +364,13 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
 
     validation_examples = None
     if validation is not None:
-        vscan = _scan(validation, scan.format, problems, stats=False, count_fn=None, max_len=None,
+        render = None
+        if tokenizer is not None:  # validation lines must render as training lines do
+            from tunekit.data.render import render_example
+
+            def render(example: dict) -> list:
+                return render_example(example, tokenizer)
+        vscan = _scan(validation, scan.format, problems, stats=False, count_fn=render, max_len=None,
                       max_line_bytes=max_line_bytes)
         validation_examples = len(vscan.line_of)
         _duplicates(vscan, str(validation), problems)

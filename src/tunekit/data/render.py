@@ -281,12 +281,42 @@ def _require_template(tokenizer) -> str:
     return template
 
 
+_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _missing_special_token(exc: Exception, tokenizer) -> str | None:
+    """The special token (bos_token, ...) a template reads but the tokenizer does not define, if that is what
+    `exc` (raised by the template) is about."""
+    text = str(exc)
+    return next((name for name in _SPECIAL_NAMES
+                 if f"'{name}' is undefined" in text and getattr(tokenizer, name, None) is None), None)
+
+
 def _apply(tokenizer, messages: list[dict], tools, *, add_generation_prompt: bool, where: str) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # a template is code: it may raise anything (raise_exception, undefined, TypeError)
+        missing = _missing_special_token(exc, tokenizer)
+        if missing is not None:
+            raise TemplateError(Problem(
+                "model.base", f"the chat template writes {missing} but the tokenizer defines no {missing}",
+                f"set \"{missing}\" in the model's tokenizer_config.json (the token the model was trained with), "
+                "or use the tokenizer the model ships with")) from None
         raise TemplateError(Problem(where, f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
+
+
+def template_problems(tokenizer) -> list[Problem]:
+    """What makes the tokenizer's chat template unusable for any conversation (not one example's fault): no
+    template, or a special token it writes that the tokenizer does not define. Checked once per file, before
+    the lines, so that each line is not blamed for it."""
+    try:
+        _require_template(tokenizer)
+        _apply(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}], None,
+               add_generation_prompt=False, where="template")
+    except TemplateError as exc:
+        return [p for p in exc.problems if p.where == "model.base"]
+    return []
 
 
 def _excerpt(text: str, pos: int, width: int = 30) -> str:
@@ -1052,24 +1082,43 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(found))
 
 
+def _end_of_turn_warning(tokenizer, generation: str, probe: str) -> list[str]:
+    """A warning when the text the template writes after a reply is not ended by a special token: generation
+    stops at special tokens (`end_of_turn_ids`), so a marker the tokenizer splits into text never stops it."""
+    start = probe.find(_PROBE, len(generation) if probe.startswith(generation) else 0)
+    tail = probe[start + len(_PROBE):].strip() if start >= 0 else ""
+    if not tail:
+        return []
+    ids = _encode(tokenizer, tail)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    if any(t in special for t in ids):
+        return []
+    return [f"the template ends an assistant reply with {tail!r}, which this tokenizer splits into {len(ids)} "
+            "ordinary token(s), not one special token: a generation never stops there and runs to max_tokens; "
+            "add it to the tokenizer as a special token (tokenizer.add_special_tokens) or use the tokenizer the "
+            "model ships with"]
+
+
 def template_warnings(tokenizer) -> list[str]:
     """Things about the tokenizer's chat template a user should know before training with it.
 
-    Today: a generation prompt that differs from how the template writes assistant turns in whitespace only.
-    Training and tunekit's evaluation then use the conversation's own text before each reply; a server that
-    applies the raw template with add_generation_prompt=True gives the model a slightly different prompt.
+    - an end-of-turn marker that is not a special token of the tokenizer (generation would not stop on it);
+    - a generation prompt that differs from how the template writes assistant turns in whitespace only.
+      Training and tunekit's evaluation then use the conversation's own text before each reply; a server that
+      applies the raw template with add_generation_prompt=True gives the model a slightly different prompt.
     """
     _require_template(tokenizer)
     history = [{"role": "user", "content": "hi"}]
     generation = _apply(tokenizer, history, None, add_generation_prompt=True, where="template")
     probe = _apply(tokenizer, history + [{"role": "assistant", "content": _PROBE}], None,
                    add_generation_prompt=False, where="template")
+    warnings = _end_of_turn_warning(tokenizer, generation, probe)
     if probe.startswith(generation):
-        return []
+        return warnings
     end, _, _ = _align(generation, probe)
     if end is None:
-        return []  # not a whitespace difference: render_example refuses such examples with its own error
-    return [
+        return warnings  # not a whitespace difference: render_example refuses such examples with its own error
+    return warnings + [
         "the template's generation prompt differs from its assistant turns in whitespace: it ends "
         f"{generation[-24:]!r} but turns start {probe[:end][-24:]!r}; tunekit trains and evaluates with the "
         "latter, so serve the model with the same text (or strip the template's indentation)"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunekit.generate.kvcache import Padded, PrefixCache, Slots, _slots_work
+from tunekit.generate.kvcache import Padded, PrefixCache, Slots, fits
 from tunekit.generate.models import Served
 
 # --------------------------------------------------------------------------------------------------
@@ -114,8 +114,11 @@ class _Row:
 
 
 def _part_key(job: Job) -> tuple:
-    """Jobs with the same key run in one batch: the same weights with the same adapter (or none)."""
-    return id(job.served.weights), str(job.served.adapter) if job.served.adapter else None
+    """Jobs with the same key run in one batch: the same weights with the same adapter (or none), and either all
+    within the model's sliding window (if it has one) or not (those run `Padded`, see `kvcache.fits`)."""
+    weights = job.served.weights
+    inside = fits(weights.window, len(job.prompt), job.sampling.max_tokens)
+    return id(weights), str(job.served.adapter) if job.served.adapter else None, inside
 
 
 
@@ -235,10 +238,9 @@ class Engine:
         self.batches += 1
         rows: list[_Row | None] = []  # by slot; None: a free slot
         with torch.inference_mode(), adapter_context:
-            if served.weights.slots_work is None:  # probed once, at first use
-                served.weights.slots_work = _slots_work(model, served.pad_id)
+            served.weights.probe(served.pad_id)  # once per weights (`load_models` probes at load)
             batch = (Slots(model, served.pad_id, self.prefixes, root=(served.weights.key, key[1]))
-                     if served.weights.slots_work else Padded(model, served.pad_id))
+                     if served.weights.slots_work and key[2] else Padded(model, served.pad_id))
             logits = self._join(batch, rows, jobs, None)
             while any(row is not None for row in rows):
                 tokens = self._choose(logits, rows)  # (n,)

@@ -5,7 +5,7 @@ prompts, reused by prompts that start the same way).
 `Slots`: one slot per row in preallocated buffers, so a finished row frees its slot and a joining one is
 prefilled into a free slot without copying the others (transformers' own cache grows by concatenation, a copy
 of the whole cache per token). Models `Slots` does not serve (sliding windows, other kinds of layers,
-attention that reads more than masks and positions: `_slots_work`) run as `Padded`: transformers' cache and
+attention that reads more than masks and positions: `cache_path`) run as `Padded`: transformers' cache and
 masks, rows batched at the start, finished rows dropped, nothing joins.
 """
 
@@ -15,6 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from tunekit.families import sliding_window_of
 
 
 def _cache_argument(model) -> str:
@@ -39,17 +41,33 @@ def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _slots_fit(model) -> bool:
-    """Whether `Slots` can hold this model's keys and values: every layer attends to all earlier tokens (no
-    sliding window, no other kind of layer) through torch's SDPA or the eager implementation, whose masks
-    `Slots` builds."""
+def window(model) -> int | None:
+    """The model's sliding window (`families.sliding_window_of`), None when every layer sees every token."""
+    return sliding_window_of(model.config.to_dict())
+
+
+def _slots_misfit(model) -> str | None:
+    """Why `Slots` cannot hold this model's keys and values, None when it can: its layers attend through torch's
+    SDPA or the eager implementation, whose masks `Slots` builds, and each is full or sliding-window attention.
+    A sliding-window layer attends like a full one while a sequence fits in the window: the engine runs such
+    sequences here and longer ones `Padded` (`Engine`, `fits`)."""
     config = model.config
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", None) is False:
-        window = None
-    return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager") and window is None
-            and not getattr(config, "is_encoder_decoder", False)
-            and all(kind == "full_attention" for kind in getattr(config, "layer_types", None) or []))
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"attention implementation {implementation}"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    other = sorted({kind for kind in getattr(config, "layer_types", None) or []
+                    if kind not in ("full_attention", "sliding_attention")})
+    if other:
+        return f"layers of kind {', '.join(other)}"
+    return None
+
+
+def fits(model_window: int | None, prompt: int, max_tokens: int) -> bool:
+    """Whether a sequence of `prompt` + `max_tokens` tokens stays inside a sliding window (always, without one):
+    a layer's window covers the token itself and the window - 1 before it."""
+    return model_window is None or prompt + max_tokens <= model_window
 
 
 @dataclass(eq=False)
@@ -129,12 +147,14 @@ class PrefixCache:
         return True
 
 
-def _slots_work(model, pad_id: int) -> bool:
-    """Whether `Slots` gives this model's own logits: the layers fit (`_slots_fit`), and two short rows
-    prefilled together and stepped once equal each row run alone. Models whose attention reads more than the
-    mask and positions `Slots` hands it (an ALiBi bias built from a 2D mask, say) fail here and run `Padded`."""
-    if not _slots_fit(model):
-        return False
+def cache_path(model, pad_id: int) -> tuple[bool, str]:
+    """(whether `Slots` serves this model, a sentence saying which path and why): the layers fit
+    (`_slots_misfit`), and two short rows prefilled together and stepped once equal each row run alone. Models
+    whose attention reads more than the mask and positions `Slots` hands it (an ALiBi bias built from a 2D
+    mask, say) fail here and run `Padded`."""
+    why = _slots_misfit(model)
+    if why is not None:
+        return False, f"KV cache: padded (transformers' own cache) for {why}"
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     rows, nexts = [[(7 * i + 3) % vocab for i in range(6)], [(11 * i + 5) % vocab for i in range(3)]], [1, 2]
@@ -143,10 +163,20 @@ def _slots_work(model, pad_id: int) -> bool:
         got = [*batch.prefill(rows, [0, 1])[0], *batch.step(torch.tensor(nexts, device=device))]
         alone = [model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
                  for ids in (*rows, *(r + [t] for r, t in zip(rows, nexts, strict=True)))]
-    except Exception:  # noqa: BLE001 - any failure means: not this way
-        return False
+    except Exception as exc:  # noqa: BLE001 - any failure means: not this way
+        return False, f"KV cache: padded (transformers' own cache): slots failed its probe ({type(exc).__name__})"
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 0.25  # bf16/fp16 round more
-    return all(torch.allclose(a, b, atol=tolerance, rtol=tolerance) for a, b in zip(got, alone, strict=True))
+    if not all(torch.allclose(a, b, atol=tolerance, rtol=tolerance) for a, b in zip(got, alone, strict=True)):
+        return False, "KV cache: padded (transformers' own cache): slots' logits differ from the model's own"
+    size = window(model)
+    if size is None:
+        return True, "KV cache: slots (fast path)"
+    return True, (f"KV cache: slots (fast path) while prompt + max_tokens <= the sliding window ({size}), "
+                  "padded (transformers' own cache) beyond it")
+
+
+def _slots_work(model, pad_id: int) -> bool:
+    return cache_path(model, pad_id)[0]
 
 
 class Slots:

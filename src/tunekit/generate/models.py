@@ -12,6 +12,7 @@ the one loader.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -21,8 +22,11 @@ import torch
 
 from tunekit.data.render import end_of_turn_ids
 from tunekit.errors import Problem, TunekitError
+from tunekit.generate.kvcache import cache_path, window
 from tunekit.locate import locate_model
 from tunekit.model import ADAPTER_CONFIG, load_causal_lm, load_tokenizer, read_run_dir
+
+log = logging.getLogger("tunekit.generate")
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,20 @@ class Weights:
     key: str  # what was loaded: a resolved local path or a hub id
     model: object  # a transformers model, a peft PeftModel once an adapter is attached
     adapters: OrderedDict[str, Path] = field(default_factory=OrderedDict)
-    slots_work: bool | None = None  # whether `Slots` serves this model (`_slots_work`; None: not probed yet)
+    slots_work: bool | None = None  # whether `Slots` serves this model (`kvcache.cache_path`; None: not probed yet)
+    path: str = ""  # which KV cache the engine runs it with, and why (`kvcache.cache_path`)
+    window: int | None = None  # its sliding window (`kvcache.window`): longer sequences run `Padded`
     as_is: bool = False  # run the model as given (`engine.generate`): no adapters attached or switched off
+
+    def __post_init__(self) -> None:
+        self.window = window(self.model)
+
+    def probe(self, pad_id: int) -> str:
+        """Decide (once) which KV cache the engine runs these weights with; the sentence that says it."""
+        if self.slots_work is None:
+            with torch.inference_mode():
+                self.slots_work, self.path = cache_path(self.model, pad_id)
+        return self.path
 
 
 @dataclass
@@ -143,6 +159,7 @@ def load_models(specs: list[ModelSpec], device: str | torch.device = "cpu",
                                        "use a tokenizer whose template ends turns with a special token"))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
         served[spec.name] = Served(spec.name, spec.path, w, adapter, tokenizer, stop, pad, _context(w.model))
+        log.info("%s: %s", spec.name, w.probe(pad))
     return served
 
 

@@ -28,13 +28,16 @@ from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
 from tunekit.data.types import Sequence
 from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.families import check as check_architecture
 from tunekit.fsio import publish_dir
 from tunekit.model import (
     apply_method,
     body_and_head,
+    config_source,
     flash_attn_installed,
     is_run_dir,
     load_base,
+    model_architecture,
     read_run_dir,
     resolve_device,
     run_tokenizer,
@@ -103,6 +106,11 @@ def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: b
     if cfg.train.compile:
         problems.append(Problem("train.compile", "torch.compile is not supported by the training loop yet",
                                 "set train.compile: false"))
+    try:
+        problems += check_architecture(model_architecture(config_source(cfg.model.base)),
+                                       attn_implementation=cfg.model.attn_implementation)
+    except TunekitError:
+        pass  # an earlier run without final/: reported below
     base = Path(cfg.model.base).expanduser()
     if is_run_dir(base):
         try:
@@ -295,6 +303,11 @@ def build_data(cfg: RunConfig, d: Dist, say, *, dry_run: bool) -> TrainData:
     """Tokenizer, rendered data (the main process renders into the data cache, the others read it) and the
     plan; printed."""
     tokenizer = run_tokenizer(cfg)
+    if getattr(tokenizer, "chat_template", None):
+        from tunekit.data.render import template_problems
+
+        if unusable := template_problems(tokenizer):  # said once, not as an error on every line
+            raise ConfigError(unusable)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     with distributed.main_first(SINGLE if dry_run else d):  # a dry run has no process group
         data: DataSplits = load_splits(cfg.data, tokenizer)
