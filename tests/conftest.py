@@ -206,3 +206,34 @@ def greedy(path, messages, max_new_tokens: int, tools=None) -> tuple[str, int, i
     new = out if cut is None else out[:cut]
     text = tokenizer.decode(new, skip_special_tokens=False)
     return text, len(prompt), len(new) + int(cut is not None)  # the end-of-turn token is generated too
+
+
+# ------------------------------------------------------------------------------------- support matrix
+# Tests of model families record what they proved as (family, column) -> cell with the `matrix` fixture; a cell
+# counts only when its test passes. tests/test_families.py::test_support_matrix_doc_is_current renders
+# docs/models.md from them, so the doc says what this run of the tests proved.
+
+MATRIX: dict[tuple[str, str], str] = {}
+
+
+@pytest.fixture
+def matrix(request):
+    """`matrix(family, column, cell)`: what this test proves, recorded when it passes."""
+    cells = []
+    request.node.user_properties.append(("matrix", cells))
+
+    def record(family: str, column: str, cell: str) -> None:
+        cells.append((family, column, cell))
+
+    return record
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.passed:
+        for key, cells in item.user_properties:
+            if key == "matrix":
+                for family, column, cell in cells:
+                    MATRIX[(family, column)] = cell
