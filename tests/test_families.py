@@ -123,6 +123,17 @@ def test_lora_trains_every_linear_layer_and_no_router(family, models, lora_runs,
     matrix(family, "lora", "yes" + (" (experts; router frozen)" if FAMILIES[family].moe else ""))
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_the_router_is_trained_only_when_asked(family, models, data, tmp_path):
+    from tunekit.model import apply_method, load_base
+
+    cfg = _config(data, models[family], tmp_path / "run", lora={"r": 4, "train_router": True})
+    model = apply_method(load_base(cfg), cfg)
+    assert "gate.weight" in model.peft_config["default"].target_parameters
+    routers = [n for n, p in model.named_parameters() if p.requires_grad and ".mlp.gate." in n]
+    assert routers, "no LoRA weights on the router"
+
+
 @pytest.mark.parametrize("family", NAMES)
 def test_full_fine_tune(family, models, data, tmp_path, matrix):
     result = train(_config(data, models[family], tmp_path / "full", method="full",
@@ -257,6 +268,18 @@ def test_sliding_window_served_like_transformers_inside_and_beyond_the_window(wi
             ref = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                  pad_token_id=tok.pad_token_id, eos_token_id=stop)[0, len(prompt):].tolist()
         assert out.ids == [t for t in ref if t != stop] and len(out.ids) == len(ref) - out.stopped
+
+
+def test_the_server_says_which_kv_cache_each_model_uses_at_load(models, caplog):
+    import logging
+
+    from tunekit.generate.models import load_models, parse_model_arg
+
+    with caplog.at_level(logging.INFO, logger="tunekit.generate"):
+        load_models([parse_model_arg(f"m={models['mistral']}"), parse_model_arg(f"q={models['qwen2']}")])
+    lines = [r.getMessage() for r in caplog.records if r.name == "tunekit.generate"]
+    assert lines == ["m: KV cache: slots (fast path) while prompt + max_tokens <= the sliding window (4096), "
+                     "padded (transformers' own cache) beyond it", "q: KV cache: slots (fast path)"]
 
 
 def test_packed_rows_honour_the_sliding_window(windowed):

@@ -138,14 +138,6 @@ class LoraTargets:
     parameters: list[str]  # fused expert weights and, when asked, router weights (peft target_parameters)
     routers: list[str]  # the router layers found (trained only with lora.train_router)
 
-    def describe(self) -> str:
-        text = "LoRA on " + ", ".join(self.modules)
-        if self.parameters:
-            text += "; on the parameters " + ", ".join(self.parameters)
-        if self.routers and not any(p.startswith(tuple(self.routers)) for p in self.parameters):
-            text += f"; routers ({', '.join(self.routers)}) frozen"
-        return text
-
 
 def lora_targets(model, *, train_router: bool = False) -> LoraTargets:
     """`all-linear` made explicit for this model: every linear layer of the decoder blocks (fused qkv_proj and

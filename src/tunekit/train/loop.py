@@ -396,6 +396,10 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     run_dir = prepare_run_dir(cfg, d, resume=resume)
     ckpt = list_checkpoints(run_dir)[-1] if resume else None
     model, net, params = build_model(cfg, d, device, ckpt)
+    if (adapter := getattr(model, "peft_config", {}).get("default")) is not None:
+        say(f"LoRA r={adapter.r} on {', '.join(sorted(adapter.target_modules or []))}"
+            + (f"; on the parameters {', '.join(sorted(adapter.target_parameters))}" if adapter.target_parameters
+               else "") + f" ({sum(p.numel() for p in params):,} trained parameters)", highlight=False)
     optimizer, scheduler = build_optimizer(cfg, plan, params, device)
 
     step, metrics, trained_total, initial_valid = 0, [], 0, {}
