@@ -186,6 +186,18 @@ def test_merged_export_equals_the_run(family, lora_runs, tmp_path, matrix):
     matrix(family, "merged", "yes")
 
 
+def _parts(text: str, tok) -> tuple[str, str]:
+    """(reasoning, answer) of a reply: the think block split off for a thinking template (Qwen3)."""
+    from tunekit.data.render import think_markers
+    from tunekit.generate.chat import split_reasoning
+
+    markers = think_markers(tok)
+    if markers is None:
+        return "", text.strip()
+    reasoning, content = split_reasoning(text, markers)
+    return (reasoning or "").strip(), content.strip()
+
+
 @pytest.mark.parametrize("family", NAMES)
 def test_eval_and_chat(family, lora_runs, data, matrix):
     """The evaluation of the run against its base, and `tunekit chat`'s reply equal to transformers' greedy."""
@@ -201,7 +213,7 @@ def test_eval_and_chat(family, lora_runs, data, matrix):
     model, tok = load_chat(lora_runs[family])
     text = reply(model, tok, messages, max_new_tokens=8)
     expected, _, _ = greedy(lora_runs[family], messages, 8)
-    assert text == expected.strip()  # the reply as printed
+    assert _parts(text, tok) == _parts(expected, tok)  # the reply as printed (Qwen3's think block split off)
     matrix(family, "chat", "yes")
 
 
@@ -229,10 +241,18 @@ def test_serving_stream_equals_non_stream_and_transformers(family, lora_runs, cl
     whole = client.chat.completions.create(model=family, messages=messages, max_tokens=8, temperature=0)
     pieces = client.chat.completions.create(model=family, messages=messages, max_tokens=8, temperature=0,
                                             stream=True)
-    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    deltas = [c.choices[0].delta for c in pieces if c.choices]
+    streamed = ("".join(getattr(d, "reasoning_content", None) or "" for d in deltas),
+                "".join(d.content or "" for d in deltas))
+    message = whole.choices[0].message
+    got = (getattr(message, "reasoning_content", None) or "", message.content or "")
     expected, _, _ = greedy(lora_runs[family], messages, 8)
-    assert whole.choices[0].message.content == streamed == expected
     served = load_models([parse_model_arg(f"{family}={lora_runs[family]}")])[family]
+    assert got == streamed
+    if FAMILIES[family].template == "qwen3":  # the think block goes to reasoning_content
+        assert (got[0].strip(), got[1].strip()) == _parts(expected, served.tokenizer)
+    else:
+        assert got == ("", expected)
     fast, path = cache_path(served.weights.model, served.pad_id)
     matrix(family, "serve", "fast path" + (" (within the sliding window)" if "window" in path else "")
            if fast else path.removeprefix("KV cache: "))

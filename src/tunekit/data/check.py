@@ -242,8 +242,9 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
             except TunekitError as exc:  # e.g. a TemplateError for this example
                 message = "; ".join(p.message for p in exc.problems) or str(exc)
                 hints = [p.hint for p in exc.problems if p.hint]
-                issues.append(DataIssue("render_failed", "", f"cannot render with the tokenizer: {message}",
-                                        hints[0] if hints else "see `tunekit data show` for this line"))
+                field = exc.problems[0].where if exc.problems else ""
+                issues.append(DataIssue("render_failed", field, f"cannot render with the tokenizer: {message}",
+                                        hints[0] if hints else "see `tunekit data preview` for this line"))
         for issue in issues:
             problems.add(_placed(issue, label, line.number))
         if any(i.severity == "error" for i in issues):

@@ -12,6 +12,11 @@ Every problem is a `DataIssue` with a stable `code`, the line, a JSON path insid
   warning  probably a mistake, training can go on
   info     accepted, reported so it is not a surprise (e.g. a UTF-8 BOM)
 
+Reasoning: an assistant message may carry its reasoning as `reasoning_content` (a string: the field vLLM,
+DeepSeek and the openai SDK's users read and write) or as a `<think>...</think>` block that starts its content,
+not both. Whether the model's chat template trains it is decided by `render` (a template that drops it is
+refused there).
+
 Tool calls left without a tool response (`tool_call_unanswered`): when the assistant message that makes
 the call is the last message of the example, the example teaches the call itself and the response is
 simply not part of it (a common shape for function-calling data) -> info. When other messages follow and
@@ -37,7 +42,8 @@ Severity = Literal["error", "warning", "info"]
 Format = Literal["chat", "completion", "text"]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function")  # "function": legacy function result
-MESSAGE_KEYS = ("role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight")
+MESSAGE_KEYS = ("role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight",
+                "reasoning_content")
 TOP_KEYS: dict[str, tuple[str, ...]] = {
     "chat": ("messages", "tools", "parallel_tool_calls", "functions"),
     "completion": ("prompt", "completion"),
@@ -355,6 +361,24 @@ def _validate_content(msg: dict, at: str, role: str, has_call: bool) -> list[Dat
     return []
 
 
+def _validate_reasoning(msg: dict, at: str, role: str) -> list[DataIssue]:
+    reasoning = msg["reasoning_content"]
+    if role != "assistant":
+        return [DataIssue("reasoning_not_on_assistant", f"{at}.reasoning_content", f"'reasoning_content' on a "
+                          f"{role} message", "only assistant messages carry reasoning; move it to the reply it led to")]
+    if not isinstance(reasoning, str):
+        return [DataIssue("data_type", f"{at}.reasoning_content",
+                          f"'reasoning_content' must be a string, got {type(reasoning).__name__}",
+                          "write the reasoning as one JSON string (or drop the key)")]
+    content = msg.get("content")
+    if reasoning and isinstance(content, str) and "</think>" in content:
+        return [DataIssue("reasoning_given_twice", f"{at}.reasoning_content", "the message has a "
+                          "'reasoning_content' and a <think>...</think> block in its content; templates would "
+                          "write both", "keep one: the reasoning_content field, or the think block at the start of "
+                          "the content")]
+    return []
+
+
 def _validate_chat(record: dict) -> list[DataIssue]:
     issues: list[DataIssue] = []
     messages = record.get("messages")
@@ -406,6 +430,8 @@ def _validate_chat(record: dict) -> list[DataIssue]:
                                         "1 trains this message, 0 skips it"))
         if role == "assistant":
             weights.append(msg.get("weight", 1))
+        if msg.get("reasoning_content") is not None:
+            issues += _validate_reasoning(msg, at, role)
 
         if "tool_calls" in msg and msg["tool_calls"] is not None:
             calls = msg["tool_calls"]

@@ -26,6 +26,15 @@ conversation: with `unstable_template="split"` that turn gets its own sequence, 
 with only turn i trained (turns that are stable stay trained in the full conversation's sequence); with
 `"error"` a `TemplateError` names what changed. A template that leaves out a system or user message, or does
 not write an assistant message's content or tool calls, is refused too.
+
+Reasoning: an assistant message may carry its reasoning as `reasoning_content` (the field of vLLM, DeepSeek and
+the openai SDK's users) or as a `<think>...</think>` block at the start of its content. It is passed to the
+template as written, and trained where the template writes it: inside the reply, so a thinking template's
+`<think>`, the reasoning, `</think>` and the content are the trained tokens of the turn. Templates that keep
+only the last turn's reasoning (Qwen3) are not prefix-stable, so under `split` each such turn is trained on
+its own sequence, with the reasoning the template shows for it as the last turn. A template that does not
+write a message's reasoning into its reply (plain ChatML, or DeepSeek-R1's, which strips it) is refused with
+a `TemplateError` naming the field: the model would learn the answer without the thinking it was given.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from tunekit.errors import DataError, Problem, TemplateError
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _PROBE = "x"  # reply content used to see where the template starts an assistant message
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # the think block of reasoning models (Qwen3, DeepSeek-R1)
 
 _HINT_TEMPLATE_RAISED = (
     "change the conversation so the template accepts it (e.g. alternate user and assistant turns, one tool call "
@@ -235,6 +245,15 @@ def prepare_chat(example: dict) -> Chat:
             raise DataError(Problem(f"messages[{i}]", 'must be an object with a "role"'))
         message = {k: v for k, v in raw.items() if v is not None and k not in ("weight", "function_call")}
         role = message["role"]
+        if "reasoning_content" in message:
+            reasoning = message["reasoning_content"]
+            if role != "assistant" or not isinstance(reasoning, str):
+                raise DataError(Problem(f"messages[{i}].reasoning_content",
+                                        f"must be a string, not {type(reasoning).__name__}" if role == "assistant"
+                                        else f"only assistant messages carry reasoning, not a {role} message",
+                                        "give the reasoning of an assistant reply as a string, or drop the key"))
+            if not reasoning:
+                del message["reasoning_content"]  # "" is no reasoning (templates test `reasoning_content or ''`)
         content = raw.get("content")
         message["content"] = content if isinstance(content, str) else _content_text(content, f"messages[{i}].content")
         weight = raw.get("weight", 1)
@@ -292,10 +311,11 @@ def _missing_special_token(exc: Exception, tokenizer) -> str | None:
                  if f"'{name}' is undefined" in text and getattr(tokenizer, name, None) is None), None)
 
 
-def _apply(tokenizer, messages: list[dict], tools, *, add_generation_prompt: bool, where: str) -> str:
+def _apply(tokenizer, messages: list[dict], tools, *, add_generation_prompt: bool, where: str,
+           template_kwargs: dict | None = None) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
     except Exception as exc:  # a template is code: it may raise anything (raise_exception, undefined, TypeError)
         missing = _missing_special_token(exc, tokenizer)
         if missing is not None:
@@ -304,6 +324,31 @@ def _apply(tokenizer, messages: list[dict], tools, *, add_generation_prompt: boo
                 f"set \"{missing}\" in the model's tokenizer_config.json (the token the model was trained with), "
                 "or use the tokenizer the model ships with")) from None
         raise TemplateError(Problem(where, f"the chat template raised: {exc}", _HINT_TEMPLATE_RAISED)) from None
+
+
+# Names a chat template's caller sets itself: apply_chat_template's own parameters and the template's variables.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception",
+    "strftime_now"})
+
+
+def check_template_kwargs(template_kwargs, tokenizer, where: str = "chat_template_kwargs") -> dict:
+    """`template_kwargs` as extra variables for the chat template (e.g. {"enable_thinking": false}): a dict whose
+    keys are not the ones rendering sets itself (the messages, the generation prompt, the special tokens).
+    TemplateError naming the key otherwise."""
+    if template_kwargs is None:
+        return {}
+    if not isinstance(template_kwargs, dict):
+        raise TemplateError(Problem(where, f"must be an object, not {type(template_kwargs).__name__}",
+                                    'e.g. {"enable_thinking": false}'))
+    reserved = _RESERVED_TEMPLATE_KWARGS | set(tokenizer.special_tokens_map)
+    for key in template_kwargs:
+        if not isinstance(key, str) or key in reserved:
+            raise TemplateError(Problem(f"{where}.{key}", "is set by tunekit when it renders the prompt",
+                                        "pass only the template's own options, such as enable_thinking"))
+    return template_kwargs
 
 
 def template_problems(tokenizer) -> list[Problem]:
@@ -357,18 +402,30 @@ def _align(prompt: str, rendered: str) -> tuple[int | None, int, int]:
     return r_end + _first_difference(trailing, rendered[r_end:]), p, r
 
 
-def _prompt_and_probe(tokenizer, chat: Chat, i: int) -> tuple[str, str]:
-    """(prompt text for a reply at messages[i], render of messages[:i] + a probe reply)."""
+def _prompt_and_probe(tokenizer, chat: Chat, i: int, template_kwargs: dict | None = None, *,
+                      generating: bool = False) -> tuple[str, str]:
+    """(prompt text for a reply at messages[i], render of messages[:i] + a probe reply).
+
+    `generating`: the prompt is for generation only (not to train a reply after it). Then a generation prompt
+    that opens a think block the template's assistant turns do not write (DeepSeek-R1: `<｜Assistant｜><think>\n`,
+    while past replies are written without their reasoning) is kept: the reply starts inside the reasoning.
+    """
     where = f"messages[{i}]"
     if i == 0:
         raise TemplateError(Problem(where, "the conversation starts with an assistant message: there is no "
                                            "prompt to train it on", 'add the user message before it, or give '
                                                                     'it "weight": 0'))
     history = chat.messages[:i]
-    generation = _apply(tokenizer, history, chat.tools, add_generation_prompt=True, where=where)
+    generation = _apply(tokenizer, history, chat.tools, add_generation_prompt=True, where=where,
+                        template_kwargs=template_kwargs)
     probe = _apply(tokenizer, history + [{"role": "assistant", "content": _PROBE}], chat.tools,
-                   add_generation_prompt=False, where=where)
+                   add_generation_prompt=False, where=where, template_kwargs=template_kwargs)
     end, p, r = _align(generation, probe)
+    opened = generation.rfind(THINK_OPEN)
+    if end is None and generating and opened >= 0 and THINK_CLOSE not in generation[opened:]:
+        head, _, _ = _align(generation[:opened], probe)  # the prompt up to the think block it opens
+        if head is not None:
+            return probe[:head] + generation[opened:], probe
     if end is None:
         raise TemplateError(Problem(
             where,
@@ -382,11 +439,37 @@ def _prompt_text(tokenizer, chat: Chat, i: int) -> str:
     return _prompt_and_probe(tokenizer, chat, i)[0]
 
 
+def _reasoning_of(message: dict) -> tuple[str, str, str]:
+    """(reasoning, answer, field) of a message: its `reasoning_content`, else a <think>...</think> block that
+    starts its content (the answer is what follows the block); ("", content, "") when it has neither."""
+    content = message["content"]
+    if message.get("reasoning_content"):
+        return message["reasoning_content"], content, "reasoning_content"
+    if content.lstrip().startswith(THINK_OPEN) and THINK_CLOSE in content:
+        reasoning, _, answer = content.lstrip()[len(THINK_OPEN):].partition(THINK_CLOSE)
+        return reasoning, answer, "content"
+    return "", content, ""
+
+
+_HINT_REASONING = (
+    "this chat template does not write the reasoning of this reply, so it would be trained without it: use a "
+    "model whose template writes it (e.g. Qwen3), put the reasoning in the content if it should be trained as "
+    "plain text, or drop the reasoning"
+)
+
+
 def _locate(chat: Chat, i: int, reply: str) -> None:
-    """Refuse a reply in which the message's content or tool calls cannot be found."""
+    """Refuse a reply in which the message's reasoning, content or tool calls cannot be found."""
     message = chat.messages[i]
+    reasoning, answer, field = _reasoning_of(message)
+    if reasoning.strip() and reasoning.strip() not in reply:
+        what = "reasoning_content" if field == "reasoning_content" else "reasoning (the <think> block of its content)"
+        raise TemplateError(Problem(f"messages[{i}].{field}", f"the chat template drops this message's {what}: "
+                                    f"the reply it renders is {reply[:120]!r}", _HINT_REASONING))
     content = message["content"].strip()
-    if content and content not in reply:
+    # A think block in the content may be rewritten by the template (Qwen3 puts newlines around the reasoning):
+    # then the reasoning and the answer are found on their own.
+    if content and content not in reply and not (field == "content" and answer.strip() in reply):
         raise TemplateError(Problem(f"messages[{i}].content",
                                     f"the template does not render this content where the reply starts: the "
                                     f"reply is {reply[:120]!r}", _HINT_LOCATE))
@@ -413,6 +496,13 @@ def _turn(tokenizer, chat: Chat, i: int) -> _Turn:
     if not reply:
         raise TemplateError(Problem(f"messages[{i}]", "the template renders nothing for this reply", _HINT_LOCATE))
     _locate(chat, i, reply)
+    message = chat.messages[i]
+    if message.get("reasoning_content"):  # found as text in the reply: is it there because of the field?
+        without = {k: v for k, v in message.items() if k != "reasoning_content"}
+        if _apply(tokenizer, chat.messages[:i] + [without], chat.tools, add_generation_prompt=False,
+                  where=f"messages[{i}]") == upto:
+            raise TemplateError(Problem(f"messages[{i}].reasoning_content", "the chat template drops this message's "
+                                        "reasoning_content: it renders the reply the same without it", _HINT_REASONING))
     return _Turn(i, prompt, reply, upto)
 
 
@@ -586,7 +676,7 @@ def _spans_from_blocks(messages: list[dict], text: str, spans: list[tuple[_Turn,
 # render of a prefix without changing the render of the whole conversation; tests compare both methods on every
 # shared template and on random conversations.
 
-RENDER_VERSION = 2  # bump when rendering changes the tokens or labels of any example (keys the on-disk cache)
+RENDER_VERSION = 3  # bump when rendering changes the tokens or labels of any example (keys the on-disk cache)
 
 
 @dataclass(frozen=True)
@@ -1030,11 +1120,13 @@ def _as_example(example_or_messages, tools) -> dict:
     return {"messages": list(example_or_messages), "tools": tools}
 
 
-def render_prompt_text(example_or_messages, tokenizer, *, tools=None) -> str:
+def render_prompt_text(example_or_messages, tokenizer, *, tools=None, template_kwargs: dict | None = None) -> str:
     """The prompt text for generation: the messages (without a final assistant message, the reference answer)
     rendered with the generation prompt.
 
-    Exactly the text training puts before that reply (see module doc). For a prompt/completion example:
+    Exactly the text training puts before that reply (see module doc); a generation prompt that opens a think
+    block (DeepSeek-R1) keeps it, so the reply starts in the reasoning. `template_kwargs`: extra variables for
+    the template, e.g. {"enable_thinking": False} (`check_template_kwargs`). For a prompt/completion example:
     the prompt (bos not included in the text).
     """
     example = _as_example(example_or_messages, tools)
@@ -1046,18 +1138,46 @@ def render_prompt_text(example_or_messages, tokenizer, *, tools=None) -> str:
                                     "use chat or prompt/completion examples for evaluation"))
     chat = prepare_chat(example)
     _require_template(tokenizer)
+    kwargs = check_template_kwargs(template_kwargs, tokenizer)
     # A final assistant message is the reference answer: the prompt is everything before it.
     n = len(chat.messages)
-    return _prompt_text(tokenizer, chat, n - 1 if chat.messages[-1]["role"] == "assistant" else n)
+    return _prompt_and_probe(tokenizer, chat, n - 1 if chat.messages[-1]["role"] == "assistant" else n, kwargs,
+                             generating=True)[0]
 
 
-def render_prompt(example_or_messages, tokenizer, *, tools=None) -> list[int]:
+def render_prompt(example_or_messages, tokenizer, *, tools=None, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of `render_prompt_text` (with bos for prompt/completion when the tokenizer adds it)."""
     example = _as_example(example_or_messages, tools)
-    text = render_prompt_text(example, tokenizer)
+    text = render_prompt_text(example, tokenizer, template_kwargs=template_kwargs)
     if detect_format(example) == "completion":
         return _completion_prompt_ids(tokenizer, text)
     return _encode(tokenizer, text)
+
+
+def think_markers(tokenizer) -> tuple[str, str] | None:
+    """("<think>", "</think>") when the model writes its reasoning in a think block before its answer: its chat
+    template writes `</think>` and the tokenizer holds both markers as single tokens (Qwen3, DeepSeek-R1);
+    else None. A reply of such a model is split into reasoning and content where it is served."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not isinstance(template, str) or THINK_CLOSE not in template:
+        return None
+    for marker in (THINK_OPEN, THINK_CLOSE):
+        if len(_encode(tokenizer, marker)) != 1:
+            return None
+    return THINK_OPEN, THINK_CLOSE
+
+
+def starts_in_reasoning(prompt: list[int], tokenizer) -> bool:
+    """Whether a prompt (token ids) ends inside a think block it opened, as DeepSeek-R1's generation prompt
+    (`<think>\n`) does: the reply then starts in the reasoning. False for models without think markers."""
+    markers = think_markers(tokenizer)
+    if markers is None:
+        return False
+    [opening], [closing] = (_encode(tokenizer, m) for m in markers)
+    last = {t: k for k, t in enumerate(prompt) if t in (opening, closing)}
+    return last.get(opening, -1) > last.get(closing, -1)
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -1070,10 +1190,11 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if tokenizer.chat_template:
         chat = Chat([{"role": "user", "content": "Hi"}], None, [False])
         try:
-            prompt, probe = _prompt_and_probe(tokenizer, chat, 1)
+            prompt, probe = _prompt_and_probe(tokenizer, chat, 1, generating=True)
         except TemplateError:
             prompt, probe = "", ""
-        reply = probe[len(prompt):].rstrip() if probe.startswith(prompt) else ""
+        # A prompt that opens a think block (DeepSeek-R1) goes past where the probe reply starts: cut there.
+        reply = probe[_first_difference(prompt, probe):].rstrip() if prompt else ""
         tail = reply[reply.rfind(_PROBE) + len(_PROBE):] if _PROBE in reply else ""
         special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
         found = [t for t in _encode(tokenizer, tail) if t in special]

@@ -2,8 +2,14 @@
 
 A request reads top to bottom in `chat_completions`: validate the body (pydantic, below), find the model,
 render the prompt with `tunekit.data.render` (the tokens training put before each reply), submit a `Job` to
-the engine, then turn the tokens it produces into a reply (`Reply`: incremental text, stop strings, tool calls)
-and answer with one JSON object or an SSE stream of chunks.
+the engine, then turn the tokens it produces into a reply (`Reply`: incremental text, reasoning, stop strings,
+tool calls) and answer with one JSON object or an SSE stream of chunks.
+
+Reasoning models (a template with a `<think>` block, `render.think_markers`): `chat_template_kwargs` (vLLM's
+field, e.g. {"enable_thinking": false}) goes to the template; the reply's think block is sent as
+`reasoning_content` (message, or `delta.reasoning_content` while streaming) and the rest as `content`, with the
+reasoning's tokens counted in `usage.completion_tokens_details.reasoning_tokens`. Stop strings and tool calls
+are looked for in the content only. Other models answer without these fields.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tunekit.errors import TunekitError
 from tunekit.eval.toolcalls import MARKERS, ToolCall, parse_tool_calls, strip_fence, tool_call_start
+from tunekit.generate.chat import Reasoning
 from tunekit.generate.engine import Failed, Job, Sampling, Token
 from tunekit.generate.models import Served
 from tunekit.serve.deps import find_model, project_of, visible_models
@@ -41,6 +48,7 @@ class Message(_Lenient):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None  # an earlier reply's reasoning (templates keep it in tool-call loops)
 
 
 class FunctionSpec(_Lenient):
@@ -92,6 +100,7 @@ class ChatRequest(_Lenient):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables of the chat template (vLLM's field)
 
 
 def _unsupported(req: ChatRequest) -> None:
@@ -134,7 +143,7 @@ def _example(req: ChatRequest) -> dict:
     for i, m in enumerate(req.messages):
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
                                    "content": _text(m.content, f"messages[{i}]")}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             if getattr(m, key) is not None:
                 message[key] = getattr(m, key)
         messages.append(message)
@@ -153,12 +162,18 @@ class Reply:
     """The text of one choice, built token by token, as stream chunks and as the final message.
 
     Text is decoded incrementally (a piece is released only when it does not end in a partial UTF-8
-    character); a stop string ends the reply before it (text that may be the start of one is held back); with
-    tools, the text from a tool-call marker on is held and parsed at the end into tool calls.
+    character); with `reasoning` (a `generate.chat.Reasoning`, for models with a think block) the think block
+    is taken out first, as `reasoning` (released with `take_reasoning`); in the rest, a stop string ends the
+    reply before it (text that may be the start of one is held back); with tools, the text from a tool-call
+    marker on is held and parsed at the end into tool calls.
     """
 
-    def __init__(self, tokenizer, stops: list[str], tools: bool, allowed: set[str] | None, parallel: bool):
+    def __init__(self, tokenizer, stops: list[str], tools: bool, allowed: set[str] | None, parallel: bool,
+                 reasoning: Reasoning | None = None):
         self.tokenizer, self.stops, self.tools, self.allowed, self.parallel = tokenizer, stops, tools, allowed, parallel
+        self.splitter = reasoning
+        self.reasoning_tokens = 0  # tokens generated while the think block was open (its markers included)
+        self._unsent_reasoning = ""
         self.ids: list[int] = []
         self._prefix = self._read = 0  # decode window: ids[prefix:read] is already text
         self.text = ""  # decoded text so far (before any stop string)
@@ -185,18 +200,40 @@ class Reply:
         if token.end:
             return ""
         self.ids.append(token.id)
+        thinking = self.splitter is not None and self.splitter.thinking
         before = self._decode(self.ids[self._prefix:self._read])
         after = self._decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self._add_text(after[len(before):], final=False)
             self._prefix, self._read = self._read, len(self.ids)
+        if thinking and self.splitter.reasoning is not None:
+            self.reasoning_tokens += 1
         return self._release(final=False)
+
+    def _add_text(self, text: str, *, final: bool) -> None:
+        if self.splitter is None:
+            self.text += text
+            return
+        reasoning, content = self.splitter.feed(text, final=final)
+        self._unsent_reasoning += reasoning
+        self.text += content
+
+    @property
+    def reasoning(self) -> str | None:
+        """The reasoning of the reply (None: it has no think block, or the model has no think markers)."""
+        return None if self.splitter is None else self.splitter.reasoning
+
+    def take_reasoning(self) -> str:
+        """The reasoning released since the last call (stream deltas)."""
+        out, self._unsent_reasoning = self._unsent_reasoning, ""
+        return out
 
     def end(self, reason: str) -> str:
         """The reply is over ("stop", "length"): release what was held; returns the last content."""
+        rest = ""
         if not self.stopped:
             rest = self._decode(self.ids[self._prefix:])[len(self._decode(self.ids[self._prefix:self._read])):]
-            self.text += rest
+        self._add_text(rest, final=True)
         content = self._release(final=True)
         self.finish = "stop" if self.stopped else reason
         if self.tools:
@@ -371,7 +408,7 @@ def get_model(model_id: str, request: Request) -> dict:
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    from tunekit.data.render import render_prompt
+    from tunekit.data.render import render_prompt, starts_in_reasoning, think_markers
 
     try:
         body = await request.json()
@@ -387,7 +424,8 @@ async def chat_completions(request: Request):
     served = find_model(request, req.model)
     example = _example(req)
     try:
-        prompt = await asyncio.to_thread(render_prompt, example, served.tokenizer)  # off the event loop
+        prompt = await asyncio.to_thread(render_prompt, example, served.tokenizer,  # off the event loop
+                                         template_kwargs=req.chat_template_kwargs)
     except TunekitError as exc:
         p = exc.problems[0]
         raise APIError(400, f"{p.message}" + (f" ({p.hint})" if p.hint else ""), param=p.where or "messages") from None
@@ -408,8 +446,10 @@ async def chat_completions(request: Request):
         allowed = {req.tool_choice["function"]["name"]}
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     stops = [s for s in stops if s]
-    replies = [Reply(served.tokenizer, stops, tools, allowed, req.parallel_tool_calls is not False)
-               for _ in range(n)]
+    markers = think_markers(served.tokenizer)  # None: the model has no think block, replies are all content
+    opened = markers is not None and starts_in_reasoning(prompt, served.tokenizer)
+    replies = [Reply(served.tokenizer, stops, tools, allowed, req.parallel_tool_calls is not False,
+                     Reasoning(markers, opened) if markers else None) for _ in range(n)]
 
     job = Job(served, prompt, sampling, n, asyncio.get_running_loop())
     request.app.state.engine.submit(job)
@@ -417,9 +457,12 @@ async def chat_completions(request: Request):
             "system_fingerprint": None}
     def usage_of() -> dict:  # exact: prompt tokens once, every generated token of every choice (end of turn too)
         completion = sum(r.tokens for r in replies)
-        return {"prompt_tokens": len(prompt), "completion_tokens": completion,
-                "total_tokens": len(prompt) + completion,
-                "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}  # from the prefix cache
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": completion,
+                 "total_tokens": len(prompt) + completion,
+                 "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}  # from the prefix cache
+        if markers:
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(r.reasoning_tokens for r in replies)}
+        return usage
 
     log = request.scope.setdefault("state", {})
 
@@ -441,6 +484,8 @@ async def chat_completions(request: Request):
     choices = []
     for i, reply in enumerate(replies):
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
+        if markers:
+            message["reasoning_content"] = reply.reasoning
         if reply.calls:
             message["content"] = reply.content or None
             message["tool_calls"] = [_tool_call_json(c, k, f"call_{uuid.uuid4().hex[:24]}")
@@ -502,6 +547,9 @@ async def _stream(job: Job, replies: list[Reply], meta: dict, req: ChatRequest, 
         yield chunk([delta(i, {"role": "assistant", "content": ""}) for i in range(job.n)])
         try:
             async for choice, reply, text, finished in _read(job, replies):
+                reasoning = reply.take_reasoning()
+                if reasoning:
+                    yield chunk([delta(choice, {"reasoning_content": reasoning}, reply=reply if not text else None)])
                 if text:
                     yield chunk([delta(choice, {"content": text}, reply=reply)])
                 if not finished:
