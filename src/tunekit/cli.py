@@ -85,9 +85,10 @@ def _print_check_report(report, show_all: bool = False) -> None:
         where = "file" if p.line is None else f"line {p.line}" + (f":{p.column}" if p.column else "")
         return where if (p.file or main) == main else f"{Path(p.file).name} {where}"
 
-    head = f"[bold]{escape(main)}[/]: {report.lines:,} lines, {report.examples:,} valid examples"
+    noun = "pairs" if report.format == "preference" else "examples"
+    head = f"[bold]{escape(main)}[/]: {report.lines:,} lines, {report.examples:,} valid {noun}"
     if report.validation is not None:
-        head += f"; validation [bold]{escape(report.validation)}[/]: {report.validation_examples:,} valid examples"
+        head += f"; validation [bold]{escape(report.validation)}[/]: {report.validation_examples:,} valid {noun}"
     console.print(head, highlight=False)
     for severity, title in (("error", "Errors"), ("warning", "Warnings")):
         total = report.count(severity)
@@ -141,10 +142,34 @@ def _print_check_report(report, show_all: bool = False) -> None:
             console.print(f"tokens per epoch: {s.tokens_per_epoch:,} processed, {s.trained_tokens_per_epoch:,} trained")
             console.print(f"estimated for {s.epochs} epochs: {s.estimated_tokens:,} tokens processed "
                           f"(compute and cost follow these), {s.estimated_trained_tokens:,} trained")
+    if report.preference is not None:
+        _print_pair_stats(report.preference)
     for note in report.notes:
         console.print(f"[dim]note: {escape(note)}[/]")
     verdict = "[green]✓ no errors[/]" if report.ok else f"[red]✗ {report.errors:,} error(s)[/]"
     console.print(f"{verdict}, {report.warnings:,} warning(s), {report.count('info'):,} note(s)")
+
+
+def _print_pair_stats(s) -> None:
+    """The statistics of a preference file (data.check.PreferenceStats)."""
+    from rich.table import Table
+
+    forms = ", ".join(f"{form} {n:,}" for form, n in sorted(s.forms.items()))
+    table = Table(title=f"{s.pairs:,} pairs ({forms}), lengths in {s.unit}", title_justify="left")
+    for col in ("per pair", "min", "p5", "median", "mean", "p95", "max", "total"):
+        table.add_column(col, justify="left" if col == "per pair" else "right")
+    for name, summ in (("prompt", s.prompt), ("chosen", s.chosen), ("rejected", s.rejected)):
+        table.add_row(name, *(f"{v:,.0f}" if float(v).is_integer() else f"{v:,.1f}"
+                              for v in (summ.min, summ.p5, summ.median, summ.mean, summ.p95, summ.max, summ.total)))
+    console.print(table)
+    console.print(f"pairs whose replies differ only in whitespace: {s.whitespace_only:,} "
+                  f"({s.whitespace_only_share:.1%})")
+    console.print(f"recommended epochs: {s.epochs}")
+    if s.max_len is not None:
+        fate = ("dropped: a reply is never cut" if s.truncation == "drop" else
+                f"{s.prompt_cut:,} kept with the prompt's start cut, {s.completion_cut:,} refused: a reply alone "
+                "does not fit")
+        console.print(f"pairs longer than {s.max_len} tokens: {s.over_max_len:,} ({fate})")
 
 
 @data_app.command("check")
@@ -153,7 +178,7 @@ def data_check(
     validation: Annotated[Path | None, typer.Option("--validation", help="Validation JSONL (checked for overlap)")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Local model dir or hub id: token statistics")] = None,
     max_len: Annotated[int | None, typer.Option("--max-len", min=1, help="Count examples longer than this")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, chat, completion or text")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto, chat, completion, text or preference")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
     max_line_bytes: Annotated[int, typer.Option("--max-line-bytes", min=1,
                                                 help="Longer lines are reported, not loaded")] = 16 * 2**20,
@@ -163,12 +188,14 @@ def data_check(
     cache: Annotated[bool, typer.Option("--cache/--no-cache", help="With --model: read (or write) the rendered "
                                         "data cache that training uses")] = True,
 ) -> None:
-    """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate."""
+    """Check a data file: every problem with its line and JSON path, length statistics, epoch estimate.
+    A preference file (DPO pairs: OpenAI's or TRL's) is checked as pairs."""
     from tunekit.data.check import check_file
     from tunekit.model import load_tokenizer
 
-    if fmt not in ("auto", "chat", "completion", "text"):
-        fail(TunekitError(Problem("--format", f"unknown format {fmt!r}", "use auto, chat, completion or text")))
+    if fmt not in ("auto", "chat", "completion", "text", "preference"):
+        fail(TunekitError(Problem("--format", f"unknown format {fmt!r}",
+                                  "use auto, chat, completion, text or preference")))
     if truncation not in ("drop", "truncate"):
         fail(TunekitError(Problem("--truncation", f"unknown mode {truncation!r}", "use drop or truncate")))
     if show not in ("summary", "all"):
@@ -223,22 +250,34 @@ def data_preview(
 def data_convert(
     src: Path,
     dst: Path,
-    source: Annotated[str, typer.Option("--from", help="Input format: sharegpt or alpaca")],
+    source: Annotated[str | None, typer.Option("--from", help="Input format: sharegpt or alpaca (to chat)")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Preference pairs (OpenAI's or TRL's, detected per line) "
+                                                        "to openai-dpo or trl")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave bad records out instead of failing")] = False,
 ) -> None:
-    """Convert ShareGPT or Alpaca JSONL to OpenAI chat JSONL (written atomically)."""
+    """Convert ShareGPT or Alpaca JSONL to OpenAI chat JSONL, or preference pairs between OpenAI's DPO lines
+    and TRL's chosen / rejected (written atomically)."""
     from tunekit.data.convert import convert_file
 
-    if source not in ("sharegpt", "alpaca"):
+    if source is None and to is None:
+        fail(TunekitError(Problem("--from", "say what to convert", "--from sharegpt|alpaca converts to chat, "
+                                                                   "--to openai-dpo|trl converts preference pairs")))
+    if source is not None and to is not None:
+        fail(TunekitError(Problem("--to", "--from and --to cannot be combined", "--from sharegpt|alpaca converts to "
+                                  "chat; --to openai-dpo|trl reads preference pairs of either form")))
+    if source is not None and source not in ("sharegpt", "alpaca"):
         fail(TunekitError(Problem("--from", f"unknown input format {source!r}", "use sharegpt or alpaca")))
+    if to is not None and to not in ("openai-dpo", "trl"):
+        fail(TunekitError(Problem("--to", f"unknown preference format {to!r}", "use openai-dpo or trl")))
     try:
-        result = convert_file(src, dst, source, skip_bad=skip_bad)  # type: ignore[arg-type]
+        result = convert_file(src, dst, source, to=to, skip_bad=skip_bad)  # type: ignore[arg-type]
     except TunekitError as exc:
         fail(exc)
     for issue in result.skipped:
         err_console.print(f"  [yellow]skipped[/] [bold]{issue.where}[/]: {issue.message}", highlight=False)
-    console.print(f"[green]✓[/] wrote {result.written} examples to {dst}"
-                  + (f" ({len(result.skipped)} bad records left out)" if result.skipped else ""))
+    left_out = len({issue.line for issue in result.skipped})
+    console.print(f"[green]✓[/] wrote {result.written} {'pairs' if to else 'examples'} to {dst}"
+                  + (f" ({left_out} bad records left out)" if result.skipped else ""))
 
 
 # ------------------------------------------------------------------------------------------- data cache

@@ -10,6 +10,13 @@ Without one, characters are counted instead and a note says token counts need `-
 
 Percentiles (p5, median, p95) are linear interpolation between the closest ranks (numpy's default,
 equal to `statistics.quantiles(..., method="inclusive")`).
+
+A preference file (`tunekit.data.preference`: OpenAI's DPO lines or TRL's chosen / rejected pairs, recognised by
+its first record or given as fmt="preference") gets its own statistics, `PreferenceStats`, in the report's
+`preference` (its `stats` is None): the pairs, the prompt's and each reply's lengths as `render_pair` renders them
+with the tokenizer, what max_len does to them (a reply is never cut: "drop" leaves the pair out, "truncate" cuts
+the prompt's first tokens and refuses a pair whose reply alone does not fit) and the pairs whose replies differ
+only in whitespace. Each pair is rendered in this process (no cache, no worker pool).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from tunekit.data.formats import (
     Format,
     Severity,
     check_readable,
+    detect_format,
     read_jsonl,
     record_digest,
     validate_in_file,
@@ -108,6 +116,28 @@ class Stats:
 
 
 @dataclass
+class PreferenceStats:
+    """A preference file's numbers: per valid pair, the prompt's and each reply's length (tokens as `render_pair`
+    renders them, or characters without a tokenizer), and what max_len does to the pairs."""
+
+    pairs: int
+    unit: Literal["tokens", "characters"]
+    forms: dict[str, int]  # valid pairs per wire form: "openai", "trl" (messages), "trl-text"
+    prompt: Summary | None
+    chosen: Summary | None  # the preferred reply
+    rejected: Summary | None  # the non-preferred reply
+    whitespace_only: int = 0  # pairs whose replies differ only in whitespace (preference_whitespace_only warnings)
+    whitespace_only_share: float = 0.0  # of the valid pairs
+    epochs: int | None = None  # recommended_epochs(pairs)
+    max_len: int | None = None
+    truncation: Literal["drop", "truncate"] = "drop"
+    over_max_len: int = 0  # pairs with a side (prompt + reply) longer than max_len, refused ones included
+    dropped: int = 0  # "drop": pairs left out for it
+    prompt_cut: int = 0  # "truncate": pairs kept with the prompt's first tokens cut, both replies whole
+    completion_cut: int = 0  # "truncate": pairs refused, a reply alone does not fit (preference_completion_cut)
+
+
+@dataclass
 class CheckReport:
     path: str
     format: Format | None
@@ -120,6 +150,7 @@ class CheckReport:
     validation: str | None = None
     validation_examples: int | None = None
     notes: list[str] = field(default_factory=list)
+    preference: PreferenceStats | None = None  # the statistics of a preference file (stats is None then)
 
     def count(self, severity: Severity) -> int:
         return sum(n for code, n in self.counts.items() if self.severities[code] == severity)
@@ -137,7 +168,7 @@ class CheckReport:
         return self.errors == 0
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "path": self.path, "validation": self.validation, "format": self.format, "lines": self.lines,
             "examples": self.examples, "validation_examples": self.validation_examples,
             "errors": self.errors, "warnings": self.warnings, "ok": self.ok,
@@ -145,6 +176,9 @@ class CheckReport:
             "problems": [p.to_dict() for p in self.problems], "problems_stored": len(self.problems),
             "stats": asdict(self.stats) if self.stats else None, "notes": list(self.notes),
         }
+        if self.format == "preference":
+            out["preference"] = asdict(self.preference) if self.preference else None
+        return out
 
 
 class _Problems:
@@ -280,6 +314,30 @@ def _scan(path: Path, fmt: Format | None, problems: _Problems, *, stats: bool,
     return scan
 
 
+def _overlap(scan: Any, vscan: Any, sd: np.ndarray, order: np.ndarray, path: Path, validation: Path,
+             problems: _Problems) -> None:
+    """train_valid_overlap for each validation example whose digest is in the training file's sorted `sd`."""
+    v = np.frombuffer(vscan.digests, dtype=np.uint64) if len(vscan.digests) else np.zeros(0, np.uint64)
+    pos = np.searchsorted(sd, v)
+    hit = (pos < len(sd)) & (sd[np.minimum(pos, len(sd) - 1)] == v) if len(sd) else np.zeros(len(v), bool)
+    for k in np.flatnonzero(hit):
+        train_line = scan.line_of[int(order[pos[k]])]  # stable sort: the first train line with it
+        problems.add(DataIssue("train_valid_overlap", "", f"also in the training file {path} at line {train_line}",
+                               "remove it from one of the files: a validation example seen in training "
+                               "makes validation loss look better than it is", "warning",
+                               vscan.line_of[int(k)], str(validation)))
+
+
+def _count_problem(n: int, path: Path, problems: _Problems) -> None:
+    if n == 0:
+        problems.add(DataIssue("no_examples", "", "no valid examples in the file",
+                               "add one JSON object per line (see the problems above)", "error", None, str(path)))
+    elif n < MIN_EXAMPLES:
+        problems.add(DataIssue("too_few_examples", "", f"only {n} valid examples",
+                               f"at least {MIN_EXAMPLES} are needed to learn anything; 50-100 is a better start",
+                               "warning", None, str(path)))
+
+
 def _placed(issue: DataIssue, file: str, line: int | None) -> DataIssue:
     return DataIssue(issue.code, issue.path, issue.message, issue.hint, issue.severity,
                      line if issue.line is None else issue.line, file, issue.column)
@@ -292,7 +350,7 @@ def _sorted_digests(digests: array) -> tuple[np.ndarray, np.ndarray]:
     return d[order], order
 
 
-def _duplicates(scan: _Scan, label: str, problems: _Problems) -> tuple[np.ndarray, np.ndarray]:
+def _duplicates(scan: Any, label: str, problems: _Problems) -> tuple[np.ndarray, np.ndarray]:
     sd, order = _sorted_digests(scan.digests)
     repeats = np.flatnonzero(sd[1:] == sd[:-1]) + 1  # sorted positions equal to the one before
     firsts = order[np.searchsorted(sd, sd[repeats], side="left")]  # earliest example with that digest
@@ -317,7 +375,7 @@ def _cache_entry(path: Path, tokenizer: Any, fmt: str, max_line_bytes: int, num_
 
 def check_file(path: str | Path, *, validation: str | Path | None = None, tokenizer: Any = None,
                max_len: int | None = None, count_fn: CountFn | None = None,
-               fmt: Literal["auto", "chat", "completion", "text"] = "auto",
+               fmt: Literal["auto", "chat", "completion", "text", "preference"] = "auto",
                max_line_bytes: int = MAX_LINE_BYTES, truncation: Literal["drop", "truncate"] = "drop",
                cache: bool = True, num_workers: int | Literal["auto"] = "auto") -> CheckReport:
     """Check a training file (and optionally a validation file) in one streaming pass each.
@@ -328,7 +386,7 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
     the tokenizer where the file cannot be rendered whole. Raises DataError only when a file cannot be opened
     at all (missing, a directory); everything else is a problem in the report. A line longer than
     `max_line_bytes` is reported (`line_too_long`) and never loaded. `num_workers`: processes that render
-    (1: in this process, as a server does).
+    (1: in this process, as a server does). A preference file is checked as pairs (see the module doc).
     """
     path = check_readable(path)
     if validation is not None:
@@ -343,6 +401,9 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
                                    "error", None, None))
         if unusable:
             tokenizer = None
+    if fmt == "preference" or (fmt == "auto" and _first_format(path, max_line_bytes) == "preference"):
+        return _check_pairs(path, validation, problems, tokenizer=tokenizer, max_len=max_len, truncation=truncation,
+                            max_line_bytes=max_line_bytes)
     store = None
     if count_fn is None and tokenizer is not None and cache:
         store = _cache_entry(path, tokenizer, fmt, max_line_bytes, num_workers)
@@ -375,23 +436,8 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
                       max_line_bytes=max_line_bytes)
         validation_examples = len(vscan.line_of)
         _duplicates(vscan, str(validation), problems)
-        v = np.frombuffer(vscan.digests, dtype=np.uint64) if len(vscan.digests) else np.zeros(0, np.uint64)
-        pos = np.searchsorted(sd, v)
-        hit = (pos < len(sd)) & (sd[np.minimum(pos, len(sd) - 1)] == v) if len(sd) else np.zeros(len(v), bool)
-        for k in np.flatnonzero(hit):
-            train_line = scan.line_of[int(order[pos[k]])]  # stable sort: the first train line with it
-            problems.add(DataIssue("train_valid_overlap", "", f"also in the training file {path} at line {train_line}",
-                                   "remove it from one of the files: a validation example seen in training "
-                                   "makes validation loss look better than it is", "warning",
-                                   vscan.line_of[int(k)], str(validation)))
-
-    if n == 0:
-        problems.add(DataIssue("no_examples", "", "no valid examples in the file",
-                               "add one JSON object per line (see the problems above)", "error", None, str(path)))
-    elif n < MIN_EXAMPLES:
-        problems.add(DataIssue("too_few_examples", "", f"only {n} valid examples",
-                               f"at least {MIN_EXAMPLES} are needed to learn anything; 50-100 is a better start",
-                               "warning", None, str(path)))
+        _overlap(scan, vscan, sd, order, path, validation, problems)
+    _count_problem(n, path, problems)
 
     notes = []
     stats = None
@@ -426,3 +472,142 @@ def check_file(path: str | Path, *, validation: str | Path | None = None, tokeni
                        counts=dict(problems.counts), severities=problems.severities, stats=stats,
                        validation=str(validation) if validation is not None else None,
                        validation_examples=validation_examples, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference files
+
+
+def _first_format(path: Path, max_line_bytes: int) -> Format | None:
+    """The format of a file's first record that has one (the file's format when it is "auto")."""
+    for line in read_jsonl(path, max_line_bytes=max_line_bytes):
+        found = detect_format(line.record) if line.record is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class _PairScan:
+    """What one pass over a preference file keeps: compact per-pair columns."""
+
+    lines: int = 0
+    line_of: array = field(default_factory=lambda: array("I"))
+    digests: array = field(default_factory=lambda: array("Q"))
+    prompt: array = field(default_factory=lambda: array("Q"))
+    chosen: array = field(default_factory=lambda: array("Q"))
+    rejected: array = field(default_factory=lambda: array("Q"))
+    forms: Counter = field(default_factory=Counter)
+    chat: bool = False  # some pair is a conversation (rendered with the chat template)
+    whitespace_only: int = 0
+    over_max_len: int = 0
+    dropped: int = 0
+    prompt_cut: int = 0
+    completion_cut: int = 0
+
+
+def _scan_pairs(path: Path, problems: _Problems, *, tokenizer: Any, max_len: int | None,
+                truncation: Literal["drop", "truncate"], max_line_bytes: int) -> _PairScan:
+    from tunekit.data.preference import (
+        differ_only_in_whitespace,
+        fit_pair,
+        preference_lengths,
+        read_preference,
+        render_pair,
+    )
+
+    scan = _PairScan()
+    label = str(path)
+    for line in read_jsonl(path, max_line_bytes=max_line_bytes):
+        scan.lines = line.number
+        for issue in line.issues:
+            problems.add(_placed(issue, label, line.number))
+        if line.record is None:
+            continue
+        _, issues = validate_in_file(line.record, "preference")
+        pref = pair = None
+        if not any(i.severity == "error" for i in issues):
+            pref = read_preference(line.record)  # valid: cannot raise
+            if tokenizer is not None:
+                try:
+                    pair = render_pair(pref, tokenizer)
+                except TunekitError as exc:
+                    message = "; ".join(p.message for p in exc.problems) or str(exc)
+                    hints = [p.hint for p in exc.problems if p.hint]
+                    issues.append(DataIssue("render_failed", exc.problems[0].where if exc.problems else "",
+                                            f"cannot render with the tokenizer: {message}",
+                                            hints[0] if hints else "see the problems of this line"))
+        if pair is not None and pref is not None:
+            if pair.chosen == pair.rejected:
+                issues.append(DataIssue("preference_identical_sides", pref.places.sides[1], "the chat template "
+                                        "renders both replies as the same tokens", "give two different replies (the "
+                                        "pair teaches nothing), or leave the pair out"))
+            if max_len is not None:
+                _, fit = fit_pair(pair, max_len, truncation)
+                scan.over_max_len += fit != "fits"
+                scan.dropped += fit == "dropped"
+                scan.prompt_cut += fit == "prompt_cut"
+                if fit == "completion_cut":
+                    scan.completion_cut += 1
+                    longest = max(len(pair.chosen), len(pair.rejected))
+                    issues.append(DataIssue(
+                        "preference_completion_cut", "", f"a reply of {longest} tokens does not fit max_len={max_len} "
+                        "after even one prompt token: truncation would cut the answer",
+                        "raise --max-len (data.max_len), shorten the reply, or use --truncation drop to leave such "
+                        "pairs out"))
+        for issue in issues:
+            problems.add(_placed(issue, label, line.number))
+        if pref is None or any(i.severity == "error" for i in issues):
+            continue
+        scan.line_of.append(line.number)
+        scan.digests.append(record_digest(line.record))
+        scan.forms["trl-text" if pref.text else pref.form] += 1
+        scan.chat = scan.chat or not pref.text
+        scan.whitespace_only += differ_only_in_whitespace(pref)
+        lengths = (len(pair.prompt), len(pair.chosen), len(pair.rejected)) if pair else preference_lengths(pref)
+        for column, n in zip((scan.prompt, scan.chosen, scan.rejected), lengths, strict=True):
+            column.append(n)
+    return scan
+
+
+def _check_pairs(path: Path, validation: Path | None, problems: _Problems, *, tokenizer: Any, max_len: int | None,
+                 truncation: Literal["drop", "truncate"], max_line_bytes: int) -> CheckReport:
+    scan = _scan_pairs(path, problems, tokenizer=tokenizer, max_len=max_len, truncation=truncation,
+                       max_line_bytes=max_line_bytes)
+    sd, order = _duplicates(scan, str(path), problems)
+    n = len(scan.line_of)
+    validation_examples = None
+    if validation is not None:
+        vscan = _scan_pairs(validation, problems, tokenizer=tokenizer, max_len=None, truncation=truncation,
+                            max_line_bytes=max_line_bytes)
+        validation_examples = len(vscan.line_of)
+        _duplicates(vscan, str(validation), problems)
+        _overlap(scan, vscan, sd, order, path, validation, problems)
+    _count_problem(n, path, problems)
+
+    notes = []
+    stats = None
+    if n:
+        stats = PreferenceStats(
+            pairs=n, unit="characters" if tokenizer is None else "tokens", forms=dict(scan.forms),
+            prompt=summarize(scan.prompt), chosen=summarize(scan.chosen), rejected=summarize(scan.rejected),
+            whitespace_only=scan.whitespace_only, whitespace_only_share=scan.whitespace_only / n,
+            epochs=recommended_epochs(n))
+        if tokenizer is None:
+            notes.append("lengths are in characters; token counts and max-length need a tokenizer (--model)")
+        else:
+            stats.max_len, stats.truncation = max_len, truncation
+            stats.over_max_len, stats.dropped = scan.over_max_len, scan.dropped
+            stats.prompt_cut, stats.completion_cut = scan.prompt_cut, scan.completion_cut
+            if max_len is None:
+                notes.append("no --max-len given: every pair is counted as fitting")
+    if tokenizer is not None and scan.chat and getattr(tokenizer, "chat_template", None):
+        from tunekit.data.render import template_warnings
+
+        notes += template_warnings(tokenizer)
+    file_order = {str(path): 0, str(validation): 1}
+    stored = sorted(problems.stored, key=lambda p: (file_order.get(p.file or "", 2), p.line or 0))
+    return CheckReport(path=str(path), format="preference", lines=scan.lines, examples=n, problems=stored,
+                       counts=dict(problems.counts), severities=problems.severities, stats=None,
+                       validation=str(validation) if validation is not None else None,
+                       validation_examples=validation_examples, notes=notes, preference=stats)

@@ -1,4 +1,4 @@
-"""Convert ShareGPT and Alpaca JSONL files to OpenAI chat JSONL.
+"""Convert ShareGPT and Alpaca JSONL files to OpenAI chat JSONL, and preference pairs between OpenAI's and TRL's forms.
 
 ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation", "value": str}],
            "system"?: str, "tools"?: JSON string or list of function specs}
@@ -7,6 +7,16 @@ ShareGPT  {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"ob
           tool messages answering those calls in order.
 Alpaca    {"instruction": str, "input"?: str, "output": str, "system"?: str, "history"?: [[user, assistant]]}
           -> system?, the history turns, user: instruction (+ a blank line + input), assistant: output.
+
+Preference pairs (`tunekit.data.preference`; either form read, detected per line):
+  openai-dpo  {"input": {"messages", "tools"?, "parallel_tool_calls"?}, "preferred_output": [reply],
+               "non_preferred_output": [reply]}. TRL text pairs become chat: the prompt a user message, each reply
+               an assistant message (so they are then rendered with the chat template).
+  trl         {"prompt": [messages], "chosen": [reply], "rejected": [reply], "tools"?: [...]} (explicit prompt),
+               "parallel_tool_calls" kept only when false; TRL text pairs stay text ({"prompt", "chosen", "rejected"}
+               strings), an implicit prompt made explicit.
+A reply's `weight` is dropped (preference replies are always trained). openai-dpo -> trl -> openai-dpo gives back
+the same pairs.
 
 Files are streamed and written atomically: into a temporary file beside the target, renamed over it
 only when every record converted, so a failure leaves no half-written file.
@@ -25,6 +35,7 @@ from tunekit.data.formats import DataIssue, read_jsonl
 from tunekit.errors import DataError, Problem
 
 Source = Literal["sharegpt", "alpaca"]
+Target = Literal["openai-dpo", "trl"]
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "function_call": "function_call", "observation": "tool",
@@ -160,19 +171,63 @@ def sharegpt_to_chat(record: Any) -> dict:
     return out
 
 
+def _reply(message: dict | str, text: bool) -> dict:
+    if text:
+        return {"role": "assistant", "content": message}
+    assert isinstance(message, dict)
+    return {k: v for k, v in message.items() if k != "weight"}
+
+
+def to_openai_dpo(record: Any) -> dict:
+    """One preference record (OpenAI's or TRL's form) -> an OpenAI DPO line. DataError for an invalid record."""
+    from tunekit.data.preference import read_preference
+
+    pref = read_preference(record)
+    prompt = [{"role": "user", "content": pref.prompt}] if isinstance(pref.prompt, str) else list(pref.prompt)
+    return {"input": {"messages": prompt, **pref.extras},
+            "preferred_output": [_reply(pref.chosen, pref.text)],
+            "non_preferred_output": [_reply(pref.rejected, pref.text)]}
+
+
+def to_trl(record: Any) -> dict:
+    """One preference record (OpenAI's or TRL's form) -> a TRL pair with an explicit prompt. DataError for an
+    invalid record."""
+    from tunekit.data.preference import read_preference
+
+    pref = read_preference(record)
+    if pref.text:
+        return {"prompt": pref.prompt, "chosen": pref.chosen, "rejected": pref.rejected}
+    out: dict = {"prompt": list(pref.prompt), "chosen": [_reply(pref.chosen, False)],
+                 "rejected": [_reply(pref.rejected, False)]}
+    for key, value in pref.extras.items():
+        if key != "parallel_tool_calls" or value is False:  # true is the default: nothing to keep
+            out[key] = value
+    return out
+
+
 @dataclass
 class ConvertResult:
     written: int
     skipped: list[DataIssue] = field(default_factory=list)  # bad records left out (skip_bad=True)
 
 
-def convert_file(src: str | Path, dst: str | Path, source: Source, *, skip_bad: bool = False) -> ConvertResult:
-    """Convert a ShareGPT / Alpaca JSONL file to chat JSONL at `dst`, atomically.
+def convert_file(src: str | Path, dst: str | Path, source: Source | None = None, *, to: Target | None = None,
+                 skip_bad: bool = False) -> ConvertResult:
+    """Convert a ShareGPT / Alpaca JSONL file (`source`) to chat JSONL, or a preference file (either form) to the
+    preference form `to`, at `dst`, atomically.
 
-    Every bad record is reported with its line. Without `skip_bad` any bad record raises a DataError and
-    `dst` is left untouched; with it, bad records are left out and listed in the result.
+    Every bad record is reported with its line (a preference record with the codes of `tunekit data check`).
+    Without `skip_bad` any bad record raises a DataError and `dst` is left untouched; with it, bad records are
+    left out and listed in the result.
     """
-    convert = sharegpt_to_chat if source == "sharegpt" else alpaca_to_chat
+    if (source is None) == (to is None):
+        raise ValueError("give either source (sharegpt, alpaca) or to (openai-dpo, trl)")
+    if to is not None:
+        what = "preference pairs"
+        convert = to_openai_dpo if to == "openai-dpo" else to_trl
+    else:
+        what = source
+        convert = sharegpt_to_chat if source == "sharegpt" else alpaca_to_chat
     dst = Path(dst)
     if dst.is_dir():
         raise DataError(Problem(str(dst), "is a directory", "give the path of the .jsonl file to write"))
@@ -189,6 +244,12 @@ def convert_file(src: str | Path, dst: str | Path, source: Source, *, skip_bad: 
                         for i in line.issues if i.severity == "error"]
                 if line.record is None:
                     continue
+                if to is not None:
+                    errors = _preference_errors(line.record)
+                    if errors:
+                        bad += [DataIssue(i.code, i.path, i.message, i.hint, "error", line.number, str(src))
+                                for i in errors]
+                        continue
                 try:
                     chat = convert(line.record)
                 except ConvertError as exc:
@@ -199,8 +260,21 @@ def convert_file(src: str | Path, dst: str | Path, source: Source, *, skip_bad: 
                 written += 1
         if bad and not skip_bad:
             raise DataError([i.to_problem() for i in bad[:100]],
-                            title=f"{src}: {len(bad)} record(s) cannot be converted from {source}; nothing written")
+                            title=f"{src}: {len({i.line for i in bad})} record(s) cannot be converted from {what}; "
+                                  "nothing written")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
     return ConvertResult(written, bad)
+
+
+def _preference_errors(record: Any) -> list[DataIssue]:
+    """The errors of a record read as a preference pair; a record of another format is one `format_mismatch`."""
+    from tunekit.data.formats import detect_format
+    from tunekit.data.preference import validate_preference
+
+    found = detect_format(record)
+    if found is not None and found != "preference":
+        return [DataIssue("format_mismatch", "", f"a {found} record, not a preference pair",
+                          "give a file of pairs: OpenAI's DPO lines or TRL's prompt / chosen / rejected")]
+    return [i for i in validate_preference(record) if i.severity == "error"]

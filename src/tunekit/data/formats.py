@@ -1,10 +1,12 @@
 """Data formats: stream a JSONL file line by line and validate each record.
 
-Three record formats are accepted (one per file):
+Four record formats are accepted (one per file):
   chat        {"messages": [...], "tools"?: [...], "parallel_tool_calls"?: bool, "functions"?: [...]}
               (the OpenAI fine-tuning format, with tool calls, legacy function calls and `weight`)
   completion  {"prompt": str, "completion": str}
   text        {"text": str}
+  preference  a prompt and two replies: OpenAI's DPO lines {"input", "preferred_output", "non_preferred_output"}
+              or TRL's {"prompt"?, "chosen", "rejected"} (validated and rendered by `tunekit.data.preference`)
 
 Every problem is a `DataIssue` with a stable `code`, the line, a JSON path inside the record
 (`messages[2].tool_calls[0].function.arguments`), a message, a hint and a severity:
@@ -39,7 +41,7 @@ from typing import Any, Literal
 from tunekit.errors import DataError, Problem
 
 Severity = Literal["error", "warning", "info"]
-Format = Literal["chat", "completion", "text"]
+Format = Literal["chat", "completion", "text", "preference"]
 
 CHAT_ROLES = ("system", "user", "assistant", "tool", "function")  # "function": legacy function result
 MESSAGE_KEYS = ("role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight",
@@ -49,6 +51,9 @@ TOP_KEYS: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
 }
+# Keys that make a record a preference pair (checked before "prompt" / "messages": TRL's pairs have a "prompt").
+PREFERENCE_KEYS = ("preferred_output", "non_preferred_output", "preferred_completion", "non_preferred_completion",
+                   "chosen", "rejected")
 SHAPES_HINT = ('each line needs {"messages": [...]} (chat), {"prompt": ..., "completion": ...} '
                'or {"text": ...}')
 
@@ -233,6 +238,8 @@ def detect_format(record: Any) -> Format | None:
     """The format a record is written in, from its keys; None when it matches none."""
     if not isinstance(record, dict):
         return None
+    if any(key in record for key in PREFERENCE_KEYS):
+        return "preference"
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -248,6 +255,10 @@ def detect_format(record: Any) -> Format | None:
 
 def validate_record(record: Any, fmt: Format = "chat") -> list[DataIssue]:
     """All problems of one record read as `fmt` (issues carry no line; the caller adds it)."""
+    if fmt == "preference":
+        from tunekit.data.preference import validate_preference  # it builds on this module's chat rules
+
+        return validate_preference(record)
     if not isinstance(record, dict):
         return [DataIssue("data_type", "", f"each line must be a JSON object, got {type(record).__name__}",
                           SHAPES_HINT)]
@@ -571,7 +582,7 @@ def validate_in_file(record: Any, file_fmt: Format | None) -> tuple[Format, list
 # Loading for training
 
 
-def load_examples(path: str | Path, fmt: Literal["auto", "chat", "completion", "text"] = "auto"
+def load_examples(path: str | Path, fmt: Literal["auto", "chat", "completion", "text", "preference"] = "auto"
                   ) -> tuple[Format, list[tuple[int, dict]]]:
     """Read and validate a whole file for training: (format, [(line, record)]).
 

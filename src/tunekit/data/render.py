@@ -92,6 +92,9 @@ class _Turn:
 def detect_format(example: dict) -> str:
     """"chat" ({"messages": ...}), "completion" ({"prompt", "completion"}) or "text" ({"text"}); else DataError."""
     fmt = formats.detect_format(example)
+    if fmt == "preference":
+        raise DataError(Problem("", "a preference pair (two replies to compare), not an example to train on as is",
+                                "render it with tunekit.data.preference.render_pair"))
     if fmt is None or (fmt == "completion" and not ("prompt" in example and "completion" in example)):
         keys = ", ".join(sorted(example)) if isinstance(example, dict) else type(example).__name__
         raise DataError(Problem("", f"unknown example format (keys: {keys or 'none'})",
