@@ -40,7 +40,8 @@ class DataConfig(Section):
     train: Path
     validation: Path | None = None
     validation_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
-    format: Literal["auto", "chat", "completion", "text"] = "auto"
+    # "preference": pairs for objective: dpo (auto recognises them too; see docs/preference.md)
+    format: Literal["auto", "chat", "completion", "text", "preference"] = "auto"
     max_len: Annotated[int, Field(ge=16)] = 2048
     # "drop": examples longer than max_len are left out and reported (default: nothing is cut silently).
     # "truncate": cut at max_len; trained tokens past the cut are lost and counted.
@@ -127,6 +128,25 @@ class TrainConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
+class DpoConfig(Section):
+    """The preference objective (objective: dpo; docs/preference.md, "Training with preferences")."""
+
+    # Strength of the implicit KL tie to the reference: rewards are beta x (policy - reference) log-probs.
+    beta: Annotated[float, Field(gt=0, le=2)] = 0.1
+    # sigmoid: DPO; ipo: IPO (squared loss on length-normalised log-ratios); orpo: odds ratio + NLL of the
+    # preferred side; simpo: length-normalised margin minus simpo_gamma. ORPO and SimPO use no reference model.
+    loss: Literal["sigmoid", "ipo", "orpo", "simpo"] = "sigmoid"
+    # Conservative DPO / SimPO: the share of pairs assumed to be labelled the wrong way round.
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    # Weight of an NLL term on the preferred side (per-token mean), as RPO; ORPO has its own at weight 1.
+    sft_weight: Annotated[float, Field(ge=0)] = 0.0
+    # SimPO's target reward margin (gamma, in reward units).
+    simpo_gamma: Annotated[float, Field(ge=0)] = 0.5
+    # The reference log-probs: adapter-off (LoRA / QLoRA: the base with the adapter switched off), precompute
+    # (computed once before training, kept in the run dir); auto: adapter-off for a new adapter, else precompute.
+    reference: Literal["auto", "adapter-off", "precompute"] = "auto"
+
+
 class EvalConfig(Section):
     enabled: bool = False
     data: Path | None = None  # default: data.validation
@@ -169,12 +189,15 @@ class OutputConfig(Section):
 class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
+    # sft: next-token NLL on chat / completion / text data; dpo: preference pairs (the dpo section).
+    objective: Literal["sft", "dpo"] = "sft"
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (saved next to the weights so a run can be reproduced)."""

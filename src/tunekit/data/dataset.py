@@ -336,3 +336,109 @@ def valid_rows(lengths: list[int], max_len: int, packing: bool) -> list[list[int
         return best_fit_decreasing(lengths, max_len)
     return [[i] for i in range(len(lengths))]
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Preference pairs (objective: dpo)
+
+
+@dataclass
+class PairSplits:
+    """Preference pairs for training, as (preferred, non-preferred) sequences (`preference.pair_sequences`).
+
+    The fit reports count pairs (`sequences`, `kept`, `dropped_too_long`, `truncated`: pairs whose prompt was
+    cut) and the tokens of both sides (`tokens`, `trained_tokens`). Rendered in memory: not in the data cache.
+    """
+
+    train: list[tuple[Sequence, Sequence]]
+    valid: list[tuple[Sequence, Sequence]]
+    n_train_examples: int
+    n_valid_examples: int
+    train_fit: FitReport
+    valid_fit: FitReport
+    notes: list[str] = field(default_factory=list)
+
+    def train_lengths(self) -> list[int]:
+        """Tokens of each training pair, both sides (what a packed row holds of it)."""
+        return [len(c) + len(r) for c, r in self.train]
+
+
+def read_pairs(path: Path, tokenizer, data: DataConfig) -> list:
+    """Validate and render every pair of a preference file (`preference.render_pair`), in file order, each
+    PreferencePair's `source` naming its file and line; a DataError lists every problem (up to 50) by line."""
+    from tunekit.data.formats import load_examples
+    from tunekit.data.preference import render_pair
+
+    fmt, records = load_examples(path, "preference" if data.format == "preference" else "auto")
+    if fmt != "preference":
+        raise DataError(Problem(f"{path}:{records[0][0]}", f"a {fmt} record: preference training (objective: dpo) "
+                                "reads preference pairs", "give a file of pairs (docs/preference.md), or set "
+                                "objective: sft to train on this file"))
+    pairs, problems = [], []
+    for line, record in records:
+        try:
+            pair = render_pair(record, tokenizer)
+        except TunekitError as exc:
+            problems += [Problem(f"{path}:{line} {p.where}".strip(), p.message, p.hint) for p in exc.problems]
+            if len(problems) >= 50:
+                break
+            continue
+        pair.source = {"file": str(path), "line": line}
+        pairs.append(pair)
+    if problems:
+        raise DataError(problems, title=f"{path}: pairs that cannot be rendered for training")
+    return pairs
+
+
+def fit_pairs(pairs: list, max_len: int, mode: str) -> tuple[list[tuple[Sequence, Sequence]], FitReport]:
+    """`preference.fit_pair` on every pair: (sequences of the pairs kept, what fitting did). A reply is never
+    cut: a pair whose reply alone does not fit (data.truncation: truncate) is a DataError naming its line."""
+    from tunekit.data.preference import fit_pair, pair_sequences
+
+    report, kept, cut = FitReport(sequences=len(pairs)), [], []
+    for pair in pairs:
+        fitted, fate = fit_pair(pair, max_len, mode)  # type: ignore[arg-type]
+        if fate == "completion_cut":
+            cut.append(Problem(f"{pair.source.get('file')}:{pair.source.get('line')}", f"a reply of "
+                               f"{max(len(pair.chosen), len(pair.rejected))} tokens does not fit max_len={max_len} "
+                               "even after cutting the prompt (a reply is never cut)",
+                               "raise data.max_len, set data.truncation: drop, or leave the pair out"))
+            continue
+        if fitted is None:
+            report.dropped_too_long += 1
+            report.dropped_trained_tokens += len(pair.chosen) + len(pair.rejected)
+            continue
+        report.truncated += fate == "prompt_cut"
+        chosen, rejected = pair_sequences(fitted)
+        report.trained_tokens += num_trained_targets(chosen) + num_trained_targets(rejected)
+        report.tokens += len(chosen) + len(rejected)
+        kept.append((chosen, rejected))
+    if cut:
+        raise DataError(cut[:50], title="pairs whose reply does not fit data.max_len")
+    report.kept = len(kept)
+    return kept, report
+
+
+def load_pair_splits(data: DataConfig, tokenizer) -> PairSplits:
+    """`load_splits` for preference pairs: read the train (and validation) file, split off validation_fraction
+    (whole pairs, the same rule), fit both to max_len."""
+    train_ex = read_pairs(data.train, tokenizer, data)
+    if data.validation is not None:
+        valid_ex = read_pairs(data.validation, tokenizer, data)
+    else:
+        train_ex, valid_ex = split_validation(train_ex, data.validation_fraction, data.seed)
+    train, train_fit = fit_pairs(train_ex, data.max_len, data.truncation)
+    valid, valid_fit = fit_pairs(valid_ex, data.max_len, data.truncation)
+    if not train:
+        raise DataError(Problem(str(data.train), "no pair is left to train on after fitting to max_len",
+                                "raise data.max_len, or set data.truncation: truncate (the prompt is cut, never a "
+                                "reply)"))
+    notes = []
+    for name, fit in (("train", train_fit), ("validation", valid_fit)):
+        if fit.dropped_too_long:
+            notes.append(f"{name}: left out {fit.dropped_too_long} pair(s) with a side longer than max_len="
+                         f"{data.max_len}; raise data.max_len or set data.truncation: truncate")
+        if fit.truncated:
+            notes.append(f"{name}: cut the prompt of {fit.truncated} pair(s) to fit max_len={data.max_len} "
+                         "(the replies are whole)")
+    return PairSplits(train, valid, len(train_ex), len(valid_ex), train_fit, valid_fit, notes)

@@ -4,6 +4,8 @@
 trained tokens of a whole optimizer step: the trained tokens of all its micro-batches are counted first,
 and each micro-batch's summed NLL is divided by that count, so accumulating 4 micro-batches of 2 rows
 equals one batch of 8 rows. The LM head is applied only at positions whose next token is trained.
+With objective: dpo the same loop trains on preference pairs (`dpo.py`): a row holds whole pairs, and the
+loss is the mean over the step's pairs, counted first in the same way.
 
 A run dir holds config.yaml, metrics.jsonl, summary.json, final/ and checkpoints/step-NNNNNN/. A
 checkpoint holds everything needed to continue exactly where it was written: weights, optimizer and
@@ -24,9 +26,8 @@ from pathlib import Path
 import torch
 
 from tunekit.config import RunConfig, load_config
-from tunekit.data.dataset import DataSplits, epoch_rows, load_splits, valid_rows
+from tunekit.data.dataset import DataSplits, PairSplits, epoch_rows, load_pair_splits, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
-from tunekit.data.types import Sequence
 from tunekit.errors import ConfigError, Problem, TunekitError
 from tunekit.families import check as check_architecture
 from tunekit.fsio import publish_dir
@@ -42,7 +43,7 @@ from tunekit.model import (
     resolve_device,
     run_tokenizer,
 )
-from tunekit.train import distributed, trackers
+from tunekit.train import distributed, dpo, trackers
 from tunekit.train.checkpoint import (
     copy_weights,
     list_checkpoints,
@@ -122,11 +123,43 @@ def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: b
                 problems.append(Problem("model.previous_adapter", "cannot fold the earlier adapter into a 4-bit base",
                                         "use model.previous_adapter: continue, or method: lora"))
     problems += trackers.check(cfg)
+    problems += _objective_problems(cfg, world_size)
     if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
         problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
                                 "set eval.data or data.validation (a file the run does not train on)"))
     if run_dir:  # (a dry run writes nothing)
         problems += _run_dir_problems(cfg, resume=resume)
+    return problems
+
+
+def _objective_problems(cfg: RunConfig, world_size: int) -> list[Problem]:
+    """A data file of the wrong kind for cfg.objective (named by its first record's line), and dpo's checks."""
+    from tunekit.data.formats import detect_format, read_jsonl
+
+    pairs = cfg.objective == "dpo"
+    problems = dpo.check(cfg, world_size) if pairs else []
+    if cfg.data.format != "auto" and (cfg.data.format == "preference") != pairs:
+        return problems + [Problem("data.format", f"data.format: {cfg.data.format} with objective: {cfg.objective}",
+                                   "objective: dpo trains on data.format: preference (or auto); objective: sft on "
+                                   "chat, completion or text")]
+    for field, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation)):
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            first = next((line for line in read_jsonl(path) if isinstance(line.record, dict)), None)
+        except (OSError, TunekitError):
+            continue  # unreadable: the data layer names it
+        fmt = detect_format(first.record) if first is not None else None
+        if fmt is None or (fmt == "preference") == pairs:
+            continue
+        if pairs:
+            problems.append(Problem(f"{path}:{first.number}", f"a {fmt} record ({field}), but objective: dpo trains "
+                                    "on preference pairs", "give a preference file (docs/preference.md), or set "
+                                    "objective: sft"))
+        else:
+            problems.append(Problem(f"{path}:{first.number}", f"a preference pair ({field}), but objective: sft "
+                                    "trains on chat, completion or text data", "set objective: dpo (the override "
+                                    "objective=dpo) to train on preference pairs, or give a chat file"))
     return problems
 
 
@@ -179,57 +212,86 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
-def backward_step(net, micro_batches: list[Batch], device, mixed_precision: str = "no", *,
-                  d: Dist = SINGLE, n_micro: int = 0, filler: Batch | None = None) -> tuple[float, int, int]:
-    """Forward + backward of one optimizer step over this process's micro-batches; returns (summed NLL,
-    trained tokens, trained tokens the model predicted right before this step's update) of the step,
-    summed over every process.
+def _units(batch) -> int:
+    """What the loss of a step is the mean over: trained tokens (SFT), pairs (DPO)."""
+    return batch.num_pairs if isinstance(batch, dpo.PairBatch) else batch.num_trained
 
-    The trained tokens of ALL micro-batches (of every process) are counted first and every micro-batch's
-    summed NLL is divided by that one count, so the gradients equal those of a single batch holding every
-    row. Under several processes every rank runs `n_micro` forward/backward passes (their collectives must
-    pair up); a rank with fewer rows runs `filler` at weight 0 for the missing ones.
+
+def backward_step(net, micro_batches: list, device, mixed_precision: str = "no", *,
+                  d: Dist = SINGLE, n_micro: int = 0, filler=None) -> tuple[float, int, int | list[float]]:
+    """Forward + backward of one optimizer step over this process's micro-batches; returns (summed loss,
+    units, stats) of the step, summed over every process. SFT: (summed NLL, trained tokens, trained tokens the
+    model predicted right before this step's update); DPO: (summed pair losses, pairs, dpo.STATS sums).
+
+    The units of ALL micro-batches (of every process) are counted first and every micro-batch's summed loss
+    is divided by that one count, so the gradients equal those of a single batch holding every row. Under
+    several processes every rank runs `n_micro` forward/backward passes (their collectives must pair up); a
+    rank with fewer rows runs `filler` at weight 0 for the missing ones.
     """
-    n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0])
-    step_nll, step_correct = 0.0, 0
+    n_units = int(distributed.sum_([sum(_units(b) for b in micro_batches)], d)[0])
+    pairs = isinstance((micro_batches or [filler])[0], dpo.PairBatch)
+    step_loss, step_stats, scalar = 0.0, None, not pairs
     for i in range(max(n_micro, len(micro_batches))):
         real = i < len(micro_batches)
         batch = micro_batches[i] if real else filler
         with autocast(device, mixed_precision):
-            nll_sum, _, correct = net(batch.to(device))
+            loss_sum, _, stats = net(batch.to(device))
         # DDP and FSDP2 average gradients over ranks: x N makes it a sum (x 1, exact, in one process).
-        (nll_sum * d.world_size / n_trained if real else nll_sum * 0.0).backward()
+        (loss_sum * d.world_size / n_units if real else loss_sum * 0.0).backward()
         if real:
-            step_nll += float(nll_sum.detach())
-            step_correct += correct
-    step_nll, step_correct = distributed.sum_([step_nll, step_correct], d)
-    return step_nll, n_trained, int(step_correct)
+            step_loss += float(loss_sum.detach())
+            scalar = not isinstance(stats, list)
+            stats = [stats] if scalar else stats
+            step_stats = stats if step_stats is None else [a + b for a, b in zip(step_stats, stats, strict=True)]
+    empty = [0.0] * (len(dpo.STATS) if pairs else 1)  # a rank that ran only the filler
+    step_loss, *step_stats = distributed.sum_([step_loss, *(step_stats or empty)], d)
+    return step_loss, n_units, int(step_stats[0]) if scalar else step_stats
 
 
 @torch.no_grad()
-def evaluate_loss(net, batches: list[Batch], device, mixed_precision: str = "no") -> tuple[float, float]:
-    """(mean NLL per trained token, next-token accuracy at trained positions) over `batches`.
+def evaluate_sums(net, batches: list, device, mixed_precision: str = "no") -> tuple[float, int, list[float]]:
+    """(summed loss, units, summed stats) of the objective over `batches`, in eval mode.
 
     Under several processes every rank scores all of `batches` (the forwards of FSDP2 are collective).
     """
     was_training = net.training
     net.eval()
-    nll, correct, count = 0.0, 0, 0
+    loss, count, total = 0.0, 0, None
     for batch in batches:
         with autocast(device, mixed_precision):
-            nll_sum, n, right = net(batch.to(device))
-        nll, correct, count = nll + float(nll_sum), correct + right, count + n
+            loss_sum, n, stats = net(batch.to(device))
+        stats = stats if isinstance(stats, list) else [stats]
+        loss, count = loss + float(loss_sum), count + n
+        total = stats if total is None else [a + b for a, b in zip(total, stats, strict=True)]
     net.train(was_training)
+    return loss, count, total or []
+
+
+def evaluate_loss(net, batches: list[Batch], device, mixed_precision: str = "no") -> tuple[float, float]:
+    """(mean NLL per trained token, next-token accuracy at trained positions) over `batches` (SFT)."""
+    nll, count, (correct,) = evaluate_sums(net, batches, device, mixed_precision) if batches else (0.0, 0, [0])
     return nll / max(1, count), correct / max(1, count)
+
+
+def evaluate(cfg: RunConfig, net, batches: list, device) -> dict[str, float]:
+    """The validation metrics of the objective over `batches`: valid_loss and valid_token_accuracy (SFT), or
+    valid_loss and the valid_reward_* of dpo.step_metrics (DPO)."""
+    if cfg.objective == "dpo":
+        return dpo.step_metrics(*evaluate_sums(net, batches, device, cfg.train.mixed_precision), prefix="valid_")
+    loss, acc = evaluate_loss(net, batches, device, cfg.train.mixed_precision)
+    return {"valid_loss": loss, "valid_token_accuracy": acc}
 
 
 # --------------------------------------------------------------------------------------------------
 # Batches
 
 
-def make_batches(seqs: list[Sequence], rows: list[list[int]], micro: int, packing: bool,
-                 pad_id: int) -> list[Batch]:
-    """Rows (lists of sequence indices) -> micro-batches of `micro` rows."""
+def make_batches(seqs: list, rows: list[list[int]], micro: int, packing: bool,
+                 pad_id: int, split: str = "train") -> list:
+    """Rows (lists of sequence indices) -> micro-batches of `micro` rows; rows of preference pairs (a list of
+    (chosen, rejected) sequences) -> `dpo.PairBatch`es."""
+    if seqs and isinstance(seqs[0], tuple):
+        return dpo.make_pair_batches(seqs, rows, micro, packing, pad_id, split)
     out = []
     for start in range(0, len(rows), micro):
         group = rows[start:start + micro]
@@ -292,11 +354,12 @@ class TrainData:
 
     tokenizer: object
     pad_id: int
-    splits: DataSplits
-    lengths: object  # tokens per training sequence (an array when read from the data cache)
+    splits: DataSplits | PairSplits
+    lengths: object  # tokens per training sequence or pair (an array when read from the data cache)
     rows0: list[list[int]]  # epoch 0's rows (packing and the plan are measured on it)
     plan: Plan
-    valid_batches: list[Batch]
+    valid_batches: list
+    row_len: int  # tokens a packed row holds: data.max_len, or 2 x data.max_len for pairs (both sides)
 
 
 def build_data(cfg: RunConfig, d: Dist, say, *, dry_run: bool) -> TrainData:
@@ -309,25 +372,28 @@ def build_data(cfg: RunConfig, d: Dist, say, *, dry_run: bool) -> TrainData:
         if unusable := template_problems(tokenizer):  # said once, not as an error on every line
             raise ConfigError(unusable)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pairs = cfg.objective == "dpo"
     with distributed.main_first(SINGLE if dry_run else d):  # a dry run has no process group
-        data: DataSplits = load_splits(cfg.data, tokenizer)
+        data = load_pair_splits(cfg.data, tokenizer) if pairs else load_splits(cfg.data, tokenizer)
     for note in data.notes:
         say(f"[yellow]note:[/] {note}", highlight=False)
+    row_len = cfg.data.max_len * (2 if pairs else 1)  # a pair's two sides each fit max_len
     lengths = data.train_lengths()  # from the cache's arrays when data.cache is on
-    rows0 = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, 0)
+    rows0 = epoch_rows(lengths, row_len, cfg.data.packing, cfg.train.seed, 0)
     plan = make_plan(cfg, data.n_train_examples, len(rows0))
-    v_rows = valid_rows([len(s) for s in data.valid], cfg.data.max_len, cfg.data.packing)
-    valid_batches = make_batches(data.valid, v_rows, plan.micro_batch_size, cfg.data.packing, pad_id)
-    say(f"{data.n_train_examples} train examples -> {len(data.train)} sequences, "
+    v_lengths = [len(c) + len(r) for c, r in data.valid] if pairs else [len(s) for s in data.valid]
+    v_rows = valid_rows(v_lengths, row_len, cfg.data.packing)
+    valid_batches = make_batches(data.valid, v_rows, plan.micro_batch_size, cfg.data.packing, pad_id, "valid")
+    say(f"{data.n_train_examples} train examples -> {len(data.train)} {'pairs' if pairs else 'sequences'}, "
         f"{data.train_fit.tokens} tokens ({data.train_fit.trained_tokens} trained) per epoch, {plan.rows_per_epoch} rows/epoch "
-        f"(packing efficiency {packing_efficiency(rows0, lengths, cfg.data.max_len):.1%}); "
+        f"(packing efficiency {packing_efficiency(rows0, lengths, row_len):.1%}); "
         f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, {plan.total_steps} steps; "
         f"batch {plan.batch_size} rows = {plan.micro_batch_size} x "
         f"{math.ceil(plan.batch_size / plan.micro_batch_size)} accumulated; lr {plan.lr:g}", highlight=False)
     if d.on:
         say(f"{d.world_size} processes ({d.strategy}): up to {math.ceil(plan.batch_size / d.world_size)} rows per "
             "process per step", highlight=False)
-    return TrainData(tokenizer, pad_id, data, lengths, rows0, plan, valid_batches)
+    return TrainData(tokenizer, pad_id, data, lengths, rows0, plan, valid_batches, row_len)
 
 
 def prepare_run_dir(cfg: RunConfig, d: Dist, *, resume: bool) -> Path:
@@ -337,7 +403,7 @@ def prepare_run_dir(cfg: RunConfig, d: Dist, *, resume: bool) -> Path:
     if d.main:
         if not resume and run_dir.exists() and cfg.output.overwrite:
             for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "config.yaml", "eval",
-                         *trackers.RUN_DIR_FOLDERS):
+                         dpo.REFERENCE_FILE, *trackers.RUN_DIR_FOLDERS):
                 p = run_dir / name
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -346,20 +412,25 @@ def prepare_run_dir(cfg: RunConfig, d: Dist, *, resume: bool) -> Path:
     return run_dir
 
 
-def build_model(cfg: RunConfig, d: Dist, device: torch.device, ckpt: Path | None):
+def build_model(cfg: RunConfig, d: Dist, device: torch.device, ckpt: Path | None, objective=None):
     """(model, net, trained params): the base with the method applied (the checkpoint's weights restored),
-    wrapped as the objective for this many processes."""
+    wrapped as the objective for this many processes.
+
+    objective: model -> the loss module (default: SFT's TrainedNLL), called before the checkpoint's weights
+    are restored, so that what it computes from the model (DPO's precomputed reference) is of the weights
+    training starts from.
+    """
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     model = apply_method(load_base(cfg, device), cfg)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant: gradients reach LoRA weights even though the frozen inputs need no grad.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_module = objective(model) if objective is not None else TrainedNLL(model, cfg.train.lm_head_chunk)
     if ckpt is not None:
         load_weights(model, ckpt)  # before wrapping: FSDP2 then shards the restored weights
     model.train()
-    net = distributed.wrap(TrainedNLL(model, cfg.train.lm_head_chunk), body_and_head(model)[0].layers, d,
-                           cfg.train.mixed_precision)
+    net = distributed.wrap(loss_module, body_and_head(model)[0].layers, d, cfg.train.mixed_precision)
     params = [p for p in net.parameters() if p.requires_grad]  # after wrap: FSDP2 swaps in sharded ones
     return model, net, params
 
@@ -386,7 +457,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     device = distributed.device_of(d, resolve_device(cfg.train.device))
     td = build_data(cfg, d, say, dry_run=dry_run)
     tokenizer, pad_id, data, lengths, rows0, plan = td.tokenizer, td.pad_id, td.splits, td.lengths, td.rows0, td.plan
-    valid_batches = td.valid_batches
+    valid_batches, row_len, pairs = td.valid_batches, td.row_len, cfg.objective == "dpo"
     memory = check_memory(cfg, plan, d, device, say)
     if dry_run:
         return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
@@ -395,7 +466,24 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     # --- 2. run dir, model, optimizer, restored state -----------------------------------------------
     run_dir = prepare_run_dir(cfg, d, resume=resume)
     ckpt = list_checkpoints(run_dir)[-1] if resume else None
-    model, net, params = build_model(cfg, d, device, ckpt)
+    objective = None
+    if pairs:
+        ref_mode = dpo.reference_mode(cfg)
+        say(f"objective dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta:g}, reference: {ref_mode}", highlight=False)
+
+        def objective(model):  # the precomputed reference is of the weights training starts from
+            module = dpo.PreferenceLoss(model, cfg.dpo, cfg.train.lm_head_chunk, ref_mode)
+            if ref_mode == "precompute":
+                def compute(split_pairs, split):
+                    return dpo.reference_logps(model, split_pairs, split, plan.micro_batch_size, cfg.data.packing,
+                                               pad_id, cfg.train.lm_head_chunk, device,
+                                               autocast(device, cfg.train.mixed_precision))
+                module.tables = dpo.load_or_compute_reference(model, run_dir, {"train": data.train,
+                                                                                "valid": data.valid},
+                                                              compute, say, main=d.main)
+            return module
+
+    model, net, params = build_model(cfg, d, device, ckpt, objective)
     if (adapter := getattr(model, "peft_config", {}).get("default")) is not None:
         say(f"LoRA r={adapter.r} on {', '.join(sorted(adapter.target_modules or []))}"
             + (f"; on the parameters {', '.join(sorted(adapter.target_parameters))}" if adapter.target_parameters
@@ -414,8 +502,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             highlight=False)
     elif valid_batches:
         # The starting point, so the summary shows what training changed (eval mode: no RNG is used).
-        loss, acc = evaluate_loss(net, valid_batches, device, cfg.train.mixed_precision)
-        initial_valid = {"valid_loss": loss, "valid_token_accuracy": acc}
+        initial_valid = evaluate(cfg, net, valid_batches, device)
     if d.main:  # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more)
         with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in metrics)
@@ -434,7 +521,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         task = progress.add_task("train", total=plan.total_steps, completed=step, loss="-", tps="-")
         while step < plan.total_steps:
             epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-            rows = epoch_rows(lengths, cfg.data.max_len, cfg.data.packing, cfg.train.seed, epoch)
+            rows = epoch_rows(lengths, row_len, cfg.data.packing, cfg.train.seed, epoch)
             step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
             micro_batches = make_batches(data.train, distributed.deal(step_rows, d), plan.micro_batch_size,
                                          cfg.data.packing, pad_id)
@@ -445,8 +532,11 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if short else None
 
             t0 = time.time()
-            step_nll, n_trained, n_correct = backward_step(net, micro_batches, device, cfg.train.mixed_precision,
-                                                           d=d, n_micro=n_micro, filler=filler)
+            step_loss, n_units, stats = backward_step(net, micro_batches, device, cfg.train.mixed_precision,
+                                                      d=d, n_micro=n_micro, filler=filler)
+            # trained tokens of the step (SFT: its units; DPO: of both sides of every pair)
+            n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0]) if pairs \
+                else n_units
             grad_norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -461,7 +551,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 left = (plan.total_steps - step) * train_time / TIMED_STEPS
                 say(f"time: {train_time / TIMED_STEPS:.2f} s per step over the first {TIMED_STEPS} -> about "
                     f"{left / 60:.1f} min for the {plan.total_steps - step} steps left", highlight=False)
-            last_loss = step_nll / n_trained
+            last_loss = step_loss / n_units
             real, row_tokens = distributed.sum_([sum(b.real_tokens for b in micro_batches),
                                                  sum(b.input_ids.numel() for b in micro_batches)], d)
             trained_total += n_trained
@@ -475,12 +565,13 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 step == plan.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
             if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
                 elapsed = max(1e-9, time.time() - window_start)
+                measured = dpo.step_metrics(step_loss, n_units, stats) if pairs else \
+                    {"train_loss": last_loss, "train_token_accuracy": stats / n_trained}
                 row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
-                       "train_loss": last_loss, "train_token_accuracy": n_correct / n_trained, "grad_norm": grad_norm, "trained_tokens": trained_total,
+                       **measured, "grad_norm": grad_norm, "trained_tokens": trained_total,
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
                 if do_eval:
-                    row["valid_loss"], row["valid_token_accuracy"] = evaluate_loss(
-                        net, valid_batches, device, cfg.train.mixed_precision)
+                    row.update(evaluate(cfg, net, valid_batches, device))
                 metrics.append(row)
                 if d.main:
                     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
@@ -526,7 +617,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         "tokens_per_epoch": data.train_fit.tokens, "trained_tokens_per_epoch": data.train_fit.trained_tokens,
         "tokens_per_s": trained_this_run / train_time if train_time else None,  # trained tokens/s, all processes
         "packing": cfg.data.packing,
-        "packing_efficiency": packing_efficiency(rows0, lengths, cfg.data.max_len),
+        "packing_efficiency": packing_efficiency(rows0, lengths, row_len),
         "batch_fill": real_seen / row_seen if row_seen else None,  # real / tensor tokens actually run
         "train_examples": data.n_train_examples, "valid_examples": data.n_valid_examples,
         "train_sequences": len(data.train),
@@ -538,6 +629,14 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         "processes": d.world_size, "strategy": d.strategy,
         "memory_estimate_mb": memory.to_dict(), "peak_rss_mb": [p / MB for p in peaks],  # per process
     }
+    if pairs:  # the preference metrics of the last logged step and evaluation, and where they started
+        last_train = metrics[-1] if metrics else {}
+        summary.update({"objective": "dpo", "dpo_loss": cfg.dpo.loss, "reference": dpo.reference_mode(cfg),
+                        "train_pairs": len(data.train), "valid_pairs": len(data.valid),
+                        **{f"final_{k}": last_train.get(k) for k in ("reward_accuracy", "reward_margin")},
+                        **{f"initial_{k}": initial_valid.get(k) for k in ("valid_reward_accuracy",
+                                                                           "valid_reward_margin")},
+                        **{f"final_{k}": last_valid.get(k) for k in ("valid_reward_accuracy", "valid_reward_margin")}})
     if not d.main:
         return TrainResult(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
