@@ -419,7 +419,9 @@ family does not support is refused before any weight loads.
 
 
 def test_support_matrix_doc_is_current():
-    wanted = {(name, c) for name in NAMES for c in COLUMNS if c not in ("nproc2", "gguf", "ollama")}
+    if any(template_source(name) == "built" for name in NAMES if FAMILIES[name].template != "qwen3"):
+        pytest.skip("docs/models.md is written with the real templates of ../shared/chat_templates (CI has them)")
+    wanted = {(name, c) for name in NAMES for c in COLUMNS if c != "nproc2"}  # gguf, ollama: test_export_families
     if not wanted <= set(MATRIX):
         pytest.skip("not every family test ran in this session (the doc is checked on a whole run)")
     text = render_matrix(MATRIX)

@@ -501,13 +501,16 @@ def export_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder")] = False,
     converter: Annotated[Path | None, typer.Option("--converter", help="llama.cpp source tree with "
                                                                        "convert_hf_to_gguf.py (gguf, ollama)")] = None,
+    allow_mismatch: Annotated[bool, typer.Option("--allow-mismatch", help="gguf, ollama: write the GGUF even when "
+                                                 "llama.cpp is known or measured to answer differently from the "
+                                                 "trained model (a warning with the numbers)")] = False,
 ) -> None:
     """Export a run: merged weights, the LoRA adapter, a GGUF file, or GGUF + an Ollama Modelfile."""
     from tunekit.export.export import export
 
     try:
         result = export(run_dir, fmt=fmt, out=out, checkpoint=checkpoint, dtype=dtype, quant=quant, name=name,
-                        overwrite=overwrite, converter=converter,
+                        overwrite=overwrite, converter=converter, allow_mismatch=allow_mismatch,
                         log=lambda message: err_console.print(f"[dim]{escape(message)}[/]", highlight=False))
     except TunekitError as exc:
         fail(exc)

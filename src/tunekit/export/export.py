@@ -6,12 +6,16 @@
 Every format is written into a temporary folder beside OUT and renamed into place when complete, so OUT is
 either the whole export or absent. Everything that can be known without weights (the run, the checkpoint, the
 format's options, the architecture and tokenizer for GGUF, the chat template's Ollama TEMPLATE, optional
-dependencies, an existing OUT) is checked first and reported at once as a `TunekitError`.
+dependencies, an existing OUT) is checked first and reported at once as a `TunekitError`. For GGUF that includes
+running llama.cpp's converter on config.json and the tokenizer alone (the files its vocabulary step needs, e.g.
+a SentencePiece tokenizer.model) and the config values llama.cpp is known to ignore.
 
 - merged: the adapter folded into the base (QLoRA: into the dequantized 4-bit base the adapter was trained on),
   safetensors + tokenizer + chat template + generation_config.json whose eos_token_id lists the end-of-turn ids.
 - adapter: the peft adapter, base_model_name_or_path set to the base a user can load (a hub id or a local dir).
-- gguf: llama.cpp's converter run on the merged model (tunekit.export.gguf_convert), one .gguf file.
+- gguf: llama.cpp's converter run on the merged model (tunekit.export.gguf_convert), one .gguf file, verified
+  against the merged model before it is published (tunekit.export.gguf_verify; `allow_mismatch` writes a file
+  that fails the comparison, with a warning in the notes).
 - ollama: the .gguf plus a Modelfile (TEMPLATE, stop parameters, SYSTEM) and the `ollama create` command.
 
 GGUF needs llama.cpp's converter (convert_hf_to_gguf.py and its conversion/ and gguf-py/ folders). It ships in
@@ -57,6 +61,7 @@ class ExportResult:
     seconds: float
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. QLoRA dequantized)
     command: str | None = None  # the command that runs the export (ollama create ..., vllm serve ...)
+    verification: object | None = None  # gguf / ollama: tunekit.export.gguf_verify.Verification of the file
 
 
 @dataclass
@@ -78,6 +83,9 @@ class _Plan:
     converter: Path | None = None
     pre_tokenizer: str | None = None  # tag for an unknown BPE tokenizer (gguf)
     ollama: object | None = None  # tunekit.export.ollama.OllamaTemplate learned from the chat template (ollama)
+    allow_mismatch: bool = False  # write a GGUF known or measured to differ from the model (with a warning)
+    warnings: list[str] = field(default_factory=list)  # found while checking, for the notes
+    verification: object | None = None  # tunekit.export.gguf_verify.Verification, once the GGUF is compared
     _tokenizer: object | None = None
 
     def tokenizer(self):
@@ -94,11 +102,19 @@ class _Plan:
 
 def export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, checkpoint: str | None = None,
            dtype: str = "auto", quant: str = "f16", name: str | None = None, overwrite: bool = False,
-           converter: str | Path | None = None, log: Callable[[str], None] | None = None) -> ExportResult:
-    """Export RUN_DIR (or one of its checkpoints) as `fmt` into `out` (default RUN_DIR/export/FMT)."""
+           converter: str | Path | None = None, allow_mismatch: bool = False,
+           log: Callable[[str], None] | None = None, _known_mismatches: bool = True) -> ExportResult:
+    """Export RUN_DIR (or one of its checkpoints) as `fmt` into `out` (default RUN_DIR/export/FMT).
+
+    GGUF / Ollama: refused when llama.cpp cannot convert the model or is known to run it differently, and when
+    the written GGUF's logits differ from the merged model's beyond what its quantisation explains;
+    `allow_mismatch=True` writes it anyway, with a warning and the numbers in the notes. `_known_mismatches=False`
+    (tests only) skips the up-front refusal of config values llama.cpp ignores, to exercise the comparison.
+    """
     say = log or (lambda message: None)
     plan = plan_export(run_dir, fmt=fmt, out=out, checkpoint=checkpoint, dtype=dtype, quant=quant, name=name,
-                       overwrite=overwrite, converter=converter, log=say)
+                       overwrite=overwrite, converter=converter, allow_mismatch=allow_mismatch, log=say,
+                       _known_mismatches=_known_mismatches)
     start = time.perf_counter()
     plan.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.out.name}-", dir=plan.out.parent))
@@ -109,12 +125,13 @@ def export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, chec
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = {str(p.relative_to(plan.out)): p.stat().st_size for p in sorted(plan.out.rglob("*")) if p.is_file()}
-    return ExportResult(plan.out, fmt, files, time.perf_counter() - start, notes, command)
+    return ExportResult(plan.out, fmt, files, time.perf_counter() - start, notes, command, plan.verification)
 
 
 def plan_export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None, checkpoint: str | None = None,
                 dtype: str = "auto", quant: str = "f16", name: str | None = None, overwrite: bool = False,
-                converter: str | Path | None = None, log: Callable[[str], None] | None = None) -> _Plan:
+                converter: str | Path | None = None, allow_mismatch: bool = False,
+                log: Callable[[str], None] | None = None, _known_mismatches: bool = True) -> _Plan:
     """Resolve and check everything about an export without loading weights; raise every problem at once."""
     from tunekit.model import ADAPTER_CONFIG, read_run_dir
 
@@ -158,12 +175,12 @@ def plan_export(run_dir: str | Path, *, fmt: str, out: str | Path | None = None,
 
     plan = _Plan(run_dir=run_path, weights=weights, checkpoint=checkpoint, cfg=run.cfg, is_adapter=is_adapter,
                  tokenizer_dir=tokenizer_dir, base_dir=_adapter_base_source(run) or "merged-base", fmt=fmt, out=out_path, dtype=dtype,
-                 quant=quant, name=name or run_path.resolve().name)
+                 quant=quant, name=name or run_path.resolve().name, allow_mismatch=allow_mismatch)
     if problems:
         raise TunekitError(problems, title="export")
 
     if fmt in ("gguf", "ollama"):
-        _check_gguf(plan, converter, problems, log or (lambda message: None))
+        _check_gguf(plan, converter, problems, log or (lambda message: None), _known_mismatches)
     if fmt == "ollama":
         _check_ollama(plan, problems)
     if problems:
@@ -220,7 +237,11 @@ def missing_modules(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
-def _check_gguf(plan: _Plan, converter, problems: list[Problem], log) -> None:
+def _check_gguf(plan: _Plan, converter, problems: list[Problem], log, known_mismatches: bool = True) -> None:
+    """What llama.cpp needs, checked on config.json and the run's tokenizer with no weights: the converter's own
+    metadata steps (gguf_convert probe) and the config values its runtime ignores (gguf_verify)."""
+    from tunekit.export.gguf_verify import ignored_by_llama_cpp
+
     missing = missing_modules("gguf", "llama_cpp")
     if missing:
         problems.append(Problem("--format " + plan.fmt, f"needs the optional packages {', '.join(missing)}",
@@ -232,38 +253,86 @@ def _check_gguf(plan: _Plan, converter, problems: list[Problem], log) -> None:
     from tunekit.model import config_source
 
     config_dir = Path(config_source(_run(plan).cfg.model.base))
+    if (plan.weights / "config.json").is_file():  # a full fine-tune: the config its weights were saved with
+        config_dir = plan.weights
     if not (config_dir / "config.json").is_file():
         problems.append(Problem("model.base", f"cannot read the architecture: no config.json in {config_dir}",
                                 "GGUF export needs a local base model dir"))
         return
+    tag, why = pre_tokenizer_tag(plan.tokenizer_dir / "tokenizer.json")
     with tempfile.TemporaryDirectory() as probe:  # config.json of the base + the run's tokenizer, no weights
         shutil.copy(config_dir / "config.json", Path(probe) / "config.json")
         for f in plan.tokenizer_dir.iterdir():
             if f.name.startswith("tokenizer") or f.name in ("chat_template.jinja", "special_tokens_map.json"):
                 shutil.copy(f, Path(probe) / f.name)
-        info = _run_converter(plan.converter, "check", probe)
+        info = _run_converter(plan.converter, "probe", probe, *([tag] if tag else []))
+    arch = f"{info['architecture']} (llama.cpp's converter class {info.get('converter')})"
     if not info["supported"]:
         problems.append(Problem("model.base", f"llama.cpp's converter does not support the architecture "
                                               f"{info['architecture']}", "use --format merged (transformers, "
                                                                           "vLLM) for this model"))
         return
-    if info["pre"] is None:
-        tag, why = pre_tokenizer_tag(plan.tokenizer_dir / "tokenizer.json")
-        if tag is None:
-            problems.append(Problem(str(plan.tokenizer_dir / "tokenizer.json"),
-                                    f"llama.cpp does not recognise this BPE tokenizer and tunekit cannot map its "
-                                    f"pre-tokenizer to one llama.cpp implements: {why}",
-                                    "use --format merged, or a base model whose tokenizer llama.cpp knows"))
+    error = info.get("error")
+    used = f" (set_vocab -> {', '.join(info['vocab'])})" if info["vocab"] else ""
+    if error and error["type"] == "NotImplementedError" and "pre-tokenizer" in error["message"]:
+        problems.append(Problem(str(plan.tokenizer_dir / "tokenizer.json"),
+                                f"llama.cpp does not recognise this BPE tokenizer and tunekit cannot map its "
+                                f"pre-tokenizer to one llama.cpp implements: {why}",
+                                "use --format merged, or a base model whose tokenizer llama.cpp knows"))
+    elif error and error["missing"]:
+        what = _CONVERTER_FILE_KINDS.get(error["missing"], "a file")
+        problems.append(Problem(
+            str(plan.tokenizer_dir), f"llama.cpp's converter for {arch} needs {error['missing']} ({what}), which "
+                                     f"the run's tokenizer does not have: its {error['step']}{used} ends in "
+                                     f"{error['type']}: {error['message']}",
+            f"use --format merged (transformers, vLLM), or train from a base whose tokenizer folder has "
+            f"{error['missing']} for llama.cpp"))
+    elif error:
+        problems.append(Problem("model.base", f"llama.cpp's converter for {arch} fails on this model's config "
+                                              f"and tokenizer, before any weight: its {error['step']}{used} ends "
+                                              f"in {error['type']}: {error['message']}",
+                                "use --format merged (transformers, vLLM) for this model"))
+    elif any(call.startswith("get_vocab_base_pre") for call in info["vocab"]):
+        plan.pre_tokenizer = tag
+        log(f"llama.cpp does not know this tokenizer by hash; its pre-tokenizer is {why}: tagged {tag!r}")
+    config = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    for key, value, instead in ignored_by_llama_cpp(config, info.get("keys") or []) if known_mismatches else []:
+        text = (f"{info['architecture']}: config.json has {key} = {json.dumps(value)}; {instead}. The GGUF would "
+                f"answer differently from the trained model")
+        if plan.allow_mismatch:
+            plan.warnings.append(f"WARNING (--allow-mismatch): {text}")
+            log(plan.warnings[-1])
         else:
-            plan.pre_tokenizer = tag
-            log(f"llama.cpp does not know this tokenizer by hash; its pre-tokenizer is {why}: tagged {tag!r}")
+            problems.append(Problem(str(config_dir / "config.json") + f" {key}", text,
+                                    "use --format merged (transformers, vLLM serve it as trained), or pass "
+                                    "--allow-mismatch to write the GGUF anyway"))
+
+
+# What a file the converter asks for is, for the refusal (the converter's message names only the path).
+_CONVERTER_FILE_KINDS = {"tokenizer.model": "a SentencePiece model", "tokenizer.json": "a tokenizers file",
+                         "vocab.json": "a BPE vocabulary", "merges.txt": "BPE merges"}
+
+
+# Split regexes of tokenizer.json that llama.cpp implements as a named pre-tokenizer: llama.cpp's C++ table
+# (src/llama-vocab.cpp of the llama.cpp in llama-cpp-python 0.3.36, each quoted there as the "original regex from
+# tokenizer.json"), which no Python code of the converter exposes. Qwen2's, for one, is what transformers 5's
+# Qwen2Tokenizer gives any tokenizer loaded for a qwen2 model, whatever its tokenizer.json said.
+_SPLIT_REGEXES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        "llama-bpe",
+}
 
 
 def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
     """(llama.cpp pre-tokenizer name, description) from a tokenizer.json, or (None, why not).
 
     GPT-2's pre-tokenizer is ByteLevel with its built-in regex: a BPE tokenizer with exactly that (no
-    normalizer, no prefix space) splits text the way llama.cpp's "gpt-2" pre-tokenizer does.
+    normalizer, no prefix space) splits text the way llama.cpp's "gpt-2" pre-tokenizer does. A Split by one of
+    the regexes llama.cpp implements (_SPLIT_REGEXES) followed by ByteLevel without its regex splits text the way
+    that llama.cpp pre-tokenizer does; Qwen2's NFC normalizer is allowed with it, as llama.cpp's own Qwen2 GGUFs
+    allow it (llama.cpp does not normalise: text not in NFC may tokenize differently).
     """
     if not tokenizer_json.is_file():
         return None, "there is no tokenizer.json"
@@ -271,6 +340,15 @@ def pre_tokenizer_tag(tokenizer_json: Path) -> tuple[str | None, str]:
     model, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
     if model.get("type") != "BPE":
         return None, f"the tokenizer model is {model.get('type')!r}, not BPE"
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else []
+    if len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel":
+        split, byte_level = steps
+        tag = _SPLIT_REGEXES.get((split.get("pattern") or {}).get("Regex"))
+        if tag is not None and split.get("behavior") == "Isolated" and not split.get("invert") \
+                and not byte_level.get("use_regex", True) and not byte_level.get("add_prefix_space", False) \
+                and (norm is None or (tag == "qwen2" and norm.get("type") == "NFC")):
+            return tag, f"a Split by llama.cpp's {tag!r} regex, then ByteLevel" + (
+                " (its NFC normalizer is not applied by llama.cpp)" if norm else "")
     if norm is not None:
         return None, f"it has a normalizer ({norm.get('type')})"
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
@@ -369,7 +447,7 @@ def _run_converter(llama_cpp: Path, *args: str) -> dict | None:
         raise TunekitError(Problem("llama.cpp converter", f"failed ({' '.join(args[:1])}): {tail}",
                                    "see the message above; --format merged does not need llama.cpp"),
                            title="export")
-    return json.loads(done.stdout.strip().splitlines()[-1]) if args[0] == "check" else None
+    return json.loads(done.stdout.strip().splitlines()[-1]) if args[0] in ("check", "probe") else None
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -382,11 +460,12 @@ def _write(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
         notes = _write_merged(plan, tmp, say)
         return notes, f"vllm serve {plan.out}"
     with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".merged-") as merged:
-        notes = _write_merged(plan, Path(merged), say, dtype="fp32")
+        notes = list(plan.warnings) + _write_merged(plan, Path(merged), say, dtype="fp32")
         gguf_name = f"{plan.name}-{plan.quant}.gguf"
         say(f"converting to GGUF ({plan.quant}) with llama.cpp's converter")
         _run_converter(plan.converter, "convert", merged, str(tmp / gguf_name), plan.quant,
                        *([plan.pre_tokenizer] if plan.pre_tokenizer else []))
+        notes.append(_verify(plan, tmp / gguf_name, Path(merged), say))
     if plan.pre_tokenizer:
         notes.append(f"llama.cpp does not know the tokenizer by hash; its pre-tokenizer was tagged "
                      f"{plan.pre_tokenizer!r} from tokenizer.json")
@@ -396,6 +475,29 @@ def _write(plan: _Plan, tmp: Path, say) -> tuple[list[str], str | None]:
     notes += more
     (tmp / "Modelfile").write_text(modelfile(plan, gguf_name, template), encoding="utf-8")
     return notes, f"ollama create {plan.name} -f {plan.out / 'Modelfile'}"
+
+
+def _verify(plan: _Plan, gguf: Path, merged: Path, say) -> str:
+    """Run the written GGUF and the merged model on the run's data; refuse (or, allow_mismatch, warn) when their
+    logits differ beyond the GGUF type's tolerance. Returns the note with the numbers."""
+    from tunekit.export.gguf_verify import verification_sequences, verify_gguf
+
+    say("verifying the GGUF: llama.cpp's logits against the merged model's on the run's data")
+    sequences, source = verification_sequences(plan.cfg, plan.tokenizer())
+    workdir = merged / ".llama-cpp-logits"
+    workdir.mkdir()
+    result = plan.verification = verify_gguf(gguf, merged, sequences, plan.tokenizer(), plan.quant, workdir,
+                                             source)
+    if result.ok:
+        return f"verified: {result.summary()}"
+    text = (f"the GGUF does not answer like the trained model: {result.summary()}: more than {plan.quant} "
+            f"quantisation explains")
+    if not plan.allow_mismatch:
+        raise TunekitError(Problem(f"--format {plan.fmt}", text,
+                                   "use --format merged (transformers, vLLM), another --quant, or pass "
+                                   "--allow-mismatch to write it anyway"), title="export")
+    say(f"WARNING (--allow-mismatch): {text}")
+    return f"WARNING (--allow-mismatch): {text}"
 
 
 def _torch_dtype(plan: _Plan, name: str):
