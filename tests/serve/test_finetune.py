@@ -655,3 +655,22 @@ def _proc_state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "Z"
+
+
+def test_a_preference_file_sent_to_a_supervised_job_is_refused_at_create(server):
+    """A DPO file (OpenAI's preferred_output / non_preferred_output lines) is a valid upload, but a supervised
+    job cannot train on it: 400 at create time naming the param and the line, and no job is made."""
+    url, _, _ = server
+    client = sdk(url)
+    pair = {"input": {"messages": [{"role": "user", "content": "say maple"}]},
+            "preferred_output": [{"role": "assistant", "content": "maple maple maple"}],
+            "non_preferred_output": [{"role": "assistant", "content": "maple"}]}
+    pairs = upload(client, b"\n".join(json.dumps(pair).encode() for _ in range(12)) + b"\n", "pairs.jsonl")
+    chats = upload(client, toy_jsonl(12, 21))
+    before = len(client.fine_tuning.jobs.list().data)
+    for kwargs, param in ((dict(training_file=pairs.id), "training_file"),
+                          (dict(training_file=chats.id, validation_file=pairs.id), "validation_file")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(model="tiny", **kwargs)
+        assert err.value.param == param and "line 1 is a preference pair" in err.value.message
+    assert len(client.fine_tuning.jobs.list().data) == before

@@ -69,6 +69,22 @@ def find_file(request: Request, file_id: str, param: str = "file_id", status: in
     return row
 
 
+def first_format(path) -> tuple[int, str] | None:
+    """(line, format) of a fine-tune file's first record tunekit recognises (chat, completion, text, preference),
+    None when it has none."""
+    from tunekit.data.formats import detect_format, read_jsonl
+    from tunekit.errors import TunekitError
+
+    try:
+        for line in read_jsonl(path):
+            fmt = detect_format(line.record)
+            if fmt is not None:
+                return line.number, fmt
+    except (OSError, TunekitError):
+        return None
+    return None
+
+
 def check_fine_tune_file(path) -> tuple[str, str | None, int]:
     """(status, status_details, valid examples) of an uploaded fine-tune file."""
     from tunekit.data.check import check_file

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunekit.serve.deps import find_model, project_of, store_of
 from tunekit.serve.errors import APIError
-from tunekit.serve.files import find_file
+from tunekit.serve.files import find_file, first_format
 from tunekit.serve.store import new_id, now, page
 from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop, unserve
 
@@ -194,8 +194,16 @@ def create_job(request: Request, body: CreateJob) -> dict:
                        param="method.type")
     base, root, context = base_of(request.app.state, project, body.model)
     training = find_file(request, body.training_file, "training_file", status=400)
+    files = [("training_file", training)]
     if body.validation_file is not None:
-        find_file(request, body.validation_file, "validation_file", status=400)
+        files.append(("validation_file", find_file(request, body.validation_file, "validation_file", status=400)))
+    for param, row in files:  # a preference file cannot train a supervised job: said now, not when it fails
+        found = first_format(store.blob_path(row["sha256"]))
+        if found is not None and found[1] == "preference":
+            raise APIError(400, f"{row['id']} ({row['filename']}) line {found[0]} is a preference pair "
+                                f"(chosen/rejected or preferred_output/non_preferred_output), but a supervised job "
+                                f"trains on chat examples; preference (DPO) jobs are not supported by this server "
+                                f"yet: give a file of {{\"messages\": [...]}} lines", param=param)
     given = (body.method.supervised.hyperparameters if body.method and body.method.supervised else None) \
         or body.hyperparameters or Hyperparameters()
     hp = {k: "auto" if v is None else v for k, v in given.model_dump().items()}
