@@ -552,6 +552,51 @@ def test_wandb_integration_logs_the_run(server, monkeypatch):
                                          "tags": ["sdk", f"tunekit/{job.id}"], "mode": None}
 
 
+def test_wandb_integration_that_cannot_work_is_a_warning_event_not_a_failed_job(server, monkeypatch, tmp_path):
+    """W&B online with no API key and no server that answers: the job runs without it and says so in a
+    warning event; a tracker switched off mid-run (a line in the run's tracker warnings) is an event too."""
+    import socket
+
+    from tunekit.serve.worker import _Run
+    from tunekit.train import trackers
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed}")
+    url, app, data_dir = server
+    client = sdk(url)
+    train = upload(client, toy_jsonl(12, 13))
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id, extra_body=tiny_job(max_steps=2),
+                                         integrations=[{"type": "wandb", "wandb": {"project": "toy"}}])
+    job = wait_for(client, job.id, ("succeeded", "failed"))
+    assert job.status == "succeeded", job.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    (warned,) = [e for e in events if e.level == "warn"]
+    assert "wandb integration cannot work" in warned.message and "no API key" in warned.message
+    assert "wandb: null" in (data_dir / "jobs" / job.id / "config.yaml").read_text()
+
+    # Mid-run: a tracker whose calls fail writes one warning line; the worker turns it into one event.
+    run_dir = data_dir / "jobs" / job.id / "run"
+
+    class Gone:
+        def log_metrics(self, *args, **kwargs):
+            raise ConnectionError("tracking server went away")
+
+    tracking = trackers.Trackers(mlflow=Gone(), run_dir=run_dir, warn=lambda message: None)
+    tracking.log({"step": 1, "train_loss": 1.0})
+    tracking.log({"step": 2, "train_loss": 0.5})  # switched off: no second warning
+    worker = app.state.worker
+    for _ in range(2):  # read twice: still one event
+        worker._read_tracker_warnings(_Run(job.id, None, run_dir, 0.0), app.state.store.job(None, job.id))
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    midrun = [e for e in events if e.level == "warn" and "went away" in e.message]
+    assert len(midrun) == 1 and midrun[0].message.startswith("Integration mlflow: mlflow stopped working at step 1")
+
+
 # --------------------------------------------------------------------------------------------------
 # The example script
 

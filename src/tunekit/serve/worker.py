@@ -39,7 +39,7 @@ from pathlib import Path
 from tunekit.serve.deps import visible_models
 from tunekit.serve.errors import APIError
 from tunekit.serve.store import Store, new_id, now
-from tunekit.train import hyper
+from tunekit.train import hyper, trackers
 
 log = logging.getLogger("tunekit.serve")
 
@@ -348,9 +348,24 @@ class Worker:
         except ConfigError as exc:
             return self._fail(job["id"], "invalid_config", "; ".join(str(p) for p in exc.problems), None,
                               from_status=("validating_files",))
+        config = self._drop_unreachable_integrations(job, config)
         (job_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
         if self.store.set_job(job["id"], when_status=["validating_files"], status="queued", hyperparameters=hp):
             self.store.add_event(job["id"], "Files validated, moving job to queued state", key="validated")
+
+    def _drop_unreachable_integrations(self, job: dict, config):
+        """An `integrations` entry whose tracker cannot work here (W&B online without a key or a server that
+        answers) becomes a warning event and is left out: the job trains without it rather than failing."""
+        if config.output.wandb is None:
+            return config
+        problems = trackers.reach(config, config.output.dir)
+        wandb = [p for p in problems if p.where.startswith("output.wandb")]
+        if not wandb:
+            return config
+        reasons = "; ".join(f"{p.message} ({p.hint})" for p in wandb)
+        self.store.add_event(job["id"], f"The wandb integration cannot work and is left out of this job: {reasons}",
+                             level="warn", key="integration-wandb")
+        return config.model_copy(update={"output": config.output.model_copy(update={"wandb": None})})
 
     def _base_dir(self, job: dict, job_dir: Path) -> str:
         """`model.base`: a served model's path, an earlier job's run dir, or for a checkpoint a run dir made
@@ -402,6 +417,7 @@ class Worker:
         code = run.proc.poll()  # before reading: rows written up to the exit are read in this pass
         self._read_metrics(run, job)
         self._read_checkpoints(run, job)
+        self._read_tracker_warnings(run, job)
         if code is None:
             if job["status"] == "cancelled":
                 _kill(run.proc)
@@ -453,6 +469,20 @@ class Worker:
             per_step = (time.time() - run.started) / max(1, done)
             self.store.set_job(job["id"], when_status=["running"], total_steps=total,
                                estimated_finish=now() + int(per_step * max(0, total - last)))
+
+    def _read_tracker_warnings(self, run: _Run, job: dict) -> None:
+        """A tracker the training process switched off mid-run (see train/trackers.py) is a warning event:
+        the job goes on."""
+        path = run.run_dir / trackers.WARNINGS_FILE
+        if not path.is_file():
+            return
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line being written
+            self.store.add_event(job["id"], f"Integration {row['tracker']}: {row['message']}", level="warn",
+                                 key=f"tracker-warning-{i}")
 
     @staticmethod
     def _total_steps(job: dict, row: dict) -> int:

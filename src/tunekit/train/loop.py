@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from tunekit.config import RunConfig, load_config
 from tunekit.data.dataset import DataSplits, PairSplits, epoch_rows, load_pair_splits, load_splits, valid_rows
@@ -122,7 +123,7 @@ def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: b
             if run.has_adapter and cfg.method == "qlora" and cfg.model.previous_adapter == "merge":
                 problems.append(Problem("model.previous_adapter", "cannot fold the earlier adapter into a 4-bit base",
                                         "use model.previous_adapter: continue, or method: lora"))
-    problems += trackers.check(cfg)
+    problems += trackers.check(cfg) + trackers.reach(cfg, cfg.output.dir)
     problems += _objective_problems(cfg, world_size)
     if cfg.eval.enabled and cfg.eval.data is None and cfg.data.validation is None:
         problems.append(Problem("eval.enabled", "evaluation after training needs a held-out file",
@@ -506,7 +507,9 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     if d.main:  # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more)
         with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in metrics)
-    tracking = trackers.Trackers.start(cfg, run_dir, resume=resume) if d.main else trackers.Trackers()
+    tracking = (trackers.Trackers.start(cfg, run_dir, resume=resume,
+                                        warn=lambda m: say(f"[yellow]warning:[/] {escape(m)}", highlight=False))
+                if d.main else trackers.Trackers())
     max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
 
     def checkpoint_now() -> Path:
