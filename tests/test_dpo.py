@@ -15,6 +15,8 @@ from tunekit.config import DpoConfig
 from tunekit.data.dataset import fit_pairs, read_pairs
 from tunekit.data.types import Sequence
 from tunekit.errors import ConfigError
+from tunekit.eval.evaluate import evaluate
+from tunekit.eval.report import write_report
 from tunekit.model import apply_method, load_base
 from tunekit.train.checkpoint import list_checkpoints
 from tunekit.train.dpo import (
@@ -174,6 +176,31 @@ def test_short_lora_run_raises_reward_accuracy_and_margin(tmp_path, tiny_llama_d
     assert summary["final_valid_reward_margin"] > 0.2 and summary["reference"] == "adapter-off"
     assert {"valid_loss", "valid_reward_accuracy", "valid_reward_margin"} <= set(rows[7])
     assert (cfg.output.dir / "final" / "adapter_model.safetensors").is_file()
+
+    # tunekit eval on held-out pairs: the tuned run prefers the preferred reply more often than its base.
+    held_out = write_toy_pairs(tmp_path / "held_out.jsonl", 12, seed=7)
+    result = evaluate(cfg.output.dir, held_out, baselines=["base"]).to_dict()
+    tuned, base = (c["metrics"] for c in result["candidates"])
+    assert result["n_examples"] == 12 and result["settings"]["kind"] == "preference"
+    assert tuned["preference_accuracy"] > base["preference_accuracy"]
+    assert tuned["preference_margin"] > base["preference_margin"]
+    # The base's margin of the first pair, computed here from its logits: log p(preferred) - log p(other).
+    from tunekit.data.preference import render_pair
+    from tunekit.model import load_for_inference
+
+    model, tokenizer = load_for_inference(str(tiny_llama_dir), device=torch.device("cpu"))
+    pair = render_pair(json.loads(held_out.read_text().splitlines()[0]), tokenizer)
+
+    def logp(reply: list[int]) -> float:
+        ids = torch.tensor([pair.prompt + reply])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(pair.prompt) - 1:-1].double()
+        return float(logits.log_softmax(-1).gather(1, torch.tensor(reply)[:, None]).sum())
+
+    first = result["examples"][0]["scores"]["base"]
+    assert first["preference_margin"] == pytest.approx(logp(pair.chosen) - logp(pair.rejected), abs=1e-4)
+    files = write_report(result, tmp_path / "report")
+    assert "preference accuracy" in files["markdown"].read_text()
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])

@@ -183,20 +183,30 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def teacher_forced(model, sequences: list[Sequence], *, batch_size: int, pad_id: int) -> TeacherForced:
-    """Loss, perplexity and argmax accuracy at trained positions (labels != IGNORE), token-weighted."""
+@dataclass
+class RowForced:
+    """One sequence under teacher forcing: summed over its trained positions (labels != IGNORE)."""
+
+    nll: float  # nats: -log p of the trained tokens given everything before them
+    correct: int  # trained tokens where the argmax of the logits is the label
+    count: int  # trained tokens
+
+
+def forced_rows(model, sequences: list[Sequence], *, batch_size: int, pad_id: int) -> list[RowForced]:
+    """Per sequence, in input order: summed NLL and argmax hits at trained positions."""
     import torch
     import torch.nn.functional as F
 
     device = _device(model)
     vocab = model.get_output_embeddings().weight.shape[0]
-    loss_sum, correct, count = 0.0, 0, 0
+    out: list[RowForced | None] = [None] * len(sequences)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths -> less padding
     start = 0
     while start < len(order):
         longest = len(sequences[order[min(start + batch_size, len(order)) - 1]])
         rows = max(1, min(batch_size, LOGITS_BUDGET // max(1, longest * vocab)))
-        batch = [sequences[i] for i in order[start:start + rows]]
+        picked_rows = order[start:start + rows]
+        batch = [sequences[i] for i in picked_rows]
         start += rows
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -210,15 +220,30 @@ def teacher_forced(model, sequences: list[Sequence], *, batch_size: int, pad_id:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
         targets = labels[:, 1:].to(device)  # token t is predicted from positions < t
         trained = targets != IGNORE  # (B, T-1)
+        which = trained.nonzero()[:, 0]  # (N,) the row of each trained position
         picked = logits[:, :-1][trained].float()  # (N, V) logits only at trained positions
         wanted = targets[trained]  # (N,)
-        loss_sum += F.cross_entropy(picked, wanted, reduction="sum").item()
-        correct += int((picked.argmax(-1) == wanted).sum())
-        count += int(trained.sum())
+        nll = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
+            0, which, F.cross_entropy(picked, wanted, reduction="none").double())
+        hits = torch.zeros(len(batch), dtype=torch.long, device=device).index_add_(
+            0, which, (picked.argmax(-1) == wanted).long())
+        counts = trained.sum(1)
+        for row, i in enumerate(picked_rows):
+            out[i] = RowForced(float(nll[row]), int(hits[row]), int(counts[row]))
+    return [r for r in out if r is not None]
+
+
+def teacher_forced(model, sequences: list[Sequence], *, batch_size: int, pad_id: int) -> TeacherForced:
+    """Loss, perplexity and argmax accuracy at trained positions (labels != IGNORE), token-weighted."""
+    return summarise_forced(forced_rows(model, sequences, batch_size=batch_size, pad_id=pad_id))
+
+
+def summarise_forced(rows: list[RowForced]) -> TeacherForced:
+    count = sum(r.count for r in rows)
     if count == 0:
         return TeacherForced(float("nan"), float("nan"), float("nan"), 0)
-    loss = loss_sum / count
-    return TeacherForced(loss, math.exp(min(loss, 700.0)), correct / count, count)
+    loss = sum(r.nll for r in rows) / count
+    return TeacherForced(loss, math.exp(min(loss, 700.0)), sum(r.correct for r in rows) / count, count)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -430,7 +455,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
              limit: int | None = None, scorer: str | None = None, seed: int = 0,
              device: str = "auto", config: RunConfig | None = None,
              log: Callable[[str], None] | None = None) -> EvalResult:
-    """Evaluate the run at `run_dir` and its baselines on the chat examples of `data`.
+    """Evaluate the run at `run_dir` and its baselines on the chat examples of `data` (or, for a file of
+    preference pairs, on which reply of each pair each candidate finds more likely: eval/preference.py).
 
     data: a JSONL file of chat examples (default: eval.data, else data.validation of the run's config).
     baselines: "base" (model.base zero-shot), "few-shot:K" (the base with K training examples as earlier
@@ -467,6 +493,13 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
                                     "pass --data valid.jsonl (held-out chat examples)"))
     specs, plan_problems = plan_candidates(run_dir, config, list(baselines), list(models))
     problems += plan_problems
+    settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
+                "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy"}
+    from tunekit.eval.preference import evaluate_preference, is_preference_file
+
+    if not problems and data is not None and is_preference_file(data):
+        return evaluate_preference(run_dir, data, specs, batch_size=batch_size, limit=limit, device=device,
+                                   config=config, settings={**settings, "shots_from": None}, log=log)
     examples: list[EvalExample] = []
     if data is not None:
         try:
@@ -517,9 +550,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy",
-                "shots_from": str(config.data.train) if config is not None and shots_by_name else None}
+    settings["shots_from"] = str(config.data.train) if config is not None and shots_by_name else None
     return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings,
                       training_cost(run_dir))
 

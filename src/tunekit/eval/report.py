@@ -18,12 +18,14 @@ from pathlib import Path
 
 # Rate metrics (fractions in [0, 1]) in report order; scorer keys follow.
 RATES = ["exact_match", "normalized_match", "json_valid", "json_equal", "tool_call_name", "tool_call_accuracy",
-         "token_accuracy"]
+         "preference_accuracy", "preference_accuracy_normalized", "token_accuracy"]
 LABELS = {"loss": "held-out loss", "perplexity": "perplexity", "token_accuracy": "token accuracy",
           "prompt_tokens": "prompt tokens / request", "new_tokens": "generated tokens / request",
-          "latency_ms": "latency ms / request", "stopped": "stopped at end of turn"}
+          "latency_ms": "latency ms / request", "stopped": "stopped at end of turn",
+          "preference_accuracy": "preference accuracy", "preference_accuracy_normalized":
+          "preference accuracy per token", "preference_margin": "preference margin (nats)"}
 # Which metric the verdict is about, in order of preference when several apply equally often.
-PRIMARY_ORDER = ["tool_call_accuracy", "json_equal", "exact_match"]
+PRIMARY_ORDER = ["tool_call_accuracy", "json_equal", "exact_match", "preference_accuracy"]
 SAMPLES = 5
 RAG_NOTE = ("for each request, the training examples whose prompts are most similar to its prompt (BM25), "
             "as earlier turns; results.json lists each example's lines")
@@ -278,7 +280,7 @@ def _cell(results: dict, cand: dict, key: str) -> str:
         return f"{pct} (n={n})" if n is not None and key != "token_accuracy" else pct
     if key == "loss":
         return f"{value:.4f}"
-    if key == "perplexity":
+    if key in ("perplexity", "preference_margin"):
         return f"{value:.2f}"
     return f"{value:.1f}"
 
@@ -286,7 +288,9 @@ def _cell(results: dict, cand: dict, key: str) -> str:
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """Header (metric, candidate names) and one row per metric, as formatted strings."""
     cands = results["candidates"]
-    keys = ["loss", "perplexity"] + rate_keys(results) + ["prompt_tokens", "new_tokens", "latency_ms", "stopped"]
+    margin = ["preference_margin"] if any(c["metrics"].get("preference_margin") is not None for c in cands) else []
+    keys = ["loss", "perplexity"] + rate_keys(results) + margin + ["prompt_tokens", "new_tokens", "latency_ms",
+                                                                   "stopped"]
     header = ["metric"] + [c["name"] for c in cands]
     return header, [[label(results, k)] + [_cell(results, c, k) for c in cands] for k in keys]
 
