@@ -41,6 +41,17 @@ def start_server(data_dir: Path) -> tuple[object, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
+def blank(image) -> str | None:
+    """Why a screenshot (a PIL image) shows nothing, or None: a frame not painted yet comes out one flat colour
+    (a 1.5 KB PNG), which would be published as a page of nothing."""
+    pixels = image.width * image.height
+    colours = image.convert("RGB").getcolors(pixels) or []
+    top = max((count for count, _ in colours), default=pixels)
+    if len(colours) < 4 or top > 0.999 * pixels:
+        return f"{len(colours)} colour(s), {100 * top / pixels:.1f}% of it one colour"
+    return None
+
+
 def broken_file(folder: Path) -> Path:
     """Five quickstart examples with three kinds of mistakes mixed in."""
     lines = (QUICKSTART / "train.jsonl").read_text(encoding="utf-8").splitlines()[:5]
@@ -75,12 +86,20 @@ def main() -> None:
             def shot(name: str, full: bool = False, element: str | None = None) -> None:
                 from PIL import Image  # Pillow: installed with matplotlib
 
-                page.wait_for_timeout(200)
                 path = OUT / f"{name}.png"
-                if element:  # one element (a frame: full-page shots leave sandboxed frames blank in chromium)
-                    page.locator(element).screenshot(path=str(path))
+                for wait_ms in (200, 1_000, 3_000, 10_000):  # a frame can take a moment to paint
+                    page.wait_for_timeout(wait_ms)
+                    if element:  # one element (a frame: full-page shots leave sandboxed frames blank in chromium)
+                        page.locator(element).screenshot(path=str(path))
+                    else:
+                        page.screenshot(path=str(path), full_page=full)
+                    why = blank(Image.open(path))
+                    if why is None:
+                        break
                 else:
-                    page.screenshot(path=str(path), full_page=full)
+                    path.unlink()
+                    raise SystemExit(f"docs/screenshots/{name}.png came out blank ({why}) after 14 s: the page "
+                                     f"did not paint{' ' + element if element else ''}; its file is removed")
                 # 64 colours, no dithering: a third of the size, the flat UI colours unchanged to the eye
                 Image.open(path).convert("RGB").quantize(colors=64, dither=Image.Dither.NONE).save(path, optimize=True)
                 print(f"docs/screenshots/{name}.png {path.stat().st_size // 1024} KB")
@@ -109,7 +128,7 @@ def main() -> None:
             page.fill("input[name=suffix]", "recipes")
             page.click("details summary")
             overrides = {"data.max_len": 256, "lora": {"r": 16, "alpha": 32},
-                         "train": {"max_steps": args.steps, "threads": 2},
+                         "train": {"max_steps": args.steps, "threads": "auto"},
                          "eval": {"limit": 4, "max_new_tokens": 40, "baselines": ["base", "few-shot:3"]}}
             page.fill("textarea[name=tunekit]", json.dumps(overrides))
             shot("jobs-form")

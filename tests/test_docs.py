@@ -334,3 +334,147 @@ def test_bash_commands_join_continuations_and_drop_comments():
     assert bash_commands(body, 10) == [(11, "tunekit train run.yaml \\\n    --nproc 2   # two"), (14, "python x.py &")]
     assert without_comment("tunekit train a.yaml   # -> runs/a/") == "tunekit train a.yaml"
     assert without_comment("tunekit chat r \"a # b\"") == "tunekit chat r \"a # b\""
+
+
+# --------------------------------------------------------------------------------------------------
+# What running the documents as written cannot see: checks of their text against the code
+
+
+PIP_INSTALL = re.compile(r"pip install((?:[ \t]+[^\s`'\"(),;]+|[ \t]+'[^']*'|[ \t]+\"[^\"]*\")+)")
+# install hints in files whose owners have yet to move them to tunekit.errors.install_command: each entry must
+# still hold a bare `pip install` (the test fails once it is gone, so the entry goes too)
+
+def bypasses_the_lock(text: str) -> list[str]:
+    """The `pip install ...` commands in `text` that neither take the lock as constraints (-c) nor pin each
+    requirement (==): they install whatever the registry holds today."""
+    bad = []
+    for found in PIP_INSTALL.finditer(text):
+        args = found.group(1).split()
+        if "-c" in args or "--constraint" in args:
+            continue
+        wanted = [a.strip("'\"") for a in args if not a.startswith("-") and not a.startswith("$")]
+        if not wanted or all("==" in a for a in wanted):
+            continue
+        bad.append(found.group(0))
+    return bad
+
+
+def test_no_documented_install_bypasses_the_lock():
+    """README, docs and example READMEs, the scripts and tunekit's own hints install through
+    scripts/setup.sh (`TUNEKIT_EXTRAS=EXTRA bash scripts/setup.sh`), every version from requirements/lock.txt."""
+    assert bypasses_the_lock("`pip install -e '.[serve]'`, `pip install '.[gguf]'`\n(pip install tunekit[rag])") == [
+        "pip install -e '.[serve]'", "pip install '.[gguf]'", "pip install tunekit[rag]"]
+    assert bypasses_the_lock('a bare `pip install` would; pip install -q -c "$LOCK" -e ".[dev]"; '
+                             'pip install -q torch==2.13.0') == []
+    files = [*DOCS, *sorted((REPO / "scripts").glob("*.sh")), *sorted((REPO / "src" / "tunekit").rglob("*.py"))]
+    found = {}
+    for path in files:
+        name = str(path.relative_to(REPO))
+        if name == "scripts/lock.sh":  # makes the lock: installs the registry's newest on purpose
+            continue
+        if bad := bypasses_the_lock(path.read_text(encoding="utf-8")):
+            found[name] = bad
+    assert found == {}
+
+
+def test_the_install_hint_is_the_readmes_and_keeps_its_extra():
+    """The CLI prints hints as plain text: `[gguf]` or `[0]` are not eaten as console markup, and the GGUF
+    export's hint is the README's install line for the gguf extra."""
+    from tunekit import cli
+    from tunekit.errors import Problem, TunekitError, install_command
+    from tunekit.export.export import INSTALL_GGUF
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert INSTALL_GGUF == install_command("gguf") and f"`{INSTALL_GGUF}`" in readme
+    for extra in ("serve", "rag", "trackers", "qlora"):
+        assert f"`{install_command(extra)}`" in readme, extra
+    with cli.err_console.capture() as captured, pytest.raises(cli.typer.Exit) as stopped:
+        cli.fail(TunekitError(Problem("messages[0].content", "needs [gguf]", "pip install 'x[gguf]'"),
+                              title="[bold]title[/]"))
+    assert stopped.value.exit_code == 1
+    text = captured.get()
+    assert "[bold]title[/]" in text and "messages[0].content: needs [gguf]" in text
+    assert "hint: pip install 'x[gguf]'" in text
+
+
+def _script_commands(script: Path) -> list[list[str]]:
+    """The tunekit and python commands a run script runs, its variables ($T, $E, $Q, .venv/bin/) expanded."""
+    text = script.read_text(encoding="utf-8")
+    names = dict(re.findall(r"^(\w+)=(\S+)$", text, re.M))
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        for var, value in names.items():
+            line = line.replace(f"${var}/", f"{value}/").replace(f"${var} ", f"{value} ")
+        line = line.replace(".venv/bin/", "")
+        if line.startswith(("tunekit ", "python ")):
+            out.append(line.split())
+    return out
+
+
+def _doc_commands(doc: str) -> list[list[str]]:
+    return [without_comment(c.text.replace("\\\n", " ")).split() for c in COMMANDS
+            if c.doc == doc and c.lang == "bash" and c.text.startswith(("tunekit ", "python "))]
+
+
+@pytest.mark.parametrize(("script", "doc"), [("examples/rag/run.sh", "examples/rag/README.md"),
+                                             ("scripts/quickstart.sh", "examples/quickstart/README.md")])
+def test_an_examples_readme_lists_what_its_script_runs(script, doc):
+    """The README's "it runs:" block: the script's commands in its order, each with the same options (values
+    compared where neither side stands for one: `$VAR` in the script, `...` in the README)."""
+    ran, listed = _script_commands(REPO / script), _doc_commands(doc)
+    assert [c[:3] for c in ran] == [c[:3] for c in listed[-len(ran):]], (ran, listed)
+    for mine, theirs in zip(ran, listed[-len(ran):], strict=True):
+        ours, documented = _options(mine), _options(theirs)
+        assert list(ours) == list(documented), (mine, theirs)
+        for option, value in ours.items():
+            if not any(mark in value + documented[option] for mark in ("$", "...", '"', "'")):
+                assert value == documented[option], (option, mine, theirs)
+
+
+def _options(command: list[str]) -> dict[str, str]:
+    """--option -> the word after it ("" for a flag)."""
+    return {a: (command[k + 1] if k + 1 < len(command) and not command[k + 1].startswith("--") else "")
+            for k, a in enumerate(command) if a.startswith("--")}
+
+
+def test_a_run_scripts_steps_name_the_method_its_config_trains():
+    """A step that says "LoRA" trains a LoRA, one that says "full" a full fine-tune (config.yaml's method)."""
+    import yaml
+
+    for script, config in [("examples/rag/run.sh", "examples/rag/config.yaml"),
+                           ("scripts/quickstart.sh", "examples/quickstart/config.yaml")]:
+        method = yaml.safe_load((REPO / config).read_text(encoding="utf-8"))["method"]
+        steps = re.findall(r'^step "([^"]*)"', (REPO / script).read_text(encoding="utf-8"), re.M)
+        training = [s for s in steps if "fine-tune" in s]
+        assert training, script
+        for step in training:
+            assert ("LoRA" in step) == (method in ("lora", "qlora")) and ("full" in step) == (method == "full"), \
+                (script, step, method)
+
+
+def test_the_example_configs_take_threads_from_the_free_cores():
+    """A fixed `train.threads: 2` ran ~7x slower per step on a machine other work keeps busy (quickstart
+    README): the examples the README runs choose from the free cores, and say so."""
+    import yaml
+
+    for config in ("examples/quickstart/config.yaml", "examples/rag/config.yaml"):
+        assert yaml.safe_load((REPO / config).read_text(encoding="utf-8"))["train"]["threads"] == "auto", config
+    assert "`train.threads: auto`" in (REPO / "examples/quickstart/README.md").read_text(encoding="utf-8")
+
+
+def test_the_screenshot_script_refuses_a_blank_image():
+    """scripts/screenshots.py stops (non-zero) rather than publish a frame that did not paint."""
+    import importlib.util
+
+    from PIL import Image, ImageDraw
+
+    spec = importlib.util.spec_from_file_location("screenshots", REPO / "scripts" / "screenshots.py")
+    screenshots = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(screenshots)
+    assert "1 colour(s)" in screenshots.blank(Image.new("RGB", (1144, 575), "white"))
+    for shot in sorted((REPO / "docs" / "screenshots").glob("*.png")):  # the published ones are not blank
+        assert screenshots.blank(Image.open(shot)) is None, shot
+    page = Image.new("RGB", (400, 200), "white")
+    ImageDraw.Draw(page).text((10, 10), "a table of numbers", fill="black")
+    assert screenshots.blank(page) is None

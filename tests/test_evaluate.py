@@ -300,7 +300,7 @@ def test_shot_choice_is_seeded_and_shot_turns_are_untrained(run_dir):
 
 
 def test_retrieved_shots_are_the_most_similar_training_examples(tmp_path):
-    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: pip install -e '.[rag]'")
+    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: TUNEKIT_EXTRAS=rag bash scripts/setup.sh")
     evaluated = [chat("how long to boil rice", "20 minutes"), chat("how much salt for bread dough", "a pinch")]
     train = [chat("how much sugar in a cake", "a cup"),            # 1
              chat("boil eggs for how long", "8 minutes"),          # 2
@@ -351,7 +351,7 @@ def test_evaluate_run_against_base_and_few_shot(run_dir, tiny_llama_dir):
 
 
 def test_evaluate_with_retrieval_shots(run_dir, tmp_path):
-    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: pip install -e '.[rag]'")
+    pytest.importorskip("qdrant_client", reason="rag:K needs the rag extra: TUNEKIT_EXTRAS=rag bash scripts/setup.sh")
     result = evaluate(run_dir, run_dir / "valid.jsonl", baselines=["base", "rag:2"], max_new_tokens=4,
                       batch_size=4)
     assert [c.name for c in result.candidates] == ["fine-tuned", "base", "rag:2"]

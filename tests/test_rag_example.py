@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from example_modules import load_example, read_jsonl
 
-pytest.importorskip("qdrant_client", reason="the RAG example needs the rag extra: pip install -e '.[rag]'")
+pytest.importorskip("qdrant_client", reason="the RAG example needs the rag extra: TUNEKIT_EXTRAS=rag bash scripts/setup.sh")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "rag"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-pytest.importorskip("qdrant_client", reason="retrieval needs the rag extra: pip install -e '.[rag]'")
+pytest.importorskip("qdrant_client", reason="retrieval needs the rag extra: TUNEKIT_EXTRAS=rag bash scripts/setup.sh")
 
 from tunekit.eval.retrieval import K1, B, TextIndex, document_vector, query_vector, term_id, words  # noqa: E402
 

@@ -60,7 +60,7 @@ def test_missing_tracker_package_is_named_with_its_install_command(tmp_path, mon
     cfg = config_from_dict({"model": {"base": "org/m"}, "data": {"train": "t.jsonl"},
                             "output": {"wandb": {}, "tensorboard": True}}, check_files=False)
     (problem,) = trackers.check(cfg)
-    assert problem.where == "output.wandb" and "tunekit[trackers]" in problem.hint
+    assert problem.where == "output.wandb" and "TUNEKIT_EXTRAS=trackers bash scripts/setup.sh" in problem.hint
 
 
 def _wandb_records(run_dir: Path) -> list[dict]:

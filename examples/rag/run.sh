@@ -13,7 +13,7 @@ step "1/4 knowledge base -> Qdrant index (runs/rag-index) -> chats with the top-
 .venv/bin/python $E/make_data.py --index runs/rag-index
 $T data check $E/train.jsonl --validation $E/valid.jsonl --model models/tiny-chat --max-len 320
 
-step "2/4 fine-tune a LoRA on models/tiny-chat"
+step "2/4 fine-tune models/tiny-chat (method: full, every weight: config.yaml)"
 $T train $E/config.yaml "$@"
 
 step "3/4 evaluate on the 100 held-out questions, both models reading the same retrieved passages"

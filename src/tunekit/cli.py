@@ -36,12 +36,13 @@ def fail(exc: TunekitError, code: int = 1) -> None:
     if os.environ.get("RANK", "0") != "0":  # several processes: the main one (rank 0) reports
         raise typer.Exit(code)
     if exc.title:
-        err_console.print(f"[bold red]error:[/] {exc.title}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(exc.title)}", highlight=False)
     for problem in exc.problems:
-        where = f"[bold]{problem.where}[/]: " if problem.where else ""
-        err_console.print(f"  [red]✗[/] {where}{problem.message}", highlight=False, markup=True)
+        # the texts are plain: a `[gguf]` in a hint or `[0]` in a field is shown, not read as console markup
+        where = f"[bold]{escape(problem.where)}[/]: " if problem.where else ""
+        err_console.print(f"  [red]✗[/] {where}{escape(problem.message)}", highlight=False)
         if problem.hint:
-            err_console.print(f"      [dim]hint:[/] {problem.hint}", highlight=False)
+            err_console.print(f"      [dim]hint:[/] {escape(problem.hint)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -222,7 +223,7 @@ def data_preview(
 ) -> None:
     """Print examples as the model's chat template renders them, trained tokens highlighted."""
     from tunekit.data.formats import load_examples
-    from tunekit.data.preview import TRAINED_STYLE, preview_example
+    from tunekit.data.preview import MARK_STYLE, TRAINED_CLOSE, TRAINED_OPEN, TRAINED_STYLE, preview_example
     from tunekit.data.render import template_warnings
     from tunekit.model import load_tokenizer
 
@@ -231,8 +232,9 @@ def data_preview(
         _, examples = load_examples(file)
         if getattr(tokenizer, "chat_template", None):
             for warning in template_warnings(tokenizer):
-                err_console.print(f"[yellow]note:[/] {warning}", highlight=False)
-        console.print(f"legend: [{TRAINED_STYLE}]trained[/] [dim]not trained[/]")
+                err_console.print(f"[yellow]note:[/] {escape(warning)}", highlight=False)
+        console.print(f"legend: [{MARK_STYLE}]{TRAINED_OPEN}[/][{TRAINED_STYLE}]trained[/][{MARK_STYLE}]"
+                      f"{TRAINED_CLOSE}[/] [dim]not trained[/]", highlight=False)
         for line, example in examples[:n]:
             try:
                 shown = preview_example(example, tokenizer)
@@ -381,7 +383,9 @@ def train_cmd(
     except TunekitError as exc:
         fail(exc)
     if distributed.launched_world_size() == 1 or os.environ.get("RANK") == "0":
-        console.print(f"[green]✓[/] run dir: {result.run_dir}", highlight=False)
+        run_dir, here = Path(result.run_dir).resolve(), Path.cwd().resolve()  # examples/x/../../runs/y -> runs/y
+        shown = run_dir.relative_to(here) if run_dir.is_relative_to(here) else run_dir
+        console.print(f"[green]✓[/] run dir: {escape(str(shown))}", highlight=False)
 
 
 @app.command("chat")
@@ -515,12 +519,12 @@ def export_cmd(
     except TunekitError as exc:
         fail(exc)
     for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
     for file, size in result.files.items():
         console.print(f"  {file}  {size / 1024 / 1024:.1f} MiB", highlight=False)
     console.print(f"[green]✓[/] {result.fmt} export in {result.out} ({result.seconds:.1f} s)", highlight=False)
     if result.command:
-        console.print(f"run it: {result.command}", highlight=False)
+        console.print(f"run it: {result.command}", highlight=False, markup=False)
 
 
 def main() -> None:

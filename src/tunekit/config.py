@@ -122,7 +122,10 @@ class TrainConfig(Section):
     keep_last: Annotated[int, Field(ge=1)] = 2
     # Tokens per chunk when projecting trained positions through the LM head (bounds peak memory).
     lm_head_chunk: Annotated[int, Field(ge=64)] = 4096
-    threads: Annotated[int, Field(ge=1)] | None = None
+    # torch threads per process: a number, "auto" (the free cores: the affinity's cores less the load average's
+    # other work, shared among --nproc processes; tunekit.train.loop.auto_threads), or None (torch's default:
+    # every core, also those other work keeps busy)
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
@@ -159,7 +162,7 @@ class EvalConfig(Section):
 
 
 class WandbConfig(Section):
-    """Weights & Biases (`pip install 'tunekit[trackers]'`)."""
+    """Weights & Biases (`TUNEKIT_EXTRAS=trackers bash scripts/setup.sh`)."""
 
     project: str = "tunekit"
     entity: str | None = None
@@ -171,7 +174,7 @@ class WandbConfig(Section):
 
 
 class MlflowConfig(Section):
-    """MLflow (`pip install 'tunekit[trackers]'`)."""
+    """MLflow (`TUNEKIT_EXTRAS=trackers bash scripts/setup.sh`)."""
 
     # None: $MLFLOW_TRACKING_URI, else a local file store in RUN_DIR/mlruns.
     tracking_uri: str | None = None

@@ -20,6 +20,13 @@ class Problem:
         return f"{text}\n    hint: {self.hint}" if self.hint else text
 
 
+def install_command(extra: str) -> str:
+    """The one way to add an optional extra, as the README gives it: scripts/setup.sh installs it into the
+    clone's .venv with every version from requirements/lock.txt (a bare `pip install` would take the registry's
+    newest, or replace the editable install)."""
+    return f"TUNEKIT_EXTRAS={extra} bash scripts/setup.sh"
+
+
 class TunekitError(Exception):
     """One or more problems the user can fix. Never raised for bugs in tunekit itself."""
 

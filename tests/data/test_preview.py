@@ -56,3 +56,21 @@ def test_preview_cli_shows_counts_and_names_bad_lines(tmp_path, chat_tokenizer):
     bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n", encoding="utf-8")
     result = CliRunner().invoke(app, ["data", "preview", str(bad), "--model", str(tmp_path / "tok")])
     assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_preview_piped_to_a_file_keeps_the_trained_marking(tmp_path, chat_tokenizer):
+    """Without a terminal there are no colours: the brackets alone say which tokens train."""
+    import json
+    import subprocess
+    import sys
+
+    chat_tokenizer.save_pretrained(tmp_path / "tok")
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps(EXAMPLE) + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "tunekit.cli", "data", "preview", str(data), "--model",
+                           str(tmp_path / "tok")], capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b[" not in done.stdout  # piped: plain text
+    assert "legend: ⟦trained⟧ not trained" in done.stdout
+    assert "⟦hi café 😀<|im_end|>⟧" in done.stdout and "not this one<|im_end|>" in done.stdout
+    assert done.stdout.count("⟦") == 2  # the legend and the one reply: weight 0 and prompts not marked

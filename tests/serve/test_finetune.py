@@ -121,7 +121,7 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [12, 8, 4]
-    assert checkpoints[0].fine_tuned_model_checkpoint == job.fine_tuned_model
+    assert checkpoints[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-12"
     assert checkpoints[1].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-8"
     assert checkpoints[2].metrics.train_loss == logged[3]["train_loss"]
 
@@ -234,7 +234,7 @@ def test_a_training_crash_fails_the_job_and_the_server_lives(server):
     (dict(model="nope"), "model"),
     (dict(training_file="file-missing"), "training_file"),
     (dict(validation_file="file-missing"), "validation_file"),
-    (dict(method={"type": "dpo"}), "method.type"),
+    (dict(method={"type": "reinforcement"}), "method.type"),
     (dict(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
     (dict(suffix="x" * 65), "suffix"),
     (dict(extra_body={"tunekit": {"lora.r": 0}}), "tunekit.lora.r"),

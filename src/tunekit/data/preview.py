@@ -1,4 +1,5 @@
-"""Show which tokens are trained: an example rendered with its template, trained tokens highlighted."""
+"""Show which tokens are trained: an example rendered with its template, trained tokens highlighted and
+bracketed ⟦like this⟧, so the marking survives where colours do not (output piped to a file, a log)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from tunekit.data.types import IGNORE, Sequence
 
 TRAINED_STYLE = "bold black on green"
 PROMPT_STYLE = "dim"
+TRAINED_OPEN, TRAINED_CLOSE = "⟦", "⟧"  # around each trained run, in the plain text too
+MARK_STYLE = "green"
 
 
 @dataclass
 class Preview:
-    text: Text  # the rendered sequence(s); trained runs styled TRAINED_STYLE
+    text: Text  # the rendered sequence(s); trained runs styled TRAINED_STYLE, between TRAINED_OPEN / _CLOSE
     tokens: int
     trained: int
     sequences: int
@@ -48,7 +51,12 @@ def preview_example(example: dict, tokenizer, *, unstable_template: str = "split
         if len(sequences) > 1:
             text.append(f"── sequence {k + 1} of {len(sequences)} ──\n", style="bold")
         for trained, piece in pieces:
-            text.append(piece, style=TRAINED_STYLE if trained else PROMPT_STYLE)
+            if trained:
+                text.append(TRAINED_OPEN, style=MARK_STYLE)
+                text.append(piece, style=TRAINED_STYLE)
+                text.append(TRAINED_CLOSE, style=MARK_STYLE)
+            else:
+                text.append(piece, style=PROMPT_STYLE)
         text.append("\n")
     return Preview(text=text, tokens=sum(len(s) for s in sequences),
                    trained=sum(s.num_trained for s in sequences), sequences=len(sequences))

@@ -4,7 +4,7 @@
     hits = index.search("question text", k=3)        # [(payload, score), ...], best first
 
 Used by the evaluation's `rag:K` baseline (the K training examples most similar to each evaluated prompt)
-and by examples/rag/ (passages of a knowledge base). Needs `qdrant-client` (`pip install -e '.[rag]'`).
+and by examples/rag/ (passages of a knowledge base). Needs `qdrant-client` (`TUNEKIT_EXTRAS=rag bash scripts/setup.sh`).
 
 Why sparse BM25 vectors: they are computed from the text alone, offline, with no embedding model to
 download (a dense embedder would need weights this machine cannot fetch, and the tiny chat model's
@@ -26,7 +26,7 @@ from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
-from tunekit.errors import ConfigError, Problem
+from tunekit.errors import ConfigError, Problem, install_command
 
 VECTOR = "bm25"  # the name of the sparse vector in the collection
 K1 = 1.2  # BM25 term-frequency saturation
@@ -82,7 +82,7 @@ def _qdrant():
         from qdrant_client import QdrantClient, models
     except ImportError:
         raise ConfigError(Problem("qdrant-client", "is not installed (retrieval needs it)",
-                                  "pip install -e '.[rag]'")) from None
+                                  install_command("rag"))) from None
     return QdrantClient, models
 
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunekit.errors import Problem, TunekitError
+from tunekit.errors import Problem, TunekitError, install_command
 from tunekit.export.card import write_model_card
 from tunekit.export.ollama import modelfile, ollama_template
 from tunekit.fsio import publish_dir
@@ -48,7 +48,7 @@ from tunekit.fsio import publish_dir
 FORMATS = ("merged", "adapter", "gguf", "ollama")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTS = ("f32", "f16", "bf16", "q8_0")
-PIP_GGUF = "pip install 'tunekit[gguf]'"
+INSTALL_GGUF = install_command("gguf")  # run from the tunekit clone
 CONVERTER_ENV = "TUNEKIT_LLAMA_CPP"
 _CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 _MIB = 1024 * 1024
@@ -245,7 +245,7 @@ def _check_gguf(plan: _Plan, converter, problems: list[Problem], log, known_mism
     missing = missing_modules("gguf", "llama_cpp")
     if missing:
         problems.append(Problem("--format " + plan.fmt, f"needs the optional packages {', '.join(missing)}",
-                                f"install them: {PIP_GGUF}"))
+                                f"install them (from the tunekit clone): {INSTALL_GGUF}"))
         return
     plan.converter = find_converter(converter, problems, log)
     if plan.converter is None:
@@ -395,7 +395,8 @@ def find_converter(explicit: str | Path | None, problems: list[Problem], log) ->
     try:
         llama_version = version("llama-cpp-python")
     except PackageNotFoundError:
-        problems.append(Problem("--format gguf", "llama-cpp-python is not installed", f"install it: {PIP_GGUF}"))
+        problems.append(Problem("--format gguf", "llama-cpp-python is not installed",
+                                f"install it (from the tunekit clone): {INSTALL_GGUF}"))
         return None
     cached = _cache_dir() / f"llama.cpp-{llama_version}"
     if _is_llama_cpp_tree(cached):

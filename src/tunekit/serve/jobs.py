@@ -9,6 +9,10 @@ are 400s: the openai SDK retries 409.
 `model` is a model this server serves, or an earlier fine-tuned model of the same project (its `ft:` name
 or a checkpoint's `...:ckpt-step-N` name): continued fine-tuning trains a new LoRA adapter on top of the
 earlier adapter merged into its base (tunekit's `model.previous_adapter: merge`).
+
+`method` is `supervised` (the default; chat, completion or text files) or `dpo` (preference pairs; tunekit's
+`objective: dpo` with the job's `beta`). The job stores its method as config values (`objective: dpo` in its
+overrides) and its hyperparameters with `beta` for DPO; `job_json` echoes both in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -17,13 +21,21 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic_core import PydanticCustomError
 
 from tunekit.serve.deps import find_model, project_of, store_of
 from tunekit.serve.errors import APIError
 from tunekit.serve.files import find_file, first_format
 from tunekit.serve.store import new_id, now, page
-from tunekit.serve.worker import base_of, check_overrides, checkpoint_name, request_stop, unserve
+from tunekit.serve.worker import (
+    base_of,
+    check_overrides,
+    checkpoint_name,
+    objective_of,
+    request_stop,
+    unserve,
+)
 
 router = APIRouter()
 
@@ -38,21 +50,44 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _auto_or(low: float, high: float, *, integer: bool, low_open: bool = False):
+    """A hyperparameter's type: "auto", null (the same) or a number in range; otherwise one message saying
+    what is allowed (pydantic's union would report only its first member, "Input should be 'auto'")."""
+    kind = f"an integer from {low:g} to {high:g}" if integer else \
+        f"a number {'>' if low_open else '>='} {low:g} and <= {high:g}"
+
+    def check(value):
+        if value is None or value == "auto":
+            return value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (not integer or float(value).is_integer()) and (value > low if low_open else value >= low) \
+                and value <= high:
+            return int(value) if integer else float(value)
+        raise PydanticCustomError("hyperparameter", 'give "auto" or {kind}; got {value}',
+                                  {"kind": kind, "value": repr(value)})
+
+    return Annotated[Literal["auto"] | (int if integer else float) | None,
+                     PlainValidator(check, json_schema_input_type=Literal["auto"] | float | None)]
+
+
 class Hyperparameters(_Strict):
-    n_epochs: Literal["auto"] | Annotated[int, Field(ge=1, le=50)] | None = None
-    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] | None = None
-    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = None
+    """A method's hyperparameters (and the legacy top-level `hyperparameters`); `beta` is DPO's only."""
+
+    n_epochs: _auto_or(1, 50, integer=True) = None
+    batch_size: _auto_or(1, 256, integer=True) = None
+    learning_rate_multiplier: _auto_or(0, 100, integer=False, low_open=True) = None
+    beta: _auto_or(0, 2, integer=False, low_open=True) = None  # rewards are beta x (policy - reference) log-probs
 
 
-class Supervised(_Strict):
+class MethodConfig(_Strict):
     hyperparameters: Hyperparameters | None = None
 
 
-class Method(BaseModel):
-    model_config = ConfigDict(extra="allow")  # dpo / reinforcement objects: refused by type below
-
-    type: str
-    supervised: Supervised | None = None
+class Method(_Strict):
+    type: str  # "supervised" | "dpo"; "reinforcement" and others are refused by `job_method`
+    supervised: MethodConfig | None = None
+    dpo: MethodConfig | None = None
+    reinforcement: dict | None = None  # not built yet: its type is refused
 
 
 class WandbSettings(BaseModel):
@@ -161,16 +196,23 @@ class CheckpointPage(Page[Checkpoint]):
     last_id: str | None
 
 
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")  # both methods'; DPO adds beta
+# What a job's first record is, by format (the message of a file given to the wrong method)
+RECORD_KEYS = {"chat": "messages", "completion": "prompt/completion", "text": "text",
+               "preference": "chosen/rejected or preferred_output/non_preferred_output"}
+
+
 def job_json(job: dict) -> dict:
-    hp = job["hyperparameters"]
+    hp = job["hyperparameters"]  # DPO: with beta
+    kind = "dpo" if objective_of(job) == "dpo" else "supervised"
     return FineTuningJob(
         id=job["id"], created_at=job["created_at"], error=job["error"], fine_tuned_model=job["fine_tuned_model"],
-        finished_at=job["finished_at"], hyperparameters=hp, model=job["model"],
+        finished_at=job["finished_at"], hyperparameters={k: hp[k] for k in HYPERPARAMETERS}, model=job["model"],
         organization_id=f"org-{job['project']}", result_files=job["result_files"], seed=job["seed"],
         status=job["status"], trained_tokens=job["trained_tokens"], training_file=job["training_file"],
         validation_file=job["validation_file"], estimated_finish=job["estimated_finish"],
         integrations=job["integrations"], metadata=job["metadata"],
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        method={"type": kind, kind: {"hyperparameters": hp}},
         user_provided_suffix=job["suffix"]).model_dump()
 
 
@@ -185,29 +227,77 @@ def _find_job(request: Request, job_id: str) -> dict:
     return job
 
 
+def requested_method(body: CreateJob) -> tuple[str, dict]:
+    """(method type, hyperparameters: every one not given "auto"; DPO's with beta) of a create request. 400
+    naming the field for a method this server does not train, another method's object or hyperparameter, or a
+    value given both in the top-level (legacy) `hyperparameters` and the method's that disagree."""
+    method = body.method or Method(type="supervised")
+    kind = method.type
+    if kind == "reinforcement":
+        raise APIError(400, 'method.type "reinforcement" (reinforcement fine-tuning with graders) is not supported '
+                            "by this server yet", param="method.type",
+                       hint='use "supervised" (chat examples) or "dpo" (preference pairs)')
+    if kind not in ("supervised", "dpo"):
+        raise APIError(400, f'method.type must be "supervised" or "dpo"; got {kind!r}', param="method.type")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != kind and getattr(method, other) is not None:
+            fix = f'or set method.type "{other}"' if other != "reinforcement" else "and leave method.reinforcement out"
+            raise APIError(400, f"method.{other} is given, but method.type is {kind!r}", param=f"method.{other}",
+                           hint=f"give the hyperparameters as method.{kind}.hyperparameters, {fix}")
+    given, legacy = (getattr(method, kind) or MethodConfig()).hyperparameters, body.hyperparameters
+    if legacy is not None and legacy.beta is not None:
+        raise APIError(400, "beta is a DPO hyperparameter, not one of the top-level (legacy) hyperparameters",
+                       param="hyperparameters.beta", hint='give it as method.dpo.hyperparameters.beta, with '
+                                                          'method.type "dpo"')
+    if kind == "supervised" and given is not None and given.beta is not None:
+        raise APIError(400, "beta is a DPO hyperparameter; a supervised job has none",
+                       param="method.supervised.hyperparameters.beta",
+                       hint='set method.type "dpo" and give it as method.dpo.hyperparameters.beta, or leave it out')
+    hp = {}
+    for key in HYPERPARAMETERS + (("beta",) if kind == "dpo" else ()):
+        mine, old = getattr(given, key, None), getattr(legacy, key, None)
+        if mine is not None and old is not None and mine != old:
+            raise APIError(400, f"hyperparameters.{key} ({old!r}) disagrees with method.{kind}.hyperparameters."
+                                f"{key} ({mine!r})", param=f"hyperparameters.{key}",
+                           hint=f"give it once, in method.{kind}.hyperparameters (the top-level hyperparameters "
+                                "are the legacy form of the same values)")
+        value = mine if mine is not None else old
+        hp[key] = "auto" if value is None else value
+    return kind, hp
+
+
+def _check_format(path, row: dict, param: str, kind: str) -> None:
+    """A file of the other method's kind (a preference file for a supervised job, chat data for a DPO job) is a
+    400 at create, naming its first record's line, not a job that fails in training."""
+    found = first_format(path)
+    if found is None:
+        return
+    line, fmt = found
+    if kind == "supervised" and fmt == "preference":
+        raise APIError(400, f"{row['id']} ({row['filename']}) line {line} is a preference pair ({RECORD_KEYS[fmt]}), "
+                            "but a supervised job trains on chat, completion or text examples", param=param,
+                       hint='set method {"type": "dpo"} to train on preference pairs, or give a file of '
+                            '{"messages": [...]} lines')
+    if kind == "dpo" and fmt != "preference":
+        raise APIError(400, f"{row['id']} ({row['filename']}) line {line} is a {fmt} example ({RECORD_KEYS[fmt]}), but "
+                            "a DPO job trains on preference pairs", param=param,
+                       hint='give lines of {"input": {"messages": [...]}, "preferred_output": [...], '
+                            '"non_preferred_output": [...]}, or set method.type "supervised"')
+
+
 @router.post("/v1/fine_tuning/jobs", response_model=FineTuningJob)
 def create_job(request: Request, body: CreateJob) -> dict:
     store = store_of(request)
     project = project_of(request)
-    if body.method is not None and body.method.type != "supervised":
-        raise APIError(400, f"method.type {body.method.type!r} is not supported yet: use \"supervised\"",
-                       param="method.type")
+    kind, hp = requested_method(body)
     base, root, context = base_of(request.app.state, project, body.model)
     training = find_file(request, body.training_file, "training_file", status=400)
     files = [("training_file", training)]
     if body.validation_file is not None:
         files.append(("validation_file", find_file(request, body.validation_file, "validation_file", status=400)))
-    for param, row in files:  # a preference file cannot train a supervised job: said now, not when it fails
-        found = first_format(store.blob_path(row["sha256"]))
-        if found is not None and found[1] == "preference":
-            raise APIError(400, f"{row['id']} ({row['filename']}) line {found[0]} is a preference pair "
-                                f"(chosen/rejected or preferred_output/non_preferred_output), but a supervised job "
-                                f"trains on chat examples; preference (DPO) jobs are not supported by this server "
-                                f"yet: give a file of {{\"messages\": [...]}} lines", param=param)
-    given = (body.method.supervised.hyperparameters if body.method and body.method.supervised else None) \
-        or body.hyperparameters or Hyperparameters()
-    hp = {k: "auto" if v is None else v for k, v in given.model_dump().items()}
-    overrides = check_overrides(body.tunekit or {}, context)
+    for param, row in files:
+        _check_format(store.blob_path(row["sha256"]), row, param, kind)
+    overrides = check_overrides(body.tunekit or {}, context, objective="dpo" if kind == "dpo" else "sft")
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2147483647
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
@@ -262,7 +352,7 @@ def _transition(request: Request, job_id: str, allowed: tuple[str, ...], to: str
     if job["status"] not in allowed or not store.set_job(job_id, when_status=allowed, status=to, **fields):
         job = _find_job(request, job_id)
         raise APIError(400, f"cannot {verb} job {job_id}: it is {job['status']} (only {' or '.join(allowed)} "
-                            f"jobs can be {verb}d)", param="fine_tuning_job_id", code="invalid_job_state")
+                            f"jobs can be {'cancelled' if verb == 'cancel' else verb + 'd'})", param="fine_tuning_job_id", code="invalid_job_state")
     store.add_event(job_id, message)
     request.app.state.worker.wake()
     return job_json(_find_job(request, job_id))

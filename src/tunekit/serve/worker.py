@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tunekit.serve.deps import visible_models
@@ -47,7 +47,7 @@ MIN_EXAMPLES = 10  # OpenAI's minimum training examples
 # Config fields a job's `tunekit` object may not set: the server chooses them.
 RESERVED = ("model", "data.train", "data.validation", "output.dir", "output.overwrite", "output.wandb",
             "output.mlflow", "output.tensorboard", "eval.data", "train.epochs", "train.batch_size", "train.lr",
-            "train.seed")
+            "train.seed", "objective", "dpo.beta")
 SERVE_DEFAULTS = {"train": {"save_every": 50, "keep_last": 3, "log_every": 1, "warmup_ratio": 0.0},
                   "eval": {"baselines": ["base", "few-shot:3"], "max_new_tokens": 128}}
 TRAIN_LOG_TAIL = 1500  # characters of a failed run's output kept in the job's error message
@@ -108,20 +108,27 @@ def _flat(values: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def objective_of(job: dict) -> str:
+    """"dpo" for a DPO job (method.type "dpo": `objective: dpo` in its config values), else "sft"."""
+    return job["overrides"].get("objective", "sft")
+
+
 def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path, hp: dict, seed: int,
                overrides: dict, integrations: list | None, job_id: str) -> dict:
     """The `tunekit train` config of a job (a plain dict; `config_from_dict` validates it)."""
     cfg = _merge(SERVE_DEFAULTS, overrides)
-    method = cfg.get("method", "lora")
+    method, objective = cfg.get("method", "lora"), cfg.get("objective", "sft")
     cfg["model"] = {**cfg.get("model", {}), "base": base}
     cfg["data"] = {**cfg.get("data", {}), "train": str(train),
                    "validation": str(validation) if validation else None}
-    lr = hyper.auto_lr(method) * (1.0 if hp["learning_rate_multiplier"] == "auto"
-                                        else hp["learning_rate_multiplier"])
+    lr = hyper.auto_lr(method, objective) * (1.0 if hp["learning_rate_multiplier"] == "auto"
+                                                   else hp["learning_rate_multiplier"])
     cfg["train"] = {**cfg["train"], "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "lr": lr,
                     "seed": seed}
     cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))  # rows per forward; same math
-    cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None)}
+    if objective == "dpo":  # the validation pairs' rewards are in metrics.jsonl; no generation eval after DPO yet
+        cfg["dpo"] = {**cfg.get("dpo", {}), "beta": hp["beta"]}
+    cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None and objective == "sft")}
     cfg["output"] = {"dir": str(run_dir), "overwrite": True}
     for item in integrations or []:
         w = item["wandb"]
@@ -130,27 +137,41 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
     return cfg
 
 
-def check_overrides(values: dict, context: int) -> dict:
+def check_overrides(values: dict, context: int, objective: str = "sft") -> dict:
     """The job's `tunekit` object as nested config values, validated by tunekit's config (400 listing every
-    problem, `param` naming the first as tunekit.SECTION.KEY); data.max_len defaults to min(1024, context)."""
+    problem, `param` naming the first as tunekit.SECTION.KEY); data.max_len defaults to min(1024, context).
+    A DPO job's values get `objective: dpo` and are checked by the preference objective's rules too."""
     from tunekit.config import config_from_dict
     from tunekit.errors import ConfigError
 
     nested = _nested(values)
     for key, value in nested.items():
-        if key != "method" and not isinstance(value, dict):
+        if key not in ("method", "objective") and not isinstance(value, dict):  # objective: refused below
             raise APIError(400, f"tunekit.{key} must be an object of config values (or use dotted keys: "
                                 f"{{\"{key}.KEY\": value}})", param=f"tunekit.{key}")
     reserved = [k for k in _flat(nested) if any(k == r or k.startswith(r + ".") for r in RESERVED)]
     if reserved:
-        raise APIError(400, f"tunekit.{reserved[0]} is set by the job itself (model, training_file, hyperparameters, "
-                            "seed, integrations), not by tunekit config values", param=f"tunekit.{reserved[0]}")
+        raise APIError(400, f"tunekit.{reserved[0]} is set by the job itself (model, training_file, method, "
+                            "hyperparameters, seed, integrations), not by tunekit config values",
+                       param=f"tunekit.{reserved[0]}")
+    if objective != "dpo" and "dpo" in nested:
+        raise APIError(400, "tunekit.dpo values apply to DPO jobs only", param="tunekit.dpo",
+                       hint='set method {"type": "dpo"} to train on preference pairs, or leave tunekit.dpo out')
+    if objective == "dpo":
+        nested["objective"] = "dpo"
     nested.setdefault("data", {}).setdefault("max_len", max(16, min(1024, context)))
-    hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0}
+    hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": hyper.auto_beta()}
     trial = run_config(base="base", train=Path("train.jsonl"), validation=None, run_dir=Path("run"), hp=hp, seed=0,
                        overrides=nested, integrations=None, job_id="ftjob-x")
     try:
-        config_from_dict(trial, check_files=False)
+        config = config_from_dict(trial, check_files=False)
+        if objective == "dpo":
+            # the objective's own up-front rules (eval, reference, loss options)
+            from tunekit.train import dpo
+
+            problems = dpo.check(config, 1)
+            if problems:
+                raise ConfigError(problems)
     except ConfigError as exc:
         where = [p.where.split(" ", 1)[-1] for p in exc.problems]
         message = "; ".join(f"tunekit.{w}: {p.message}" + (f" ({p.hint})" if p.hint else "")
@@ -160,9 +181,8 @@ def check_overrides(values: dict, context: int) -> dict:
 
 
 def checkpoint_name(job: dict, step: int) -> str:
-    """A checkpoint's model name; the last step of a succeeded job is its fine-tuned model itself."""
-    if job["fine_tuned_model"] and job["total_steps"] == step:
-        return job["fine_tuned_model"]
+    """A checkpoint's model name, the same in its event, its checkpoint object and /v1/models (the last
+    step's is served as the fine-tuned model's weights under this name too)."""
     return f"{model_name(job)}:ckpt-step-{step}"
 
 
@@ -329,16 +349,18 @@ class Worker:
                 row = self.store.file(job["project"], file_id)
                 shutil.copyfile(self.store.blob_path(row["sha256"]), job_dir / name)
                 paths[name] = job_dir / name
-        examples = self.store.file(job["project"], job["training_file"])["examples"]
-        hp = dict(job["hyperparameters"])
+        examples = self.store.file(job["project"], job["training_file"])["examples"]  # pairs for DPO
+        hp, objective = dict(job["hyperparameters"]), objective_of(job)
         if hp["n_epochs"] == "auto":
             hp["n_epochs"] = hyper.auto_epochs(examples)
         max_len = job["overrides"].get("data", {}).get("max_len", 1024)
         batch_tokens = job["overrides"].get("train", {}).get("batch_tokens", 16384)
         if hp["batch_size"] == "auto":
-            hp["batch_size"] = hyper.auto_batch_size(batch_tokens, max_len)
+            hp["batch_size"] = hyper.auto_batch_size(batch_tokens, max_len, objective)
         if hp["learning_rate_multiplier"] == "auto":
             hp["learning_rate_multiplier"] = 1.0
+        if hp.get("beta") == "auto":
+            hp["beta"] = hyper.auto_beta()
         base = self._base_dir(job, job_dir)
         cfg = run_config(base=base, train=paths["train.jsonl"], validation=paths.get("valid.jsonl"),
                          run_dir=job_dir / "run", hp=hp, seed=job["seed"], overrides=job["overrides"],
@@ -395,8 +417,9 @@ class Worker:
         (run_dir / "STOP").unlink(missing_ok=True)
         resume = (run_dir / "checkpoints").is_dir() and any(p.name.startswith("step-")
                                                              for p in (run_dir / "checkpoints").iterdir())
+        nproc = self.processes if objective_of(job) == "sft" else 1  # objective: dpo trains in one process for now
         cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
-            ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
+            ["--resume"] if resume else []) + (["--nproc", str(nproc)] if nproc > 1 else [])
         from tunekit.train.distributed import die_with_parent
 
         with open(job_dir / "train.log", "ab") as out:
@@ -453,12 +476,13 @@ class Worker:
             if run.first_step is None:
                 run.first_step = step
             total = self._total_steps(job, row)
-            data = {"step": step, "total_steps": total, "train_loss": row.get("train_loss"),
-                    "train_mean_token_accuracy": row.get("train_token_accuracy"), "valid_loss": row.get("valid_loss"),
-                    "valid_mean_token_accuracy": row.get("valid_token_accuracy"),
-                    "full_valid_loss": row.get("valid_loss"),
-                    "full_valid_mean_token_accuracy": row.get("valid_token_accuracy")}
+            data = {"step": step, "total_steps": total, **step_metrics(job, row),
+                    "full_valid_loss": row.get("valid_loss")}
+            if objective_of(job) == "sft":
+                data["full_valid_mean_token_accuracy"] = row.get("valid_token_accuracy")
             message = f"Step {step}/{total}: training loss={row['train_loss']:.4f}"
+            if objective_of(job) == "dpo":
+                message += f", reward accuracy={row['reward_accuracy']:.2f}, reward margin={row['reward_margin']:.4f}"
             if row.get("valid_loss") is not None:
                 message += f", validation loss={row['valid_loss']:.4f}"
             self.store.add_event(job["id"], message, type="metrics", data=data, key=f"step-{step}")
@@ -496,13 +520,10 @@ class Worker:
     def _read_checkpoints(self, run: _Run, job: dict) -> None:
         for ckpt in sorted((run.run_dir / "checkpoints").glob("step-*")):
             step = int(ckpt.name[5:])
-            row = run.steps.get(step, {})
-            metrics = {"step": float(step), "train_loss": row.get("train_loss"),
-                       "train_mean_token_accuracy": row.get("train_token_accuracy"),
-                       "valid_loss": row.get("valid_loss"), "valid_mean_token_accuracy": row.get("valid_token_accuracy")}
+            metrics = {"step": float(step), **step_metrics(job, run.steps.get(step, {}))}
             if self.store.add_checkpoint(job["id"], step, metrics, ckpt):
                 self.store.add_event(job["id"], f"Checkpoint created at step {step} with Snapshot ID: "
-                                                f"{model_name(job)}:ckpt-step-{step}", key=f"ckpt-{step}",
+                                                f"{checkpoint_name(job, step)}", key=f"ckpt-{step}",
                                      data={"checkpoint_step": step})  # for clients: no need to parse the message
 
     # ---- ends
@@ -510,7 +531,8 @@ class Worker:
     def _succeed(self, job: dict, run: _Run) -> None:
         (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
         summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
-        result_files = [self._result_file(job, "step_metrics.csv", _metrics_csv(run.run_dir / "metrics.jsonl"))]
+        result_files = [self._result_file(job, "step_metrics.csv",
+                                          _metrics_csv(run.run_dir / "metrics.jsonl", objective_of(job)))]
         for suffix in ("md", "html"):  # the same report as text, and self-contained with its plots
             report = run.run_dir / "eval" / f"report.{suffix}"
             if report.is_file():
@@ -545,13 +567,16 @@ class Worker:
         specs = [ModelSpec(job["fine_tuned_model"], str(run_dir))]
         chained = job["base"].startswith("ckpt:") or (Path(job["base"]) / "config.yaml").is_file()
         method = job["overrides"].get("method", "lora")
+        last = run_dir / "checkpoints" / f"step-{job['total_steps']:06d}"
         if method != "full" and not chained:  # a checkpoint adapter on the plain base (chains: merged base)
             for ckpt in sorted((run_dir / "checkpoints").glob("step-*")):
-                step = int(ckpt.name[5:])
-                if step != job["total_steps"]:
-                    specs.append(ModelSpec(checkpoint_name(job, step), str(ckpt)))
+                if ckpt != last:
+                    specs.append(ModelSpec(checkpoint_name(job, int(ckpt.name[5:])), str(ckpt)))
         shared = {s.weights.key: s.weights for s in self.state.models.values()}
         served = load_models(specs, self.state.device, shared=shared)
+        if last.is_dir():  # the last checkpoint is the fine-tuned model: its name serves those weights too
+            name = checkpoint_name(job, job["total_steps"])
+            served[name] = replace(served[job["fine_tuned_model"]], name=name, path=str(last))
         self.state.model_owner = {**self.state.model_owner, **{name: job["project"] for name in served}}
         self.state.models = {**self.state.models, **served}  # a new dict: requests may be reading the old one
 
@@ -564,13 +589,36 @@ def unserve(state, job: dict) -> list[str]:
     return gone
 
 
-def _metrics_csv(path: Path) -> bytes:
-    """step_metrics.csv: one row per logged step (OpenAI's columns)."""
+# Metric names in events, checkpoint objects and step_metrics.csv -> metrics.jsonl keys (tunekit.train.loop).
+# SFT: OpenAI's names. DPO (OpenAI documents none): the loss as train_loss / valid_loss, rewards by TRL's names.
+SFT_METRICS = {"train_loss": "train_loss", "train_mean_token_accuracy": "train_token_accuracy",
+               "valid_loss": "valid_loss", "valid_mean_token_accuracy": "valid_token_accuracy"}
+DPO_METRICS = {"train_loss": "train_loss", "train_reward_accuracy": "reward_accuracy",
+               "train_reward_margin": "reward_margin", "train_chosen_reward": "reward_chosen",
+               "train_rejected_reward": "reward_rejected", "valid_loss": "valid_loss",
+               "valid_reward_accuracy": "valid_reward_accuracy", "valid_reward_margin": "valid_reward_margin",
+               "valid_chosen_reward": "valid_reward_chosen", "valid_rejected_reward": "valid_reward_rejected"}
+
+
+def step_metrics(job: dict, row: dict) -> dict:
+    """The metrics of one metrics.jsonl row under their API names (None where the step has no such value:
+    validation metrics only on validation steps)."""
+    names = DPO_METRICS if objective_of(job) == "dpo" else SFT_METRICS
+    return {name: row.get(key) for name, key in names.items()}
+
+
+def _metrics_csv(path: Path, objective: str = "sft") -> bytes:
+    """step_metrics.csv: one row per logged step (OpenAI's columns; DPO: the loss and reward columns of the
+    metrics events), a validation column empty on steps without validation."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+    if objective == "dpo":
+        writer.writerow(["step", *DPO_METRICS])
+        columns = list(DPO_METRICS.values())
+    else:
+        writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
+        columns = ["train_loss", "train_token_accuracy", "valid_loss", "valid_token_accuracy"]
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        writer.writerow([row["step"], row["train_loss"], row.get("train_token_accuracy", ""), row.get("valid_loss", ""),
-                         row.get("valid_token_accuracy", "")])
+        writer.writerow([row["step"]] + [row.get(c, "") if row.get(c) is not None else "" for c in columns])
     return out.getvalue().encode()

@@ -2,9 +2,12 @@
 API's worker (which resolves a job's auto values when its files are validated and echoes them on the job).
 
 - epochs: `data.check.recommended_epochs` of the number of training examples (the rule `tunekit data check`
-  prints, kept beside the data check that reports it);
-- learning rate: `DEFAULT_LR` of the method (x the job's `learning_rate_multiplier` in the API);
-- batch: as many rows of `data.max_len` tokens as fit in `train.batch_tokens`.
+  prints, kept beside the data check that reports it); for objective: dpo, of the number of pairs;
+- learning rate: `DEFAULT_LR` of the method (x the job's `learning_rate_multiplier` in the API); for objective:
+  dpo, `DPO_LR`;
+- batch: as many rows of `data.max_len` tokens as fit in `train.batch_tokens`; for objective: dpo a row holds
+  both sides of its pairs (2 x `data.max_len` tokens), so half as many rows: the same tokens per step;
+- beta (objective: dpo, the API's `beta`): `DpoConfig`'s default, 0.1.
 
 `make_plan` resolves a run config's autos into a `Plan` (with its steps and warmup); `lr_factor` is the schedule.
 
@@ -16,24 +19,34 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tunekit.config import RunConfig
+from tunekit.config import DpoConfig, RunConfig
 from tunekit.data.check import recommended_epochs
 
 DEFAULT_LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4}  # peak lr when train.lr is "auto"
+# objective: dpo starts from a model that already answers well and moves it a little: 1/40 of SFT's lr (the
+# ratio of the DPO and SFT recipes of the Zephyr models: 5e-7 / 2e-5 full, 5e-6 / 2e-4 QLoRA)
+DPO_LR = {"full": 2.5e-7, "lora": 5e-6, "qlora": 5e-6}
 
 
 def auto_epochs(n_examples: int) -> int:
     return recommended_epochs(n_examples)
 
 
-def auto_lr(method: str) -> float:
+def auto_lr(method: str, objective: str = "sft") -> float:
     """The peak lr of `method`; a method the config does not know gets LoRA's (the config check refuses it)."""
-    return DEFAULT_LR.get(method, DEFAULT_LR["lora"])
+    table = DPO_LR if objective == "dpo" else DEFAULT_LR
+    return table.get(method, table["lora"])
 
 
-def auto_batch_size(batch_tokens: int, max_len: int) -> int:
-    """Rows per optimizer step: packed rows of `max_len` tokens within `batch_tokens`."""
-    return max(1, batch_tokens // max_len)
+def auto_batch_size(batch_tokens: int, max_len: int, objective: str = "sft") -> int:
+    """Rows per optimizer step: packed rows of `max_len` tokens (2 x max_len for objective: dpo, both sides of
+    a pair) within `batch_tokens`."""
+    return max(1, batch_tokens // (max_len * (2 if objective == "dpo" else 1)))
+
+
+def auto_beta() -> float:
+    """The DPO beta of a fine-tuning job whose `beta` is "auto": the config's default."""
+    return DpoConfig().beta
 
 
 @dataclass
@@ -53,8 +66,9 @@ class Plan:
 def make_plan(cfg: RunConfig, n_examples: int, rows_per_epoch: int) -> Plan:
     t = cfg.train
     epochs = auto_epochs(n_examples) if t.epochs == "auto" else t.epochs
-    lr = auto_lr(cfg.method) if t.lr == "auto" else t.lr
-    batch = auto_batch_size(t.batch_tokens, cfg.data.max_len) if t.batch_size == "auto" else t.batch_size
+    lr = auto_lr(cfg.method, cfg.objective) if t.lr == "auto" else t.lr
+    batch = auto_batch_size(t.batch_tokens, cfg.data.max_len, cfg.objective) if t.batch_size == "auto" \
+        else t.batch_size
     micro = min(t.micro_batch_size, batch)
     steps_per_epoch = math.ceil(rows_per_epoch / batch)
     total = epochs * steps_per_epoch

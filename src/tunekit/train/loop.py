@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -29,7 +30,7 @@ from rich.markup import escape
 from tunekit.config import RunConfig, load_config
 from tunekit.data.dataset import DataSplits, PairSplits, epoch_rows, load_pair_splits, load_splits, valid_rows
 from tunekit.data.pack import Batch, collate_packed, collate_padded, packing_efficiency
-from tunekit.errors import ConfigError, Problem, TunekitError
+from tunekit.errors import ConfigError, Problem, TunekitError, install_command
 from tunekit.families import check as check_architecture
 from tunekit.fsio import publish_dir
 from tunekit.model import (
@@ -104,7 +105,7 @@ def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: b
 
         if importlib.util.find_spec("bitsandbytes") is None:
             problems.append(Problem("method", "qlora needs the bitsandbytes package",
-                                    "pip install 'tunekit[qlora]', or use method: lora"))
+                                    f"{install_command('qlora')}, or use method: lora"))
     if cfg.train.compile:
         problems.append(Problem("train.compile", "torch.compile is not supported by the training loop yet",
                                 "set train.compile: false"))
@@ -202,6 +203,26 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 # --------------------------------------------------------------------------------------------------
 # A step: forward + backward of the objective over micro-batches (the objective's loss: sft.py)
+
+
+def auto_threads(cores: int, load: float, processes: int = 1) -> int:
+    """`train.threads: auto`: torch threads per process from the cores that are free.
+
+    `cores`: the cores this process may run on; `load`: the 1-minute load average (runnable processes, this
+    one included, ~1 while it reads the data). On a machine other work keeps busy, a thread of an op waits at
+    its barrier for a sibling thread the scheduler took away (a ~10 ms quantum per op): 2 threads measured
+    14.4 s/step against 1 thread's 2.2 s there (examples/quickstart/README.md), so only free cores count."""
+    free = cores - max(0, round(load) - 1)  # what this process does not leave to others
+    return max(1, min(cores, free) // max(1, processes))
+
+
+def threads_of(cfg: RunConfig, d: Dist) -> int | None:
+    """torch threads for this process: `train.threads`, or for `auto` from the free cores (None: torch's own
+    default, every core)."""
+    if cfg.train.threads != "auto":
+        return cfg.train.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return auto_threads(cores, os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, d.world_size)
 
 
 def autocast(device: torch.device | str, mixed_precision: str = "no"):
@@ -453,8 +474,11 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     problems = check_setup(cfg, resume=resume, world_size=d.world_size, run_dir=not dry_run)
     if problems:
         raise ConfigError(problems, title="cannot start training")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    if (threads := threads_of(cfg, d)) is not None:
+        torch.set_num_threads(threads)
+        if cfg.train.threads == "auto":
+            say(f"[dim]train.threads auto: {threads} torch thread(s) per process, from the free cores[/]",
+                highlight=False)
     device = distributed.device_of(d, resolve_device(cfg.train.device))
     td = build_data(cfg, d, say, dry_run=dry_run)
     tokenizer, pad_id, data, lengths, rows0, plan = td.tokenizer, td.pad_id, td.splits, td.lengths, td.rows0, td.plan
@@ -643,8 +667,9 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     if not d.main:
         return TrainResult(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    say(f"[green]done[/]: {step} steps, train loss {summary['final_train_loss']:.4f} -> {run_dir / 'final'}",
-        highlight=False)
+    final, here = (run_dir / "final").resolve(), Path.cwd().resolve()  # examples/x/../../runs/y -> runs/y
+    say(f"[green]done[/]: {step} steps, final train loss {summary['final_train_loss']:.4f}; weights in "
+        f"{escape(str(final.relative_to(here) if final.is_relative_to(here) else final))}", highlight=False)
 
     tracking.log_summary(summary)
 

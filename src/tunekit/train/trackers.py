@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from tunekit.config import RunConfig
-from tunekit.errors import Problem
+from tunekit.errors import Problem, install_command
 
-# Config key -> (module to import, what to pip install).
+# Config key -> (module to import, the package that provides it).
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "mlflow": ("mlflow", "mlflow-skinny")}
 # Folders trackers write inside the run dir (removed with the run on output.overwrite).
@@ -60,7 +60,7 @@ def check(cfg: RunConfig) -> list[Problem]:
         module, package = PACKAGES[name]
         if find_spec(module) is None:
             problems.append(Problem(f"output.{name}", f"{name} is configured but {package} is not installed",
-                                    f"pip install 'tunekit[trackers]' (or {package}), or remove output.{name}"))
+                                    f"{install_command('trackers')} (it installs {package}), or remove output.{name}"))
     return problems
 
 
