@@ -434,3 +434,77 @@ def test_every_page_loads_without_console_errors_or_failed_requests(browser, ser
         page.wait_for_timeout(500)  # what the browser asks for after the load (its icon) has come back
         context.close()
     assert problems == [], "\n".join(problems)
+
+
+def test_dpo_job_from_the_form_shows_its_reward_chart(page, server):
+    """Method dpo in the form: beta is checked before sending, a chat file is refused by the server (its 400
+    shown), then a preference file trains a DPO job of 3 steps: the request carries OpenAI's DPO method object,
+    the job echoes it, and the reward chart draws one point per step of accuracy and margin."""
+    from test_jobs_dpo import pairs_jsonl, tiny
+
+    url, _ = server
+    client = sdk(url)
+    pairs, valid = upload(client, pairs_jsonl(16, 10), "form-pairs.jsonl"), upload(client, pairs_jsonl(8, 11), "form-valid.jsonl")
+    chats = upload(client, toy_jsonl(10, 12), name="form-chats.jsonl")
+    sent = []
+    page.on("request", lambda r: r.method == "POST" and r.url.endswith("/v1/fine_tuning/jobs")
+            and sent.append(json.loads(r.post_data)))
+    page.goto(page.origin + "/#/jobs")
+    page.wait_for_selector("#job-form")
+    assert not page.locator("input[name=beta]").is_visible()  # supervised: no beta
+    page.select_option("select[name=method]", "dpo")
+    assert page.input_value("input[name=beta]") == "0.1"
+    before = len(client.fine_tuning.jobs.list(limit=1000).data)
+
+    page.fill("input[name=beta]", "2.5")  # out of (0, 2]: refused before sending
+    page.click("#job-form button[type=submit]")
+    error = page.inner_text("main .error")
+    assert 'beta must be a number > 0 and <= 2, not "2.5"' in error and "method.dpo.hyperparameters.beta" in error
+    assert sent == []
+
+    page.fill("input[name=beta]", "0.5")
+    page.select_option("select[name=training_file]", chats.id)  # chat data to a DPO job: the server's 400
+    page.click("#job-form button[type=submit]")
+    page.wait_for_selector("main .error:has-text('a DPO job trains on preference pairs')")
+    assert "(training_file)" in page.inner_text("main .error") and len(sent) == 1
+    assert len(client.fine_tuning.jobs.list(limit=1000).data) == before
+
+    page.select_option("select[name=training_file]", pairs.id)
+    page.select_option("select[name=validation_file]", valid.id)
+    page.click("details summary")
+    page.fill("textarea[name=tunekit]", json.dumps(tiny(max_steps=3)["tunekit"]))
+    page.click("#job-form button[type=submit]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.url.rsplit("/", 1)[-1]
+    asked = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": "auto", "batch_size": "auto",
+                                                        "learning_rate_multiplier": "auto"}}}
+    assert sent[-1]["method"] == asked and sent[-1]["training_file"] == pairs.id
+
+    page.wait_for_selector("#job-status:has-text('succeeded'), #job-status:has-text('failed')", timeout=300_000)
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    assert "dpo, beta 0.5" in page.inner_text("main .muted >> nth=0")
+    metrics = sorted((e.data for e in client.fine_tuning.jobs.list_events(job_id, limit=100) if e.type == "metrics"),
+                     key=lambda d: d["step"])
+    assert [d["step"] for d in metrics] == [1, 2, 3]
+    page.wait_for_function("document.querySelector('#reward-chart polyline[data-key=train_reward_margin]')"
+                           "?.dataset.points === '3'")
+    drawn = {key: int(page.get_attribute(f"#reward-chart polyline[data-key={key}]", "data-points"))
+             for key in ("train_reward_accuracy", "train_reward_margin", "valid_reward_accuracy", "valid_reward_margin")}
+    valid_steps = sum(d["valid_reward_accuracy"] is not None for d in metrics)
+    assert drawn == {"train_reward_accuracy": 3, "train_reward_margin": 3,
+                     "valid_reward_accuracy": valid_steps, "valid_reward_margin": valid_steps} and valid_steps >= 1
+    assert page.locator("#reward-chart circle.dot.valid").count() == 2 * valid_steps
+    assert page.get_attribute("#loss-chart polyline.train", "data-points") == "3"  # the loss chart beside it
+    # each point sits at its step and value, on the axes the loss chart's code computes (viewBox 640 x 240)
+    keys = ("train_reward_accuracy", "train_reward_margin", "valid_reward_accuracy", "valid_reward_margin")
+    values = [d[k] for d in metrics for k in keys if d[k] is not None]
+    y0, y1 = min(values), max(values)
+    y0, y1 = y0 - (y1 - y0) * 0.05, y1 + (y1 - y0) * 0.05
+    for key in ("train_reward_accuracy", "train_reward_margin"):
+        drawn_xy = [float(c) for xy in page.get_attribute(f"#reward-chart polyline[data-key={key}]", "points").split()
+                    for c in xy.split(",")]
+        expected = [c for d in metrics for c in (48 + (d["step"] - 1) / 2 * (640 - 48 - 12),
+                                                 14 + (1 - (d[key] - y0) / (y1 - y0)) * (240 - 14 - 30))]
+        assert drawn_xy == pytest.approx(expected, abs=0.051), key

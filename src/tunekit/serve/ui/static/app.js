@@ -355,12 +355,18 @@ function jobForm(names, files, msg) {
     ...files.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`))];
   const auto = (name, label, hint) => h("label", {}, label,
     h("input", { name, placeholder: "auto", inputmode: "decimal", title: hint, "aria-describedby": "auto-hint" }));
+  // DPO's beta: the strength of the pull towards the reference model (OpenAI's range: > 0 and <= 2)
+  const method = h("select", { name: "method" }, ["supervised", "dpo"].map((m) => h("option", { value: m }, m)));
+  const betaLabel = h("label", { hidden: true }, "Beta (DPO)",
+    h("input", { name: "beta", value: "0.1", inputmode: "decimal", title: "a number > 0 and <= 2" }));
+  method.addEventListener("change", () => { betaLabel.hidden = method.value !== "dpo"; });
   const form = h("form", { class: "card", id: "job-form" },
     h("div", { class: "grid" },
       h("label", {}, "Base model", modelSelect(names, { name: "model", required: true })),
       h("label", {}, "Training file", h("select", { name: "training_file", required: true }, fileOptions(false))),
       h("label", {}, "Validation file", h("select", { name: "validation_file" }, fileOptions(true))),
-      h("label", {}, "Method", h("select", { name: "method" }, h("option", { value: "supervised" }, "supervised"))),
+      h("label", {}, "Method", method),
+      betaLabel,
       auto("n_epochs", "Epochs", "a whole number, or empty for auto"),
       auto("batch_size", "Batch size", "a whole number, or empty for auto"),
       auto("learning_rate_multiplier", "Learning rate multiplier", "a positive number, or empty for auto"),
@@ -384,6 +390,17 @@ function jobForm(names, files, msg) {
     }
     const body = { model: v.model, training_file: v.training_file,
       method: { type: v.method, supervised: { hyperparameters: hp } } };
+    if (v.method === "dpo") {
+      const raw = (v.beta || "").trim();
+      const beta = Number(raw);
+      if (!raw || !Number.isFinite(beta) || beta <= 0 || beta > 2) {
+        msg.replaceChildren(inputError(`beta must be a number > 0 and <= 2, not "${raw}"`, "method.dpo.hyperparameters.beta"));
+        return;
+      }
+      // every hyperparameter named, "auto" where none is typed (OpenAI's DPO request)
+      const auto = Object.fromEntries(["n_epochs", "batch_size", "learning_rate_multiplier"].map((k) => [k, "auto"]));
+      body.method = { type: "dpo", dpo: { hyperparameters: { beta, ...auto, ...hp } } };
+    }
     if (v.validation_file) body.validation_file = v.validation_file;
     if (v.suffix) body.suffix = v.suffix;
     if (v.seed) body.seed = Number(v.seed);
@@ -399,11 +416,12 @@ function jobForm(names, files, msg) {
   return form;
 }
 
-// an SVG line chart of train and validation loss by step; data-points counts the points drawn
-function lossChart(points) {
+// an SVG line chart by step of `series` ({key: the metric in each point, cls: the line's classes, label}) of
+// `points` (metrics events' data, by step); each polyline's data-points counts the points drawn, data-key
+// names its metric; `dots`: a dot at each point too (validation: evaluated at a few steps only)
+function lineChart(points, { id, what, series, empty }) {
   const W = 640, H = 240, L = 48, R = 12, T = 14, B = 30;
-  const train = points.filter((p) => given(p.train_loss));
-  const valid = points.filter((p) => given(p.valid_loss));
+  const lines = series.map((s) => ({ ...s, pts: points.filter((p) => given(p[s.key])) }));
   const svgNS = "http://www.w3.org/2000/svg";
   const el = (tag, attrs, text) => {
     const e = document.createElementNS(svgNS, tag);
@@ -411,14 +429,14 @@ function lossChart(points) {
     if (text !== undefined) e.textContent = text;
     return e;
   };
-  const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", id: "loss-chart",
-    "aria-label": `loss curve: ${train.length} train points, ${valid.length} validation points` });
-  if (!train.length && !valid.length) {
-    svg.append(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "No steps yet: the curve appears when training starts."));
+  const svg = el("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", id,
+    "aria-label": `${what}: ${lines.map((s) => `${s.pts.length} ${s.label} points`).join(", ")}` });
+  if (!lines.some((s) => s.pts.length)) {
+    svg.append(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, empty));
     return svg;
   }
   const steps = points.map((p) => p.step);
-  const ys = [...train.map((p) => p.train_loss), ...valid.map((p) => p.valid_loss)];
+  const ys = lines.flatMap((s) => s.pts.map((p) => p[s.key]));
   const x0 = Math.min(...steps), x1 = Math.max(...steps, x0 + 1);
   let y0 = Math.min(...ys), y1 = Math.max(...ys);
   if (y1 - y0 < 1e-6) { y0 -= 0.5; y1 += 0.5; }
@@ -436,17 +454,37 @@ function lossChart(points) {
     svg.append(el("text", { x: X(s), y: H - B + 16, "text-anchor": "middle" }, String(s)));
   }
   svg.append(el("text", { x: W - R, y: H - 2, "text-anchor": "end" }, "step"));
-  const path = (pts, key, cls) => el("polyline", { class: cls, "data-points": pts.length,
-    points: pts.map((p) => `${X(p.step).toFixed(1)},${Y(p[key]).toFixed(1)}`).join(" ") });
-  svg.append(path(train, "train_loss", "train"));
-  if (valid.length) {
-    svg.append(path(valid, "valid_loss", "valid"));
-    for (const p of valid) svg.append(el("circle", { cx: X(p.step), cy: Y(p.valid_loss), r: 3, class: "dot-valid" }));
+  let legendX = W - R;  // legend entries right to left, about 6.5 px a character at 11 px
+  for (const s of [...lines].reverse()) {
+    if (!s.pts.length) continue;
+    const text = `— ${s.label}`;
+    legendX -= text.length * 6.5 + 10;
+    svg.append(el("text", { x: legendX, y: T + 6, class: `legend ${s.cls}` }, text));
   }
-  svg.append(el("text", { x: W - R - (valid.length ? 160 : 75), y: T + 6, style: "fill: var(--train)" }, "— train loss"));
-  if (valid.length) svg.append(el("text", { x: W - R - 75, y: T + 6, style: "fill: var(--valid)" }, "— valid loss"));
+  for (const s of lines) {
+    if (!s.pts.length) continue;
+    svg.append(el("polyline", { class: s.cls, "data-points": s.pts.length, "data-key": s.key,
+      points: s.pts.map((p) => `${X(p.step).toFixed(1)},${Y(p[s.key]).toFixed(1)}`).join(" ") }));
+    if (s.dots) {
+      for (const p of s.pts) svg.append(el("circle", { cx: X(p.step), cy: Y(p[s.key]), r: 3, class: `dot ${s.cls}` }));
+    }
+  }
   return svg;
 }
+
+// train and validation loss by step
+const lossChart = (points) => lineChart(points, { id: "loss-chart", what: "loss curve",
+  series: [{ key: "train_loss", cls: "train", label: "train loss" }, { key: "valid_loss", cls: "valid", label: "valid loss", dots: true }],
+  empty: "No steps yet: the curve appears when training starts." });
+
+// a DPO job's reward accuracy (share of pairs whose preferred reply gets the higher reward) and reward margin
+// (mean preferred minus non-preferred reward) by step, train and validation
+const rewardChart = (points) => lineChart(points, { id: "reward-chart", what: "reward curves",
+  series: [{ key: "train_reward_accuracy", cls: "train accuracy", label: "train accuracy" },
+    { key: "train_reward_margin", cls: "train margin", label: "train margin" },
+    { key: "valid_reward_accuracy", cls: "valid accuracy", label: "valid accuracy", dots: true },
+    { key: "valid_reward_margin", cls: "valid margin", label: "valid margin", dots: true }],
+  empty: "No steps yet: the rewards appear when training starts." });
 
 function snippet(model) {
   return `from openai import OpenAI
@@ -460,11 +498,12 @@ print(reply.choices[0].message.content)`;
 }
 
 async function pageJob(main, id) {
-  const head = h("div"); const msg = h("div"); const chart = h("div", { class: "chart" });
+  const head = h("div"); const msg = h("div");
+  const chart = h("div", { class: "chart" }); const rewards = h("div", { class: "chart", hidden: true });
   const modelSlot = h("div"); const reportSlot = h("div"); const events = h("div", { class: "events card" });
   const ckpts = h("div");
   main.replaceChildren(h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")), head, msg,
-    h("h2", {}, "Loss"), chart, modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
+    h("div", { class: "charts" }, h("div", {}, h("h2", {}, "Loss"), chart), rewards), modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
   let reportShown = false;
   let lastStatus = null;
   let evs = [];  // every event read so far, newest first (the API's order)
@@ -493,6 +532,8 @@ async function pageJob(main, id) {
       lastStatus = job.status;
       head.replaceChildren(h("h1", {}, "Job ", h("span", { class: "mono" }, job.id), " ", h("span", { id: "job-status" }, badge(job.status))),
         h("p", { class: "muted" }, `base ${job.model} · training ${job.training_file}${job.validation_file ? ` · validation ${job.validation_file}` : ""}`
+          + ` · ${job.method ? job.method.type : "supervised"}`
+          + (job.method && job.method.type === "dpo" ? `, beta ${job.method.dpo.hyperparameters.beta}` : "")
           + ` · epochs ${hp.n_epochs}, batch ${hp.batch_size}, lr × ${hp.learning_rate_multiplier} · seed ${job.seed}`),
         h("div", { class: "row" }, actButton("cancel", "Cancel", "danger", TERMINAL.includes(job.status)),
           actButton("pause", "Pause", "quiet", job.status !== "running"), actButton("resume", "Resume", "quiet", job.status !== "paused")));
@@ -505,6 +546,10 @@ async function pageJob(main, id) {
     if (fresh && (fresh.length || statusChanged)) {  // redrawn only when something new arrived
       const points = evs.filter((e) => e.type === "metrics" && e.data).map((e) => e.data).sort((a, b) => a.step - b.step);
       chart.replaceChildren(lossChart(points));
+      if (job.method && job.method.type === "dpo") {
+        rewards.hidden = false;
+        rewards.replaceChildren(h("h2", {}, "Rewards"), rewardChart(points));
+      }
       events.replaceChildren(h("table", { id: "events" }, h("tbody", {}, evs.map((e) => h("tr", {},
         h("td", { class: "muted" }, when(e.created_at)), h("td", { class: `sev-${e.level === "warn" ? "warning" : e.level}` }, e.level),
         h("td", {}, e.message))))));
