@@ -92,9 +92,6 @@ def check(cfg: RunConfig, world_size: int) -> list[Problem]:
         problems.append(Problem("dpo.reference", "the adapter continues an earlier run's (model.previous_adapter: "
                                 "continue): switched off, it gives the model before that run, not this run's start",
                                 "use dpo.reference: precompute (or auto), or model.previous_adapter: merge"))
-    if world_size > 1:
-        problems.append(Problem("--nproc", "objective dpo trains in one process for now (several processes are not "
-                                "tested with it yet)", "train without --nproc (or with --nproc 1)"))
     if cfg.eval.enabled:
         problems.append(Problem("eval.enabled", "evaluation after preference training is not built yet",
                                 "set eval.enabled: false; the validation pairs' reward accuracy is in "
