@@ -270,8 +270,10 @@ def test_the_wrong_objective_for_the_file_is_refused_before_weights_load(tmp_pat
     full_adapter_off = dpo_config(tmp_path, tiny_llama_dir, method="full", dpo={"reference": "adapter-off"})
     with pytest.raises(ConfigError, match="dpo.reference"):
         train(full_adapter_off)
-    problems = loop.check_setup(dpo_config(tmp_path, tiny_llama_dir), resume=False, world_size=2, run_dir=False)
-    assert [p.where for p in problems] == ["--nproc"]
+    assert loop.check_setup(dpo_config(tmp_path, tiny_llama_dir), resume=False, world_size=2, run_dir=False) == []
+    few_shot = dpo_config(tmp_path, tiny_llama_dir, eval={"baselines": ["base", "few-shot:2"], "scorer": "m:f"})
+    problems = loop.check_setup(few_shot, resume=False, run_dir=False)
+    assert [p.where for p in problems] == ["eval.baselines", "eval.scorer"]
 
 
 @pytest.mark.parametrize("beta", [0, -0.1, 2.5])

@@ -105,8 +105,14 @@ def test_dpo_job_end_to_end(server):
         rows[-1]["valid_loss"], rows[-1]["valid_reward_accuracy"], rows[-1]["valid_reward_margin"])
     assert metrics[0].data["valid_reward_accuracy"] is None
 
-    (csv_id,) = job.result_files  # no generation eval after DPO: the CSV only
+    # The CSV, and the evaluation after training: the validation pairs scored by the tuned model and its base.
+    csv_id, *reports = job.result_files
     assert client.files.retrieve(csv_id).filename == "step_metrics.csv"
+    assert sorted(client.files.retrieve(r).filename for r in reports) == ["eval_report.html", "eval_report.md"]
+    results = json.loads((data_dir / "jobs" / job.id / "run" / "eval" / "results.json").read_text())
+    assert results["settings"]["kind"] == "preference" and results["n_examples"] == 10
+    assert [c["name"] for c in results["candidates"]] == ["fine-tuned", "base"]
+    assert "preference accuracy" in client.files.content(reports[0]).text + client.files.content(reports[1]).text
     table = list(csv.DictReader(io.StringIO(client.files.content(csv_id).text)))
     assert list(table[0]) == ["step", "train_loss", "train_reward_accuracy", "train_reward_margin",
                               "train_chosen_reward", "train_rejected_reward", "valid_loss", "valid_reward_accuracy",
@@ -185,8 +191,8 @@ BAD_METHODS = [
      "is set by the job itself"),
     (dict(method={"type": "dpo"}, extra_body={"tunekit": {"dpo.beta": 0.3}}), "tunekit.dpo.beta",
      "is set by the job itself"),
-    (dict(method={"type": "dpo"}, extra_body={"tunekit": {"eval.enabled": True}}), "tunekit.eval.enabled",
-     "evaluation after preference training is not built yet"),
+    (dict(method={"type": "dpo"}, extra_body={"tunekit": {"eval.scorer": "scorer:score"}}), "tunekit.eval.scorer",
+     "a scorer reads generated replies"),
     (dict(method={"type": "dpo"}, extra_body={"tunekit": {"dpo": {"loss": "ipo", "label_smoothing": 0.1}}}),
      "tunekit.dpo.label_smoothing", "label smoothing is defined for loss sigmoid and simpo"),
     (dict(method={"type": "dpo"}, extra_body={"tunekit": {"dpo.loss": "kto"}}), "tunekit.dpo.loss", "sigmoid"),

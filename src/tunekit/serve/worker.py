@@ -126,9 +126,10 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
     cfg["train"] = {**cfg["train"], "epochs": hp["n_epochs"], "batch_size": hp["batch_size"], "lr": lr,
                     "seed": seed}
     cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))  # rows per forward; same math
-    if objective == "dpo":  # the validation pairs' rewards are in metrics.jsonl; no generation eval after DPO yet
+    cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None)}
+    if objective == "dpo":  # the evaluation scores the validation pairs against the base (eval/preference.py)
         cfg["dpo"] = {**cfg.get("dpo", {}), "beta": hp["beta"]}
-    cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None and objective == "sft")}
+        cfg["eval"]["baselines"] = [b for b in cfg["eval"]["baselines"] if not b.startswith(("few-shot", "rag"))]
     cfg["output"] = {"dir": str(run_dir), "overwrite": True}
     for item in integrations or []:
         w = item["wandb"]
@@ -417,9 +418,8 @@ class Worker:
         (run_dir / "STOP").unlink(missing_ok=True)
         resume = (run_dir / "checkpoints").is_dir() and any(p.name.startswith("step-")
                                                              for p in (run_dir / "checkpoints").iterdir())
-        nproc = self.processes if objective_of(job) == "sft" else 1  # objective: dpo trains in one process for now
         cmd = [sys.executable, "-m", "tunekit.cli", "train", str(job_dir / "config.yaml")] + (
-            ["--resume"] if resume else []) + (["--nproc", str(nproc)] if nproc > 1 else [])
+            ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
         from tunekit.train.distributed import die_with_parent
 
         with open(job_dir / "train.log", "ab") as out:

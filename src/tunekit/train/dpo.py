@@ -92,10 +92,15 @@ def check(cfg: RunConfig, world_size: int) -> list[Problem]:
         problems.append(Problem("dpo.reference", "the adapter continues an earlier run's (model.previous_adapter: "
                                 "continue): switched off, it gives the model before that run, not this run's start",
                                 "use dpo.reference: precompute (or auto), or model.previous_adapter: merge"))
-    if cfg.eval.enabled:
-        problems.append(Problem("eval.enabled", "evaluation after preference training is not built yet",
-                                "set eval.enabled: false; the validation pairs' reward accuracy is in "
-                                "metrics.jsonl (train.eval_every)"))
+    # The evaluation of a DPO run scores held-out pairs (eval/preference.py): nothing is generated.
+    shots = [b for b in cfg.eval.baselines if b.startswith(("few-shot", "rag"))]
+    if shots:
+        problems.append(Problem("eval.baselines", f"{', '.join(shots)} add examples to a chat prompt; the "
+                                "evaluation of preference pairs compares likelihoods of the two given replies",
+                                "use base and model dirs as eval.baselines after objective: dpo"))
+    if cfg.eval.scorer:
+        problems.append(Problem("eval.scorer", "a scorer reads generated replies; preference pairs are scored "
+                                "by the likelihood of both given replies", "leave eval.scorer out"))
     return problems
 
 
