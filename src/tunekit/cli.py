@@ -221,9 +221,18 @@ def data_preview(
     model: Annotated[str, typer.Option("--model", help="Local model dir or hub id (its tokenizer and template)")],
     n: Annotated[int, typer.Option("-n", min=1, help="How many examples")] = 3,
 ) -> None:
-    """Print examples as the model's chat template renders them, trained tokens highlighted."""
+    """Print examples as the model's chat template renders them, trained tokens highlighted (a preference pair:
+    the prompt once, then both replies)."""
     from tunekit.data.formats import load_examples
-    from tunekit.data.preview import MARK_STYLE, TRAINED_CLOSE, TRAINED_OPEN, TRAINED_STYLE, preview_example
+    from tunekit.data.preference import preference_form
+    from tunekit.data.preview import (
+        MARK_STYLE,
+        TRAINED_CLOSE,
+        TRAINED_OPEN,
+        TRAINED_STYLE,
+        preview_example,
+        preview_pair,
+    )
     from tunekit.data.render import template_warnings
     from tunekit.model import load_tokenizer
 
@@ -237,7 +246,8 @@ def data_preview(
                       f"{TRAINED_CLOSE}[/] [dim]not trained[/]", highlight=False)
         for line, example in examples[:n]:
             try:
-                shown = preview_example(example, tokenizer)
+                shown = (preview_pair(example, tokenizer) if preference_form(example)
+                         else preview_example(example, tokenizer))
             except TunekitError as exc:
                 raise type(exc)([Problem(f"{file}:{line} {p.where}".strip(), p.message, p.hint)
                                  for p in exc.problems]) from None

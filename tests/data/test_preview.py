@@ -74,3 +74,31 @@ def test_preview_piped_to_a_file_keeps_the_trained_marking(tmp_path, chat_tokeni
     assert "legend: ⟦trained⟧ not trained" in done.stdout
     assert "⟦hi café 😀<|im_end|>⟧" in done.stdout and "not this one<|im_end|>" in done.stdout
     assert done.stdout.count("⟦") == 2  # the legend and the one reply: weight 0 and prompts not marked
+
+
+def test_a_preference_pair_shows_its_prompt_once_and_both_replies_marked(tmp_path, chat_tokenizer):
+    """The marked tokens of each reply are exactly what the DPO loss reads (pair_sequences)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tunekit.cli import app
+    from tunekit.data.preference import pair_sequences, render_pair
+    from tunekit.data.preview import preview_pair
+
+    record = {"input": {"messages": [{"role": "user", "content": "name a fruit"}]},
+              "preferred_output": [{"role": "assistant", "content": "pear 🍐"}],
+              "non_preferred_output": [{"role": "assistant", "content": "stone"}]}
+    shown = preview_pair(record, chat_tokenizer)
+    chosen, rejected = pair_sequences(render_pair(record, chat_tokenizer))
+    assert (shown.trained, shown.tokens) == (chosen.num_trained + rejected.num_trained, len(chosen) + len(rejected))
+    marked = [span.end - span.start for span in shown.text.spans if span.style == TRAINED_STYLE]
+    assert len(marked) == 2 and shown.text.plain.count("name a fruit") == 1
+    assert "⟦pear 🍐<|im_end|>⟧" in shown.text.plain and "⟦stone<|im_end|>⟧" in shown.text.plain
+
+    chat_tokenizer.save_pretrained(tmp_path / "tok")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["data", "preview", str(pairs), "--model", str(tmp_path / "tok")])
+    assert result.exit_code == 0, result.output
+    assert "preferred reply" in result.output and "non-preferred reply" in result.output

@@ -60,3 +60,24 @@ def preview_example(example: dict, tokenizer, *, unstable_template: str = "split
         text.append("\n")
     return Preview(text=text, tokens=sum(len(s) for s in sequences),
                    trained=sum(s.num_trained for s in sequences), sequences=len(sequences))
+
+
+def preview_pair(record: dict, tokenizer) -> Preview:
+    """A preference pair as the model's template renders it: the prompt once (not trained), then each reply
+    with the tokens the DPO loss reads marked."""
+    from tunekit.data.preference import pair_sequences, render_pair
+
+    pair = render_pair(record, tokenizer)
+    chosen, rejected = pair_sequences(pair)
+    text = Text()
+    text.append(tokenizer.decode(pair.prompt, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                style=PROMPT_STYLE)
+    text.append("\n")
+    for title, ids in (("preferred", pair.chosen), ("non-preferred", pair.rejected)):
+        text.append(f"── {title} reply ──\n", style="bold")
+        text.append(TRAINED_OPEN, style=MARK_STYLE)
+        text.append(tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                    style=TRAINED_STYLE)
+        text.append(TRAINED_CLOSE + "\n", style=MARK_STYLE)
+    return Preview(text=text, tokens=len(chosen) + len(rejected), trained=chosen.num_trained + rejected.num_trained,
+                   sequences=2)
