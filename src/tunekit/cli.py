@@ -341,6 +341,9 @@ def eval_cmd(
                                                                 "example) -> float | dict")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for choosing few-shot examples")] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (cuda when available) | cpu | cuda")] = "auto",
+    grader: Annotated[list[Path] | None, typer.Option("--grader", help="An OpenAI grader file (JSON or YAML; one "
+                                                                       "grader or a list) scoring every candidate's "
+                                                                       "replies; repeatable (docs/graders.md)")] = None,
 ) -> None:
     """Compare the fine-tuned run with baselines on held-out data; write report.md/.html + results.json."""
     from tunekit.eval.evaluate import evaluate
@@ -349,7 +352,8 @@ def eval_cmd(
     try:
         result = evaluate(run_dir, data, baselines=baseline, models=model or [], max_new_tokens=max_new_tokens,
                           batch_size=batch_size, limit=limit, scorer=scorer, seed=seed, device=device,
-                          log=lambda message: err_console.print(f"[dim]{message}[/]", highlight=False))
+                          graders=grader or [],
+                          log=lambda message: err_console.print(f"[dim]{escape(message)}[/]", highlight=False))
         files = write_report(result.to_dict(), out or run_dir / "eval", metrics_path=run_dir / "metrics.jsonl")
     except TunekitError as exc:
         fail(exc)

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import math
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,7 +373,8 @@ def _cached_lines(data: str, tokenizer, config: RunConfig | None) -> Callable[[i
 def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExample],
                    shots: list[list[tuple[int, dict]]], *, data: str, max_new_tokens: int, batch_size: int,
                    scorer: Scorer | None, log: Callable[[str], None],
-                   cached: Callable[[int], list[Sequence] | None] = lambda line: None) -> CandidateResult:
+                   cached: Callable[[int], list[Sequence] | None] = lambda line: None,
+                   grading: Callable | None = None) -> CandidateResult:
     """shots: per example, the (training line, example) pairs placed before it ([] for none). cached: the
     rendered sequences of a line of the data file (training's cache), used for examples shown unchanged."""
     from tunekit.data.render import end_of_turn_ids, render_example, render_prompt
@@ -404,9 +406,17 @@ def _run_candidate(model, tokenizer, spec: CandidateSpec, examples: list[EvalExa
             s.update(run_scorer(scorer, prediction, reference_display(ex.reference), ex.example,
                                 f"{data}:{ex.line}"))
         scores.append(s)
+    failed: dict[str, int] = {}
+    if grading is not None:
+        log(f"{spec.name}: grading {len(predictions)} replies")
+        graded, failed = grading(predictions)
+        for s, g in zip(scores, graded, strict=True):
+            s.update(g)
     shot_lines = [line for line, _ in shots[0]] if spec.kind == "few-shot" and shots else []
     result = _summarise(spec.name, spec.kind, spec.path, tf, predictions, scores, [len(p) for p in prompts], gens,
                         shot_lines)
+    for name, n in failed.items():  # grades that failed (scored 0), per grader
+        result.metrics[f"grader.{name}.errors"] = float(n)
     if spec.kind == "rag":
         result.example_shot_lines = [[line for line, _ in pairs] for pairs in shots]
     return result
@@ -453,7 +463,7 @@ def plan_candidates(run_dir: Path, config: RunConfig | None, baselines: list[str
 def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: list[str] | tuple[str, ...] | None = None,
              models: list[str | Path] | tuple = (), max_new_tokens: int = 256, batch_size: int = 8,
              limit: int | None = None, scorer: str | None = None, seed: int = 0,
-             device: str = "auto", config: RunConfig | None = None,
+             device: str = "auto", config: RunConfig | None = None, graders: list[str | Path] | tuple = (),
              log: Callable[[str], None] | None = None) -> EvalResult:
     """Evaluate the run at `run_dir` and its baselines on the chat examples of `data` (or, for a file of
     preference pairs, on which reply of each pair each candidate finds more likely: eval/preference.py).
@@ -464,7 +474,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     whose prompts are most similar to its prompt, retrieved by BM25: `retrieve_shots`), or a model dir /
     run dir; default ["base"] when the run has a config.yaml. models: more model
     dirs or runs to compare. device: "auto" (cuda when available), "cpu" or "cuda". config: the run's
-    RunConfig (read from run_dir/config.yaml when not given).
+    RunConfig (read from run_dir/config.yaml when not given). graders: OpenAI grader files (JSON / YAML) that
+    score every candidate's replies (eval/grading.py).
     Raises TunekitError listing every problem before any weight loads.
     """
     import torch
@@ -494,10 +505,15 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     specs, plan_problems = plan_candidates(run_dir, config, list(baselines), list(models))
     problems += plan_problems
     settings = {"baselines": list(baselines), "models": [str(m) for m in models], "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy"}
+                "batch_size": batch_size, "limit": limit, "scorer": scorer, "seed": seed, "decoding": "greedy",
+                "graders": [str(g) for g in graders]}
     from tunekit.eval.preference import evaluate_preference, is_preference_file
 
     if not problems and data is not None and is_preference_file(data):
+        if graders:
+            raise TunekitError(Problem("--grader", "graders score generated replies; a preference file is scored by "
+                                       "the likelihood of both given replies", "leave --grader out for a preference "
+                                       "file"), title="cannot evaluate")
         return evaluate_preference(run_dir, data, specs, batch_size=batch_size, limit=limit, device=device,
                                    config=config, settings={**settings, "shots_from": None}, log=log)
     examples: list[EvalExample] = []
@@ -506,6 +522,21 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
             examples = read_eval_examples(data, limit=limit)
         except DataError as exc:
             problems += exc.problems
+    grader_list: list[dict] = []
+    judges: dict[str, str] = {}
+    if graders:
+        from tunekit.eval.grading import judge_models, load_grader_files
+
+        item_keys = set.intersection(*(set(e.example) for e in examples)) if examples else None
+        grader_list, grader_problems = load_grader_files(list(graders), item_keys)
+        problems += grader_problems
+        for name in sorted(judge_models(grader_list)):
+            spec_path = next((s.path for s in specs if s.name == name), None)
+            if spec_path is None and _check_model_path(Path(name), name) is not None:
+                problems.append(Problem(f"--grader: model {name!r}", "a judge model must be a candidate's name "
+                                        f"({', '.join(s.name for s in specs)}) or a local model dir or run",
+                                        "set the grader's model to one of those"))
+            judges[name] = spec_path or name
     scorer_fn = None
     if scorer:
         try:
@@ -530,25 +561,38 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     # One load per distinct model; base zero-shot and few-shot share it. The tuned run's tokenizer is
     # used for its base when the vocabularies agree, so every candidate sees the same prompt text.
     results: dict[str, CandidateResult] = {}
-    run_tokenizer = None
-    for path in dict.fromkeys(s.path for s in specs):
-        log(f"loading {path}")
-        model, tokenizer = load_for_inference(path, device=resolve_device(device))
-        if path == str(run_dir):
-            run_tokenizer = tokenizer
-        elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
-                and len(run_tokenizer) == len(tokenizer):
-            tokenizer = run_tokenizer
-        cached = _cached_lines(str(data), tokenizer, config) if limit is None else (lambda line: None)
-        for spec in (s for s in specs if s.path == path):
-            shots = shots_by_name.get(spec.name) or [[] for _ in examples]
-            results[spec.name] = _run_candidate(
-                model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens,
-                batch_size=batch_size, scorer=scorer_fn, log=log, cached=cached)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    with ExitStack() as stack:  # the python graders' sandbox, stopped however this ends
+        grading = None
+        if grader_list:
+            from tunekit.eval.graders import PythonSandbox
+            from tunekit.eval.grading import LocalJudge, grade_replies
+
+            sandbox = stack.enter_context(PythonSandbox(workers=2)) if any(
+                '"python"' in json.dumps(g) for g in grader_list) else None
+            judge = LocalJudge(judges, device=device)
+
+            def grading(predictions: list[str]) -> tuple[list[dict[str, float]], dict[str, int]]:
+                return grade_replies(grader_list, [e.example for e in examples], predictions, judge=judge,
+                                     sandbox=sandbox, where=[f"{data}:{e.line}" for e in examples], log=log)
+        run_tokenizer = None
+        for path in dict.fromkeys(s.path for s in specs):
+            log(f"loading {path}")
+            model, tokenizer = load_for_inference(path, device=resolve_device(device))
+            if path == str(run_dir):
+                run_tokenizer = tokenizer
+            elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
+                    and len(run_tokenizer) == len(tokenizer):
+                tokenizer = run_tokenizer
+            cached = _cached_lines(str(data), tokenizer, config) if limit is None else (lambda line: None)
+            for spec in (s for s in specs if s.path == path):
+                shots = shots_by_name.get(spec.name) or [[] for _ in examples]
+                results[spec.name] = _run_candidate(
+                    model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, scorer=scorer_fn, log=log, cached=cached, grading=grading)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     settings["shots_from"] = str(config.data.train) if config is not None and shots_by_name else None
     return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings,

@@ -33,18 +33,33 @@ SAMPLE_CHARS = 600
 
 
 def label(results: dict, key: str) -> str:
+    if key.startswith("grader."):
+        name = key[len("grader."):]
+        return f"{name[:-len('.pass')]} pass rate" if name.endswith(".pass") else f"{name} (grader)"
     return results.get("metric_labels", {}).get(key) or LABELS.get(key) or key
 
 
+def is_user_score(key: str) -> bool:
+    """A score in its own units: a user scorer's value, or a grader's mean reward (`grader.NAME`)."""
+    return key.startswith("scorer") or (key.startswith("grader.") and not key.endswith((".pass", ".errors")))
+
+
 def _scorer_keys(results: dict) -> list[str]:
+    """Grader rewards, then their pass rates, then user-scorer values, in first-seen order."""
     keys = []
+    for ex in results.get("examples", [])[:1]:  # the graders' order: as each example's scores hold them
+        for scores in ex["scores"].values():
+            keys += [k for k in scores if k.startswith("grader.") and k not in keys]
+    for c in results["candidates"]:
+        keys += [k for k in c["metrics"] if k.startswith("grader.") and not k.endswith(".errors") and k not in keys]
+    keys.sort(key=lambda k: k.endswith(".pass"))
     for c in results["candidates"]:
         keys += [k for k in c["metrics"] if k.startswith("scorer") and k not in keys]
     return keys
 
 
 def rate_keys(results: dict) -> list[str]:
-    """Rate metrics that apply to at least one example (token accuracy always), then scorer keys."""
+    """Rate metrics that apply to at least one example (token accuracy always), then grader and scorer keys."""
     out = []
     for key in RATES + _scorer_keys(results):
         if any(c["metrics"].get(key) is not None for c in results["candidates"]):
@@ -53,8 +68,9 @@ def rate_keys(results: dict) -> list[str]:
 
 
 def primary_metric(results: dict) -> str | None:
-    """The user's scorer if given, else the generation metric that applies to the most examples."""
-    scorer = _scorer_keys(results)
+    """The first grader's reward or the user's scorer if given, else the generation metric that applies to the
+    most examples."""
+    scorer = [k for k in _scorer_keys(results) if is_user_score(k)]
     if scorer:
         return scorer[0]
     counts = results["candidates"][0]["counts"]
@@ -97,7 +113,7 @@ def verdict(results: dict) -> list[str]:
             name = label(results, key)
             mean, se, n = paired_difference(results, key, tuned["name"], other["name"])
             significant = n >= 2 and abs(mean) > 2 * se
-            if key.startswith("scorer"):  # a user score: its own units
+            if is_user_score(key):  # a user score: its own units
                 diff, unit, noise = tm[key] - om[key], f" on {name}", f"±{2 * se:.3f}"
                 both = f"{tm[key]:.3f} vs {om[key]:.3f}"
                 by = f"{abs(diff):.3f}{unit}"
@@ -148,7 +164,7 @@ def _trade(results: dict, key: str | None, tuned: dict, others: list[dict]) -> s
         return None
     best = max(scored, key=lambda c: (c["metrics"][key], -(c["metrics"].get("prompt_tokens") or 0.0)))
     tm, bm = tuned["metrics"], best["metrics"]
-    if key.startswith("scorer"):
+    if is_user_score(key):
         gain = f"{tm[key] - bm[key]:+.3f} on {label(results, key)}"
         best_score = f"{bm[key]:.3f}"
     else:
@@ -274,6 +290,14 @@ def _cell(results: dict, cand: dict, key: str) -> str:
     value = cand["metrics"].get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if key.startswith("grader."):  # mean, ± 2 standard errors over the examples (about 95%), n
+        values = [ex["scores"][cand["name"]][key] for ex in results["examples"] if key in ex["scores"][cand["name"]]]
+        half = 2 * math.sqrt(sum((v - value) ** 2 for v in values) / (len(values) - 1) / len(values)) \
+            if len(values) > 1 else float("nan")
+        if key.endswith(".pass"):
+            return f"{100 * value:.1f}% ±{100 * half:.1f} (n={len(values)})"
+        errors = cand["metrics"].get(key + ".errors")
+        return f"{value:.3f} ±{half:.3f} (n={len(values)}" + (f", {errors:.0f} failed)" if errors else ")")
     if key in RATES or key.startswith("scorer") or key == "stopped":
         n = cand["counts"].get(key)
         pct = f"{100 * value:.1f}%" if not key.startswith("scorer") else f"{value:.3f}"
@@ -308,6 +332,16 @@ def pick_samples(results: dict, n: int = SAMPLES) -> list[dict]:
     return ranked[:n]
 
 
+def lowest_samples(results: dict, n: int = SAMPLES) -> tuple[str, str, list[tuple[float, dict]]] | None:
+    """(the first grader's key, the tuned candidate, its n lowest-scoring examples) when graders ran."""
+    keys = [k for k in _scorer_keys(results) if k.startswith("grader.") and is_user_score(k)]
+    tuned = next((c["name"] for c in results["candidates"] if c["kind"] == "tuned"), results["candidates"][0]["name"])
+    if not keys:
+        return None
+    scored = [(ex["scores"][tuned][keys[0]], ex) for ex in results["examples"] if keys[0] in ex["scores"][tuned]]
+    return keys[0], tuned, sorted(scored, key=lambda pair: pair[0])[:n]
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + " …"
 
@@ -338,6 +372,13 @@ def render_markdown(results: dict, verdict_lines: list[str], plots: dict[str, st
     for ex in pick_samples(results):
         preds = [_md_escape(ex["predictions"][c["name"]]) for c in results["candidates"]]
         out.append(f"| {ex['line']} | {_md_escape(ex['reference'])} | " + " | ".join(preds) + " |")
+    lowest = lowest_samples(results)
+    if lowest:
+        key, tuned, rows = lowest
+        out += ["", f"## Lowest {label(results, key)} ({tuned})", "", "| line | score | reference | reply |",
+                "|---|---|---|---|"]
+        out += [f"| {ex['line']} | {score:.3f} | {_md_escape(ex['reference'])} | "
+                f"{_md_escape(ex['predictions'][tuned])} |" for score, ex in rows]
     return "\n".join(out) + "\n"
 
 
@@ -380,7 +421,16 @@ def render_html(results: dict, verdict_lines: list[str], images: dict[str, bytes
     for ex in pick_samples(results):
         cells = "".join(f"<td><pre>{esc(_clip(ex['predictions'][n]))}</pre></td>" for n in names)
         parts.append(f"<tr><td>{ex['line']}</td><td><pre>{esc(_clip(ex['reference']))}</pre></td>{cells}</tr>")
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    lowest = lowest_samples(results)
+    if lowest:
+        key, tuned, rows = lowest
+        parts.append(f"<h2>Lowest {esc(label(results, key))} ({esc(tuned)})</h2><table><tr><th>line</th>"
+                     "<th>score</th><th>reference</th><th>reply</th></tr>")
+        parts += [f"<tr><td>{ex['line']}</td><td class='num'>{score:.3f}</td><td><pre>{esc(_clip(ex['reference']))}"
+                  f"</pre></td><td><pre>{esc(_clip(ex['predictions'][tuned]))}</pre></td></tr>" for score, ex in rows]
+        parts.append("</table>")
+    parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
 
