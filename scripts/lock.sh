@@ -4,7 +4,7 @@
 # The rule: refresh, run the suite (bash scripts/test.sh), commit the lock and any fixes together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${TUNEKIT_LOCK_EXTRAS:-dev,qlora,trackers,serve,gguf,bench,rag}"
+EXTRAS="${TUNEKIT_LOCK_EXTRAS:-dev,qlora,trackers,serve,gguf,bench,rag,graders}"
 PY="${PYTHON:-python3}"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
