@@ -1,8 +1,8 @@
 """The server's OpenAPI schema fuzzed with schemathesis (a bounded run): no request gets a 5xx.
 
-Every operation of /openapi.json (files, fine-tuning jobs, models, chat) gets generated requests, valid
-and invalid, against a live server with a data dir; the answer must be a non-5xx status, in OpenAI's
-error shape when it is an error.
+Every operation of /openapi.json (files, fine-tuning jobs, models, chat, graders, evals) gets generated
+requests, valid and invalid, against a live server with a data dir; the answer must be a non-5xx status, in
+OpenAI's error shape when it is an error.
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ def test_no_request_gets_a_5xx(live):
 
     schema = schemathesis.openapi.from_url(f"{live}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"} <= {
-        op.path for op in operations}
+    assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events",
+            "/v1/fine_tuning/alpha/graders/run", "/v1/fine_tuning/alpha/graders/validate", "/v1/evals",
+            "/v1/evals/{eval_id}", "/v1/evals/{eval_id}/runs", "/v1/evals/{eval_id}/runs/{run_id}",
+            "/v1/evals/{eval_id}/runs/{run_id}/cancel", "/v1/evals/{eval_id}/runs/{run_id}/output_items",
+            "/v1/evals/{eval_id}/runs/{run_id}/output_items/{output_item_id}"} <= {op.path for op in operations}
     calls = {"n": 0}
 
     for operation in operations:

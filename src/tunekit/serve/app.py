@@ -12,7 +12,8 @@ any are configured; each key belongs to a project: `PROJECT:KEY`), the request-b
 
 With `data_dir`, the app also serves OpenAI's Files and fine-tuning API (files.py, jobs.py): state in a SQLite
 store (store.py), jobs trained by `workers` subprocesses at a time (worker.py), fine-tuned models served here
-as soon as they are trained, visible to their project only.
+as soon as they are trained, visible to their project only; and the Evals API (evals.py, runs executed by
+eval_runner.py). The grader endpoints (graders.py) need no data dir; Python graders run in one sandbox per app.
 Errors of any kind leave in OpenAI's shape (`errors.APIError`); a bug gives a 500 with its message, logged
 with its traceback.
 """
@@ -39,7 +40,9 @@ from tunekit.generate.engine import Engine
 from tunekit.generate.models import Served, load_models, parse_model_arg
 from tunekit.serve.chat import router as chat_router
 from tunekit.serve.errors import APIError
+from tunekit.serve.evals import router as evals_router
 from tunekit.serve.files import router as files_router
+from tunekit.serve.graders import router as graders_router
 from tunekit.serve.jobs import router as jobs_router
 from tunekit.serve.store import DEFAULT_PROJECT, Store
 from tunekit.serve.ui import add_dashboard
@@ -125,31 +128,41 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
 
         import torch
 
+        from tunekit.eval.graders import PythonSandbox
+
         torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 2) - 1))
         engine.start()
+        app.state.sandbox = PythonSandbox(workers=2)  # python graders: graders/run and eval criteria
         if worker is not None:
-            worker.start()
+            worker.start()  # serves the fine-tuned models first: eval runs may sample from them
+            app.state.eval_runner.start()
         try:
             yield
         finally:
             if worker is not None:
+                app.state.eval_runner.stop()  # before the engine and the store: it writes what it generated
                 worker.stop()
                 app.state.store.close()
+            app.state.sandbox.close()
             engine.stop()
 
     app = FastAPI(title="tunekit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.settings, app.state.models, app.state.engine = settings, models, engine
     app.state.device, app.state.model_owner = device, {}  # model_owner: fine-tuned model -> its project
     app.state.store = Store(settings.data_dir) if settings.data_dir is not None else None
-    worker = None
+    worker = app.state.eval_runner = app.state.sandbox = None
     if app.state.store is not None:
+        from tunekit.serve.eval_runner import EvalRunner
         from tunekit.serve.worker import Worker
 
         worker = Worker(app.state, workers=settings.workers, processes=settings.train_processes)
+        app.state.eval_runner = EvalRunner(app.state)
     app.state.worker = worker
     app.include_router(chat_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(graders_router)
+    app.include_router(evals_router)
     add_dashboard(app)
 
     @app.get("/health")

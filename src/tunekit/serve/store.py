@@ -1,6 +1,7 @@
 """The server's state: one SQLite database (WAL) and a content-addressed folder of uploaded files.
 
-    DATA_DIR/tunekit.db          files, jobs, events, checkpoints, schema_version
+    DATA_DIR/tunekit.db          files, jobs, events, checkpoints, evals, eval runs and output items,
+                                 schema_version
     DATA_DIR/blobs/SHA256        file contents, written to a temporary name, fsynced, then renamed
     DATA_DIR/jobs/JOB_ID/        a job's training config, data and run dir (see worker.py)
 
@@ -58,10 +59,33 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
     # DELETE /v1/models/{ft model}: the job stays, its model is no longer served
     2: ["ALTER TABLE jobs ADD COLUMN model_deleted_at INTEGER"],
+    # the Evals API (serve/evals.py, serve/eval_runner.py): an eval's config and criteria as sent (JSON); a
+    # run's counts are kept up to date with its output items (written together, see add_output_item)
+    3: [
+        """CREATE TABLE evals (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, project TEXT NOT NULL,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, name TEXT NOT NULL, metadata TEXT,
+            data_source_config TEXT NOT NULL, testing_criteria TEXT NOT NULL)""",
+        "CREATE INDEX evals_project ON evals (project, seq)",
+        """CREATE TABLE eval_runs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, eval_id TEXT NOT NULL,
+            project TEXT NOT NULL, created_at INTEGER NOT NULL, name TEXT NOT NULL, model TEXT NOT NULL,
+            status TEXT NOT NULL, data_source TEXT NOT NULL, metadata TEXT, error TEXT, report_url TEXT NOT NULL,
+            result_counts TEXT NOT NULL, per_model_usage TEXT NOT NULL,
+            per_testing_criteria_results TEXT NOT NULL, finished_at INTEGER)""",
+        "CREATE INDEX eval_runs_eval ON eval_runs (eval_id, seq)",
+        """CREATE TABLE eval_output_items (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, run_id TEXT NOT NULL,
+            eval_id TEXT NOT NULL, created_at INTEGER NOT NULL, status TEXT NOT NULL,
+            datasource_item_id INTEGER NOT NULL, datasource_item TEXT NOT NULL, results TEXT NOT NULL,
+            sample TEXT NOT NULL, usage TEXT NOT NULL, UNIQUE (run_id, datasource_item_id))""",
+        "CREATE INDEX eval_output_items_run ON eval_output_items (run_id, seq)",
+    ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 _JSON_COLUMNS = {"metadata", "integrations", "hyperparameters", "overrides", "result_files", "error", "data",
-                 "metrics"}
+                 "metrics", "data_source_config", "testing_criteria", "data_source", "result_counts",
+                 "per_model_usage", "per_testing_criteria_results", "datasource_item", "results", "sample", "usage"}
 _ALNUM = string.ascii_letters + string.digits
 
 
@@ -249,6 +273,96 @@ class Store:
 
     def drop_checkpoint(self, id: str) -> None:
         self._exec("DELETE FROM checkpoints WHERE id = ?", (id,))
+
+    # ---- evals, their runs and output items (oldest first: the Evals API lists ascending by default)
+
+    def add_eval(self, row: dict) -> None:
+        self._insert("evals", row)
+
+    def eval(self, project: str, id: str) -> dict | None:
+        return self._one("SELECT * FROM evals WHERE project = ? AND id = ?", (project, id))
+
+    def evals(self, project: str) -> list[dict]:
+        return self._rows("SELECT * FROM evals WHERE project = ? ORDER BY seq", (project,))
+
+    def set_eval(self, id: str, **fields) -> None:
+        self._update("evals", id, fields)
+
+    def delete_eval(self, id: str) -> None:
+        """The eval, its runs and their output items, in one transaction."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM eval_output_items WHERE eval_id = ?", (id,))
+                self._db.execute("DELETE FROM eval_runs WHERE eval_id = ?", (id,))
+                self._db.execute("DELETE FROM evals WHERE id = ?", (id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add_eval_run(self, row: dict) -> None:
+        self._insert("eval_runs", row)
+
+    def eval_run(self, project: str, eval_id: str, id: str) -> dict | None:
+        return self._one("SELECT * FROM eval_runs WHERE project = ? AND eval_id = ? AND id = ?",
+                         (project, eval_id, id))
+
+    def eval_runs(self, eval_id: str | None = None, *, status: Iterable[str] | None = None) -> list[dict]:
+        where, args = [], []
+        if eval_id is not None:
+            where.append("eval_id = ?")
+            args.append(eval_id)
+        if status is not None:
+            statuses = list(status)
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += statuses
+        sql = "SELECT * FROM eval_runs" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return self._rows(f"{sql} ORDER BY seq", args)
+
+    def set_eval_run(self, id: str, *, when_status: Iterable[str] | None = None, **fields) -> bool:
+        return self._update("eval_runs", id, fields, when_status=when_status)
+
+    def delete_eval_run(self, id: str) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM eval_output_items WHERE run_id = ?", (id,))
+                self._db.execute("DELETE FROM eval_runs WHERE id = ?", (id,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add_output_item(self, row: dict, run_fields: dict) -> bool:
+        """Insert an output item and set `run_fields` (its run's counts with this item) in one transaction,
+        only while the run is `in_progress`; an item already written for that row is not added again.
+        Returns whether the item was written."""
+        cols = list(row)
+        values = [json.dumps(v) if c in _JSON_COLUMNS and v is not None else v for c, v in row.items()]
+        sets = ", ".join(f"{c} = ?" for c in run_fields)
+        run_values = [json.dumps(v) if c in _JSON_COLUMNS and v is not None else v for c, v in run_fields.items()]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = self._db.execute(f"UPDATE eval_runs SET {sets} WHERE id = ? AND status = 'in_progress'",
+                                           (*run_values, row["run_id"])).rowcount
+                added = changed and self._db.execute(
+                    f"INSERT OR IGNORE INTO eval_output_items ({', '.join(cols)}) "
+                    f"VALUES ({', '.join('?' * len(cols))})", values).rowcount
+                self._db.execute("COMMIT" if added else "ROLLBACK")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return bool(added)
+
+    def output_item(self, run_id: str, id: str) -> dict | None:
+        return self._one("SELECT * FROM eval_output_items WHERE run_id = ? AND id = ?", (run_id, id))
+
+    def output_items(self, run_id: str, *, status: str | None = None) -> list[dict]:
+        """In row order."""
+        sql = "SELECT * FROM eval_output_items WHERE run_id = ?" + (" AND status = ?" if status else "")
+        return self._rows(sql + " ORDER BY datasource_item_id", (run_id, status) if status else (run_id,))
 
 
 def _decode(row: sqlite3.Row) -> dict:
