@@ -480,7 +480,6 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     """
     import torch
 
-    from tunekit.model import load_for_inference, resolve_device
 
     log = log or (lambda message: None)
     run_dir = Path(run_dir)
@@ -574,29 +573,43 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
             def grading(predictions: list[str]) -> tuple[list[dict[str, float]], dict[str, int]]:
                 return grade_replies(grader_list, [e.example for e in examples], predictions, judge=judge,
                                      sandbox=sandbox, where=[f"{data}:{e.line}" for e in examples], log=log)
-        run_tokenizer = None
-        for path in dict.fromkeys(s.path for s in specs):
-            log(f"loading {path}")
-            model, tokenizer = load_for_inference(path, device=resolve_device(device))
-            if path == str(run_dir):
-                run_tokenizer = tokenizer
-            elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
-                    and len(run_tokenizer) == len(tokenizer):
-                tokenizer = run_tokenizer
+        for path, (model, tokenizer) in loaded_models(specs, run_dir, device, log):
             cached = _cached_lines(str(data), tokenizer, config) if limit is None else (lambda line: None)
             for spec in (s for s in specs if s.path == path):
                 shots = shots_by_name.get(spec.name) or [[] for _ in examples]
                 results[spec.name] = _run_candidate(
                     model, tokenizer, spec, examples, shots, data=str(data), max_new_tokens=max_new_tokens,
                     batch_size=batch_size, scorer=scorer_fn, log=log, cached=cached, grading=grading)
-            del model
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            del model  # freed before the next one loads
 
     settings["shots_from"] = str(config.data.train) if config is not None and shots_by_name else None
     return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings,
                       training_cost(run_dir))
+
+
+def loaded_models(specs: list[CandidateSpec], run_dir: Path, device: str, log: Callable[[str], None]):
+    """Each distinct model of `specs` loaded once, in order, as (path, (model, tokenizer)); each is let go before
+    the next loads (the caller drops its own reference at the end of its loop body). The tuned run's tokenizer
+    is used for its base when the vocabularies agree, so every candidate sees the same prompt text."""
+    import torch
+
+    from tunekit.model import load_for_inference, resolve_device
+
+    run_tokenizer = None
+    for path in dict.fromkeys(s.path for s in specs):
+        log(f"loading {path}")
+        loaded = load_for_inference(path, device=resolve_device(device))
+        tokenizer = loaded[1]
+        if path == str(run_dir):
+            run_tokenizer = tokenizer
+        elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
+                and len(run_tokenizer) == len(tokenizer):
+            tokenizer = run_tokenizer
+        yield path, (loaded[0], tokenizer)
+        del loaded
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def training_cost(run_dir: Path) -> dict | None:

@@ -13,7 +13,6 @@ serve both.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tunekit.eval.evaluate import (
     EvalResult,
     _pad_id,
     forced_rows,
+    loaded_models,
     summarise_forced,
     training_cost,
 )
@@ -42,8 +42,8 @@ def is_preference_file(path: str | Path) -> bool:
         for _, record, error in jsonl_records(Path(path)):
             if not error:
                 return preference_form(record) is not None
-    except OSError:
-        return False
+    except (OSError, TunekitError):
+        return False  # unreadable: the chat reader names the problem
     return False
 
 
@@ -121,9 +121,7 @@ def evaluate_preference(run_dir: Path, data: str | Path, specs: list[CandidateSp
                         log: Callable[[str], None]) -> EvalResult:
     """Each candidate (the tuned run first) scored on the pairs of `data`. Few-shot and retrieval baselines
     do not apply to likelihoods of fixed replies and are refused, as is a scorer (nothing is generated)."""
-    import torch
 
-    from tunekit.model import load_for_inference, resolve_device
 
     problems = [Problem("--baseline", f"'{s.name}' applies to chat data (it adds examples to the prompt)",
                         "compare preference pairs against base or a model dir")
@@ -140,22 +138,11 @@ def evaluate_preference(run_dir: Path, data: str | Path, specs: list[CandidateSp
         raise TunekitError(problems, title="cannot evaluate")
 
     results: dict[str, CandidateResult] = {}
-    run_tokenizer = None
-    for path in dict.fromkeys(s.path for s in specs):
-        log(f"loading {path}")
-        model, tokenizer = load_for_inference(path, device=resolve_device(device))
-        if path == str(run_dir):
-            run_tokenizer = tokenizer
-        elif run_tokenizer is not None and any(s.path == path and s.kind != "model" for s in specs) \
-                and len(run_tokenizer) == len(tokenizer):
-            tokenizer = run_tokenizer  # the run's base: same template text as the tuned run
+    for path, (model, tokenizer) in loaded_models(specs, run_dir, device, log):
         for spec in (s for s in specs if s.path == path):
             log(f"scoring {len(pairs)} pairs with {spec.name}")
             results[spec.name] = score_candidate(model, tokenizer, spec, pairs, data=str(data), batch_size=batch_size)
-        del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del model  # freed before the next one loads
     examples = [EvalExample(line, record, _reference(pref)) for line, record, pref in pairs]
     settings = {**settings, "kind": "preference", "decoding": None, "max_new_tokens": None}
     return EvalResult(str(run_dir), str(data), examples, [results[s.name] for s in specs], settings,
