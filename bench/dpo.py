@@ -33,7 +33,7 @@ from bench.data import (
     write_jsonl,
 )
 from bench.presets import PRESETS, Preset
-from bench.sft import machine, run_child
+from bench.sft import interleaved_rounds, machine, median_attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("tunekit", "trl")
@@ -232,29 +232,18 @@ def main() -> None:
           f"{data['chosen_tokens']}, rejected {data['rejected_tokens']} tokens; a side (prompt + reply) p50 "
           f"{data['side_p50']}, max {data['side_max']}", flush=True)
 
-    # Rounds interleave the stacks, so that a slow spell of a shared machine hits each alike.
-    attempts: dict[str, list[dict]] = {run: [] for run in runs}
-    for round_no in range(args.repeat):
-        for run in runs:
-            out = workdir / f"result-{run}.json"
-            out.unlink(missing_ok=True)
-            log_path = workdir / f"log-{run}-{round_no}.txt"
-            print(f"running {run} (round {round_no + 1}/{args.repeat}) ...", flush=True)
-            proc = run_child(child_command(run, preset, workdir, out, args.trl_gc), log_path)
-            result = json.loads(out.read_text()) if out.is_file() else {}
-            attempts[run].append({**result, **proc, "log": str(log_path)})
-            if proc["returncode"] != 0 or not result:
-                print(f"  {run} failed (exit {proc['returncode']}); last lines of {log_path}:")
-                print("\n".join(log_path.read_text().splitlines()[-15:]))
-            else:
-                same = result["ids_sha256"] == data["ids_sha256"]
-                print(f"  {result['pairs_per_s']:.2f} pairs/s, peak RSS {proc['child_maxrss_mib']:.0f} MiB, eval loss "
-                      f"{result['eval_loss']:.5f}, token ids {'as rendered' if same else 'DIFFERENT'}, load avg "
-                      f"{proc['loadavg_before'][0]:.1f}", flush=True)
+    # Each stack's reported run is its median by pairs/s.
+    def report(run: str, result: dict, proc: dict) -> str:
+        same = result["ids_sha256"] == data["ids_sha256"]
+        return (f"{result['pairs_per_s']:.2f} pairs/s, peak RSS {proc['child_maxrss_mib']:.0f} MiB, eval loss "
+                f"{result['eval_loss']:.5f}, token ids {'as rendered' if same else 'DIFFERENT'}, load avg "
+                f"{proc['loadavg_before'][0]:.1f}")
+
+    attempts = interleaved_rounds(runs, args.repeat, workdir,
+                                  lambda run, out: child_command(run, preset, workdir, out, args.trl_gc), report)
     results: dict[str, dict] = {}
     for run, tries in attempts.items():
-        done = sorted((t for t in tries if "pairs_per_s" in t), key=lambda t: t["pairs_per_s"])
-        chosen = done[len(done) // 2] if done else tries[-1]
+        chosen, done = median_attempt(tries, "pairs_per_s")
         results[run] = {**chosen, "pairs_per_s_all_rounds": [t["pairs_per_s"] for t in done],
                         "peak_rss_all_rounds": [t["child_maxrss_mib"] for t in done]}
 

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.presets import PRESETS, Preset
@@ -50,6 +51,36 @@ def run_child(cmd: list[str], log_path: Path) -> dict:
     return {"returncode": proc.returncode, "wall_seconds": time.perf_counter() - start,
             "child_maxrss_mib": usage.ru_maxrss / 1024, "cpu_seconds": usage.ru_utime + usage.ru_stime,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+
+
+def interleaved_rounds(runs: list[str], repeat: int, workdir: Path, command: Callable[[str, Path], list[str]],
+                       report: Callable[[str, dict, dict], str]) -> dict[str, list[dict]]:
+    """Every run once per round, the rounds one after another, so that a slow spell of a shared machine hits
+    each stack alike. command(run, out) starts a child that writes its result JSON to out; report(run, result,
+    proc) is the line printed for a run that succeeded. Returns each run's attempts (result + process stats)."""
+    attempts: dict[str, list[dict]] = {run: [] for run in runs}
+    for round_no in range(repeat):
+        for run in runs:
+            out = workdir / f"result-{run}.json"
+            out.unlink(missing_ok=True)
+            log_path = workdir / f"log-{run}-{round_no}.txt"
+            print(f"running {run} (round {round_no + 1}/{repeat}) ...", flush=True)
+            proc = run_child(command(run, out), log_path)
+            result = json.loads(out.read_text()) if out.is_file() else {}
+            attempts[run].append({**result, **proc, "log": str(log_path)})
+            if proc["returncode"] != 0 or not result:
+                print(f"  {run} failed (exit {proc['returncode']}); last lines of {log_path}:")
+                print("\n".join(log_path.read_text().splitlines()[-15:]))
+            else:
+                print("  " + report(run, result, proc), flush=True)
+    return attempts
+
+
+def median_attempt(tries: list[dict], key: str) -> tuple[dict, list[dict]]:
+    """The attempt with the median `key` among those that finished (else the last try), and those finished,
+    sorted by `key`."""
+    done = sorted((t for t in tries if key in t), key=lambda t: t[key])
+    return (done[len(done) // 2] if done else tries[-1]), done
 
 
 def machine() -> dict:
@@ -141,28 +172,15 @@ def main() -> None:
     print(f"  {data['n_train']} examples, {data['tokens']} tokens, {data['trained_tokens']} trained; "
           f"length p50 {data['length_p50']}, p90 {data['length_p90']}, max {data['length_max']}", flush=True)
 
-    # Rounds interleave the stacks, so that a slow spell of a shared machine hits each of them alike; each
-    # stack's reported run is its median by tokens/s.
-    attempts: dict[str, list[dict]] = {run: [] for run in runs}
-    for round_no in range(args.repeat):
-        for run in runs:
-            out = workdir / f"result-{run}.json"
-            out.unlink(missing_ok=True)
-            log_path = workdir / f"log-{run}-{round_no}.txt"
-            print(f"running {run} (round {round_no + 1}/{args.repeat}) ...", flush=True)
-            proc = run_child(child_command(run, preset, workdir, out, args.trl_no_gc), log_path)
-            result = json.loads(out.read_text()) if out.is_file() else {}
-            attempts[run].append({**result, **proc, "log": str(log_path)})
-            if proc["returncode"] != 0 or not result:
-                print(f"  {run} failed (exit {proc['returncode']}); last lines of {log_path}:")
-                print("\n".join(log_path.read_text().splitlines()[-15:]))
-            else:
-                print(f"  {result['tokens_per_s']:.0f} trained tok/s, peak RSS {proc['child_maxrss_mib']:.0f} MiB, "
-                      f"eval loss {result['eval_loss']:.4f}, load avg {proc['loadavg_before'][0]:.1f}", flush=True)
+    # Each stack's reported run is its median by tokens/s.
+    attempts = interleaved_rounds(
+        runs, args.repeat, workdir, lambda run, out: child_command(run, preset, workdir, out, args.trl_no_gc),
+        lambda run, result, proc: f"{result['tokens_per_s']:.0f} trained tok/s, peak RSS "
+                                  f"{proc['child_maxrss_mib']:.0f} MiB, eval loss {result['eval_loss']:.4f}, "
+                                  f"load avg {proc['loadavg_before'][0]:.1f}")
     results: dict[str, dict] = {}
     for run, tries in attempts.items():
-        done = sorted((t for t in tries if "tokens_per_s" in t), key=lambda t: t["tokens_per_s"])
-        chosen = done[len(done) // 2] if done else tries[-1]
+        chosen, done = median_attempt(tries, "tokens_per_s")
         results[run] = {**chosen, "tokens_per_s_all_rounds": [t["tokens_per_s"] for t in done]}
 
     # The loss before training, scored the same way (how far training moved it).
