@@ -113,6 +113,27 @@ def test_preview_endpoint_marks_exactly_the_trained_tokens(server, tiny_llama_di
     assert (first["tokens"], first["trained"]) == (len(sequence), sequence.num_trained)
 
 
+def test_preview_endpoint_shows_a_pair_with_both_replies_marked(server, tiny_llama_dir):
+    """A preference pair previews as two sequences, named, whose trained runs are exactly each reply's tokens."""
+    from tunekit.data.preference import pair_sequences, render_pair
+    from tunekit.model import load_tokenizer
+
+    url, _ = server
+    client = sdk(url)
+    record = {"input": {"messages": [{"role": "user", "content": "say apple"}]},
+              "preferred_output": [{"role": "assistant", "content": "apple apple"}],
+              "non_preferred_output": [{"role": "assistant", "content": "stone"}]}
+    f = upload(client, (json.dumps(record) + "\n").encode(), name="pairs.jsonl")
+    (item,) = get(client, f"/files/{f.id}/preview?model=tiny&n=1")["data"]
+    assert item["titles"] == ["preferred reply", "non-preferred reply"]
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    chosen, rejected = pair_sequences(render_pair(record, tokenizer))
+    for runs, sequence, reply in zip(item["sequences"], (chosen, rejected), ("apple apple", "stone"), strict=True):
+        assert "".join(r["text"] for r in runs) == tokenizer.decode(sequence.input_ids, skip_special_tokens=False)
+        assert "".join(r["text"] for r in runs if r["trained"]) == reply + "<|im_end|>"
+    assert (item["tokens"], item["trained"]) == (len(chosen) + len(rejected), chosen.num_trained + rejected.num_trained)
+
+
 def test_extension_endpoints_refuse_bad_input_with_4xx(server):
     url, _ = server
     client = sdk(url)

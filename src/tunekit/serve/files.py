@@ -224,7 +224,8 @@ async def preview_file(request: Request, file_id: str, model: str,
     """tunekit extension: the first `n` valid examples rendered with `model`'s chat template, as runs of text
     that are trained or not, as `tunekit data preview` shows them: `{"data": [{"line", "tokens", "trained",
     "sequences": [[{"trained": bool, "text": str}, ...], ...]}], "skipped": invalid lines passed over}`; an
-    example its template cannot render has `"error"` instead of sequences."""
+    example its template cannot render has `"error"` instead of sequences. A preference pair has two sequences
+    (prompt + preferred reply, prompt + non-preferred reply) and `"titles"` naming them."""
     row = find_file(request, file_id)
     tokenizer = _tokenizer_of(request, model)
     path = store_of(request).blob_path(row["sha256"])
@@ -233,6 +234,7 @@ async def preview_file(request: Request, file_id: str, model: str,
 
 def _preview(path, tokenizer, n: int) -> dict:
     from tunekit.data.formats import read_jsonl, validate_in_file
+    from tunekit.data.preference import pair_sequences, preference_form, render_pair
     from tunekit.data.preview import decoded_runs
     from tunekit.data.render import render_example
     from tunekit.errors import TunekitError
@@ -251,7 +253,11 @@ def _preview(path, tokenizer, n: int) -> dict:
         fmt = fmt or used
         item: dict = {"line": line.number}
         try:
-            sequences = render_example(line.record, tokenizer)
+            if preference_form(line.record):  # a pair: prompt + each reply, the replies' tokens trained
+                sequences = list(pair_sequences(render_pair(line.record, tokenizer)))
+                item["titles"] = ["preferred reply", "non-preferred reply"]
+            else:
+                sequences = render_example(line.record, tokenizer)
         except TunekitError as exc:
             item["error"] = "; ".join(p.message + (f" ({p.hint})" if p.hint else "") for p in exc.problems)
             data.append(item)

@@ -314,7 +314,8 @@ function renderPreview(prev) {
       h("h3", {}, `line ${ex.line}`, ex.error ? "" : ` · ${num(ex.tokens)} tokens, ${num(ex.trained)} trained`),
       ex.error ? h("p", { class: "error" }, ex.error)
         : h("div", { class: "preview" }, ex.sequences.map((runs, k) => [
-          ex.sequences.length > 1 ? h("strong", {}, `── sequence ${k + 1} of ${ex.sequences.length} ──\n`) : null,
+          ex.titles ? h("strong", {}, `── ${ex.titles[k]} ──\n`)
+            : ex.sequences.length > 1 ? h("strong", {}, `── sequence ${k + 1} of ${ex.sequences.length} ──\n`) : null,
           runs.map((r) => (r.trained ? h("mark", {}, r.text) : h("span", { class: "notrained" }, r.text))), "\n"])))));
 }
 
