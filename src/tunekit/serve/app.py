@@ -14,6 +14,8 @@ With `data_dir`, the app also serves OpenAI's Files and fine-tuning API (files.p
 store (store.py), jobs trained by `workers` subprocesses at a time (worker.py), fine-tuned models served here
 as soon as they are trained, visible to their project only; and the Evals API (evals.py, runs executed by
 eval_runner.py). The grader endpoints (graders.py) need no data dir; Python graders run in one sandbox per app.
+Azure OpenAI's client works unchanged (azure.py): its `/openai/...` paths, `api-version` and `api-key` header
+are mapped onto the same `/v1` routes, and its deployments are names for served models.
 Errors of any kind leave in OpenAI's shape (`errors.APIError`); a bug gives a 500 with its message, logged
 with its traceback.
 """
@@ -38,6 +40,8 @@ from starlette.exceptions import HTTPException
 from tunekit.errors import Problem, TunekitError
 from tunekit.generate.engine import Engine
 from tunekit.generate.models import Served, load_models, parse_model_arg
+from tunekit.serve.azure import AzurePaths, Deployments
+from tunekit.serve.azure import router as azure_router
 from tunekit.serve.chat import router as chat_router
 from tunekit.serve.errors import APIError
 from tunekit.serve.evals import router as evals_router
@@ -158,7 +162,10 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
         worker = Worker(app.state, workers=settings.workers, processes=settings.train_processes)
         app.state.eval_runner = EvalRunner(app.state)
     app.state.worker = worker
+    # Azure deployments: names for served models (azure.py), kept under the data dir when there is one
+    app.state.deployments = Deployments(settings.data_dir / "deployments.json" if settings.data_dir else None)
     app.include_router(chat_router)
+    app.include_router(azure_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
     app.include_router(graders_router)
@@ -194,6 +201,7 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
                                            type="server_error", code="server_error"))
 
     app.add_middleware(_Guard, settings=settings)
+    app.add_middleware(AzurePaths)  # outermost: Azure's /openai/... paths become /v1/... before the guard
     return app
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from tunekit.generate.models import Served
+from tunekit.serve.azure import deployment_not_found, resolve
 from tunekit.serve.errors import APIError
 from tunekit.serve.store import DEFAULT_PROJECT, Store
 
@@ -37,9 +38,17 @@ def visible_models(state, project: str) -> dict[str, Served]:
 
 def find_model(request: Request, name: str, *, status: int = 404) -> Served:
     """A model the request's project may use, else `status` (404 on a model's own route, 400 when a request
-    body names it) naming `model` and the models it may use."""
-    models = visible_models(request.app.state, project_of(request))
-    served = models.get(name)
+    body names it) naming `model` and the models it may use. `name` may be a deployment's (azure.py); a request
+    on Azure's deployment path uses the path's deployment instead (404 `DeploymentNotFound` when none)."""
+    state, project = request.app.state, project_of(request)
+    models = visible_models(state, project)
+    deployment = getattr(request.state, "deployment", None)  # Azure's /openai/deployments/{name}/...
+    if deployment is not None:  # the path names the model; Azure ignores the body's `model`
+        found = resolve(state, project, deployment, models)
+        if found is None:
+            raise deployment_not_found(deployment, project, state, models)
+        return models[found]
+    served = models.get(resolve(state, project, name, models) or name)  # a name, or a deployment's name
     if served is None:
         known = ", ".join(sorted(models)) or "none"
         raise APIError(status, f"The model {name!r} does not exist (served: {known})", param="model",
