@@ -41,7 +41,8 @@ class DataConfig(Section):
     validation: Path | None = None
     validation_fraction: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
     # "preference": pairs for objective: dpo (auto recognises them too; see docs/preference.md)
-    format: Literal["auto", "chat", "completion", "text", "preference"] = "auto"
+    # "reinforcement": prompts for objective: grpo (chat messages ending with a user or developer turn)
+    format: Literal["auto", "chat", "completion", "text", "preference", "reinforcement"] = "auto"
     max_len: Annotated[int, Field(ge=16)] = 2048
     # "drop": examples longer than max_len are left out and reported (default: nothing is cut silently).
     # "truncate": cut at max_len; trained tokens past the cut are lost and counted.
@@ -150,6 +151,35 @@ class DpoConfig(Section):
     reference: Literal["auto", "adapter-off", "precompute"] = "auto"
 
 
+class GrpoConfig(Section):
+    """The reinforcement objective (objective: grpo; docs/grpo.md): GRPO with an OpenAI grader as the reward."""
+
+    # The reward: a grader file (JSON or YAML, one grader object) or the grader inline, in OpenAI's shapes
+    # (string_check, text_similarity, python, multi); its {{item.field}} read the training line's fields.
+    grader: dict[str, Any] | Path | None = None
+    # Completions sampled per prompt; the advantage of each is its reward against its group's.
+    group_size: Annotated[int, Field(ge=2)] = 4
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    temperature: Annotated[float, Field(gt=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Weight of the KL to the reference (k3 estimator, per token); the reference is the base with the adapter
+    # switched off, never a second copy. 0.04: DeepSeekMath's GRPO; 0 skips the reference forward.
+    beta: Annotated[float, Field(ge=0)] = 0.04
+    # PPO clipping of the importance ratio to [1 - epsilon, 1 + epsilon].
+    epsilon: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # Optimizer steps per rollout batch: generation covers this many steps' prompts at once, later steps
+    # correct with the importance ratio against the log-probs at generation.
+    steps_per_generation: Annotated[int, Field(ge=1)] = 1
+    # token: every completion token of the step weighs the same (DAPO); sequence: each completion's token mean,
+    # then the mean over completions (GRPO paper); constant: each completion's token sum / max_new_tokens,
+    # then the mean over completions (Dr. GRPO).
+    loss_norm: Literal["token", "sequence", "constant"] = "token"
+    # Advantage = (reward - group mean) / group std (true), or reward - group mean (false, Dr. GRPO).
+    scale_rewards: bool = True
+    # Completions the engine runs at once during rollouts (bounds the KV cache).
+    generation_batch_size: Annotated[int, Field(ge=1)] = 64
+
+
 class EvalConfig(Section):
     enabled: bool = False
     data: Path | None = None  # default: data.validation
@@ -192,8 +222,9 @@ class OutputConfig(Section):
 class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
-    # sft: next-token NLL on chat / completion / text data; dpo: preference pairs (the dpo section).
-    objective: Literal["sft", "dpo"] = "sft"
+    # sft: next-token NLL on chat / completion / text data; dpo: preference pairs (the dpo section); grpo:
+    # reinforcement from a grader on prompts (the grpo section).
+    objective: Literal["sft", "dpo", "grpo"] = "sft"
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quant: QuantConfig = Field(default_factory=QuantConfig)
@@ -201,6 +232,7 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
 
     def to_yaml(self) -> str:
         """The resolved config as YAML (saved next to the weights so a run can be reproduced)."""
@@ -393,6 +425,8 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     cfg.data.validation = fix(cfg.data.validation)
     cfg.eval.data = fix(cfg.eval.data)
     cfg.output.dir = fix(cfg.output.dir)
+    if isinstance(cfg.grpo.grader, Path):
+        cfg.grpo.grader = fix(cfg.grpo.grader)
     local_base = base_dir / cfg.model.base
     if not Path(cfg.model.base).is_absolute() and local_base.exists():
         cfg.model.base = str(local_base.resolve())

@@ -249,6 +249,27 @@ def detect_format(record: Any) -> Format | None:
     return None
 
 
+# The reinforcement format (objective: grpo): OpenAI's, a chat whose messages end with the turn the model
+# answers (user or developer); any other top-level key is a field the grader reads as {{item.field}}.
+PROMPT_ROLES = ("user", "developer")
+
+
+def reinforcement_problem(record: Any) -> str | None:
+    """Why `record` is not a reinforcement prompt (None when it is). `detect_format` still calls it chat:
+    SFT reads such files as it always did; objective: grpo reads them with this rule."""
+    if not isinstance(record, dict) or any(key in record for key in PREFERENCE_KEYS):
+        return "not a chat record"
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    last = messages[-1]
+    role = last.get("role") if isinstance(last, dict) else None
+    if role not in PROMPT_ROLES:
+        return f"the last message is {role!r}: a prompt ends with the turn the model answers (user or developer)"
+    return None
+
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation
 

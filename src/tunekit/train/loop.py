@@ -5,7 +5,8 @@ trained tokens of a whole optimizer step: the trained tokens of all its micro-ba
 and each micro-batch's summed NLL is divided by that count, so accumulating 4 micro-batches of 2 rows
 equals one batch of 8 rows. The LM head is applied only at positions whose next token is trained.
 With objective: dpo the same loop trains on preference pairs (`dpo.py`): a row holds whole pairs, and the
-loss is the mean over the step's pairs, counted first in the same way.
+loss is the mean over the step's pairs, counted first in the same way. With objective: grpo a step samples
+completions of its prompts with the generation engine, grades them, and trains on them (`grpo.py`).
 
 A run dir holds config.yaml, metrics.jsonl, summary.json, final/ and checkpoints/step-NNNNNN/. A
 checkpoint holds everything needed to continue exactly where it was written: weights, optimizer and
@@ -45,7 +46,7 @@ from tunekit.model import (
     resolve_device,
     run_tokenizer,
 )
-from tunekit.train import distributed, dpo, trackers
+from tunekit.train import distributed, dpo, grpo, trackers
 from tunekit.train.checkpoint import (
     copy_weights,
     list_checkpoints,
@@ -138,7 +139,12 @@ def _objective_problems(cfg: RunConfig, world_size: int) -> list[Problem]:
     """A data file of the wrong kind for cfg.objective (named by its first record's line), and dpo's checks."""
     from tunekit.data.formats import detect_format, read_jsonl
 
+    if cfg.objective == "grpo":
+        return grpo.check(cfg, world_size)
     pairs = cfg.objective == "dpo"
+    if cfg.data.format == "reinforcement":
+        return [Problem("data.format", f"data.format: reinforcement with objective: {cfg.objective}",
+                        "prompts with a grader train with objective: grpo (docs/grpo.md)")]
     problems = dpo.check(cfg, world_size) if pairs else []
     if cfg.data.format != "auto" and (cfg.data.format == "preference") != pairs:
         return problems + [Problem("data.format", f"data.format: {cfg.data.format} with objective: {cfg.objective}",
@@ -235,7 +241,10 @@ def autocast(device: torch.device | str, mixed_precision: str = "no"):
 
 
 def _units(batch) -> int:
-    """What the loss of a step is the mean over: trained tokens (SFT), pairs (DPO)."""
+    """What the loss of a step is the mean over: trained tokens (SFT), pairs (DPO), completion tokens or
+    completions (GRPO, grpo.loss_norm)."""
+    if isinstance(batch, grpo.RolloutBatch):
+        return batch.units
     return batch.num_pairs if isinstance(batch, dpo.PairBatch) else batch.num_trained
 
 
@@ -251,7 +260,8 @@ def backward_step(net, micro_batches: list, device, mixed_precision: str = "no",
     rank with fewer rows runs `filler` at weight 0 for the missing ones.
     """
     n_units = int(distributed.sum_([sum(_units(b) for b in micro_batches)], d)[0])
-    pairs = isinstance((micro_batches or [filler])[0], dpo.PairBatch)
+    first = (micro_batches or [filler])[0]
+    pairs = isinstance(first, dpo.PairBatch | grpo.RolloutBatch)  # stats: a list
     step_loss, step_stats, scalar = 0.0, None, not pairs
     for i in range(max(n_micro, len(micro_batches))):
         real = i < len(micro_batches)
@@ -265,7 +275,8 @@ def backward_step(net, micro_batches: list, device, mixed_precision: str = "no",
             scalar = not isinstance(stats, list)
             stats = [stats] if scalar else stats
             step_stats = stats if step_stats is None else [a + b for a, b in zip(step_stats, stats, strict=True)]
-    empty = [0.0] * (len(dpo.STATS) if pairs else 1)  # a rank that ran only the filler
+    empty = [0.0] * (len(grpo.STATS) if isinstance(first, grpo.RolloutBatch) else len(dpo.STATS) if pairs
+                     else 1)  # a rank that ran only the filler
     step_loss, *step_stats = distributed.sum_([step_loss, *(step_stats or empty)], d)
     return step_loss, n_units, int(step_stats[0]) if scalar else step_stats
 
@@ -300,6 +311,9 @@ def evaluate(cfg: RunConfig, net, batches: list, device) -> dict[str, float]:
     valid_loss and the valid_reward_* of dpo.step_metrics (DPO)."""
     if cfg.objective == "dpo":
         return dpo.step_metrics(*evaluate_sums(net, batches, device, cfg.train.mixed_precision), prefix="valid_")
+    if cfg.objective == "grpo":  # batches: grpo.ValidPrompts; greedy completions, graded
+        return grpo.validate(getattr(net, "module", net).model, batches.prompts, cfg.grpo, batches.rewarder,
+                             batches.tokenizer, batches.stop_ids, batches.pad_id)
     loss, acc = evaluate_loss(net, batches, device, cfg.train.mixed_precision)
     return {"valid_loss": loss, "valid_token_accuracy": acc}
 
@@ -376,7 +390,7 @@ class TrainData:
 
     tokenizer: object
     pad_id: int
-    splits: DataSplits | PairSplits
+    splits: DataSplits | PairSplits | grpo.PromptSplits
     lengths: object  # tokens per training sequence or pair (an array when read from the data cache)
     rows0: list[list[int]]  # epoch 0's rows (packing and the plan are measured on it)
     plan: Plan
@@ -394,6 +408,17 @@ def build_data(cfg: RunConfig, d: Dist, say, *, dry_run: bool) -> TrainData:
         if unusable := template_problems(tokenizer):  # said once, not as an error on every line
             raise ConfigError(unusable)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if cfg.objective == "grpo":  # prompts: a row is one prompt, a step train.batch_size of them
+        prompts = grpo.load_prompt_splits(cfg, tokenizer)
+        for note in prompts.notes:
+            say(f"[yellow]note:[/] {note}", highlight=False)
+        plan = make_plan(cfg, prompts.n_train_examples, len(prompts.train))
+        say(f"{prompts.n_train_examples} train prompts, {prompts.n_valid_examples} validation prompts; "
+            f"{plan.epochs} epochs x {plan.steps_per_epoch} steps, {plan.total_steps} steps; {plan.batch_size} "
+            f"prompts x {cfg.grpo.group_size} completions per step, {plan.micro_batch_size} completions per "
+            f"forward; lr {plan.lr:g}", highlight=False)
+        return TrainData(tokenizer, pad_id, prompts, prompts.train_lengths(), [[i] for i in range(len(prompts.train))],
+                         plan, [], cfg.data.max_len)
     pairs = cfg.objective == "dpo"
     with distributed.main_first(SINGLE if dry_run else d):  # a dry run has no process group
         data = load_pair_splits(cfg.data, tokenizer) if pairs else load_splits(cfg.data, tokenizer)
@@ -483,6 +508,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     td = build_data(cfg, d, say, dry_run=dry_run)
     tokenizer, pad_id, data, lengths, rows0, plan = td.tokenizer, td.pad_id, td.splits, td.lengths, td.rows0, td.plan
     valid_batches, row_len, pairs = td.valid_batches, td.row_len, cfg.objective == "dpo"
+    rl, rollouts, rewarder = cfg.objective == "grpo", None, None  # grpo: the current generation, the grader
     memory = check_memory(cfg, plan, d, device, say)
     if dry_run:
         return TrainResult(Path(cfg.output.dir), {"plan": asdict(plan), "processes": d.world_size,
@@ -508,6 +534,21 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                                                               compute, say, main=d.main)
             return module
 
+    if rl:
+        from tunekit.data.render import end_of_turn_ids
+
+        g = cfg.grpo
+        say(f"objective grpo: group {g.group_size}, up to {g.max_new_tokens} new tokens, temperature "
+            f"{g.temperature:g}, top_p {g.top_p:g}, beta {g.beta:g}" + (" (reference: adapter-off)" if g.beta else "")
+            + f", epsilon {g.epsilon:g}, loss_norm {g.loss_norm}, {g.steps_per_generation} step(s) per generation",
+            highlight=False)
+        rewarder = grpo.Rewarder(grpo.load_grader(cfg)[0])  # a python grader's sandbox opens here
+        stop_ids = list(end_of_turn_ids(tokenizer))
+        valid_batches = grpo.ValidPrompts(data.valid, rewarder, tokenizer, stop_ids, pad_id)
+
+        def objective(model):
+            return grpo.PolicyLoss(model, g, cfg.train.lm_head_chunk)
+
     model, net, params = build_model(cfg, d, device, ckpt, objective)
     if (adapter := getattr(model, "peft_config", {}).get("default")) is not None:
         say(f"LoRA r={adapter.r} on {', '.join(sorted(adapter.target_modules or []))}"
@@ -521,6 +562,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         restore_rng(ckpt, d)
         step, metrics, trained_total = state["step"], state["metrics"], state["trained_tokens"]
         initial_valid = state["initial_valid"]
+        if state.get(grpo.STATE_KEY):  # stopped between the steps of one generation: its rollouts
+            rollouts = grpo.Rollouts.from_state(state[grpo.STATE_KEY])
         written_by = state.get("world_size", 1)
         say(f"resumed from {ckpt} (step {step})" + (f"; it was written by {written_by} processes, this run has "
                                                      f"{d.world_size}" if written_by != d.world_size else ""),
@@ -537,8 +580,10 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     max_grad_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm is not None else float("inf")
 
     def checkpoint_now() -> Path:
-        return save_checkpoint(run_dir, model, net, optimizer, scheduler,
-                               _state(step, plan, metrics, trained_total, initial_valid), cfg.train.keep_last, d)
+        state = _state(step, plan, metrics, trained_total, initial_valid)
+        if rollouts is not None and step < rollouts.first_step + cfg.grpo.steps_per_generation:
+            state[grpo.STATE_KEY] = rollouts.to_state()  # later steps of this generation still train on it
+        return save_checkpoint(run_dir, model, net, optimizer, scheduler, state, cfg.train.keep_last, d)
 
     # --- 3. the loop --------------------------------------------------------------------------------
     window_trained, window_real, window_start = 0, 0, time.time()
@@ -547,22 +592,36 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     with _progress(console) as progress:
         task = progress.add_task("train", total=plan.total_steps, completed=step, loss="-", tps="-")
         while step < plan.total_steps:
-            epoch, in_epoch = divmod(step, plan.steps_per_epoch)
-            rows = epoch_rows(lengths, row_len, cfg.data.packing, cfg.train.seed, epoch)
-            step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
-            micro_batches = make_batches(data.train, distributed.deal(step_rows, d), plan.micro_batch_size,
-                                         cfg.data.packing, pad_id)
-            # Micro-batches per process in this step, the same on every rank (their collectives pair up).
-            n_micro = math.ceil(math.ceil(len(step_rows) / d.world_size) / plan.micro_batch_size)
-            # A rank with fewer rows than n_micro pads its passes with a weight-0 row (built only then).
-            short = d.on and len(micro_batches) < n_micro
-            filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if short else None
-
             t0 = time.time()
+            if rl:  # sample and grade the completions of this step's prompts (and of the generation's next steps)
+                g = cfg.grpo
+                if rollouts is None or step >= rollouts.first_step + g.steps_per_generation:
+                    steps = range(step, min(plan.total_steps, step + g.steps_per_generation))
+                    rollouts = grpo.generate_rollouts(
+                        model, [[data.train[i] for i in grpo.step_prompts(len(data.train), cfg.train.seed, s,
+                                                                          plan.batch_size, plan.steps_per_epoch)]
+                                for s in steps], step, g, rewarder, tokenizer, stop_ids, pad_id, cfg.train.seed)
+                    if g.steps_per_generation > 1:  # the ratio's denominator, before any update on them
+                        rollouts.old_logps = grpo.old_logps(model, rollouts, plan.micro_batch_size, pad_id,
+                                                            cfg.train.lm_head_chunk)
+                micro_batches = grpo.rollout_batches(rollouts, step, plan.micro_batch_size, pad_id, g.loss_norm)
+                n_micro, filler = len(micro_batches), None
+            else:
+                epoch, in_epoch = divmod(step, plan.steps_per_epoch)
+                rows = epoch_rows(lengths, row_len, cfg.data.packing, cfg.train.seed, epoch)
+                step_rows = rows[in_epoch * plan.batch_size:(in_epoch + 1) * plan.batch_size]
+                micro_batches = make_batches(data.train, distributed.deal(step_rows, d), plan.micro_batch_size,
+                                             cfg.data.packing, pad_id)
+                # Micro-batches per process in this step, the same on every rank (their collectives pair up).
+                n_micro = math.ceil(math.ceil(len(step_rows) / d.world_size) / plan.micro_batch_size)
+                # A rank with fewer rows than n_micro pads its passes with a weight-0 row (built only then).
+                short = d.on and len(micro_batches) < n_micro
+                filler = make_batches(data.train, step_rows[:1], 1, cfg.data.packing, pad_id)[0] if short else None
+
             step_loss, n_units, stats = backward_step(net, micro_batches, device, cfg.train.mixed_precision,
                                                       d=d, n_micro=n_micro, filler=filler)
-            # trained tokens of the step (SFT: its units; DPO: of both sides of every pair)
-            n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0]) if pairs \
+            # trained tokens of the step (SFT: its units; DPO: of both sides of every pair; GRPO: completion tokens)
+            n_trained = int(distributed.sum_([sum(b.num_trained for b in micro_batches)], d)[0]) if pairs or rl \
                 else n_units
             grad_norm = distributed.full_norm(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
             lr_now = scheduler.get_last_lr()[0]
@@ -593,7 +652,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
                 elapsed = max(1e-9, time.time() - window_start)
                 measured = dpo.step_metrics(step_loss, n_units, stats) if pairs else \
-                    {"train_loss": last_loss, "train_token_accuracy": stats / n_trained}
+                    grpo.step_metrics(step_loss, n_units, stats, n_trained, rollouts, step - 1, cfg.grpo.beta) if rl \
+                    else {"train_loss": last_loss, "train_token_accuracy": stats / n_trained}
                 row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
                        **measured, "grad_norm": grad_norm, "trained_tokens": trained_total,
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}
@@ -605,7 +665,9 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                         fh.write(json.dumps(row) + "\n")
                 tracking.log(row)
                 if not console.is_terminal:
-                    extra = f"  valid {row['valid_loss']:.4f}" if do_eval else ""
+                    extra = f"  reward {row['reward_mean']:.3f}" if rl else ""
+                    valid = row.get("valid_reward_mean" if rl else "valid_loss")
+                    extra += f"  valid {valid:.4f}" if do_eval else ""
                     say(f"step {step}/{plan.total_steps}  loss {last_loss:.4f}{extra}  "
                         f"{row['tokens_per_s']:.0f} trained tok/s", highlight=False)
                 window_trained, window_real, window_start = 0, 0, time.time()
@@ -620,6 +682,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 if d.main:
                     (run_dir / STOP_FILE).unlink(missing_ok=True)
                 tracking.close()
+                if rewarder is not None:
+                    rewarder.close()
                 raise TrainingStopped(Problem(str(run_dir), f"stopped at step {step} on request ({STOP_FILE} file)",
                                               "continue with --resume"))
 
@@ -633,7 +697,9 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         tokenizer.save_pretrained(str(tmp))
         publish_dir(tmp, run_dir / "final")
 
-    last_valid = next((r for r in reversed(metrics) if "valid_loss" in r), {})
+    if rewarder is not None:  # the python sandbox, if the grader opened one
+        rewarder.close()
+    last_valid = next((r for r in reversed(metrics) if "valid_loss" in r or "valid_reward_mean" in r), {})
     summary = {
         "steps": step, "epochs": round(step / plan.steps_per_epoch, 4), "planned_epochs": plan.epochs,
         "final_train_loss": last_loss if last_loss is not None else (metrics[-1]["train_loss"] if metrics else None),
@@ -664,6 +730,13 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                         **{f"initial_{k}": initial_valid.get(k) for k in ("valid_reward_accuracy",
                                                                            "valid_reward_margin")},
                         **{f"final_{k}": last_valid.get(k) for k in ("valid_reward_accuracy", "valid_reward_margin")}})
+    if rl:  # the rewards of the first and last logged steps, and of the validation prompts
+        summary.update({"objective": "grpo", "train_prompts": len(data.train), "valid_prompts": len(data.valid),
+                        "group_size": cfg.grpo.group_size, "loss_norm": cfg.grpo.loss_norm,
+                        "first_reward_mean": metrics[0].get("reward_mean") if metrics else None,
+                        "final_reward_mean": metrics[-1].get("reward_mean") if metrics else None,
+                        "initial_valid_reward_mean": initial_valid.get("valid_reward_mean"),
+                        "final_valid_reward_mean": last_valid.get("valid_reward_mean")})
     if not d.main:
         return TrainResult(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
