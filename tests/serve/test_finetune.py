@@ -138,7 +138,8 @@ def test_cookbook_flow_end_to_end(server, tiny_llama_dir):
         "step_metrics.csv", "fine-tune-results", "eval_report.md", "eval_report.html")
     assert client.files.content(html.id).text.startswith("<!doctype html>")
     rows = client.files.content(csv_file.id).text.splitlines()
-    assert rows[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(rows) == 13
+    assert rows[0] == ("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy,full_valid_loss,"
+                       "full_valid_mean_token_accuracy") and len(rows) == 13
     assert "few-shot" in client.files.content(report.id).text
 
     # continue fine-tuning from the tuned model (its adapter merged into the base, a new adapter on top)

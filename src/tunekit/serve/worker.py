@@ -607,17 +607,23 @@ def step_metrics(job: dict, row: dict) -> dict:
     return {name: row.get(key) for name, key in names.items()}
 
 
+# step_metrics.csv of a supervised job: OpenAI's header, column -> metrics.jsonl key. tunekit's validation
+# is always a pass over the whole validation set, so the full_valid_* columns repeat valid_* (as the
+# metrics events do), on the steps that have one.
+SFT_CSV = {"train_loss": "train_loss", "train_accuracy": "train_token_accuracy", "valid_loss": "valid_loss",
+           "valid_mean_token_accuracy": "valid_token_accuracy", "full_valid_loss": "valid_loss",
+           "full_valid_mean_token_accuracy": "valid_token_accuracy"}
+
+
 def _metrics_csv(path: Path, objective: str = "sft") -> bytes:
     """step_metrics.csv: one row per logged step (OpenAI's columns; DPO: the loss and reward columns of the
-    metrics events), a validation column empty on steps without validation."""
+    metrics events), a validation column empty on steps without validation. Every column is a number or
+    empty: readers such as W&B's `WandbLogger.sync` call `isnan` on each cell."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    if objective == "dpo":
-        writer.writerow(["step", *DPO_METRICS])
-        columns = list(DPO_METRICS.values())
-    else:
-        writer.writerow(["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"])
-        columns = ["train_loss", "train_token_accuracy", "valid_loss", "valid_token_accuracy"]
+    names = DPO_METRICS if objective == "dpo" else SFT_CSV
+    writer.writerow(["step", *names])
+    columns = list(names.values())
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         writer.writerow([row["step"]] + [row.get(c, "") if row.get(c) is not None else "" for c in columns])
