@@ -529,3 +529,63 @@ def test_dpo_job_from_the_form_shows_its_reward_chart(page, server):
         expected = [c for d in metrics for c in (48 + (d["step"] - 1) / 2 * (640 - 48 - 12),
                                                  14 + (1 - (d[key] - y0) / (y1 - y0)) * (240 - 14 - 30))]
         assert drawn_xy == pytest.approx(expected, abs=0.051), key
+
+
+def test_eval_created_run_compared_and_failed_samples_opened(page, server):
+    """An eval made on the Evals page from an uploaded evals file and a typed grader, run on the served model:
+    the comparison table shows the API's counts and pass rate, and the worst samples are the API's failed items."""
+    url, _ = server
+    client = sdk(url)
+    # "like" with an empty reference passes any answer; the two odd references appear in no answer of 8 tokens
+    answers = ["", "qqq-never-said-1", "", "qqq-never-said-2", ""]
+    rows = [{"item": {"question": f"say {w}", "answer": a}} for w, a in zip(["apple", "river", "stone", "cloud", "green"], answers, strict=True)]
+    # purpose "evals" is missing from the SDK's FileObject literal: upload with a lenient client
+    f = sdk(url, strict=False).files.create(file=("capitals.jsonl", "\n".join(json.dumps(r) for r in rows).encode()),
+                                            purpose="evals")
+    page.goto(page.origin + "/#/evals")
+    page.wait_for_selector("#eval-form")
+    page.select_option("#ev-file", f.id)
+    page.wait_for_function("document.querySelector('#ev-schema').value.includes('answer')")
+    assert json.loads(page.input_value("#ev-schema")) == {
+        "type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["question", "answer"]}
+    assert json.loads(page.input_value("#ev-grader"))["type"] == "string_check"  # the default grader
+    page.fill("#ev-name", "contains")
+    page.fill("#ev-grader", json.dumps({"type": "string_check", "name": "contains", "input": "{{sample.output_text}}",
+                                        "reference": "{{item.answer}}", "operation": "like"}))
+    page.click("#ev-create")
+    page.wait_for_selector("#run-form")
+    eval_id = page.evaluate("location.hash").split("/")[-1]
+    ev = client.evals.retrieve(eval_id)
+    assert ev.name == "contains" and [c.name for c in ev.testing_criteria] == ["contains"]
+    assert page.input_value("#run-file") == f.id and json.loads(page.input_value("#run-template")) == [
+        {"role": "user", "content": "{{item.question}}"}]
+
+    page.select_option("#run-model", "tiny")
+    page.fill("#run-max-tokens", "8")
+    page.click("#run-start")
+    page.wait_for_selector("#runs tr[data-run] .badge:has-text('completed')", timeout=120_000)
+    (run,) = client.evals.runs.list(eval_id)
+    assert run.status == "completed" and run.model == "tiny" and run.data_source.source.id == f.id
+    counts = run.result_counts
+    row = page.locator(f"#runs tr[data-run='{run.id}']")
+    shown = {k: int(row.locator(f"td.{k}").inner_text()) for k in ("total", "passed", "failed", "errored")}
+    assert shown == counts.model_dump() and counts.total == 5 and counts.errored == 0
+    assert counts.passed >= 3 and counts.failed >= 2  # the empty references pass; the never-said ones fail
+    (per,) = run.per_testing_criteria_results
+    assert row.locator("td.rate").inner_text() == f"{100 * per.passed / (per.passed + per.failed):.1f}".rstrip("0").rstrip(".") + "%"
+
+    row.get_by_role("button", name=f"worst samples of {run.id}").click()
+    page.wait_for_selector("#worst")
+    failed = list(client.evals.runs.output_items.list(run.id, eval_id=eval_id, status="fail"))
+    shown_rows = page.locator("#worst tbody tr")
+    assert shown_rows.count() == len(failed) == counts.failed
+    by_id = {i.id: i for i in failed}
+    for k in range(shown_rows.count()):
+        tr = shown_rows.nth(k)
+        item = by_id[tr.get_attribute("data-item")]
+        cells = tr.locator("td")
+        assert json.loads(cells.nth(2).inner_text()) == item.datasource_item
+        assert item.datasource_item["answer"].startswith("qqq-never-said")
+        assert cells.nth(3).inner_text() == item.sample.output[0].content
+        assert cells.nth(4).inner_text() == "contains: 0 ✗"

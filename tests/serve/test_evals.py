@@ -193,7 +193,7 @@ def test_completions_runs_on_the_base_and_a_fine_tuned_model(server, ft_model):
     for model in ("tiny", ft_model):
         run = client.evals.runs.create(ev.id, name=f"on {model}", metadata={"m": "1"}, data_source=completions(model))
         assert (run.status, run.model, run.name, run.error.code) == ("queued", model, f"on {model}", "")
-        assert run.id.startswith("evalrun_") and run.report_url.endswith(f"/v1/evals/{ev.id}/runs/{run.id}")
+        assert run.id.startswith("evalrun_") and run.report_url.endswith(f"/#/evals/{ev.id}")  # the dashboard page
         run = wait_run(client, ev.id, run.id)
         assert run.status == "completed" and run.result_counts.total == len(ROWS)
         items = check_report(client, run)

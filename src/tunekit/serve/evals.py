@@ -518,7 +518,7 @@ def create_run(request: Request, eval_id: str, body: CreateRun) -> dict:
     row = {"id": run_id, "eval_id": eval_id, "project": project_of(request), "created_at": now(),
            "name": body.name or model or "jsonl", "model": model, "status": "queued", "data_source": data_source,
            "metadata": body.metadata, "error": None,
-           "report_url": f"{str(request.base_url).rstrip('/')}/v1/evals/{eval_id}/runs/{run_id}",
+           "report_url": f"{str(request.base_url).rstrip('/')}/#/evals/{eval_id}",  # the dashboard's eval page
            "result_counts": {"total": 0, "errored": 0, "failed": 0, "passed": 0}, "per_model_usage": [],
            "per_testing_criteria_results": [{"testing_criteria": c["id"], "passed": 0, "failed": 0}
                                             for c in ev["testing_criteria"]]}

@@ -805,6 +805,208 @@ async function pageCompare(main) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Evals pages: an eval (item schema + testing criteria) made from an uploaded evals file, runs of it on
+// several models compared side by side, and a run's failed samples
+
+const DEFAULT_GRADER = { type: "string_check", name: "exact", input: "{{sample.output_text}}",
+  reference: "{{item.answer}}", operation: "ilike" };
+const DEFAULT_TEMPLATE = "{{item.question}}";
+const RUN_DONE = ["completed", "failed", "canceled"];
+
+// the JSON type of a value, as JSON Schema names it
+const jsonType = (v) => (v === null ? "null" : Array.isArray(v) ? "array"
+  : typeof v === "number" ? (Number.isInteger(v) ? "integer" : "number") : typeof v);
+
+// an item_schema guessed from the first rows of an evals file (`{"item": {...}}` per line, or the item itself)
+function schemaOf(text) {
+  const props = {};
+  let seen = 0;
+  for (const line of text.split("\n")) {
+    if (!line.trim() || seen >= 50) continue;
+    let row;
+    try { row = JSON.parse(line); } catch { continue; }
+    const item = row && typeof row === "object" && row.item && typeof row.item === "object" ? row.item : row;
+    if (!item || typeof item !== "object" || Array.isArray(item)) continue;
+    seen += 1;
+    for (const [k, v] of Object.entries(item)) {
+      const t = jsonType(v);
+      if (!props[k]) props[k] = new Set();
+      props[k].add(t === "integer" ? "number" : t);
+    }
+  }
+  const properties = Object.fromEntries(Object.entries(props).map(([k, types]) =>
+    [k, { type: types.size === 1 ? [...types][0] : [...types] }]));
+  return { type: "object", properties, required: Object.keys(properties) };
+}
+
+async function pageEvals(main) {
+  const msg = h("div");
+  const formSlot = h("div");
+  const listSlot = h("div");
+  main.replaceChildren(h("h1", {}, "Evals"), h("p", { class: "muted" },
+    "An eval grades models' answers to the rows of an uploaded file (purpose \"evals\", one {\"item\": {...}} per line)."),
+  h("h2", {}, "New eval"), formSlot, msg, h("h2", {}, "Evals"), listSlot);
+
+  const files = await guarded(formSlot, () => listAll("/files?purpose=evals", 1000));
+  if (files) {
+    formSlot.replaceChildren(files.length ? evalForm(files, msg)
+      : h("p", { class: "muted", id: "no-evals-files" }, "No evals file yet: upload a JSONL file with purpose \"evals\" (one {\"item\": {...}} per line) through the API."));
+  }
+  const evals = await guarded(listSlot, () => listAll("/evals?order=desc", 100));
+  if (evals) {
+    listSlot.replaceChildren(evals.length ? table({ id: "evals" }, ["Eval", "ID", "Criteria", "Created"],
+      evals.map((ev) => h("tr", {}, h("td", {}, h("a", { href: `#/evals/${ev.id}` }, ev.name || "(unnamed)")),
+        h("td", { class: "mono" }, ev.id), h("td", {}, ev.testing_criteria.map((c) => c.name).join(", ")),
+        h("td", {}, when(ev.created_at)))))
+      : h("p", { class: "muted", id: "evals-empty" }, "No evals yet: create one above."));
+  }
+}
+
+function evalForm(files, msg) {
+  const file = h("select", { name: "file", id: "ev-file", required: true },
+    files.map((f) => h("option", { value: f.id }, `${f.filename} (${f.id})`)));
+  const schema = h("textarea", { name: "schema", id: "ev-schema", rows: "4", spellcheck: "false" });
+  const grader = h("textarea", { name: "grader", id: "ev-grader", rows: "6", spellcheck: "false" },
+    JSON.stringify(DEFAULT_GRADER, null, 2));
+  const template = h("textarea", { name: "template", id: "ev-template", rows: "2", spellcheck: "false" }, DEFAULT_TEMPLATE);
+  const system = h("input", { name: "system", id: "ev-system", placeholder: "optional developer message" });
+  const guess = async () => {
+    const text = await call(`/files/${file.value}/content`, { raw: true }).then((r) => r.text()).catch(() => null);
+    if (text === null) return;
+    const s = schemaOf(text);
+    schema.value = JSON.stringify(s, null, 2);
+    const keys = Object.keys(s.properties);
+    // a first guess at the grader's reference and the prompt: the row's last and first fields
+    if (keys.length && template.value === DEFAULT_TEMPLATE && !keys.includes("question")) template.value = `{{item.${keys[0]}}}`;
+    if (keys.length && grader.value === JSON.stringify(DEFAULT_GRADER, null, 2) && !keys.includes("answer")) {
+      grader.value = JSON.stringify({ ...DEFAULT_GRADER, reference: `{{item.${keys[keys.length - 1]}}}` }, null, 2);
+    }
+  };
+  file.addEventListener("change", guess);
+  guess();
+  const form = h("form", { class: "card", id: "eval-form" },
+    h("div", { class: "grid" }, h("label", {}, "Name", h("input", { name: "name", id: "ev-name", required: true })),
+      h("label", {}, "Evals file", file)),
+    h("label", {}, "Item schema (JSON Schema of one row's item; guessed from the file)", schema),
+    h("label", {}, "Grader (JSON: string_check, text_similarity, python, score_model or label_model)", grader),
+    h("label", {}, "Developer message", system),
+    h("label", {}, "Prompt template (the user message; {{item.field}} is filled per row)", template),
+    h("div", { class: "row" }, h("button", { type: "submit", id: "ev-create" }, "Create eval")));
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    let criterion, itemSchema;
+    try { criterion = JSON.parse(grader.value); } catch (err) {
+      msg.replaceChildren(inputError(`the grader is not valid JSON: ${err.message}`, "testing_criteria[0]")); return;
+    }
+    try { itemSchema = JSON.parse(schema.value); } catch (err) {
+      msg.replaceChildren(inputError(`the item schema is not valid JSON: ${err.message}`, "data_source_config.item_schema")); return;
+    }
+    const messages = [...(system.value.trim() ? [{ role: "developer", content: system.value }] : []),
+      { role: "user", content: template.value }];
+    const body = { name: form.elements.name.value,
+      data_source_config: { type: "custom", item_schema: itemSchema, include_sample_schema: true },
+      testing_criteria: [criterion],
+      // the dashboard's own settings, kept with the eval so that its runs use them
+      metadata: { file_id: file.value } };
+    const kept = JSON.stringify(messages);
+    if (kept.length <= 512) body.metadata.template = kept;  // metadata values are at most 512 characters
+    const ev = await guarded(msg, () => call("/evals", { method: "POST", body }));
+    if (ev) location.hash = `#/evals/${ev.id}`;
+  });
+  return form;
+}
+
+async function pageEval(main, id) {
+  const ev = await call(`/evals/${id}`);
+  const msg = h("div");
+  const runForm = h("div");
+  const compare = h("div", { id: "ev-compare" });
+  const samples = h("section", { id: "ev-samples", "aria-live": "polite" });
+  const criteria = ev.testing_criteria;
+  main.replaceChildren(h("h1", {}, `Eval: ${ev.name || ev.id}`),
+    h("p", { class: "muted" }, h("span", { class: "mono" }, ev.id), ` · criteria: ${criteria.map((c) => `${c.name} (${c.type})`).join(", ")}`),
+    h("h2", {}, "New run"), runForm, msg, h("h2", {}, "Runs side by side"), compare, samples);
+
+  const [names, files] = await Promise.all([guarded(runForm, models),
+    listAll("/files?purpose=evals", 1000).catch(() => [])]);
+  if (names && names.length) {
+    const meta = ev.metadata || {};
+    const model = modelSelect(names, { id: "run-model", name: "model" });
+    const file = h("select", { id: "run-file", name: "file" },
+      files.map((f) => h("option", { value: f.id, selected: f.id === meta.file_id }, `${f.filename} (${f.id})`)));
+    const template = h("textarea", { id: "run-template", rows: "3", spellcheck: "false" },
+      meta.template || JSON.stringify([{ role: "user", content: DEFAULT_TEMPLATE }]));
+    const temperature = h("input", { id: "run-temperature", type: "number", min: "0", max: "2", step: "0.1", value: "0" });
+    const maxTokens = h("input", { id: "run-max-tokens", type: "number", min: "1", value: "64" });
+    const form = h("form", { class: "card", id: "run-form" },
+      h("div", { class: "grid" }, h("label", {}, "Model", model), h("label", {}, "Rows", file),
+        h("label", {}, "Temperature", temperature), h("label", {}, "Max tokens", maxTokens)),
+      h("details", {}, h("summary", {}, "Prompt messages (JSON array; {{item.field}} is filled per row)"), template),
+      h("div", { class: "row" }, h("button", { type: "submit", id: "run-start" }, "Start run")));
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      let messages;
+      try { messages = JSON.parse(template.value); if (!Array.isArray(messages)) throw new Error("not an array"); } catch (err) {
+        msg.replaceChildren(inputError(`the prompt messages must be a JSON array: ${err.message}`, "data_source.input_messages.template"));
+        return;
+      }
+      const body = { name: model.value, data_source: { type: "completions", model: model.value,
+        source: { type: "file_id", id: file.value }, input_messages: { type: "template", template: messages },
+        sampling_params: { temperature: Number(temperature.value), max_completion_tokens: Number(maxTokens.value) } } };
+      if (await guarded(msg, () => call(`/evals/${id}/runs`, { method: "POST", body }))) refresh();
+    });
+    runForm.replaceChildren(form);
+  }
+
+  const pct = (p, f) => (p + f ? `${num((100 * p) / (p + f), 1)}%` : "–");
+  async function refresh() {
+    const runs = await guarded(compare, () => listAll(`/evals/${id}/runs`, 100));
+    if (!runs) return true;
+    compare.replaceChildren(runs.length ? table({ id: "runs" },
+      ["Run", "Model", "Status", "Total", "Passed", "Failed", "Errored", ...criteria.map((c) => `${c.name} pass rate`), ""],
+      runs.map((r) => {
+        const per = Object.fromEntries(r.per_testing_criteria_results.map((x) => [x.testing_criteria, x]));
+        const rc = r.result_counts;
+        return h("tr", { "data-run": r.id },
+          h("td", { class: "mono" }, r.id), h("td", {}, r.model || r.name), h("td", {}, badge(r.status),
+            r.status === "failed" && r.error && r.error.message ? h("div", { class: "error" }, r.error.message) : null),
+          h("td", { class: "total" }, num(rc.total)), h("td", { class: "passed" }, num(rc.passed)),
+          h("td", { class: "failed" }, num(rc.failed)), h("td", { class: "errored" }, num(rc.errored)),
+          criteria.map((c) => h("td", { class: "rate" }, per[c.id] ? pct(per[c.id].passed, per[c.id].failed) : "–")),
+          h("td", {}, h("button", { type: "button", class: "quiet", "aria-label": `worst samples of ${r.id}`,
+            onclick: () => showSamples(r) }, "Worst samples")));
+      }))
+      : h("p", { class: "muted", id: "runs-empty" }, "No runs yet: start one above, once per model to compare."));
+    return runs.every((r) => RUN_DONE.includes(r.status));
+  }
+
+  async function showSamples(run) {
+    samples.replaceChildren(h("h2", {}, `Worst samples: ${run.model || run.name}`), h("p", { class: "muted" }, "Loading…"));
+    const items = await guarded(samples, () => listAll(`/evals/${id}/runs/${run.id}/output_items?status=fail`, 100));
+    if (!items) return;
+    const extra = await call(`/evals/${id}/runs/${run.id}/output_items?status=error&limit=100`).then((p) => p.data).catch(() => []);
+    const all = [...items, ...extra];
+    const total = (i) => i.results.reduce((s, r) => s + (Number(r.score) || 0), 0);
+    all.sort((a, b) => total(a) - total(b));
+    const output = (i) => (i.sample.error && i.sample.error.code ? `error: ${i.sample.error.message}`
+      : (i.sample.output || []).map((m) => m.content || "").join("\n"));
+    samples.replaceChildren(h("h2", {}, `Worst samples: ${run.model || run.name}`),
+      all.length ? table({ id: "worst" }, ["Row", "Status", "Item", "Output", "Scores"],
+        all.map((i) => h("tr", { "data-item": i.id }, h("td", {}, i.datasource_item_id), h("td", {}, badge(i.status)),
+          h("td", {}, h("pre", {}, JSON.stringify(i.datasource_item, null, 1))),
+          h("td", {}, h("pre", { class: "output" }, output(i))),
+          h("td", {}, h("ul", { class: "scores" }, i.results.map((r) => h("li", {},
+            `${r.name}: ${num(r.score, 3)} ${r.passed ? "✓" : "✗"}${r.error ? ` (${r.error.message || r.error})` : ""}`)))))))
+        : h("p", { class: "muted", id: "worst-empty" }, "No failed samples."));
+  }
+
+  let done = false;
+  every(1500, async () => { if (!done) done = await refresh(); });
+  // a run started later restarts the polling
+  runForm.addEventListener("submit", () => { done = false; });
+}
+
+// ------------------------------------------------------------------------------------------------
 // Routing
 
 async function route() {
@@ -819,6 +1021,8 @@ async function route() {
     else if (page === "jobs") await pageJobs(main);
     else if (page === "playground") await pagePlayground(main);
     else if (page === "compare") await pageCompare(main);
+    else if (page === "evals" && id) await pageEval(main, decodeURIComponent(id));
+    else if (page === "evals") await pageEvals(main);
     else await pageData(main);
   } catch (err) {
     main.replaceChildren(errorBox(err));
