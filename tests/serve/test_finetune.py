@@ -235,7 +235,7 @@ def test_a_training_crash_fails_the_job_and_the_server_lives(server):
     (dict(model="nope"), "model"),
     (dict(training_file="file-missing"), "training_file"),
     (dict(validation_file="file-missing"), "validation_file"),
-    (dict(method={"type": "reinforcement"}), "method.type"),
+    (dict(method={"type": "ppo"}), "method.type"),
     (dict(hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs"),
     (dict(suffix="x" * 65), "suffix"),
     (dict(extra_body={"tunekit": {"lora.r": 0}}), "tunekit.lora.r"),

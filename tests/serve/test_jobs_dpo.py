@@ -168,9 +168,8 @@ def test_dpo_job_on_an_sft_model(server):
 
 
 BAD_METHODS = [
-    (dict(method={"type": "rlhf"}), "method.type", 'must be "supervised" or "dpo"'),
-    (dict(method={"type": "reinforcement", "reinforcement": {"grader": {"type": "string_check"}}}), "method.type",
-     "not supported by this server yet"),
+    (dict(method={"type": "rlhf"}), "method.type", 'must be "supervised", "dpo" or "reinforcement"'),
+    (dict(method={"type": "RFT"}), "method.type", "got 'RFT'"),
     (dict(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}), "method.dpo.hyperparameters.beta",
      'give "auto" or a number > 0 and <= 2; got 0'),
     (dict(method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}), "method.dpo.hyperparameters.beta",

@@ -3,7 +3,9 @@
 An upload is streamed to a temporary file under the data dir, refused past `max_upload_bytes`, and stored
 by the SHA-256 of its content (`Store.put_blob`); the client's file name is metadata only. A `fine-tune`
 file is checked at once with `tunekit.data.check_file` (a leading UTF-8 BOM is accepted): its status becomes
-`processed`, or `error` with `status_details` naming the first problems (line, field, fix).
+`processed`, or `error` with `status_details` naming the first problems (line, field, fix). A file whose first
+record is a reinforcement prompt (chat messages ending with the user or developer turn the model answers, no
+reply: OpenAI's RFT lines) is checked as a prompt file instead: every line must be such a prompt.
 """
 
 from __future__ import annotations
@@ -70,14 +72,17 @@ def find_file(request: Request, file_id: str, param: str = "file_id", status: in
 
 
 def first_format(path) -> tuple[int, str] | None:
-    """(line, format) of a fine-tune file's first record tunekit recognises (chat, completion, text, preference),
-    None when it has none."""
-    from tunekit.data.formats import detect_format, read_jsonl
+    """(line, format) of a fine-tune file's first record tunekit recognises (chat, completion, text, preference,
+    or reinforcement: a chat whose last message is the user or developer turn the model answers), None when it
+    has none."""
+    from tunekit.data.formats import detect_format, read_jsonl, reinforcement_problem
     from tunekit.errors import TunekitError
 
     try:
         for line in read_jsonl(path):
             fmt = detect_format(line.record)
+            if fmt == "chat" and reinforcement_problem(line.record) is None:
+                return line.number, "reinforcement"
             if fmt is not None:
                 return line.number, fmt
     except (OSError, TunekitError):
@@ -85,11 +90,69 @@ def first_format(path) -> tuple[int, str] | None:
     return None
 
 
+def item_keys(path, lines: int = 100) -> set[str] | None:
+    """The top-level keys that each of the first `lines` records of a prompt file has: the `{{item.KEY}}` a
+    grader may read (None when the file has no JSON object in them)."""
+    from tunekit.data.formats import read_jsonl
+    from tunekit.errors import TunekitError
+
+    keys: set[str] | None = None
+    try:
+        for line in read_jsonl(path):
+            if line.number > lines:
+                break
+            if isinstance(line.record, dict):
+                keys = set(line.record) if keys is None else keys & set(line.record)
+    except (OSError, TunekitError):
+        return None
+    return keys
+
+
+def _check_prompt_file(path) -> tuple[str, str | None, int]:
+    """(status, status_details, prompts) of a reinforcement prompt file: each line a JSON object whose messages
+    pass the chat rules (a missing assistant reply aside) and end with the turn the model answers."""
+    from tunekit.data.formats import read_jsonl, reinforcement_problem, validate_record
+    from tunekit.errors import TunekitError
+
+    problems, prompts = [], 0
+    try:
+        for line in read_jsonl(path):
+            if line.record is None:
+                problems += [f"line {line.number}: {i.message}" for i in line.issues if i.severity == "error"]
+                continue
+            why = reinforcement_problem(line.record)
+            issues = [i for i in validate_record(_developer_as_system(line.record), "chat")
+                      if i.severity == "error" and i.code != "example_missing_assistant_message"]
+            if why is not None:
+                problems.append(f"line {line.number}: not a reinforcement prompt (the file's first line is one): "
+                                f"{why}")
+            problems += [f"line {line.number}{' ' + i.path if i.path else ''}: {i.message} ({i.code})"
+                         for i in issues]
+            prompts += why is None and not issues
+    except TunekitError as exc:
+        return "error", "; ".join(p.message for p in exc.problems), 0
+    if not problems:
+        return "processed", None, prompts
+    more = f"; and {len(problems) - DETAIL_PROBLEMS} more" if len(problems) > DETAIL_PROBLEMS else ""
+    return "error", f"{len(problems)} problem(s): {'; '.join(problems[:DETAIL_PROBLEMS])}{more}", prompts
+
+
+def _developer_as_system(record):
+    """A prompt with its developer turns as system turns (objective: grpo renders them so), for the chat rules."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        return record
+    return {**record, "messages": [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer"
+                                   else m for m in record["messages"]]}
+
+
 def check_fine_tune_file(path) -> tuple[str, str | None, int]:
-    """(status, status_details, valid examples) of an uploaded fine-tune file."""
+    """(status, status_details, valid examples) of an uploaded fine-tune file (a prompt file: its prompts)."""
     from tunekit.data.check import check_file
     from tunekit.errors import TunekitError
 
+    found = first_format(path)
+    if found is not None and found[1] == "reinforcement":
+        return _check_prompt_file(path)
     try:
         report = check_file(path, fmt="auto")
     except TunekitError as exc:

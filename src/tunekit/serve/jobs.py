@@ -10,9 +10,11 @@ are 400s: the openai SDK retries 409.
 or a checkpoint's `...:ckpt-step-N` name): continued fine-tuning trains a new LoRA adapter on top of the
 earlier adapter merged into its base (tunekit's `model.previous_adapter: merge`).
 
-`method` is `supervised` (the default; chat, completion or text files) or `dpo` (preference pairs; tunekit's
-`objective: dpo` with the job's `beta`). The job stores its method as config values (`objective: dpo` in its
-overrides) and its hyperparameters with `beta` for DPO; `job_json` echoes both in OpenAI's shape.
+`method` is `supervised` (the default; chat, completion or text files), `dpo` (preference pairs; tunekit's
+`objective: dpo` with the job's `beta`) or `reinforcement` (prompt files and a grader; tunekit's `objective:
+grpo` with the grader as `grpo.grader`, docs/grpo.md "Jobs API"). The job stores its method as config values
+(`objective: dpo` / `objective: grpo` and `grpo.grader` in its overrides) and its hyperparameters (with `beta`
+for DPO, OpenAI's seven RFT keys for reinforcement); `job_json` echoes both in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from tunekit.serve.deps import find_model, project_of, store_of
 from tunekit.serve.errors import APIError
-from tunekit.serve.files import find_file, first_format
+from tunekit.serve.files import find_file, first_format, item_keys
 from tunekit.serve.store import new_id, now, page
 from tunekit.serve.worker import (
     base_of,
@@ -83,11 +85,40 @@ class MethodConfig(_Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+def _effort(value):
+    if value is None or value in REASONING_EFFORTS:
+        return value
+    raise PydanticCustomError("hyperparameter", "give one of {allowed} (there is no \"auto\"); got {value}",
+                              {"allowed": ", ".join(f'"{e}"' for e in REASONING_EFFORTS), "value": repr(value)})
+
+
+REASONING_EFFORTS = ("default", "low", "medium", "high")
+
+
+class RftHyperparameters(_Strict):
+    """OpenAI's reinforcement hyperparameters; how each maps onto tunekit: docs/grpo.md "Jobs API"."""
+
+    n_epochs: _auto_or(1, 50, integer=True) = None
+    batch_size: _auto_or(1, 256, integer=True) = None  # prompts per optimizer step
+    learning_rate_multiplier: _auto_or(0, 100, integer=False, low_open=True) = None
+    eval_interval: _auto_or(1, 1_000_000, integer=True) = None  # -> train.eval_every
+    eval_samples: _auto_or(1, 100, integer=True) = None  # accepted; validation is greedy, one per prompt
+    compute_multiplier: _auto_or(0.00001, 10, integer=False, low_open=True) = None  # -> grpo.group_size
+    reasoning_effort: Annotated[Literal["default", "low", "medium", "high"] | None,
+                                PlainValidator(_effort, json_schema_input_type=str | None)] = None  # ignored
+
+
+class ReinforcementConfig(_Strict):
+    grader: dict[str, Any]  # checked with the training file's fields by `check_reward`
+    hyperparameters: RftHyperparameters | None = None
+    response_format: dict[str, Any] | None = None  # only null: structured output is not built
+
+
 class Method(_Strict):
-    type: str  # "supervised" | "dpo"; "reinforcement" and others are refused by `job_method`
+    type: str  # "supervised" | "dpo" | "reinforcement"; others are refused by `requested_method`
     supervised: MethodConfig | None = None
     dpo: MethodConfig | None = None
-    reinforcement: dict | None = None  # not built yet: its type is refused
+    reinforcement: ReinforcementConfig | None = None
 
 
 class WandbSettings(BaseModel):
@@ -196,15 +227,23 @@ class CheckpointPage(Page[Checkpoint]):
     last_id: str | None
 
 
-HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")  # both methods'; DPO adds beta
+HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")  # every method's; DPO adds beta
+# reinforcement's beside those (OpenAI's ReinforcementHyperparameters); reasoning_effort has no "auto"
+RFT_HYPERPARAMETERS = ("eval_interval", "eval_samples", "compute_multiplier", "reasoning_effort")
 # What a job's first record is, by format (the message of a file given to the wrong method)
 RECORD_KEYS = {"chat": "messages", "completion": "prompt/completion", "text": "text",
-               "preference": "chosen/rejected or preferred_output/non_preferred_output"}
+               "preference": "chosen/rejected or preferred_output/non_preferred_output",
+               "reinforcement": "messages ending with the user turn to answer, no reply"}
+METHOD_OF = {"sft": "supervised", "dpo": "dpo", "grpo": "reinforcement"}  # tunekit objective -> method.type
+MODEL_GRADERS = ("score_model", "label_model")
 
 
 def job_json(job: dict) -> dict:
-    hp = job["hyperparameters"]  # DPO: with beta
-    kind = "dpo" if objective_of(job) == "dpo" else "supervised"
+    hp = job["hyperparameters"]  # DPO: with beta; reinforcement: OpenAI's seven keys
+    kind = METHOD_OF[objective_of(job)]
+    method = {"hyperparameters": hp}
+    if kind == "reinforcement":  # the grader as sent, and response_format (always null here)
+        method = {"grader": job["overrides"]["grpo"]["grader"], "hyperparameters": hp, "response_format": None}
     return FineTuningJob(
         id=job["id"], created_at=job["created_at"], error=job["error"], fine_tuned_model=job["fine_tuned_model"],
         finished_at=job["finished_at"], hyperparameters={k: hp[k] for k in HYPERPARAMETERS}, model=job["model"],
@@ -212,7 +251,7 @@ def job_json(job: dict) -> dict:
         status=job["status"], trained_tokens=job["trained_tokens"], training_file=job["training_file"],
         validation_file=job["validation_file"], estimated_finish=job["estimated_finish"],
         integrations=job["integrations"], metadata=job["metadata"],
-        method={"type": kind, kind: {"hyperparameters": hp}},
+        method={"type": kind, kind: method},
         user_provided_suffix=job["suffix"]).model_dump()
 
 
@@ -233,18 +272,25 @@ def requested_method(body: CreateJob) -> tuple[str, dict]:
     value given both in the top-level (legacy) `hyperparameters` and the method's that disagree."""
     method = body.method or Method(type="supervised")
     kind = method.type
-    if kind == "reinforcement":
-        raise APIError(400, 'method.type "reinforcement" (reinforcement fine-tuning with graders) is not supported '
-                            "by this server yet", param="method.type",
-                       hint='use "supervised" (chat examples) or "dpo" (preference pairs)')
-    if kind not in ("supervised", "dpo"):
-        raise APIError(400, f'method.type must be "supervised" or "dpo"; got {kind!r}', param="method.type")
+    if kind not in ("supervised", "dpo", "reinforcement"):
+        raise APIError(400, f'method.type must be "supervised", "dpo" or "reinforcement"; got {kind!r}',
+                       param="method.type")
+    if kind == "reinforcement" and method.reinforcement is None:
+        raise APIError(400, "a reinforcement job needs method.reinforcement with its grader (the reward)",
+                       param="method.reinforcement",
+                       hint='e.g. {"grader": {"type": "string_check", "name": "answer", "input": '
+                            '"{{sample.output_text}}", "reference": "{{item.answer}}", "operation": "eq"}}')
     for other in ("supervised", "dpo", "reinforcement"):
         if other != kind and getattr(method, other) is not None:
             fix = f'or set method.type "{other}"' if other != "reinforcement" else "and leave method.reinforcement out"
             raise APIError(400, f"method.{other} is given, but method.type is {kind!r}", param=f"method.{other}",
                            hint=f"give the hyperparameters as method.{kind}.hyperparameters, {fix}")
     given, legacy = (getattr(method, kind) or MethodConfig()).hyperparameters, body.hyperparameters
+    if kind == "reinforcement" and method.reinforcement.response_format is not None:
+        raise APIError(400, "response_format (structured output for the samples) is not supported by this server "
+                            "yet", param="method.reinforcement.response_format",
+                       hint="leave it out and ask for JSON in the prompt: a reply that parses as JSON is the "
+                            "grader's {{sample.output_json}} all the same")
     if legacy is not None and legacy.beta is not None:
         raise APIError(400, "beta is a DPO hyperparameter, not one of the top-level (legacy) hyperparameters",
                        param="hyperparameters.beta", hint='give it as method.dpo.hyperparameters.beta, with '
@@ -263,7 +309,34 @@ def requested_method(body: CreateJob) -> tuple[str, dict]:
                                 "are the legacy form of the same values)")
         value = mine if mine is not None else old
         hp[key] = "auto" if value is None else value
+    if kind == "reinforcement":
+        for key in RFT_HYPERPARAMETERS:
+            value = getattr(given, key, None)
+            hp[key] = value if value is not None else "default" if key == "reasoning_effort" else "auto"
     return kind, hp
+
+
+def check_reward(grader: dict, path) -> None:
+    """A reinforcement job's grader against the fields of its training file's first lines: 400 listing every
+    problem, `param` the JSON path of the first (method.reinforcement.grader...). Model graders are refused:
+    their judge model would have to answer during training, which tunekit does not do yet."""
+    from tunekit.eval.graders import check_grader, multi_graders
+    from tunekit.train.grpo import REWARD_TYPES
+
+    where = "method.reinforcement.grader"
+    subs = multi_graders(grader.get("graders")) if grader.get("type") == "multi" else None
+    for name, sub in [(None, grader)] + list((subs or {}).items()):
+        kind = sub.get("type") if isinstance(sub, dict) else None
+        if kind in MODEL_GRADERS:
+            at = f"{where}.type" if name is None else f"{where}.graders.{name}.type"
+            raise APIError(400, f"{at}: {kind} graders are not supported as rewards yet: a model grader needs a judge "
+                                "model answering during training, which tunekit does not run", param=at,
+                           hint="use string_check, text_similarity, python or a multi of them (a python grader "
+                                "can score what a judge would check)")
+    problems = check_grader(grader, item_keys=item_keys(path), where=where, allowed=REWARD_TYPES)
+    if problems:
+        message = "; ".join(f"{p.where}: {p.message}" + (f" ({p.hint})" if p.hint else "") for p in problems)
+        raise APIError(400, f"invalid grader: {message}", param=problems[0].where)
 
 
 def _check_format(path, row: dict, param: str, kind: str) -> None:
@@ -273,6 +346,17 @@ def _check_format(path, row: dict, param: str, kind: str) -> None:
     if found is None:
         return
     line, fmt = found
+    if kind == "reinforcement" and fmt != "reinforcement":
+        raise APIError(400, f"{row['id']} ({row['filename']}) line {line} is a {fmt} example ({RECORD_KEYS[fmt]}), but "
+                            "a reinforcement job trains on prompts: messages ending with the user turn the model "
+                            "answers, no reply", param=param,
+                       hint='give lines of {"messages": [{"role": "user", "content": ...}], ...fields the grader '
+                            'reads as {{item.FIELD}}}, or set method.type "supervised"')
+    if kind == "supervised" and fmt == "reinforcement":
+        raise APIError(400, f"{row['id']} ({row['filename']}) line {line} is a reinforcement prompt "
+                            f"({RECORD_KEYS[fmt]}), but a supervised job trains on examples with the reply",
+                       param=param, hint='set method {"type": "reinforcement"} with a grader to train on prompts, '
+                                         'or give lines whose messages end with the assistant reply')
     if kind == "supervised" and fmt == "preference":
         raise APIError(400, f"{row['id']} ({row['filename']}) line {line} is a preference pair ({RECORD_KEYS[fmt]}), "
                             "but a supervised job trains on chat, completion or text examples", param=param,
@@ -297,7 +381,11 @@ def create_job(request: Request, body: CreateJob) -> dict:
         files.append(("validation_file", find_file(request, body.validation_file, "validation_file", status=400)))
     for param, row in files:
         _check_format(store.blob_path(row["sha256"]), row, param, kind)
-    overrides = check_overrides(body.tunekit or {}, context, objective="dpo" if kind == "dpo" else "sft")
+    objective = {v: k for k, v in METHOD_OF.items()}[kind]
+    grader = body.method.reinforcement.grader if kind == "reinforcement" else None
+    if grader is not None:
+        check_reward(grader, store.blob_path(training["sha256"]))
+    overrides = check_overrides(body.tunekit or {}, context, objective=objective, grader=grader, hp=hp)
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2147483647
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None

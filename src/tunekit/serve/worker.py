@@ -47,10 +47,15 @@ MIN_EXAMPLES = 10  # OpenAI's minimum training examples
 # Config fields a job's `tunekit` object may not set: the server chooses them.
 RESERVED = ("model", "data.train", "data.validation", "output.dir", "output.overwrite", "output.wandb",
             "output.mlflow", "output.tensorboard", "eval.data", "train.epochs", "train.batch_size", "train.lr",
-            "train.seed", "objective", "dpo.beta")
+            "train.seed", "objective", "dpo.beta", "grpo.grader")
 SERVE_DEFAULTS = {"train": {"save_every": 50, "keep_last": 3, "log_every": 1, "warmup_ratio": 0.0},
                   "eval": {"baselines": ["base", "few-shot:3"], "max_new_tokens": 128}}
 TRAIN_LOG_TAIL = 1500  # characters of a failed run's output kept in the job's error message
+# Reinforcement jobs (objective: grpo): compute_multiplier 1 is grpo.group_size 4 (GrpoConfig's default), "auto"
+# batch_size is 8 prompts a step (at most the training prompts), "auto" eval_interval gives about 10 validations.
+RFT_GROUP_SIZE = 4
+RFT_AUTO_BATCH = 8
+RFT_VALIDATIONS = 10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -109,8 +114,34 @@ def _flat(values: dict, prefix: str = "") -> list[str]:
 
 
 def objective_of(job: dict) -> str:
-    """"dpo" for a DPO job (method.type "dpo": `objective: dpo` in its config values), else "sft"."""
+    """"dpo" for a DPO job (method.type "dpo": `objective: dpo` in its config values), "grpo" for a
+    reinforcement job (`objective: grpo`), else "sft"."""
     return job["overrides"].get("objective", "sft")
+
+
+def group_size(hp: dict) -> int:
+    """grpo.group_size of a reinforcement job: compute_multiplier x RFT_GROUP_SIZE completions per prompt, >= 2."""
+    return max(2, round(RFT_GROUP_SIZE * hp["compute_multiplier"]))
+
+
+def resolve_rft(hp: dict, overrides: dict, examples: int) -> dict:
+    """A reinforcement job's "auto" hyperparameters resolved (n_epochs and learning_rate_multiplier as for the
+    other methods, by the caller): batch_size RFT_AUTO_BATCH prompts, compute_multiplier from tunekit's
+    grpo.group_size (or 1), eval_interval from tunekit's train.eval_every (or planned steps / RFT_VALIDATIONS),
+    eval_samples 1 (validation decodes greedily: one completion per prompt)."""
+    hp = dict(hp)
+    if hp["batch_size"] == "auto":
+        hp["batch_size"] = max(1, min(RFT_AUTO_BATCH, examples))
+    if hp["compute_multiplier"] == "auto":
+        hp["compute_multiplier"] = overrides.get("grpo", {}).get("group_size", RFT_GROUP_SIZE) / RFT_GROUP_SIZE
+    if hp["eval_interval"] == "auto":
+        train = overrides.get("train", {})
+        planned = hp["n_epochs"] * -(-examples // hp["batch_size"])
+        planned = min(planned, train["max_steps"]) if train.get("max_steps") else planned
+        hp["eval_interval"] = train.get("eval_every") or max(1, planned // RFT_VALIDATIONS)
+    if hp["eval_samples"] == "auto":
+        hp["eval_samples"] = 1
+    return hp
 
 
 def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path, hp: dict, seed: int,
@@ -127,6 +158,10 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
                     "seed": seed}
     cfg["train"].setdefault("micro_batch_size", min(hp["batch_size"], 4))  # rows per forward; same math
     cfg["eval"] = {**cfg["eval"], "enabled": cfg["eval"].get("enabled", validation is not None)}
+    if objective == "grpo":  # the validation reward during training replaces the evaluation after it
+        cfg["eval"]["enabled"] = False
+        cfg["grpo"] = {**cfg["grpo"], "group_size": group_size(hp)}
+        cfg["train"]["eval_every"] = hp["eval_interval"]
     if objective == "dpo":  # the evaluation scores the validation pairs against the base (eval/preference.py)
         cfg["dpo"] = {**cfg.get("dpo", {}), "beta": hp["beta"]}
         cfg["eval"]["baselines"] = [b for b in cfg["eval"]["baselines"] if not b.startswith(("few-shot", "rag"))]
@@ -138,10 +173,13 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
     return cfg
 
 
-def check_overrides(values: dict, context: int, objective: str = "sft") -> dict:
+def check_overrides(values: dict, context: int, objective: str = "sft", grader: dict | None = None,
+                    hp: dict | None = None) -> dict:
     """The job's `tunekit` object as nested config values, validated by tunekit's config (400 listing every
     problem, `param` naming the first as tunekit.SECTION.KEY); data.max_len defaults to min(1024, context).
-    A DPO job's values get `objective: dpo` and are checked by the preference objective's rules too."""
+    A DPO job's values get `objective: dpo` and are checked by the preference objective's rules too; a
+    reinforcement job's get `objective: grpo` and `grpo.grader` (`grader`, already checked) and are checked by
+    grpo's rules; its `hp` (method.reinforcement.hyperparameters) may not set what tunekit values set too."""
     from tunekit.config import config_from_dict
     from tunekit.errors import ConfigError
 
@@ -158,10 +196,24 @@ def check_overrides(values: dict, context: int, objective: str = "sft") -> dict:
     if objective != "dpo" and "dpo" in nested:
         raise APIError(400, "tunekit.dpo values apply to DPO jobs only", param="tunekit.dpo",
                        hint='set method {"type": "dpo"} to train on preference pairs, or leave tunekit.dpo out')
+    if objective != "grpo" and "grpo" in nested:
+        raise APIError(400, "tunekit.grpo values apply to reinforcement jobs only", param="tunekit.grpo",
+                       hint='set method {"type": "reinforcement"} with a grader, or leave tunekit.grpo out')
     if objective == "dpo":
         nested["objective"] = "dpo"
+    trial_group = RFT_GROUP_SIZE
+    if objective == "grpo":
+        for mine, key, theirs in (("compute_multiplier", "group_size", "grpo"), ("eval_interval", "eval_every", "train")):
+            if (hp or {}).get(mine, "auto") != "auto" and key in nested.get(theirs, {}):
+                raise APIError(400, f"tunekit.{theirs}.{key} and method.reinforcement.hyperparameters.{mine} set the "
+                                    "same thing", param=f"tunekit.{theirs}.{key}",
+                               hint=f"give one of them (docs/grpo.md, Jobs API: {mine} -> {theirs}.{key})")
+        nested["objective"] = "grpo"
+        trial_group = nested.get("grpo", {}).get("group_size", RFT_GROUP_SIZE)
+        nested["grpo"] = {**nested.get("grpo", {}), "grader": grader}
     nested.setdefault("data", {}).setdefault("max_len", max(16, min(1024, context)))
-    hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": hyper.auto_beta()}
+    hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": hyper.auto_beta(),
+          "eval_interval": 1, "compute_multiplier": trial_group / RFT_GROUP_SIZE}
     trial = run_config(base="base", train=Path("train.jsonl"), validation=None, run_dir=Path("run"), hp=hp, seed=0,
                        overrides=nested, integrations=None, job_id="ftjob-x")
     try:
@@ -171,6 +223,12 @@ def check_overrides(values: dict, context: int, objective: str = "sft") -> dict:
             from tunekit.train import dpo
 
             problems = dpo.check(config, 1)
+            if problems:
+                raise ConfigError(problems)
+        if objective == "grpo":  # the grader is checked already (with the training file's fields)
+            from tunekit.train import grpo
+
+            problems = [p for p in grpo.check(config, 1) if not p.where.startswith("grpo.grader")]
             if problems:
                 raise ConfigError(problems)
     except ConfigError as exc:
@@ -354,6 +412,8 @@ class Worker:
         hp, objective = dict(job["hyperparameters"]), objective_of(job)
         if hp["n_epochs"] == "auto":
             hp["n_epochs"] = hyper.auto_epochs(examples)
+        if objective == "grpo":  # batch_size is prompts per step: its own "auto" (before the rows rule below)
+            hp = resolve_rft(hp, job["overrides"], examples)
         max_len = job["overrides"].get("data", {}).get("max_len", 1024)
         batch_tokens = job["overrides"].get("train", {}).get("batch_tokens", 16384)
         if hp["batch_size"] == "auto":
@@ -476,11 +536,17 @@ class Worker:
             if run.first_step is None:
                 run.first_step = step
             total = self._total_steps(job, row)
-            data = {"step": step, "total_steps": total, **step_metrics(job, row),
-                    "full_valid_loss": row.get("valid_loss")}
+            data = {"step": step, "total_steps": total, **step_metrics(job, row)}
+            if objective_of(job) != "grpo":
+                data["full_valid_loss"] = row.get("valid_loss")
             if objective_of(job) == "sft":
                 data["full_valid_mean_token_accuracy"] = row.get("valid_token_accuracy")
             message = f"Step {step}/{total}: training loss={row['train_loss']:.4f}"
+            if objective_of(job) == "grpo":  # OpenAI's RFT message and `scores` object (docs/grpo.md, Jobs API)
+                data["scores"] = rft_scores(job, row)
+                message = f"Step {step}/{total}: train mean reward={row['reward_mean']:.4f}" + (
+                    f", full validation mean reward={row['valid_reward_mean']:.4f}"
+                    if row.get("valid_reward_mean") is not None else "") + f", training loss={row['train_loss']:.4f}"
             if objective_of(job) == "dpo":
                 message += f", reward accuracy={row['reward_accuracy']:.2f}, reward margin={row['reward_margin']:.4f}"
             if row.get("valid_loss") is not None:
@@ -532,7 +598,8 @@ class Worker:
         (run.run_dir / "STOP").unlink(missing_ok=True)  # a pause asked for after the last step
         summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
         result_files = [self._result_file(job, "step_metrics.csv",
-                                          _metrics_csv(run.run_dir / "metrics.jsonl", objective_of(job)))]
+                                          _metrics_csv(run.run_dir / "metrics.jsonl", objective_of(job),
+                                                       rft_metrics(job) if objective_of(job) == "grpo" else None))]
         for suffix in ("md", "html"):  # the same report as text, and self-contained with its plots
             report = run.run_dir / "eval" / f"report.{suffix}"
             if report.is_file():
@@ -600,11 +667,59 @@ DPO_METRICS = {"train_loss": "train_loss", "train_reward_accuracy": "reward_accu
                "valid_chosen_reward": "valid_reward_chosen", "valid_rejected_reward": "valid_reward_rejected"}
 
 
+# Reinforcement (objective: grpo, tunekit.train.grpo's metrics): OpenAI's RFT event keys where it has one
+# (train_mean_reward, full_valid_mean_reward, completion_tokens_mean), tunekit's others with a train_ / valid_
+# prefix; a multi grader adds train_reward_mean/KEY and valid_reward_mean/KEY per sub-grader (`rft_metrics`).
+RFT_METRICS = {"train_mean_reward": "reward_mean", "full_valid_mean_reward": "valid_reward_mean",
+               "completion_tokens_mean": "completion_tokens_mean",
+               "valid_completion_tokens_mean": "valid_completion_tokens_mean", "train_loss": "train_loss",
+               "train_reward_std": "reward_std", "train_no_signal_share": "no_signal_share", "train_kl": "kl",
+               "train_clipped_share": "clipped_share", "train_grader_error_share": "grader_error_share",
+               "train_stopped_share": "stopped_share"}
+
+
+def _sub_graders(job: dict) -> dict:
+    """{key: sub-grader} of a reinforcement job's multi grader ({} for any other grader or job)."""
+    from tunekit.eval.graders import multi_graders
+
+    grader = job["overrides"].get("grpo", {}).get("grader") or {}
+    return (multi_graders(grader.get("graders")) or {}) if grader.get("type") == "multi" else {}
+
+
+def rft_metrics(job: dict) -> dict:
+    """API name -> metrics.jsonl key of a reinforcement job: RFT_METRICS and its sub-graders' means."""
+    subs = {}
+    for key in _sub_graders(job):
+        subs[f"train_reward_mean/{key}"] = f"reward/{key}"
+        subs[f"valid_reward_mean/{key}"] = f"valid_reward/{key}"
+    return {**RFT_METRICS, **subs}
+
+
+def rft_scores(job: dict, row: dict) -> dict:
+    """OpenAI's `scores` object of an RFT metrics event: the step's train and validation reward means, and per
+    grader (the grader itself, or each sub-grader of a multi) its own means."""
+    grader = job["overrides"]["grpo"]["grader"]
+    subs = _sub_graders(job)
+    graders = [{"name": grader.get("name"), "type": grader.get("type"), "train_reward_mean": row.get("reward_mean"),
+                "valid_reward_mean": row.get("valid_reward_mean")}] if not subs else [
+        {"name": sub.get("name", key), "type": sub.get("type"), "train_reward_mean": row.get(f"reward/{key}"),
+         "valid_reward_mean": row.get(f"valid_reward/{key}")} for key, sub in subs.items()]
+    return {"train_reward_mean": row.get("reward_mean"), "valid_reward_mean": row.get("valid_reward_mean"),
+            "graders": graders}
+
+
+def metric_names(job: dict) -> dict:
+    """API name -> metrics.jsonl key of the job's metrics events and checkpoint objects."""
+    objective = objective_of(job)
+    if objective == "grpo":
+        return rft_metrics(job)
+    return DPO_METRICS if objective == "dpo" else SFT_METRICS
+
+
 def step_metrics(job: dict, row: dict) -> dict:
     """The metrics of one metrics.jsonl row under their API names (None where the step has no such value:
     validation metrics only on validation steps)."""
-    names = DPO_METRICS if objective_of(job) == "dpo" else SFT_METRICS
-    return {name: row.get(key) for name, key in names.items()}
+    return {name: row.get(key) for name, key in metric_names(job).items()}
 
 
 # step_metrics.csv of a supervised job: OpenAI's header, column -> metrics.jsonl key. tunekit's validation
@@ -615,13 +730,13 @@ SFT_CSV = {"train_loss": "train_loss", "train_accuracy": "train_token_accuracy",
            "full_valid_mean_token_accuracy": "valid_token_accuracy"}
 
 
-def _metrics_csv(path: Path, objective: str = "sft") -> bytes:
-    """step_metrics.csv: one row per logged step (OpenAI's columns; DPO: the loss and reward columns of the
-    metrics events), a validation column empty on steps without validation. Every column is a number or
-    empty: readers such as W&B's `WandbLogger.sync` call `isnan` on each cell."""
+def _metrics_csv(path: Path, objective: str = "sft", names: dict | None = None) -> bytes:
+    """step_metrics.csv: one row per logged step (OpenAI's columns; DPO and reinforcement: the flat metrics of
+    the metrics events, `names`), a validation column empty on steps without validation. Every column is a
+    number or empty: readers such as W&B's `WandbLogger.sync` call `isnan` on each cell."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    names = DPO_METRICS if objective == "dpo" else SFT_CSV
+    names = names or (DPO_METRICS if objective == "dpo" else SFT_CSV)
     writer.writerow(["step", *names])
     columns = list(names.values())
     for line in path.read_text(encoding="utf-8").splitlines():

@@ -487,6 +487,13 @@ const rewardChart = (points) => lineChart(points, { id: "reward-chart", what: "r
     { key: "valid_reward_margin", cls: "valid margin", label: "valid margin", dots: true }],
   empty: "No steps yet: the rewards appear when training starts." });
 
+// a reinforcement job's mean reward by step: over the step's sampled completions (train) and over the
+// validation prompts, one greedy completion each (valid, at eval_interval steps)
+const rftRewardChart = (points) => lineChart(points, { id: "reward-chart", what: "reward curves",
+  series: [{ key: "train_mean_reward", cls: "train", label: "train mean reward" },
+    { key: "full_valid_mean_reward", cls: "valid", label: "valid mean reward", dots: true }],
+  empty: "No steps yet: the rewards appear when training starts." });
+
 function snippet(model) {
   return `from openai import OpenAI
 
@@ -535,6 +542,7 @@ async function pageJob(main, id) {
         h("p", { class: "muted" }, `base ${job.model} · training ${job.training_file}${job.validation_file ? ` · validation ${job.validation_file}` : ""}`
           + ` · ${job.method ? job.method.type : "supervised"}`
           + (job.method && job.method.type === "dpo" ? `, beta ${job.method.dpo.hyperparameters.beta}` : "")
+          + (job.method && job.method.type === "reinforcement" ? `, grader ${job.method.reinforcement.grader.name}` : "")
           + ` · epochs ${hp.n_epochs}, batch ${hp.batch_size}, lr × ${hp.learning_rate_multiplier} · seed ${job.seed}`),
         h("div", { class: "row" }, actButton("cancel", "Cancel", "danger", TERMINAL.includes(job.status)),
           actButton("pause", "Pause", "quiet", job.status !== "running"), actButton("resume", "Resume", "quiet", job.status !== "paused")));
@@ -550,6 +558,10 @@ async function pageJob(main, id) {
       if (job.method && job.method.type === "dpo") {
         rewards.hidden = false;
         rewards.replaceChildren(h("h2", {}, "Rewards"), rewardChart(points));
+      }
+      if (job.method && job.method.type === "reinforcement") {
+        rewards.hidden = false;
+        rewards.replaceChildren(h("h2", {}, "Rewards"), rftRewardChart(points));
       }
       events.replaceChildren(h("table", { id: "events" }, h("tbody", {}, evs.map((e) => h("tr", {},
         h("td", { class: "muted" }, when(e.created_at)), h("td", { class: `sev-${e.level === "warn" ? "warning" : e.level}` }, e.level),
