@@ -34,7 +34,7 @@ def test_the_grader_gives_partial_and_full_credit_on_prompts_and_on_chats():
     chat = json.loads((REPO / "examples/quickstart/valid.jsonl").read_text().splitlines()[0])
     want = prompt["answer"]
     replies = {json.dumps(want): 1.0, json.dumps(want[:-1]): 0.5 * (len(want) - 1) / len(want),
-               json.dumps(list(reversed(want))): 0.5 * sum(a == b for a, b in zip(want, want[::-1])) / len(want),
+               json.dumps(list(reversed(want))): 0.5 * sum(a == b for a, b in zip(want, want[::-1], strict=True)) / len(want),
                "not json": 0.0, '{"a": 1}': 0.0}
     with PythonSandbox(workers=1) as sandbox:
         for reply, expected in replies.items():
