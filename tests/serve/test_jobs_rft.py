@@ -20,7 +20,7 @@ pytest.importorskip("multipart", reason="uploads need python-multipart (the serv
 from conftest import greedy  # noqa: E402
 from live_server import serving  # noqa: E402
 from test_finetune import QUESTION, sdk, toy_jsonl, upload, wait_for  # noqa: E402
-from test_jobs_dpo import pairs_jsonl  # noqa: E402
+from test_jobs_dpo import logged, pairs_jsonl  # noqa: E402
 from toy_runs import WORDS  # noqa: E402
 
 from tunekit.serve.worker import RFT_METRICS  # noqa: E402
@@ -51,21 +51,18 @@ def rft(grader: dict = GRADER, **hyperparameters) -> dict:
     return {"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hyperparameters}}
 
 
-def jobs_count(url: str) -> int:
-    """The project's jobs, read without strict validation (a multi grader's map fails the SDK's type)."""
-    return len(sdk(url, strict=False).fine_tuning.jobs.list(limit=1000).data)
-
-
-def logged(data_dir, job_id: str) -> list[dict]:
-    path = data_dir / "jobs" / job_id / "run" / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama_dir):
     data_dir = tmp_path_factory.mktemp("serve-data")
     with serving(models=[f"tiny={tiny_llama_dir}"], data_dir=data_dir) as (url, app):
         yield url, app, data_dir
+
+
+def jobs_count(url: str) -> int:
+    """The project's jobs, read without strict validation (a multi grader's map fails the SDK's type)."""
+    return len(sdk(url, strict=False).fine_tuning.jobs.list(limit=1000).data)
+
+
 
 
 @pytest.fixture(scope="module")

@@ -563,11 +563,11 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, *, baselines: 
     with ExitStack() as stack:  # the python graders' sandbox, stopped however this ends
         grading = None
         if grader_list:
-            from tunekit.eval.graders import PythonSandbox
+            from tunekit.eval.graders import PythonSandbox, leaf_graders
             from tunekit.eval.grading import LocalJudge, grade_replies
 
             sandbox = stack.enter_context(PythonSandbox(workers=2)) if any(
-                '"python"' in json.dumps(g) for g in grader_list) else None
+                g.get("type") == "python" for grader in grader_list for g in leaf_graders(grader)) else None
             judge = LocalJudge(judges, device=device)
 
             def grading(predictions: list[str]) -> tuple[list[dict[str, float]], dict[str, int]]:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunekit.errors import Problem, TunekitError
-from tunekit.eval.graders import JudgeReply, PythonSandbox, check_grader, grade, make_sample
+from tunekit.eval.graders import JudgeReply, PythonSandbox, check_grader, grade, leaf_graders, make_sample
 from tunekit.eval.toolcalls import split_reply
 
 EVAL_TYPES = ("string_check", "text_similarity", "python", "score_model", "label_model", "multi")
@@ -58,13 +58,8 @@ def load_grader_files(paths: list[str | Path], item_keys: set[str] | None) -> tu
 
 def judge_models(graders: list[dict]) -> set[str]:
     """The judge model names the graders use (score_model / label_model, also inside multi)."""
-    out = set()
-    for grader in graders:
-        subs = grader["graders"] if grader["type"] == "multi" else {"": grader}
-        if "type" in subs:  # a single grader object given as `graders`
-            subs = {"": subs}
-        out |= {g["model"] for g in subs.values() if g.get("type") in ("score_model", "label_model")}
-    return out
+    return {g["model"] for grader in graders for g in leaf_graders(grader)
+            if g.get("type") in ("score_model", "label_model")}
 
 
 class LocalJudge:

@@ -94,11 +94,9 @@ def _item_keys(path: Path | None) -> set[str] | None:
 
 
 def _uses(grader: dict, kind: str) -> bool:
-    from tunekit.eval.graders import multi_graders
+    from tunekit.eval.graders import leaf_graders
 
-    if grader.get("type") == "multi":
-        return any(isinstance(g, dict) and _uses(g, kind) for g in (multi_graders(grader.get("graders")) or {}).values())
-    return grader.get("type") == kind
+    return any(g.get("type") == kind for g in leaf_graders(grader))
 
 
 def check(cfg: RunConfig, world_size: int) -> list[Problem]:

@@ -9,7 +9,7 @@ differs from OpenAI; docs/security.md the sandbox.
 """
 
 from tunekit.errors import Problem
-from tunekit.eval.graders.check import TYPES, check_grader, multi_graders
+from tunekit.eval.graders.check import TYPES, check_grader, leaf_graders, multi_graders
 from tunekit.eval.graders.formula import FormulaError, evaluate, parse_formula
 from tunekit.eval.graders.grade import (
     ERROR_DETAILS,
@@ -27,6 +27,6 @@ from tunekit.eval.graders.template import make_sample, render
 
 __all__ = [
     "ERROR_DETAILS", "ERROR_FLAGS", "METRICS", "TYPES", "FormulaError", "GradeResult", "Judge", "JudgeReply",
-    "Problem", "PythonSandbox", "SandboxError", "check_grader", "empty_errors", "evaluate", "grade",
+    "Problem", "PythonSandbox", "SandboxError", "check_grader", "empty_errors", "evaluate", "grade", "leaf_graders",
     "make_sample", "multi_graders", "parse_formula", "pass_threshold", "render", "similarity",
 ]

@@ -283,6 +283,13 @@ def _check_multi(grader: dict, where: str, item_keys, problems: list[Problem], a
                 "numbers, the keys of graders, + - * / ^ ( ), and min max abs floor ceil exp sqrt log")
 
 
+def leaf_graders(grader: dict) -> list[dict]:
+    """The graders that score: a multi grader's sub-graders, or the grader itself."""
+    if isinstance(grader, dict) and grader.get("type") == "multi":
+        return [g for g in (multi_graders(grader.get("graders")) or {}).values() if isinstance(g, dict)]
+    return [grader]
+
+
 def multi_graders(graders) -> dict | None:
     """The {key: grader} map of a multi grader: the map as given, or one grader object as {its name: it}."""
     if not isinstance(graders, dict) or not graders:
