@@ -162,6 +162,55 @@ def test_two_processes_train_the_same_preference_model_as_one(tmp_path, tiny_lla
     assert (summary["processes"], summary["reference"]) == (2, one.summary["reference"])
 
 
+def test_two_processes_train_the_same_reinforcement_model_as_one(tmp_path, tiny_llama_dir):
+    """objective: grpo on 2 processes (ddp): each rank samples the completions of its share of a step's prompts
+    (5 prompts: 3 + 2 of 4 completions, rank 1 runs a zero-weight filler pass), seeded by the prompt's place in the step, so the
+    completions, rewards, losses and validation rewards per step are those of one process, and so are the
+    weights. A checkpoint mid-generation (steps_per_generation 2) holds each rank's rollouts."""
+    from test_grpo import write_prompts
+
+    write_prompts(tmp_path / "prompts.jsonl", 24)  # 19 train prompts, 5 validation: steps of 5, 5, 5, 4 prompts
+    sections = {"objective": "grpo", "data": {"train": str(tmp_path / "prompts.jsonl"), "validation_fraction": 0.2},
+                "grpo": {"grader": {"type": "string_check", "name": "has", "input": "{{sample.output_text}}",
+                                    "reference": "e", "operation": "ilike"},
+                         "group_size": 4, "max_new_tokens": 6, "beta": 0.04, "steps_per_generation": 2}}
+
+    def config(name: str):
+        cfg = toy_config(tmp_path, tiny_llama_dir, out=name, method="lora", **sections,
+                         train={"batch_size": 5, "micro_batch_size": 4, "epochs": 1, "eval_every": 2, "lr": 1e-2,
+                                "save_every": 1, "keep_last": 5, "distributed": {"strategy": "ddp", "timeout_s": 60}})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(cfg.to_yaml())
+        return cfg, path
+
+    one = train(config("one")[0])
+    cfg, path = config("two")
+    done = tunekit("train", path, "--nproc", 2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows, reference = metrics(cfg.output.dir), metrics(one.run_dir)
+    assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2, 3, 4]
+    for a, b in zip(rows, reference, strict=True):
+        for key in ("reward_mean", "reward_std", "no_signal_share", "completion_tokens_mean", "valid_reward_mean"):
+            assert a.get(key) == b.get(key), (a["step"], key, a, b)
+        for key in ("train_loss", "kl"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key, a, b)
+        assert a["trained_tokens"] == b["trained_tokens"]
+    assert sum("valid_reward_mean" in r for r in rows) == 2 and rows[-1]["kl"] > 0
+    (fa,) = (cfg.output.dir / "final").glob("*.safetensors")
+    ours, theirs = load_file(str(fa)), load_file(str(one.run_dir / "final" / fa.name))
+    assert ours.keys() == theirs.keys() and ours
+    # As for DPO: Adam normalises each update, so summation-order noise in a near-zero gradient entry moves a
+    # weight by a fraction of lr (1e-2 here): measured at most 1.7e-5 on weights up to 0.14.
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], atol=5e-5, rtol=1e-5, msg=name)
+    # The checkpoint after step 3 is between the two steps of the generation sampled for steps 3 and 4 (5 and 4 of
+    # the 19 training prompts): it holds each rank's rollouts, prompts 0, 2, 4 + 0, 2 on rank 0, 1, 3 + 1, 3 on 1.
+    state = json.loads((cfg.output.dir / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
+    assert [len(set(r["group_of"])) for r in state["grpo_rollouts"]] == [5, 4]
+    summary = json.loads((cfg.output.dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["objective"] == "grpo"
+
+
 class _RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker

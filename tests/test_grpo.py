@@ -209,6 +209,25 @@ def test_rollouts_are_seeded_per_step_and_graded(tmp_path, tiny_llama_dir, chat_
         assert 1 <= len(ids) <= cfg.grpo.max_new_tokens
 
 
+def test_rollouts_of_a_checkpoint_are_taken_by_the_rank_that_sampled_them():
+    """A checkpoint of several processes holds one generation per rank; a run with another number of processes
+    samples the step again rather than train on another rank's share."""
+    from tunekit.train.distributed import SINGLE, Dist
+
+    def rollouts(reward: float) -> grpo.Rollouts:
+        return grpo.Rollouts(4, [4, 4], [0, 0], [[1], [1]], [[2], [3]], [True, False], [reward, 0.0], {},
+                             [False, False], [0.7, -0.7], None, 0.5, None, 2)
+
+    two = [rollouts(1.0).to_state(), rollouts(0.5).to_state()]
+    assert grpo.restored_rollouts(two, Dist(1, 2, 1, "ddp")).rewards == [0.5, 0.0]
+    assert grpo.restored_rollouts(two, SINGLE) is None
+    assert grpo.restored_rollouts(rollouts(1.0).to_state(), SINGLE).rewards == [1.0, 0.0]
+    assert grpo.restored_rollouts(rollouts(1.0).to_state(), Dist(0, 2, 0, "ddp")) is None
+    joined = grpo.Rollouts.joined([rollouts(1.0), rollouts(0.5)])
+    assert joined.group_of == [0, 0, 1, 1] and joined.generated == 4 and joined.seconds == 0.5
+    assert joined.step_metrics(4)["no_signal_share"] == 0.0 and joined.step_metrics(4)["reward_mean"] == 0.375
+
+
 def test_bad_configs_are_refused_before_weights_load(tmp_path, tiny_llama_dir):
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -229,9 +248,17 @@ def test_bad_configs_are_refused_before_weights_load(tmp_path, tiny_llama_dir):
         assert any(p.where.startswith(where) and words in p.message for p in problems), (name, problems)
     cfg = grpo_config(tmp_path, tiny_llama_dir)
     assert check_setup(cfg, resume=False) == []
-    assert any(p.where == "--nproc" for p in check_setup(cfg, resume=False, world_size=2))
+    assert check_setup(cfg, resume=False, world_size=2) == []  # LoRA: ddp
+    assert any(p.where == "train.batch_size" and "3 processes" in p.message
+               for p in check_setup(cfg, resume=False, world_size=3))  # 2 prompts per step
     cfg = grpo_config(tmp_path, tiny_llama_dir, method="full", grpo={"beta": 0.0})
     assert check_setup(cfg, resume=False) == []
+    # full fine-tuning picks fsdp2 on several processes, whose forwards are collective: grpo needs ddp
+    assert any(p.where == "train.distributed.strategy" and "ddp" in p.hint
+               for p in check_setup(cfg, resume=False, world_size=2))
+    cfg = grpo_config(tmp_path, tiny_llama_dir, method="full", grpo={"beta": 0.0},
+                      train={"distributed": {"strategy": "ddp"}})
+    assert check_setup(cfg, resume=False, world_size=2) == []
     # SFT with data.format: reinforcement is refused, pointing at objective: grpo
     sft = toy_config(tmp_path, tiny_llama_dir, data={"format": "reinforcement"})
     assert any(p.where == "data.format" and "grpo" in p.hint for p in check_setup(sft, resume=False))

@@ -40,6 +40,7 @@ from tunekit.data.pack import Batch, collate_padded
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import Problem, TunekitError
 from tunekit.model import body_and_head
+from tunekit.train.distributed import SINGLE, Dist, deal, gather_objects
 from tunekit.train.sft import forward_hidden
 
 # Sums over a micro-batch's completion tokens that `forward` returns beside the loss.
@@ -104,6 +105,7 @@ def check(cfg: RunConfig, world_size: int) -> list[Problem]:
     fields of the training lines), data files that are not prompts (named by line), the reference, processes."""
     from tunekit.data.formats import read_jsonl, reinforcement_problem
     from tunekit.eval.graders import check_grader
+    from tunekit.train.distributed import resolve_strategy
     from tunekit.train.dpo import _continues
 
     g = cfg.grpo
@@ -135,9 +137,15 @@ def check(cfg: RunConfig, world_size: int) -> list[Problem]:
         problems.append(Problem("grpo.beta", "the adapter continues an earlier run's (model.previous_adapter: "
                                 "continue): switched off, it gives the model before that run, not this run's start",
                                 "use model.previous_adapter: merge, or grpo.beta: 0"))
-    if world_size > 1:
-        problems.append(Problem("--nproc", "objective: grpo runs in one process for now",
-                                "train without --nproc (or with --nproc 1)"))
+    if world_size > 1 and resolve_strategy(cfg) == "fsdp2":
+        problems.append(Problem("train.distributed.strategy", "objective: grpo on several processes runs with "
+                                "ddp: each rank samples its own prompts' completions, a different number of forwards "
+                                "per rank, while every forward of an FSDP2-sharded model is a collective of all ranks",
+                                "set train.distributed.strategy: ddp (every rank holds the whole model)"))
+    if world_size > 1 and isinstance(cfg.train.batch_size, int) and cfg.train.batch_size < world_size:
+        problems.append(Problem("train.batch_size", f"{cfg.train.batch_size} prompt(s) per step cannot be dealt to "
+                                f"{world_size} processes (each rank samples the completions of its own prompts)",
+                                f"set train.batch_size to at least {world_size}, or use fewer processes"))
     if cfg.eval.enabled:
         problems.append(Problem("eval.enabled", "the evaluation after training compares replies with reference "
                                 "answers; objective: grpo measures the validation reward during training instead",
@@ -304,6 +312,7 @@ class Rollouts:
     old_logps: list[list[float]] | None  # per completion token at generation (steps_per_generation > 1)
     seconds: float  # generation wall time (grading not included)
     peak_mb: float | None  # CUDA memory peak of the generation
+    generated: int = 0  # tokens generated in `seconds` (all of the generation's steps)
 
     def to_state(self) -> dict:
         return asdict(self)
@@ -311,6 +320,37 @@ class Rollouts:
     @staticmethod
     def from_state(state: dict) -> Rollouts:
         return Rollouts(**state)
+
+    def of_step_only(self, step: int) -> Rollouts:
+        """The completions of `step` alone (what the step's metrics read)."""
+        idx = self.of_step(step)
+        pick = (lambda xs: [xs[i] for i in idx])  # noqa: E731
+        return Rollouts(self.first_step, pick(self.step_of), pick(self.group_of), pick(self.prompts),
+                        pick(self.completions), pick(self.stopped), pick(self.rewards),
+                        {k: pick(v) for k, v in self.sub_rewards.items()}, pick(self.errors), pick(self.advantages),
+                        None, self.seconds, self.peak_mb, self.generated)
+
+    @staticmethod
+    def joined(parts: list[Rollouts]) -> Rollouts:
+        """The completions of every rank as one generation (groups renumbered; the wall time of the slowest rank,
+        the generated tokens of all)."""
+        out = Rollouts(parts[0].first_step, [], [], [], [], [], [], {}, [], [], None,
+                       max(p.seconds for p in parts), None, sum(p.generated for p in parts))
+        peaks = [p.peak_mb for p in parts if p.peak_mb is not None]
+        out.peak_mb = max(peaks) if peaks else None
+        for p in parts:
+            offset = 1 + max(out.group_of, default=-1)
+            out.step_of += p.step_of
+            out.group_of += [g + offset for g in p.group_of]
+            out.prompts += p.prompts
+            out.completions += p.completions
+            out.stopped += p.stopped
+            out.rewards += p.rewards
+            out.errors += p.errors
+            out.advantages += p.advantages
+            for k, v in p.sub_rewards.items():
+                out.sub_rewards.setdefault(k, []).extend(v)
+        return out
 
     def of_step(self, step: int) -> list[int]:
         return [i for i, s in enumerate(self.step_of) if s == step]
@@ -322,18 +362,36 @@ class Rollouts:
         groups: dict[int, list[float]] = {}
         for i in idx:
             groups.setdefault(self.group_of[i], []).append(self.rewards[i])
-        generated = sum(len(c) for c in self.completions)
         out = {"reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
                "no_signal_share": sum(len(set(g)) == 1 for g in groups.values()) / len(groups),
                "completion_tokens_mean": statistics.fmean(len(self.completions[i]) for i in idx),
                "stopped_share": statistics.fmean(float(self.stopped[i]) for i in idx),
                "grader_error_share": statistics.fmean(float(self.errors[i]) for i in idx),
-               "rollout_tokens_per_s": generated / max(1e-9, self.seconds)}
+               "rollout_tokens_per_s": self.generated / max(1e-9, self.seconds)}
         for name, values in self.sub_rewards.items():
             out[f"reward/{name}"] = statistics.fmean(values[i] for i in idx)
         if self.peak_mb is not None:
             out["rollout_peak_mb"] = self.peak_mb
         return out
+
+
+def step_rollouts(r: Rollouts, step: int, d: Dist) -> Rollouts:
+    """The completions of `step` on every rank, as one `Rollouts` (what the step's metrics read)."""
+    part = r.of_step_only(step)
+    return Rollouts.joined(gather_objects(part, d)) if d.on else part
+
+
+def rollouts_state(r: Rollouts, d: Dist) -> dict | list[dict]:
+    """What a checkpoint keeps of a generation still being trained on: its rollouts, one per rank (each rank
+    samples its own prompts) when there are several processes."""
+    return [x.to_state() for x in gather_objects(r, d)] if d.on else r.to_state()
+
+
+def restored_rollouts(state: dict | list[dict], d: Dist) -> Rollouts | None:
+    """This rank's rollouts from a checkpoint's state; None when the checkpoint was written by another number
+    of processes (the generation is then sampled again at the resumed step)."""
+    states = state if isinstance(state, list) else [state]
+    return Rollouts.from_state(states[d.rank]) if len(states) == d.world_size else None
 
 
 def _served(model, stop_ids: list[int], pad_id: int):
@@ -345,9 +403,13 @@ def _served(model, stop_ids: list[int], pad_id: int):
 
 @torch.no_grad()
 def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: GrpoConfig, rewarder: Rewarder,
-                      tokenizer, stop_ids: list[int], pad_id: int, seed: int) -> Rollouts:
+                      tokenizer, stop_ids: list[int], pad_id: int, seed: int, *, rank: int = 0,
+                      world: int = 1) -> Rollouts:
     """Sample `g.group_size` completions of every prompt of `steps` (the prompts of steps first_step, first_step
-    + 1, ...) with the model as it is (eval mode, adapter active), grade them, and compute advantages."""
+    + 1, ...) with the model as it is (eval mode, adapter active), grade them, and compute advantages.
+
+    On several processes each rank takes prompts k with k % world == rank of each step, sampled with the seed of
+    their place k in the step: the completions of a prompt do not depend on the number of processes."""
     from tunekit.generate.engine import Engine, Job, Sampling, Token
 
     served = _served(model, stop_ids, pad_id)
@@ -355,6 +417,8 @@ def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: Grpo
     jobs, owners = [], []
     for s, prompts in enumerate(steps):
         for k, p in enumerate(prompts):
+            if k % world != rank:
+                continue
             sampling = Sampling(max_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                 seed=rollout_seed(seed, first_step + s, k, g.group_size))
             jobs.append(Job(served, p.ids, sampling, g.group_size, None))  # n choices: the prompt prefilled once
@@ -388,6 +452,7 @@ def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: Grpo
             if rewarder.grader.get("type") == "multi":
                 for name, value in result.sub_rewards.items():
                     out.sub_rewards.setdefault(name, []).append(float(value))
+    out.generated = sum(len(c) for c in out.completions)
     rewards = torch.tensor(out.rewards, dtype=torch.float64).view(-1, g.group_size)  # (P, G)
     out.advantages = group_advantages(rewards, g.scale_rewards).flatten().tolist()
     return out
@@ -437,6 +502,13 @@ def rollout_batches(r: Rollouts, step: int, micro: int, pad_id: int, loss_norm: 
         out.append(RolloutBatch(batch, torch.tensor([r.advantages[i] for i in part], dtype=torch.float32), old,
                                 units))
     return out
+
+
+def filler_batch(prompt: Prompt, pad_id: int) -> RolloutBatch:
+    """A one-completion batch for a rank with no completion in a step: run at weight 0 so that its forward and
+    backward pair up with the other ranks' (DDP)."""
+    seq = Sequence(prompt.ids + [pad_id], [IGNORE] * len(prompt.ids) + [pad_id])
+    return RolloutBatch(collate_padded([seq], pad_id), torch.zeros(1), None, 1)
 
 
 def _chunk_logps(head, softcap, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -543,24 +615,32 @@ def step_metrics(loss_sum: float, n_units: int, stats: list[float], n_tokens: in
 
 @torch.no_grad()
 def validate(model, prompts: list[Prompt], g: GrpoConfig, rewarder: Rewarder, tokenizer, stop_ids: list[int],
-             pad_id: int) -> dict[str, float]:
-    """The validation reward: one greedy completion per validation prompt, graded."""
+             pad_id: int, d: Dist = SINGLE) -> dict[str, float]:
+    """The validation reward: one greedy completion per validation prompt, graded (on several processes each
+    rank decodes prompts[rank::world], and the means are over all of them)."""
     from tunekit.generate.engine import generate
 
+    mine = deal(prompts, d)
     was_training = model.training
     model.eval()
-    gens = generate(model, [p.ids for p in prompts], stop_ids=stop_ids, pad_id=pad_id,
-                    max_new_tokens=g.max_new_tokens, batch_size=g.generation_batch_size)
+    gens = generate(model, [p.ids for p in mine], stop_ids=stop_ids, pad_id=pad_id,
+                    max_new_tokens=g.max_new_tokens, batch_size=g.generation_batch_size) if mine else []
     model.train(was_training)
-    rewards, subs = [], {}
-    for gen, p in zip(gens, prompts, strict=True):
+    rewards, lengths, subs = [], [], {}
+    for gen, p in zip(gens, mine, strict=True):
         result = rewarder.score(tokenizer.decode(gen.ids, skip_special_tokens=False).strip(), p.item)
         rewards.append(float(result.reward))
+        lengths.append(len(gen.ids))
         if rewarder.grader.get("type") == "multi":
             for name, value in result.sub_rewards.items():
                 subs.setdefault(name, []).append(float(value))
+    if d.on:  # every rank's grades (in rank order; the means do not depend on it)
+        parts = gather_objects((rewards, lengths, subs), d)
+        rewards = [x for r, _, _ in parts for x in r]
+        lengths = [x for _, n, _ in parts for x in n]
+        subs = {k: [x for _, _, s in parts for x in s.get(k, [])] for k in parts[0][2]}
     row = {"valid_reward_mean": statistics.fmean(rewards),
-           "valid_completion_tokens_mean": statistics.fmean(len(x.ids) for x in gens)}
+           "valid_completion_tokens_mean": statistics.fmean(lengths)}
     row.update({f"valid_reward/{k}": statistics.fmean(v) for k, v in subs.items()})
     return row
 
@@ -574,6 +654,7 @@ class ValidPrompts:
     tokenizer: object
     stop_ids: list[int]
     pad_id: int
+    d: Dist = SINGLE  # several processes: each rank decodes its share
 
     def __bool__(self) -> bool:
         return bool(self.prompts)

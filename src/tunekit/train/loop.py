@@ -313,7 +313,7 @@ def evaluate(cfg: RunConfig, net, batches: list, device) -> dict[str, float]:
         return dpo.step_metrics(*evaluate_sums(net, batches, device, cfg.train.mixed_precision), prefix="valid_")
     if cfg.objective == "grpo":  # batches: grpo.ValidPrompts; greedy completions, graded
         return grpo.validate(getattr(net, "module", net).model, batches.prompts, cfg.grpo, batches.rewarder,
-                             batches.tokenizer, batches.stop_ids, batches.pad_id)
+                             batches.tokenizer, batches.stop_ids, batches.pad_id, batches.d)
     loss, acc = evaluate_loss(net, batches, device, cfg.train.mixed_precision)
     return {"valid_loss": loss, "valid_token_accuracy": acc}
 
@@ -544,7 +544,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             highlight=False)
         rewarder = grpo.Rewarder(grpo.load_grader(cfg)[0])  # a python grader's sandbox opens here
         stop_ids = list(end_of_turn_ids(tokenizer))
-        valid_batches = grpo.ValidPrompts(data.valid, rewarder, tokenizer, stop_ids, pad_id)
+        valid_batches = grpo.ValidPrompts(data.valid, rewarder, tokenizer, stop_ids, pad_id, d)
 
         def objective(model):
             return grpo.PolicyLoss(model, g, cfg.train.lm_head_chunk)
@@ -563,7 +563,10 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
         step, metrics, trained_total = state["step"], state["metrics"], state["trained_tokens"]
         initial_valid = state["initial_valid"]
         if state.get(grpo.STATE_KEY):  # stopped between the steps of one generation: its rollouts
-            rollouts = grpo.Rollouts.from_state(state[grpo.STATE_KEY])
+            rollouts = grpo.restored_rollouts(state[grpo.STATE_KEY], d)
+            if rollouts is None:
+                say(f"the checkpoint holds rollouts sampled by {len(state[grpo.STATE_KEY])} process(es): this run "
+                    f"samples step {step + 1}'s completions again", highlight=False)
         written_by = state.get("world_size", 1)
         say(f"resumed from {ckpt} (step {step})" + (f"; it was written by {written_by} processes, this run has "
                                                      f"{d.world_size}" if written_by != d.world_size else ""),
@@ -582,7 +585,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     def checkpoint_now() -> Path:
         state = _state(step, plan, metrics, trained_total, initial_valid)
         if rollouts is not None and step < rollouts.first_step + cfg.grpo.steps_per_generation:
-            state[grpo.STATE_KEY] = rollouts.to_state()  # later steps of this generation still train on it
+            state[grpo.STATE_KEY] = grpo.rollouts_state(rollouts, d)  # later steps of this generation train on it
         return save_checkpoint(run_dir, model, net, optimizer, scheduler, state, cfg.train.keep_last, d)
 
     # --- 3. the loop --------------------------------------------------------------------------------
@@ -600,12 +603,17 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                     rollouts = grpo.generate_rollouts(
                         model, [[data.train[i] for i in grpo.step_prompts(len(data.train), cfg.train.seed, s,
                                                                           plan.batch_size, plan.steps_per_epoch)]
-                                for s in steps], step, g, rewarder, tokenizer, stop_ids, pad_id, cfg.train.seed)
+                                for s in steps], step, g, rewarder, tokenizer, stop_ids, pad_id, cfg.train.seed,
+                        rank=d.rank, world=d.world_size)
                     if g.steps_per_generation > 1:  # the ratio's denominator, before any update on them
                         rollouts.old_logps = grpo.old_logps(model, rollouts, plan.micro_batch_size, pad_id,
                                                             cfg.train.lm_head_chunk)
                 micro_batches = grpo.rollout_batches(rollouts, step, plan.micro_batch_size, pad_id, g.loss_norm)
-                n_micro, filler = len(micro_batches), None
+                # every rank runs as many passes as the rank with the most completions (a filler at weight 0)
+                n_micro = max(distributed.gather_objects(len(micro_batches), d))
+                short = d.on and len(micro_batches) < n_micro
+                filler = (micro_batches[0] if micro_batches else grpo.filler_batch(data.train[0], pad_id)) \
+                    if short else None
             else:
                 epoch, in_epoch = divmod(step, plan.steps_per_epoch)
                 rows = epoch_rows(lengths, row_len, cfg.data.packing, cfg.train.seed, epoch)
@@ -652,7 +660,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
                 elapsed = max(1e-9, time.time() - window_start)
                 measured = dpo.step_metrics(step_loss, n_units, stats) if pairs else \
-                    grpo.step_metrics(step_loss, n_units, stats, n_trained, rollouts, step - 1, cfg.grpo.beta) if rl \
+                    grpo.step_metrics(step_loss, n_units, stats, n_trained, grpo.step_rollouts(rollouts, step - 1, d),
+                                      step - 1, cfg.grpo.beta) if rl \
                     else {"train_loss": last_loss, "train_token_accuracy": stats / n_trained}
                 row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
                        **measured, "grad_norm": grad_norm, "trained_tokens": trained_total,
