@@ -325,6 +325,74 @@ def data_cache_clear(cache_dir: CacheDir = None) -> None:
     console.print(f"[green]✓[/] removed {cache.clear(folder)} entries from {folder}", highlight=False)
 
 
+keys_app = typer.Typer(no_args_is_help=True, help="Make, list and revoke the API keys `tunekit serve --data-dir "
+                                                  "DIR` accepts (kept hashed in DIR/tunekit.db; a running server "
+                                                  "sees changes at once).")
+app.add_typer(keys_app, name="keys")
+KeysDataDir = Annotated[Path, typer.Option("--data-dir", help="The server's --data-dir")]
+
+
+def _key_store(data_dir: Path, *, create: bool = False):
+    """The data dir's store, closed when the command ends."""
+    from contextlib import closing
+
+    from tunekit.serve.store import Store
+
+    if not create and not (data_dir / "tunekit.db").is_file():
+        fail(TunekitError(Problem("--data-dir", f"{data_dir / 'tunekit.db'} does not exist",
+                                  "give the folder `tunekit serve --data-dir` uses")))
+    return closing(Store(data_dir))
+
+
+@keys_app.command("create")
+def keys_create(project: Annotated[str, typer.Option("--project", help="The project the key's requests belong to")],
+                data_dir: KeysDataDir = Path("serve-data")) -> None:
+    """Make a key of PROJECT and print it (once: only its hash is kept)."""
+    from tunekit.serve.keys import create_key
+
+    try:
+        with _key_store(data_dir, create=True) as store:
+            row, key = create_key(store, project)
+    except TunekitError as exc:
+        fail(exc)
+    sys.stdout.write(key + "\n")
+    err_console.print(f"[green]✓[/] {row['id']} of project {escape(project)} in {escape(str(data_dir))}: "
+                      "keep the key now, it is not shown again", highlight=False)
+
+
+@keys_app.command("list")
+def keys_list(data_dir: KeysDataDir = Path("serve-data")) -> None:
+    """Every key: id, project, created, last 4 characters, revoked."""
+    import time
+
+    from tunekit.serve.keys import PREFIX, list_keys
+
+    def utc(t: int) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+    console.print(f"{'ID':<17} {'PROJECT':<16} {'CREATED':<20} {'KEY':<10} REVOKED", highlight=False, markup=False)
+    with _key_store(data_dir) as store:
+        keys = list_keys(store)
+    for k in keys:
+        revoked = utc(k["revoked_at"]) if k["revoked_at"] else "no"
+        console.print(f"{k['id']:<17} {k['project']:<16} {utc(k['created_at']):<20} {PREFIX + '…' + k['last4']:<10} "
+                      f"{revoked}", highlight=False, markup=False, soft_wrap=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(metavar="ID", help="A key's id (key_...)")],
+                data_dir: KeysDataDir = Path("serve-data")) -> None:
+    """Revoke a key: requests with it get a 401 from now on, also on a running server."""
+    from tunekit.serve.keys import revoke_key
+
+    try:
+        with _key_store(data_dir) as store:
+            row = revoke_key(store, key_id)
+    except TunekitError as exc:
+        fail(exc)
+    console.print(f"[green]✓[/] {row['id']} (project {escape(row['project'])}) is revoked", highlight=False)
+
+
 @app.command("eval")
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A tunekit run dir (config.yaml + final/) or a model dir")],
@@ -501,8 +569,11 @@ def serve(
         fail(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     names = ", ".join(application.state.models)
+    from tunekit.serve.store import stored_keys_exist
+
+    guarded = keys or (data_dir is not None and stored_keys_exist(data_dir))
     err_console.print(f"[green]✓[/] serving {names} at http://{host}:{port}/v1"
-                      + ("" if keys else " (no API key: loopback only)"), highlight=False)
+                      + ("" if guarded else " (no API key: loopback only)"), highlight=False)
     uvicorn.run(application, host=host, port=port, access_log=False, log_level="warning",
                 timeout_graceful_shutdown=30)
 

@@ -68,4 +68,4 @@ def test_a_version_1_database_is_migrated_with_its_rows(tmp_path):
     store = Store(tmp_path)
     job = store.job("p", "ftjob-1")
     assert job["status"] == "succeeded" and job["model_deleted_at"] is None
-    assert SCHEMA_VERSION == 3 and store.evals("p") == []  # 3 added the Evals API tables
+    assert SCHEMA_VERSION == 4 and store.evals("p") == []  # 3 added the Evals API tables, 4 keys and permissions

@@ -7,13 +7,15 @@
 The dashboard (ui/) is served at `/`: static pages that call the same `/v1` API.
 
 Around every request (`_Guard`, a plain ASGI middleware so it also sees streamed replies end): API keys on `/v1` (when
-any are configured; each key belongs to a project: `PROJECT:KEY`), the request-body size limit, and one log line
-(method, path, status, latency, tokens).
+any are configured; each key belongs to a project: `PROJECT:KEY`, or a key made by `tunekit keys create` in the
+data dir's database, read on each request: keys.py), the request-body size limit, and one log line (method,
+path, status, latency, tokens).
 
 With `data_dir`, the app also serves OpenAI's Files and fine-tuning API (files.py, jobs.py): state in a SQLite
 store (store.py), jobs trained by `workers` subprocesses at a time (worker.py), fine-tuned models served here
 as soon as they are trained, visible to their project only; and the Evals API (evals.py, runs executed by
 eval_runner.py). The grader endpoints (graders.py) need no data dir; Python graders run in one sandbox per app.
+Checkpoint permissions (permissions.py) let a project use another project's fine-tuned model or checkpoint.
 Azure OpenAI's client works unchanged (azure.py): its `/openai/...` paths, `api-version` and `api-key` header
 are mapped onto the same `/v1` routes, and its deployments are names for served models.
 Errors of any kind leave in OpenAI's shape (`errors.APIError`); a bug gives a 500 with its message, logged
@@ -31,6 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,7 +51,9 @@ from tunekit.serve.evals import router as evals_router
 from tunekit.serve.files import router as files_router
 from tunekit.serve.graders import router as graders_router
 from tunekit.serve.jobs import router as jobs_router
-from tunekit.serve.store import DEFAULT_PROJECT, Store
+from tunekit.serve.keys import StoredKeys
+from tunekit.serve.permissions import router as permissions_router
+from tunekit.serve.store import DEFAULT_PROJECT, Store, stored_keys_exist
 from tunekit.serve.ui import add_dashboard
 
 log = logging.getLogger("tunekit.serve")
@@ -62,8 +67,9 @@ class ServeSettings(BaseModel):
     models: list[str] = Field(default_factory=list)  # MODEL arguments: dir, hub id, run dir or NAME=PATH
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    # KEY or PROJECT:KEY (a KEY alone belongs to the project "default"); empty: loopback only, any bearer
-    # accepted, everything in the project "local"
+    # KEY or PROJECT:KEY (a KEY alone belongs to the project "default"); beside the keys of the data dir's
+    # database (`tunekit keys`, keys.py). None of either: loopback only, any bearer accepted, everything in the
+    # project "local"
     api_keys: list[str] = Field(default_factory=list)
     data_dir: Path | None = None  # files, fine-tuning jobs and their runs (None: no /v1/files, /v1/fine_tuning)
     workers: int = Field(1, ge=1)  # fine-tuning jobs trained at once, each in its own process
@@ -106,11 +112,15 @@ def is_loopback(host: str) -> bool:
 
 
 def check_exposure(settings: ServeSettings) -> None:
-    """Refuse to listen beyond this machine without an API key."""
-    if not settings.api_keys and not is_loopback(settings.host):
-        raise TunekitError(Problem(
-            "--host", f"{settings.host} is reachable from other machines and no API key is set",
-            "pass --api-key KEY (or set TUNEKIT_API_KEYS=KEY1,KEY2), or bind 127.0.0.1"))
+    """Refuse to listen beyond this machine without an API key (given, or in the data dir's database)."""
+    if settings.api_keys or is_loopback(settings.host):
+        return
+    if settings.data_dir is not None and stored_keys_exist(settings.data_dir):
+        return
+    raise TunekitError(Problem(
+        "--host", f"{settings.host} is reachable from other machines and no API key is set",
+        "pass --api-key KEY (or set TUNEKIT_API_KEYS=KEY1,KEY2), make one with `tunekit keys create --project P "
+        "--data-dir DIR` and serve with that --data-dir, or bind 127.0.0.1"))
 
 
 def create_app(settings: ServeSettings, models: dict[str, Served] | None = None) -> FastAPI:
@@ -154,6 +164,8 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     app.state.settings, app.state.models, app.state.engine = settings, models, engine
     app.state.device, app.state.model_owner = device, {}  # model_owner: fine-tuned model -> its project
     app.state.store = Store(settings.data_dir) if settings.data_dir is not None else None
+    # project -> other projects' fine-tuned models it may use (permissions.py keeps this in step with the store)
+    app.state.shared_with = app.state.store.shared_models() if app.state.store is not None else {}
     worker = app.state.eval_runner = app.state.sandbox = None
     if app.state.store is not None:
         from tunekit.serve.eval_runner import EvalRunner
@@ -168,6 +180,7 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
     app.include_router(azure_router)
     app.include_router(files_router)
     app.include_router(jobs_router)
+    app.include_router(permissions_router)
     app.include_router(graders_router)
     app.include_router(evals_router)
     add_dashboard(app)
@@ -200,7 +213,8 @@ def create_app(settings: ServeSettings, models: dict[str, Served] | None = None)
         return api_error_response(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
                                            type="server_error", code="server_error"))
 
-    app.add_middleware(_Guard, settings=settings)
+    app.add_middleware(_Guard, settings=settings,
+                       stored=StoredKeys(app.state.store) if app.state.store is not None else None)
     app.add_middleware(AzurePaths)  # outermost: Azure's /openai/... paths become /v1/... before the guard
     return app
 
@@ -212,8 +226,8 @@ def api_error_response(error: APIError) -> JSONResponse:
 class _Guard:
     """ASGI middleware: API keys on /v1, body size limit, one log line per request."""
 
-    def __init__(self, app, settings: ServeSettings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings: ServeSettings, stored: StoredKeys | None = None):
+        self.app, self.settings, self.stored = app, settings, stored
         self.keys = [parse_key(k) for k in settings.api_keys]  # (key bytes, project)
 
     async def __call__(self, scope, receive, send):
@@ -237,7 +251,7 @@ class _Guard:
             await send(message)
 
         headers = dict(scope.get("headers") or [])
-        error = self._refusal(scope, headers)
+        error = await self._refusal(scope, headers)
         if error is not None:
             return await self._reply(error, logged_send)
 
@@ -264,19 +278,26 @@ class _Guard:
             return self.settings.max_upload_bytes + 2**16
         return self.settings.max_body_bytes
 
-    def _refusal(self, scope, headers: dict) -> APIError | None:
+    async def _refusal(self, scope, headers: dict) -> APIError | None:
         scope["state"]["project"] = DEFAULT_PROJECT
-        if self.keys and scope["path"].startswith("/v1"):
+        if scope["path"].startswith("/v1"):
             auth = headers.get(b"authorization", b"")
             token = auth[7:].strip() if auth[:7].lower() == b"bearer " else b""
             project = None
             for key, owner in self.keys:  # every key compared: the time taken does not tell which matched
                 if hmac.compare_digest(token, key):
                     project = owner
-            if project is None:
+            stored = None
+            if project is None and self.stored is not None:  # the database, off the event loop
+                stored = await anyio.to_thread.run_sync(self.stored.check, token.decode("latin-1"))
+                project = stored.project
+            if project is None and stored is not None and stored.revoked:
+                return APIError(401, f"The API key {stored.revoked} was revoked: use another key",
+                                code="invalid_api_key")
+            if project is None and (self.keys or (stored is not None and stored.required)):
                 return APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY with one of "
                                      "the server's keys", code="invalid_api_key")
-            scope["state"]["project"] = project
+            scope["state"]["project"] = project or DEFAULT_PROJECT
         length = headers.get(b"content-length")
         limit = self._limit(scope)
         if length is not None and length.isdigit() and int(length) > limit:

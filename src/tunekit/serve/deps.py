@@ -4,7 +4,9 @@ One rule of visibility for every route family: a file, a job or a fine-tuned mod
 API key that made it, and another project's object does not exist for a request (404), exactly as an unknown id.
 Files and jobs are looked up in the store under the request's project (`Store.file(project, id)`,
 `Store.job(project, id)`); served models go through `visible_models`, which is the same rule for models: the
-server's own models (given on its command line) are everyone's, a fine-tuned model is its project's.
+server's own models (given on its command line) are everyone's, a fine-tuned model is its project's, and also
+the projects' it was shared with by a checkpoint permission (permissions.py): chat, jobs (continued fine-tuning),
+evals and graders may then use it; managing it (its permissions, deleting it) stays with its own project.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ def store_of(request: Request) -> Store:
 
 
 def visible_models(state, project: str) -> dict[str, Served]:
-    """The served models `project` may use: the server's own, and its project's fine-tuned models."""
-    owners = state.model_owner
-    return {name: s for name, s in state.models.items() if owners.get(name) in (None, project)}
+    """The served models `project` may use: the server's own, its project's fine-tuned models, and the other
+    projects' fine-tuned models and checkpoints shared with it (`state.shared_with`, from the store)."""
+    owners, shared = state.model_owner, getattr(state, "shared_with", {}).get(project, frozenset())
+    return {name: s for name, s in state.models.items() if owners.get(name) in (None, project) or name in shared}
 
 
 def find_model(request: Request, name: str, *, status: int = 404) -> Served:

@@ -6,8 +6,9 @@ overrides: every problem is a 400 naming its param) and answers `validating_file
 OpenAI's error object, never the request. State conflicts (cancel a finished job, resume a running one)
 are 400s: the openai SDK retries 409.
 
-`model` is a model this server serves, or an earlier fine-tuned model of the same project (its `ft:` name
-or a checkpoint's `...:ckpt-step-N` name): continued fine-tuning trains a new LoRA adapter on top of the
+`model` is a model this server serves, or an earlier fine-tuned model of the same project, or of another
+project that gave this one a checkpoint permission (permissions.py) (its `ft:` name or a checkpoint's
+`...:ckpt-step-N` name): continued fine-tuning trains a new LoRA adapter on top of the
 earlier adapter merged into its base (tunekit's `model.previous_adapter: merge`).
 
 `method` is `supervised` (the default; chat, completion or text files), `dpo` (preference pairs; tunekit's
@@ -502,7 +503,11 @@ def delete_model(request: Request, model_id: str) -> dict:
     """Stop serving a fine-tuned model of this project (and its checkpoints); its job and files stay."""
     store, state = store_of(request), request.app.state
     find_model(request, model_id)  # another project's model does not exist here
-    job = store.job_by_model(model_id) if state.model_owner.get(model_id) is not None else None
+    owner = state.model_owner.get(model_id)
+    if owner is not None and owner != project_of(request):  # shared with this project (permissions.py)
+        raise APIError(403, f"{model_id!r} belongs to another project, which shared it with this one: only its "
+                            "own project can delete it", param="model", code="permission_denied")
+    job = store.job_by_model(model_id) if owner is not None else None
     if job is None:
         raise APIError(400, f"{model_id!r} is not a fine-tuned model (a served base or a checkpoint): only "
                             "fine-tuned models can be deleted", param="model")

@@ -1,7 +1,7 @@
 """The server's state: one SQLite database (WAL) and a content-addressed folder of uploaded files.
 
     DATA_DIR/tunekit.db          files, jobs, events, checkpoints, evals, eval runs and output items,
-                                 schema_version
+                                 API keys (hashed), checkpoint permissions, schema_version
     DATA_DIR/blobs/SHA256        file contents, written to a temporary name, fsynced, then renamed
     DATA_DIR/jobs/JOB_ID/        a job's training config, data and run dir (see worker.py)
 
@@ -80,6 +80,19 @@ MIGRATIONS: dict[int, list[str]] = {
             datasource_item_id INTEGER NOT NULL, datasource_item TEXT NOT NULL, results TEXT NOT NULL,
             sample TEXT NOT NULL, usage TEXT NOT NULL, UNIQUE (run_id, datasource_item_id))""",
         "CREATE INDEX eval_output_items_run ON eval_output_items (run_id, seq)",
+    ],
+    # API keys kept here (serve/keys.py: `tunekit keys`): a salted hash of each, never the key; and checkpoint
+    # permissions (serve/permissions.py): `project_id` may use the fine-tuned model or checkpoint `checkpoint`
+    # of `project`
+    4: [
+        """CREATE TABLE api_keys (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, project TEXT NOT NULL,
+            created_at INTEGER NOT NULL, salt TEXT NOT NULL, hash TEXT NOT NULL, last4 TEXT NOT NULL,
+            revoked_at INTEGER)""",
+        """CREATE TABLE checkpoint_permissions (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, checkpoint TEXT NOT NULL,
+            project TEXT NOT NULL, project_id TEXT NOT NULL, created_at INTEGER NOT NULL,
+            UNIQUE (checkpoint, project_id))""",
     ],
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -363,6 +376,70 @@ class Store:
         """In row order."""
         sql = "SELECT * FROM eval_output_items WHERE run_id = ?" + (" AND status = ?" if status else "")
         return self._rows(sql + " ORDER BY datasource_item_id", (run_id, status) if status else (run_id,))
+
+    # ---- API keys (serve/keys.py makes and checks them; only their salted hashes are here)
+
+    def add_key(self, row: dict) -> None:
+        self._insert("api_keys", row)
+
+    def key(self, id: str) -> dict | None:
+        return self._one("SELECT * FROM api_keys WHERE id = ?", (id,))
+
+    def keys(self) -> list[dict]:
+        """Oldest first."""
+        return self._rows("SELECT * FROM api_keys ORDER BY seq")
+
+    def has_keys(self) -> bool:
+        """Whether any key was ever made here (revoked ones count: revoking the last key must not open the
+        server to requests without one)."""
+        return self._one("SELECT 1 AS x FROM api_keys LIMIT 1") is not None
+
+    def revoke_key(self, id: str) -> bool:
+        """Mark key `id` revoked; False when there is no such key or it was revoked already."""
+        return self._exec("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now(), id)) > 0
+
+    # ---- checkpoint permissions (oldest first)
+
+    def add_permissions(self, rows: list[dict]) -> None:
+        """All of them or, when one is there already (UNIQUE checkpoint, project_id), none."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    self._db.execute(f"INSERT INTO checkpoint_permissions ({', '.join(row)}) "
+                                     f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def permissions(self, checkpoint: str) -> list[dict]:
+        return self._rows("SELECT * FROM checkpoint_permissions WHERE checkpoint = ? ORDER BY seq", (checkpoint,))
+
+    def delete_permission(self, checkpoint: str, id: str) -> bool:
+        return self._exec("DELETE FROM checkpoint_permissions WHERE checkpoint = ? AND id = ?", (checkpoint, id)) > 0
+
+    def shared_models(self) -> dict[str, frozenset[str]]:
+        """project -> the fine-tuned models and checkpoints of other projects it was given permission to use."""
+        out: dict[str, set[str]] = {}
+        for row in self._rows("SELECT checkpoint, project_id FROM checkpoint_permissions"):
+            out.setdefault(row["project_id"], set()).add(row["checkpoint"])
+        return {project: frozenset(names) for project, names in out.items()}
+
+
+def stored_keys_exist(data_dir: Path) -> bool:
+    """Whether DATA_DIR's database holds API keys, read without creating or migrating anything (the check
+    before a server binds a non-loopback address)."""
+    path = Path(data_dir).expanduser() / "tunekit.db"
+    if not path.is_file():
+        return False
+    db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'").fetchone() is None:
+            return False
+        return db.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
+    finally:
+        db.close()
 
 
 def _decode(row: sqlite3.Row) -> dict:
