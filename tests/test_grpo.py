@@ -14,7 +14,7 @@ from toy_runs import WORDS, toy_config
 from tunekit.config import GrpoConfig
 from tunekit.data.pack import collate_padded
 from tunekit.data.types import IGNORE, Sequence
-from tunekit.errors import ConfigError
+from tunekit.errors import ConfigError, TunekitError
 from tunekit.model import apply_method, load_base
 from tunekit.train import grpo
 from tunekit.train.checkpoint import list_checkpoints
@@ -330,3 +330,47 @@ def test_resume_after_a_stop_repeats_rewards_and_losses(tmp_path, tiny_llama_dir
     wa = load_file(str(tmp_path / "whole" / "final" / "adapter_model.safetensors"))
     wb = load_file(str(tmp_path / "parts" / "final" / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_grader_failing_on_every_completion_stops_the_run_before_it_trains(tmp_path, tiny_llama_dir):
+    """Every grade failing (a python grader that raises) ends the run at its first generation with the grader's
+    message; one failing on some completions scores them 0, counts them, and the run goes on."""
+    boom = {"type": "python", "name": "boom", "source": "def grade(sample, item):\n    raise ValueError('boom')\n"}
+    with pytest.raises(TunekitError) as err:
+        train(grpo_config(tmp_path, tiny_llama_dir, out="boom", grader=boom, train={"max_steps": 2}))
+    (problem,) = err.value.problems
+    assert problem.where == "grpo.grader" and "every one of the 8 completions" in problem.message
+    assert "boom" in problem.message
+    assert list_checkpoints(tmp_path / "boom") == [] and (tmp_path / "boom" / "metrics.jsonl").read_text() == ""
+    some = {"type": "python", "name": "some", "source": "def grade(sample, item):\n"
+            "    if 'e' not in sample['output_text']:\n        raise ValueError('no e')\n    return 1.0\n"}
+    train(grpo_config(tmp_path, tiny_llama_dir, out="some", grader=some, train={"max_steps": 3}))
+    rows = metrics_of(tmp_path / "some")
+    assert len(rows) == 3 and all(0 <= r["grader_error_share"] < 1 for r in rows)
+    assert any(r["grader_error_share"] > 0 for r in rows)
+    assert all(r["reward_mean"] == pytest.approx(1 - r["grader_error_share"]) for r in rows)
+
+
+def test_model_graders_answer_with_the_judges_of_grpo_judges(tmp_path, tiny_llama_dir):
+    """A score_model grader's `model` must be mapped in grpo.judges to a local model (refused up front
+    otherwise); the reward's judge is that model, loaded once in the training process."""
+    judge = {"type": "score_model", "name": "judge", "model": "my-judge", "range": [0, 1],
+             "input": [{"role": "user", "content": "Rate 0 to 1: {{sample.output_text}}"}]}
+    cfg = grpo_config(tmp_path, tiny_llama_dir, grader=judge)
+    (problem,) = check_setup(cfg, resume=False)
+    assert problem.where == "grpo.judges" and "my-judge" in problem.message and "grpo.judges" in problem.hint
+    cfg = grpo_config(tmp_path, tiny_llama_dir, grader=judge, grpo={"judges": {"my-judge": str(tmp_path)}})
+    (problem,) = check_setup(cfg, resume=False)
+    assert problem.where == "grpo.judges.my-judge" and "not a model dir" in problem.message
+    cfg = grpo_config(tmp_path, tiny_llama_dir, grader=judge, grpo={"judges": {"my-judge": str(tiny_llama_dir)}})
+    assert check_setup(cfg, resume=False) == []
+    rewarder = grpo.Rewarder(judge, cfg.grpo.judges, "cpu")
+    from tunekit.eval.graders import grade
+    from tunekit.eval.grading import LocalJudge, sample_of
+
+    mine = rewarder.score("a reply", {})
+    theirs = grade(judge, sample_of("a reply"), {}, judge=LocalJudge({"my-judge": str(tiny_llama_dir)}, device="cpu"),
+                   sandbox=None)
+    assert list(rewarder.judge.loaded) == ["my-judge"]  # the judge model answered
+    assert (mine.reward, mine.error_message) == (theirs.reward, theirs.error_message)
+    rewarder.close()

@@ -178,6 +178,9 @@ class GrpoConfig(Section):
     scale_rewards: bool = True
     # Completions the engine runs at once during rollouts (bounds the KV cache).
     generation_batch_size: Annotated[int, Field(ge=1)] = 64
+    # The judges of score_model / label_model graders: the grader's `model` name -> a local model dir or run
+    # (loaded once in the training process, answering greedily with its chat template).
+    judges: dict[str, Path] = Field(default_factory=dict)
 
 
 class EvalConfig(Section):
@@ -427,6 +430,7 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> RunConfig:
     cfg.output.dir = fix(cfg.output.dir)
     if isinstance(cfg.grpo.grader, Path):
         cfg.grpo.grader = fix(cfg.grpo.grader)
+    cfg.grpo.judges = {name: fix(path) for name, path in cfg.grpo.judges.items()}
     local_base = base_dir / cfg.model.base
     if not Path(cfg.model.base).is_absolute() and local_base.exists():
         cfg.model.base = str(local_base.resolve())

@@ -45,8 +45,8 @@ from tunekit.train.sft import forward_hidden
 
 # Sums over a micro-batch's completion tokens that `forward` returns beside the loss.
 STATS = ("kl", "clipped", "ratio")
-# Grader types a reward can use: score_model / label_model would need a judge model during training (not built).
-REWARD_TYPES = ("string_check", "text_similarity", "python", "multi")
+# Grader types a reward can use; score_model / label_model answer with a local judge model (grpo.judges).
+REWARD_TYPES = ("string_check", "text_similarity", "python", "score_model", "multi")  # OpenAI's RFT union
 # Where a run's mid-generation rollouts are kept in a checkpoint's state (steps_per_generation > 1).
 STATE_KEY = "grpo_rollouts"
 
@@ -100,6 +100,23 @@ def _uses(grader: dict, kind: str) -> bool:
     return any(g.get("type") == kind for g in leaf_graders(grader))
 
 
+def _judge_problems(grader: dict, g: GrpoConfig) -> list[Problem]:
+    """Every judge model the grader names must be a key of grpo.judges naming a local model dir or run."""
+    from tunekit.eval.grading import judge_models
+
+    problems = []
+    for name in sorted(judge_models([grader])):
+        path = g.judges.get(name)
+        if path is None:
+            problems.append(Problem("grpo.judges", f"the grader's judge model {name!r} is not in grpo.judges",
+                                    f"map it to a local model dir or run: grpo.judges: {{{name}: PATH}} (a model "
+                                    "grader's judge answers in the training process)"))
+        elif not (Path(path) / "config.json").is_file() and not (Path(path) / "final").is_dir():
+            problems.append(Problem(f"grpo.judges.{name}", f"{path} is not a model dir (no config.json) or a run "
+                                    "(no final/)", "give the dir of a saved model, or a tunekit run dir"))
+    return problems
+
+
 def check(cfg: RunConfig, world_size: int) -> list[Problem]:
     """Everything objective: grpo cannot run, found before any weight loads: the grader (checked against the
     fields of the training lines), data files that are not prompts (named by line), the reference, processes."""
@@ -129,6 +146,8 @@ def check(cfg: RunConfig, world_size: int) -> list[Problem]:
                     break
         except (OSError, TunekitError):
             continue  # unreadable: the data layer names it
+    if grader is not None and not problems:
+        problems += _judge_problems(grader, g)
     if g.beta > 0 and cfg.method == "full":
         problems.append(Problem("grpo.beta", "the KL reference is the model with its adapter switched off; full "
                                 "fine-tuning has no adapter (and a second copy of the model is never kept)",
@@ -265,17 +284,20 @@ class Rewarder:
     """The grader as a reward: `score(text, item) -> GradeResult`; a python sandbox is opened when the grader
     runs python, and closed by `close`."""
 
-    def __init__(self, grader: dict):
+    def __init__(self, grader: dict, judges: dict[str, Path] | None = None, device: str = "auto"):
         from tunekit.eval.graders import PythonSandbox
+        from tunekit.eval.grading import LocalJudge, judge_models
 
         self.grader = grader
         self.sandbox = PythonSandbox(workers=2) if _uses(grader, "python") else None
+        names = judge_models([grader])  # loaded on first use, once for the run
+        self.judge = LocalJudge({n: str((judges or {})[n]) for n in names}, device=device) if names else None
 
     def score(self, text: str, item: dict):
         from tunekit.eval.graders import grade
         from tunekit.eval.grading import sample_of
 
-        return grade(self.grader, sample_of(text), item, judge=None, sandbox=self.sandbox)
+        return grade(self.grader, sample_of(text), item, judge=self.judge, sandbox=self.sandbox)
 
     def close(self) -> None:
         if self.sandbox is not None:
@@ -313,6 +335,7 @@ class Rollouts:
     seconds: float  # generation wall time (grading not included)
     peak_mb: float | None  # CUDA memory peak of the generation
     generated: int = 0  # tokens generated in `seconds` (all of the generation's steps)
+    first_error: str | None = None  # the first failed grade's message
 
     def to_state(self) -> dict:
         return asdict(self)
@@ -328,7 +351,7 @@ class Rollouts:
         return Rollouts(self.first_step, pick(self.step_of), pick(self.group_of), pick(self.prompts),
                         pick(self.completions), pick(self.stopped), pick(self.rewards),
                         {k: pick(v) for k, v in self.sub_rewards.items()}, pick(self.errors), pick(self.advantages),
-                        None, self.seconds, self.peak_mb, self.generated)
+                        None, self.seconds, self.peak_mb, self.generated, self.first_error)
 
     @staticmethod
     def joined(parts: list[Rollouts]) -> Rollouts:
@@ -373,6 +396,20 @@ class Rollouts:
         if self.peak_mb is not None:
             out["rollout_peak_mb"] = self.peak_mb
         return out
+
+
+def check_grades(r: Rollouts, d: Dist) -> None:
+    """A grader that fails on every completion of a generation stops the run there, with its message (rather
+    than an epoch of zero rewards and no signal). Called on every rank (the decision is collective)."""
+    from tunekit.train.distributed import sum_
+
+    failed, total = sum_([float(sum(r.errors)), float(len(r.errors))], d)
+    if total and failed == total:
+        message = next((m for m in gather_objects(r.first_error, d) if m), None) if d.on else r.first_error
+        raise TunekitError(Problem("grpo.grader", f"the grader failed on every one of the {int(total)} completions "
+                                   f"sampled at step {r.first_step + 1}: {message}",
+                                   "fix the grader (try it with `tunekit eval --grader` on a few replies) and "
+                                   "train again; grades that fail on some completions score 0 and are counted"))
 
 
 def step_rollouts(r: Rollouts, step: int, d: Dist) -> Rollouts:
@@ -449,6 +486,8 @@ def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: Grpo
             out.stopped.append(bool(ids) and ids[-1] in stop)
             out.rewards.append(float(result.reward))
             out.errors.append(result.error_message is not None)
+            if result.error_message is not None and out.first_error is None:
+                out.first_error = result.error_message
             if rewarder.grader.get("type") == "multi":
                 for name, value in result.sub_rewards.items():
                     out.sub_rewards.setdefault(name, []).append(float(value))

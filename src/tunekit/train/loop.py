@@ -542,7 +542,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             f"{g.temperature:g}, top_p {g.top_p:g}, beta {g.beta:g}" + (" (reference: adapter-off)" if g.beta else "")
             + f", epsilon {g.epsilon:g}, loss_norm {g.loss_norm}, {g.steps_per_generation} step(s) per generation",
             highlight=False)
-        rewarder = grpo.Rewarder(grpo.load_grader(cfg)[0])  # a python grader's sandbox opens here
+        rewarder = grpo.Rewarder(grpo.load_grader(cfg)[0], g.judges, cfg.train.device)  # python: sandbox opens
         stop_ids = list(end_of_turn_ids(tokenizer))
         valid_batches = grpo.ValidPrompts(data.valid, rewarder, tokenizer, stop_ids, pad_id, d)
 
@@ -605,6 +605,13 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                                                                           plan.batch_size, plan.steps_per_epoch)]
                                 for s in steps], step, g, rewarder, tokenizer, stop_ids, pad_id, cfg.train.seed,
                         rank=d.rank, world=d.world_size)
+                    if step == first_step:  # a grader failing on everything stops the run before it trains
+                        try:
+                            grpo.check_grades(rollouts, d)
+                        except TunekitError:
+                            tracking.close()
+                            rewarder.close()
+                            raise
                     if g.steps_per_generation > 1:  # the ratio's denominator, before any update on them
                         rollouts.old_logps = grpo.old_logps(model, rollouts, plan.micro_batch_size, pad_id,
                                                             cfg.train.lm_head_chunk)
@@ -675,6 +682,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 tracking.log(row)
                 if not console.is_terminal:
                     extra = f"  reward {row['reward_mean']:.3f}" if rl else ""
+                    if rl and row["grader_error_share"]:
+                        extra += f" (grader failed on {row['grader_error_share']:.0%}, scored 0)"
                     valid = row.get("valid_reward_mean" if rl else "valid_loss")
                     extra += f"  valid {valid:.4f}" if do_eval else ""
                     say(f"step {step}/{plan.total_steps}  loss {last_loss:.4f}{extra}  "
