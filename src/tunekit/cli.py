@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from tunekit.errors import Problem, TunekitError
+from tunekit.errors import ERROR_FILE_ENV, Problem, TunekitError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Check, see, train and evaluate fine-tunes of open LLMs on OpenAI-format chat data.")
@@ -35,6 +35,14 @@ Overrides = Annotated[list[str] | None, typer.Argument(help="Dotted overrides, e
 def fail(exc: TunekitError, code: int = 1) -> None:
     if os.environ.get("RANK", "0") != "0":  # several processes: the main one (rank 0) reports
         raise typer.Exit(code)
+    if os.environ.get(ERROR_FILE_ENV):  # a job's training: its worker reads the error from there
+        import json
+
+        from tunekit.fsio import write_text_atomic
+
+        write_text_atomic(Path(os.environ[ERROR_FILE_ENV]), json.dumps(
+            {"title": exc.title, "problems": [{"where": p.where, "message": p.message, "hint": p.hint}
+                                              for p in exc.problems]}))
     if exc.title:
         err_console.print(f"[bold red]error:[/] {escape(exc.title)}", highlight=False)
     for problem in exc.problems:
@@ -610,6 +618,45 @@ def export_cmd(
     console.print(f"[green]✓[/] {result.fmt} export in {result.out} ({result.seconds:.1f} s)", highlight=False)
     if result.command:
         console.print(f"run it: {result.command}", highlight=False, markup=False)
+
+
+@app.command("migrate")
+def migrate_cmd(
+    from_base_url: Annotated[str, typer.Option("--from-base-url", help="The source API")] = "https://api.openai.com/v1",
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="OPENAI_API_KEY", show_default=False,
+                                                help="The source account's key (default: $OPENAI_API_KEY)")] = None,
+    model_map: Annotated[list[str] | None, typer.Option("--model-map", help="SOURCE_MODEL=BASE, repeatable: the open "
+                                                        "base each source model trains on here (a folder: a model "
+                                                        "dir, run dir or hub id; a server: a model it serves)")] = None,
+    to: Annotated[str, typer.Option("--to", help="A folder (a run config per job) or a tunekit server's "
+                                                 "http://HOST:PORT/v1 (queued jobs)")] = "migrated",
+    to_api_key: Annotated[str | None, typer.Option("--to-api-key", help="The destination server's key")] = None,
+    values: Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE tunekit config values every job gets "
+                                                     "(a job's `tunekit` object), e.g. lora.r=32; repeatable")] = None,
+    job: Annotated[list[str] | None, typer.Option("--job", help="Only this source job (repeatable; failed and "
+                                                                "cancelled jobs are carried only so)")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="A server destination: where the fetched "
+                                                   "files and the state are kept (default: tunekit-migrate)")] = None,
+    run: Annotated[bool, typer.Option("--run", help="Carry it out (default: print the plan, write nothing)")] = False,
+) -> None:
+    """Bring an OpenAI account's fine-tuning jobs and their files over: a folder of run configs, or queued jobs on a
+    tunekit server. Prints the plan and writes nothing without --run; resumable, nothing fetched twice."""
+    try:
+        from tunekit.migrate import describe, migrate
+
+        plan = migrate(source=from_base_url, api_key=api_key, model_map=model_map or [], to=to, to_api_key=to_api_key,
+                       values=values or [], jobs=job or [], state_dir=state_dir, run=run,
+                       log=lambda message: err_console.print(f"[dim]{escape(message)}[/]", highlight=False))
+    except ImportError as exc:
+        from tunekit.errors import install_command
+
+        fail(TunekitError(Problem("tunekit migrate", f"needs the serve extra ({exc.name} is not installed)",
+                                  install_command("serve"))))
+    except TunekitError as exc:
+        fail(exc)
+    for line in describe(plan):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(1 if plan.failed else 0)
 
 
 def main() -> None:

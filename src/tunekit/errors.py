@@ -54,3 +54,8 @@ class DataError(TunekitError):
 
 class TemplateError(TunekitError):
     """A chat template cannot be rendered or masked safely for an example."""
+
+
+# The environment variable naming a file where the CLI also writes the error it reports, as JSON ({title,
+# problems: [{where, message, hint}]}): `tunekit serve`'s worker sets it for the training it starts.
+ERROR_FILE_ENV = "TUNEKIT_ERROR_FILE"

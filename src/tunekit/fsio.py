@@ -36,3 +36,18 @@ def publish_dir(tmp: Path, dest: Path) -> None:
     else:
         os.replace(tmp, dest)
     fsync_dir(dest.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder, synced and renamed into place: a
+    reader sees the old file or the new one, never part of it."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))

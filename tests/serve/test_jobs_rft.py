@@ -13,6 +13,7 @@ import json
 import random
 
 import pytest
+import yaml
 
 openai = pytest.importorskip("openai", reason="tunekit serve tests need the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="uploads need python-multipart (the serve extra)")
@@ -187,6 +188,26 @@ def test_dashboard_draws_the_reward_chart(server, rft_job):
     assert "reinforcement, grader says the word" in header and errors == []
 
 
+def test_a_model_grader_is_judged_by_a_served_model_and_a_grader_failing_everywhere_fails_the_job(server, prompts):
+    """A score_model reward whose `model` is a served model: the job's config maps it in grpo.judges to that
+    model's path (its judge answers in the training process). The tiny random judge's replies are no score, so
+    every grade fails: the job fails at its first generation (8 prompts x 4) with the grader's message, not after an epoch of
+    zero rewards."""
+    url, _, data_dir = server
+    client = sdk(url)
+    judge = {"type": "score_model", "name": "judge", "model": "tiny", "range": [0, 1],
+             "input": [{"role": "user", "content": "Score 0 to 1: {{sample.output_text}}"}]}
+    created = client.fine_tuning.jobs.create(model="tiny", training_file=prompts[0].id, method=rft(judge),
+                                             extra_body=tiny())
+    done = wait_for(client, created.id, DONE)
+    config = yaml.safe_load((data_dir / "jobs" / created.id / "run" / "config.yaml").read_text())
+    assert config["grpo"]["judges"] == {"tiny": str(server[1].state.models["tiny"].path)}
+    assert done.status == "failed", done
+    assert done.error.message.startswith("training stopped: grpo.grader: the grader failed on every one of the 32 "
+                                         "completions sampled at step 1: the judge's reply has no numeric result")
+    assert done.error.param == "grpo.grader" and done.error.code == "training_failed"
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: 400 at create, naming the field, and no job made
 
@@ -196,11 +217,16 @@ BAD = [
      "method.reinforcement.grader.reference", "missing: a string_check grader needs reference"),
     (rft({**GRADER, "reference": "{{item.label}}"}), {}, "method.reinforcement.grader.reference", "label"),
     (rft({**GRADER, "operation": "contains"}), {}, "method.reinforcement.grader.operation", "unknown operation"),
-    (rft({"type": "score_model", "name": "judge", "model": "tiny", "input": [{"role": "user", "content": "hi"}]}), {},
-     "method.reinforcement.grader.type", "score_model graders are not supported as rewards yet"),
+    (rft({"type": "score_model", "name": "judge", "model": "gpt-4o-2024-08-06",
+          "input": [{"role": "user", "content": "hi"}]}), {},
+     "method.reinforcement.grader.model", "the judge model 'gpt-4o-2024-08-06' is not served here (models: "),
     (rft({"type": "multi", "name": "m", "calculate_output": "a", "graders": {"a": {
-        "type": "label_model", "name": "a", "model": "tiny", "input": [], "labels": ["x"], "passing_labels": ["x"]}}}),
-     {}, "method.reinforcement.grader.graders.a.type", "label_model graders are not supported"),
+        "type": "label_model", "name": "a", "model": "nope", "input": [{"role": "user", "content": "x?"}],
+        "labels": ["x"], "passing_labels": ["x"]}}}),
+     {}, "method.reinforcement.grader.graders.a.model", "the judge model 'nope' is not served here"),
+    (rft({"type": "label_model", "name": "a", "model": "tiny", "input": [], "labels": ["x"], "passing_labels": ["x"]}),
+     {}, "method.reinforcement.grader.type", "label_model"),
+    (rft(), {"grpo.judges": {"tiny": "/tmp"}}, "tunekit.grpo.judges.tiny", "is set by the job itself"),
     ({"type": "reinforcement", "reinforcement": {}}, {}, "method.reinforcement.grader", ""),
     ({"type": "reinforcement"}, {}, "method.reinforcement", "needs method.reinforcement with its grader"),
     (rft(compute_multiplier=0), {}, "method.reinforcement.hyperparameters.compute_multiplier",

@@ -27,7 +27,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 from pydantic_core import PydanticCustomError
 
-from tunekit.serve.deps import find_model, project_of, store_of
+from tunekit.serve.deps import find_model, project_of, store_of, visible_models
 from tunekit.serve.errors import APIError
 from tunekit.serve.files import find_file, first_format, item_keys
 from tunekit.serve.store import new_id, now, page
@@ -319,25 +319,41 @@ def requested_method(body: CreateJob) -> tuple[str, dict]:
 
 def check_reward(grader: dict, path) -> None:
     """A reinforcement job's grader against the fields of its training file's first lines: 400 listing every
-    problem, `param` the JSON path of the first (method.reinforcement.grader...). Model graders are refused:
-    their judge model would have to answer during training, which tunekit does not do yet."""
-    from tunekit.eval.graders import check_grader, multi_graders
+    problem, `param` the JSON path of the first (method.reinforcement.grader...)."""
+    from tunekit.eval.graders import check_grader
     from tunekit.train.grpo import REWARD_TYPES
 
-    where = "method.reinforcement.grader"
-    subs = multi_graders(grader.get("graders")) if grader.get("type") == "multi" else None
-    for name, sub in [(None, grader)] + list((subs or {}).items()):
-        kind = sub.get("type") if isinstance(sub, dict) else None
-        if kind in MODEL_GRADERS:
-            at = f"{where}.type" if name is None else f"{where}.graders.{name}.type"
-            raise APIError(400, f"{at}: {kind} graders are not supported as rewards yet: a model grader needs a judge "
-                                "model answering during training, which tunekit does not run", param=at,
-                           hint="use string_check, text_similarity, python or a multi of them (a python grader "
-                                "can score what a judge would check)")
-    problems = check_grader(grader, item_keys=item_keys(path), where=where, allowed=REWARD_TYPES)
+    problems = check_grader(grader, item_keys=item_keys(path), where="method.reinforcement.grader",
+                            allowed=REWARD_TYPES)
     if problems:
         message = "; ".join(f"{p.where}: {p.message}" + (f" ({p.hint})" if p.hint else "") for p in problems)
         raise APIError(400, f"invalid grader: {message}", param=problems[0].where)
+
+
+def reward_judges(state, project: str, grader: dict) -> dict[str, str]:
+    """The judges of a reinforcement job's model graders (score_model, or label_model inside a multi): each
+    grader's `model` must be a model this project may use here (a served model, one of its fine-tuned models or
+    checkpoints, or one shared with it), which answers in the training process; else a 400 naming the grader's
+    `model` (model_not_found)."""
+    from tunekit.eval.graders import multi_graders
+
+    where = "method.reinforcement.grader"
+    subs = multi_graders(grader.get("graders")) if grader.get("type") == "multi" else None
+    judges: dict[str, str] = {}
+    for name, sub in [(None, grader)] + list((subs or {}).items()):
+        if not isinstance(sub, dict) or sub.get("type") not in MODEL_GRADERS:
+            continue
+        model = sub["model"]
+        served = visible_models(state, project).get(model)
+        at = f"{where}.model" if name is None else f"{where}.graders.{name}.model"
+        if served is None:
+            raise APIError(400, f"{at}: the judge model {model!r} is not served here (models: "
+                                f"{', '.join(sorted(visible_models(state, project))) or 'none'})", param=at,
+                           code="model_not_found", hint="name a model this server serves (`tunekit serve --model`) "
+                                                        "or a fine-tuned model of this project: it answers each grade "
+                                                        "during training")
+        judges[model] = served.path
+    return judges
 
 
 def _check_format(path, row: dict, param: str, kind: str) -> None:
@@ -386,7 +402,9 @@ def create_job(request: Request, body: CreateJob) -> dict:
     grader = body.method.reinforcement.grader if kind == "reinforcement" else None
     if grader is not None:
         check_reward(grader, store.blob_path(training["sha256"]))
-    overrides = check_overrides(body.tunekit or {}, context, objective=objective, grader=grader, hp=hp)
+    judges = reward_judges(request.app.state, project, grader) if grader is not None else {}
+    overrides = check_overrides(body.tunekit or {}, context, objective=objective, grader=grader, hp=hp,
+                                judges=judges)
     job_id = new_id("ftjob-")
     seed = body.seed if body.seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2147483647
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tunekit.errors import ERROR_FILE_ENV
 from tunekit.serve.deps import visible_models
 from tunekit.serve.errors import APIError
 from tunekit.serve.store import Store, new_id, now
@@ -43,11 +44,12 @@ from tunekit.train import hyper, trackers
 
 log = logging.getLogger("tunekit.serve")
 
+ERROR_FILE = "error.json"  # in a job's folder: the error its training reported (tunekit.cli.fail)
 MIN_EXAMPLES = 10  # OpenAI's minimum training examples
 # Config fields a job's `tunekit` object may not set: the server chooses them.
 RESERVED = ("model", "data.train", "data.validation", "output.dir", "output.overwrite", "output.wandb",
             "output.mlflow", "output.tensorboard", "eval.data", "train.epochs", "train.batch_size", "train.lr",
-            "train.seed", "objective", "dpo.beta", "grpo.grader")
+            "train.seed", "objective", "dpo.beta", "grpo.grader", "grpo.judges")
 SERVE_DEFAULTS = {"train": {"save_every": 50, "keep_last": 3, "log_every": 1, "warmup_ratio": 0.0},
                   "eval": {"baselines": ["base", "few-shot:3"], "max_new_tokens": 128}}
 TRAIN_LOG_TAIL = 1500  # characters of a failed run's output kept in the job's error message
@@ -144,6 +146,25 @@ def resolve_rft(hp: dict, overrides: dict, examples: int) -> dict:
     return hp
 
 
+def resolve_hyperparameters(hp: dict, overrides: dict, examples: int, objective: str) -> dict:
+    """A job's "auto" hyperparameters resolved from its training examples (pairs for DPO, prompts for
+    reinforcement), as the job's files are validated (and as `tunekit migrate` recreates a job)."""
+    hp = dict(hp)
+    if hp["n_epochs"] == "auto":
+        hp["n_epochs"] = hyper.auto_epochs(examples)
+    if objective == "grpo":  # batch_size is prompts per step: its own "auto" (before the rows rule below)
+        hp = resolve_rft(hp, overrides, examples)
+    max_len = overrides.get("data", {}).get("max_len", 1024)
+    batch_tokens = overrides.get("train", {}).get("batch_tokens", 16384)
+    if hp["batch_size"] == "auto":
+        hp["batch_size"] = hyper.auto_batch_size(batch_tokens, max_len, objective)
+    if hp["learning_rate_multiplier"] == "auto":
+        hp["learning_rate_multiplier"] = 1.0
+    if hp.get("beta") == "auto":
+        hp["beta"] = hyper.auto_beta()
+    return hp
+
+
 def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path, hp: dict, seed: int,
                overrides: dict, integrations: list | None, job_id: str) -> dict:
     """The `tunekit train` config of a job (a plain dict; `config_from_dict` validates it)."""
@@ -174,12 +195,13 @@ def run_config(*, base: str, train: Path, validation: Path | None, run_dir: Path
 
 
 def check_overrides(values: dict, context: int, objective: str = "sft", grader: dict | None = None,
-                    hp: dict | None = None) -> dict:
+                    hp: dict | None = None, judges: dict[str, str] | None = None) -> dict:
     """The job's `tunekit` object as nested config values, validated by tunekit's config (400 listing every
     problem, `param` naming the first as tunekit.SECTION.KEY); data.max_len defaults to min(1024, context).
     A DPO job's values get `objective: dpo` and are checked by the preference objective's rules too; a
     reinforcement job's get `objective: grpo` and `grpo.grader` (`grader`, already checked) and are checked by
-    grpo's rules; its `hp` (method.reinforcement.hyperparameters) may not set what tunekit values set too."""
+    grpo's rules; its `hp` (method.reinforcement.hyperparameters) may not set what tunekit values set too. A
+    model grader's judges (`judges`: model name -> served path) become grpo.judges."""
     from tunekit.config import config_from_dict
     from tunekit.errors import ConfigError
 
@@ -210,7 +232,7 @@ def check_overrides(values: dict, context: int, objective: str = "sft", grader: 
                                hint=f"give one of them (docs/grpo.md, Jobs API: {mine} -> {theirs}.{key})")
         nested["objective"] = "grpo"
         trial_group = nested.get("grpo", {}).get("group_size", RFT_GROUP_SIZE)
-        nested["grpo"] = {**nested.get("grpo", {}), "grader": grader}
+        nested["grpo"] = {**nested.get("grpo", {}), "grader": grader, **({"judges": judges} if judges else {})}
     nested.setdefault("data", {}).setdefault("max_len", max(16, min(1024, context)))
     hp = {"n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": hyper.auto_beta(),
           "eval_interval": 1, "compute_multiplier": trial_group / RFT_GROUP_SIZE}
@@ -237,6 +259,19 @@ def check_overrides(values: dict, context: int, objective: str = "sft", grader: 
                             for w, p in zip(where, exc.problems, strict=True))
         raise APIError(400, f"invalid tunekit config values: {message}", param=f"tunekit.{where[0]}") from None
     return nested
+
+
+def _reported_error(path: Path) -> tuple[str, str | None] | None:
+    """(message, param) of the error the training wrote to `path` (`tunekit.cli.fail` with TUNEKIT_ERROR_FILE), or
+    None when it wrote none (a crash: the log's last lines tell)."""
+    try:
+        error = json.loads(path.read_text(encoding="utf-8"))
+        problems = error["problems"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    parts = [f"{p['where']}: {p['message']}" if p.get("where") else p["message"] for p in problems]
+    message = "; ".join(([error["title"]] if error.get("title") else []) + parts)
+    return message, (problems[0].get("where") or None) if problems else None
 
 
 def checkpoint_name(job: dict, step: int) -> str:
@@ -409,19 +444,8 @@ class Worker:
                 shutil.copyfile(self.store.blob_path(row["sha256"]), job_dir / name)
                 paths[name] = job_dir / name
         examples = self.store.file(job["project"], job["training_file"])["examples"]  # pairs for DPO
-        hp, objective = dict(job["hyperparameters"]), objective_of(job)
-        if hp["n_epochs"] == "auto":
-            hp["n_epochs"] = hyper.auto_epochs(examples)
-        if objective == "grpo":  # batch_size is prompts per step: its own "auto" (before the rows rule below)
-            hp = resolve_rft(hp, job["overrides"], examples)
-        max_len = job["overrides"].get("data", {}).get("max_len", 1024)
-        batch_tokens = job["overrides"].get("train", {}).get("batch_tokens", 16384)
-        if hp["batch_size"] == "auto":
-            hp["batch_size"] = hyper.auto_batch_size(batch_tokens, max_len, objective)
-        if hp["learning_rate_multiplier"] == "auto":
-            hp["learning_rate_multiplier"] = 1.0
-        if hp.get("beta") == "auto":
-            hp["beta"] = hyper.auto_beta()
+        objective = objective_of(job)
+        hp = resolve_hyperparameters(job["hyperparameters"], job["overrides"], examples, objective)
         base = self._base_dir(job, job_dir)
         cfg = run_config(base=base, train=paths["train.jsonl"], validation=paths.get("valid.jsonl"),
                          run_dir=job_dir / "run", hp=hp, seed=job["seed"], overrides=job["overrides"],
@@ -482,10 +506,11 @@ class Worker:
             ["--resume"] if resume else []) + (["--nproc", str(self.processes)] if self.processes > 1 else [])
         from tunekit.train.distributed import die_with_parent
 
+        (job_dir / ERROR_FILE).unlink(missing_ok=True)
         with open(job_dir / "train.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=job_dir, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+                                    cwd=job_dir, start_new_session=True, preexec_fn=die_with_parent,
+                                    env={**os.environ, ERROR_FILE_ENV: str(job_dir / ERROR_FILE)})
         self.runs[job["id"]] = _Run(job["id"], proc, run_dir, time.time())
         if self.store.set_job(job["id"], when_status=["queued"], status="running"):
             self.store.add_event(job["id"], "Fine-tuning job started" + (" (resumed from its last checkpoint)"
@@ -514,6 +539,11 @@ class Worker:
         if job["status"] in ("paused", "queued"):  # stopped at a checkpoint on request (queued: resumed since)
             steps = [int(p.name[5:]) for p in (run.run_dir / "checkpoints").glob("step-*")]
             self.store.add_event(job["id"], f"Fine-tuning job paused at step {max(steps, default=0)}")
+            return
+        reported = _reported_error(run.run_dir.parent / ERROR_FILE)
+        if reported is not None:  # the training's own error: its problems, param the first one's place
+            message, param = reported
+            self._fail(job["id"], "training_failed", f"training stopped: {message}", param, from_status=("running",))
             return
         tail = (run.run_dir.parent / "train.log").read_text(encoding="utf-8", errors="replace")[-TRAIN_LOG_TAIL:]
         lines = [line for line in tail.splitlines() if line.strip()]
