@@ -1,4 +1,4 @@
-"""examples/rft: the prompts its generator writes, its grader's scores, and its config checked; the GRPO run itself
+"""examples/reinforcement: the prompts its generator writes, its grader's scores, and its config checked; the GRPO run itself
 is measured by hand (docs/grpo.md), the loop by tests/test_grpo.py."""
 
 from __future__ import annotations
@@ -14,14 +14,21 @@ from tunekit.config import load_config
 from tunekit.eval.graders import PythonSandbox, check_grader, grade, make_sample
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "rft"
+EXAMPLE = REPO / "examples" / "reinforcement"
 
 
 def test_shipped_prompts_are_what_the_generator_writes(tmp_path):
     subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), "--out", str(tmp_path)], check=True,
                    capture_output=True)
-    for name in ("train.jsonl", "valid.jsonl"):
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
         assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
+    # the held-out chats repeat no recipe of the training or validation prompts
+    def recipe(line: str) -> str:
+        return next(m["content"] for m in json.loads(line)["messages"] if m["role"] == "user")
+
+    seen = {recipe(x) for name in ("train.jsonl", "valid.jsonl") for x in (EXAMPLE / name).read_text().splitlines()}
+    test = [recipe(x) for x in (EXAMPLE / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 400 and not seen & set(test)
     first = json.loads((EXAMPLE / "train.jsonl").read_text().splitlines()[0])
     chat = json.loads((REPO / "examples/quickstart/train.jsonl").read_text().splitlines()[0])
     assert first["messages"] == chat["messages"][:-1] and first["answer"] == json.loads(chat["messages"][-1]["content"])
@@ -45,4 +52,4 @@ def test_the_grader_gives_partial_and_full_credit_on_prompts_and_on_chats():
 
 def test_config_validates():
     cfg = load_config(EXAMPLE / "config.yaml", check_files=False)
-    assert cfg.objective == "grpo" and cfg.grpo.group_size == 4 and cfg.method == "lora"
+    assert cfg.objective == "grpo" and cfg.grpo.group_size == 8 and cfg.method == "lora"
