@@ -10,16 +10,17 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "tunekit"
 
-# room -> rooms it must never import (cli imports everything; nothing imports cli)
+# room -> rooms it must never import (cli imports everything; nothing imports cli; migrate sits above serve)
 NEVER = {
-    "config": {"data", "model", "train", "eval", "export", "generate", "serve", "cli"},
-    "data": {"model", "train", "eval", "export", "generate", "serve", "cli"},
-    "model": {"train", "eval", "export", "generate", "serve", "cli"},
-    "generate": {"train", "eval", "export", "serve", "cli"},
-    "train": {"export", "serve", "cli"},
-    "eval": {"export", "serve", "cli"},
-    "export": {"train.loop", "eval", "serve", "cli"},
-    "serve": {"train.loop", "cli"},
+    "config": {"data", "model", "train", "eval", "export", "generate", "serve", "migrate", "cli"},
+    "data": {"model", "train", "eval", "export", "generate", "serve", "migrate", "cli"},
+    "model": {"train", "eval", "export", "generate", "serve", "migrate", "cli"},
+    "generate": {"train", "eval", "export", "serve", "migrate", "cli"},
+    "train": {"export", "serve", "migrate", "cli"},
+    "eval": {"export", "serve", "migrate", "cli"},
+    "export": {"train.loop", "eval", "serve", "migrate", "cli"},
+    "serve": {"train.loop", "migrate", "cli"},
+    "migrate": {"train.loop", "cli"},
 }
 
 
