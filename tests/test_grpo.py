@@ -324,6 +324,13 @@ def test_resume_after_a_stop_repeats_rewards_and_losses(tmp_path, tiny_llama_dir
             assert ra[k] == pytest.approx(rb[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     assert [r.get("valid_reward_mean") for r in a] == [r.get("valid_reward_mean") for r in b]
     assert sum("valid_reward_mean" in r for r in a) == 6  # steps 2, 4, ..., 12
+    # rollouts.jsonl: the step's first prompt's 4 completions as graded; the resumed run's file is the same
+    samples = (tmp_path / "whole" / grpo.SAMPLES_FILE).read_text()
+    assert samples == (tmp_path / "parts" / grpo.SAMPLES_FILE).read_text()
+    rows = [json.loads(x) for x in samples.splitlines()]
+    assert [r["step"] for r in rows] == [s for s in range(1, 13) for _ in range(4)]
+    for r in rows:
+        assert r["reward"] == (1.0 if "e" in r["completion"].casefold() else 0.0) and r["prompt"].startswith("say ")
     assert any(r["kl"] > 0 for r in a[1:]) and a[0]["kl"] == pytest.approx(0.0, abs=1e-7)
     from safetensors.torch import load_file
 

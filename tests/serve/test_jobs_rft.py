@@ -161,6 +161,25 @@ def test_reinforcement_job_end_to_end(server, rft_job):
     assert reply.choices[0].message.content == greedy(run_dir, QUESTION, 8)[0]
 
 
+def test_sampled_completions_are_listed_with_their_grades(server, rft_job):
+    """GET /v1/fine_tuning/jobs/{id}/rollouts (a tunekit extension): the completions of each logged step's first
+    prompt as the grader read them, with reward and advantage, newest step first; another kind of job is a 400,
+    another project's or an unknown job a 404."""
+    url, _, data_dir = server
+    client = sdk(url)
+    job = rft_job[1]
+    listed = client.get(f"/fine_tuning/jobs/{job.id}/rollouts", cast_to=object, options={"params": {"limit": 3}})
+    written = [json.loads(x) for x in (data_dir / "jobs" / job.id / "run" / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in written] == [1, 1, 2, 2]  # 2 steps x group 2 (compute_multiplier 0.5)
+    newest = [r for r in written if r["step"] == 2] + [r for r in written if r["step"] == 1]
+    assert listed["has_more"] is True
+    assert [{k: v for k, v in r.items() if k != "object"} for r in listed["data"]] == newest[:3]
+    for r in written:
+        assert r["reward"] == (1.0 if r["prompt"].split()[-1] in r["completion"] else 0.0)
+    with pytest.raises(openai.NotFoundError):
+        client.get("/fine_tuning/jobs/ftjob-nope/rollouts", cast_to=object)
+
+
 def test_dashboard_draws_the_reward_chart(server, rft_job):
     """The job's page in a real browser: a Rewards chart with the train mean reward of each step and the
     validation mean reward at each validation step (dots), the values of the metrics events."""
@@ -183,9 +202,17 @@ def test_dashboard_draws_the_reward_chart(server, rft_job):
                  for key in ("train_mean_reward", "full_valid_mean_reward")}
         dots = page.locator("#reward-chart circle.dot.valid").count()
         header = page.inner_text("main .muted >> nth=0")
+        page.wait_for_selector("#rollouts tbody tr", timeout=30_000)
+        sampled = [[c.strip() for c in row.split("\t")] for row in
+                   page.locator("#rollouts tbody tr").all_inner_texts()]
         browser.close()
     assert drawn == {"train_mean_reward": "2", "full_valid_mean_reward": "2"} and dots == 2
     assert "reinforcement, grader says the word" in header and errors == []
+    _, _, data_dir = server
+    written = [json.loads(x) for x in (data_dir / "jobs" / job.id / "run" / "rollouts.jsonl").read_text().splitlines()]
+    newest = [r for r in written if r["step"] == 2] + [r for r in written if r["step"] == 1]
+    assert [(int(r[0]), r[1], r[2], float(r[3])) for r in sampled] == \
+        [(r["step"], r["prompt"], r["completion"], round(r["reward"], 3)) for r in newest]
 
 
 def test_a_model_grader_is_judged_by_a_served_model_and_a_grader_failing_everywhere_fails_the_job(server, prompts):

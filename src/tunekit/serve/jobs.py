@@ -510,6 +510,48 @@ def list_checkpoints(request: Request, fine_tuning_job_id: str, after: str | Non
             "last_id": data[-1]["id"] if data else None, "has_more": more}
 
 
+class Rollout(BaseModel):
+    """One completion a reinforcement job sampled and graded (a tunekit extension of the jobs API)."""
+
+    object: Literal["fine_tuning.job.rollout"] = "fine_tuning.job.rollout"
+    step: int
+    prompt: str | None  # the prompt's last turn
+    completion: str | None  # the text the grader read
+    reward: float
+    advantage: float
+    grader_error: bool
+    tokens: int
+
+
+class RolloutPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Rollout]
+    has_more: bool
+
+
+@router.get("/v1/fine_tuning/jobs/{fine_tuning_job_id}/rollouts", response_model=RolloutPage)
+def list_rollouts(request: Request, fine_tuning_job_id: str,
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 16) -> dict:
+    """The newest `limit` sampled completions of a reinforcement job with their grades, newest step first: at each
+    logged step, the completions of the step's first prompt (RUN_DIR/rollouts.jsonl). Another kind of job: a 400."""
+    import json
+
+    job = _find_job(request, fine_tuning_job_id)
+    if objective_of(job) != "grpo":
+        raise APIError(400, f"job {fine_tuning_job_id} is a {METHOD_OF[objective_of(job)]} job: only reinforcement "
+                            "jobs sample completions", param="fine_tuning_job_id")
+    path = store_of(request).dir / "jobs" / job["id"] / "run" / "rollouts.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(Rollout.model_validate(json.loads(line)).model_dump())
+        except ValueError:  # a line being written as this reads
+            continue
+    rows.sort(key=lambda r: -r["step"])  # stable: a step's completions keep their order
+    return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
+
+
 class ModelDeleted(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -336,6 +336,7 @@ class Rollouts:
     peak_mb: float | None  # CUDA memory peak of the generation
     generated: int = 0  # tokens generated in `seconds` (all of the generation's steps)
     first_error: str | None = None  # the first failed grade's message
+    texts: list[str] = field(default_factory=list)  # per completion: the text the grader read
 
     def to_state(self) -> dict:
         return asdict(self)
@@ -351,7 +352,7 @@ class Rollouts:
         return Rollouts(self.first_step, pick(self.step_of), pick(self.group_of), pick(self.prompts),
                         pick(self.completions), pick(self.stopped), pick(self.rewards),
                         {k: pick(v) for k, v in self.sub_rewards.items()}, pick(self.errors), pick(self.advantages),
-                        None, self.seconds, self.peak_mb, self.generated, self.first_error)
+                        None, self.seconds, self.peak_mb, self.generated, self.first_error, pick(self.texts))
 
     @staticmethod
     def joined(parts: list[Rollouts]) -> Rollouts:
@@ -371,6 +372,7 @@ class Rollouts:
             out.rewards += p.rewards
             out.errors += p.errors
             out.advantages += p.advantages
+            out.texts += p.texts
             for k, v in p.sub_rewards.items():
                 out.sub_rewards.setdefault(k, []).extend(v)
         return out
@@ -396,6 +398,37 @@ class Rollouts:
         if self.peak_mb is not None:
             out["rollout_peak_mb"] = self.peak_mb
         return out
+
+
+SAMPLES_FILE = "rollouts.jsonl"  # in the run dir: the completions of one group per logged step, with their grades
+
+
+def write_samples(run_dir: Path, r: Rollouts, step: int, item: dict) -> None:
+    """Append the completions of the first group of `r` (one step's rollouts, every rank's: rank 0's first is
+    the step's first prompt, whose line is `item`) to SAMPLES_FILE: the prompt's last turn, each completion as
+    graded, its reward and advantage."""
+    if not r.group_of:
+        return
+    group = r.group_of[0]
+    turns = item.get("messages") or [{}]
+    prompt = turns[-1].get("content") if isinstance(turns[-1], dict) else None
+    with open(run_dir / SAMPLES_FILE, "a", encoding="utf-8") as fh:
+        for i, g in enumerate(r.group_of):
+            if g == group:
+                fh.write(json.dumps({"step": step, "prompt": prompt if isinstance(prompt, str) else None,
+                                     "completion": r.texts[i] if i < len(r.texts) else None,
+                                     "reward": r.rewards[i], "advantage": r.advantages[i],
+                                     "grader_error": r.errors[i], "tokens": len(r.completions[i])},
+                                    ensure_ascii=False) + "\n")
+
+
+def keep_samples(run_dir: Path, last_step: int) -> None:
+    """SAMPLES_FILE with only the steps up to `last_step` (a resumed run writes the later ones again)."""
+    path = run_dir / SAMPLES_FILE
+    if path.is_file():
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        kept = [x for x in lines if json.loads(x).get("step", 0) <= last_step]
+        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
 def check_grades(r: Rollouts, d: Dist) -> None:
@@ -479,6 +512,7 @@ def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: Grpo
             ids = [t.id for t in tokens if t.choice == c]
             text = tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=False).strip()
             result = rewarder.score(text, p.item)
+            out.texts.append(text)
             out.step_of.append(first_step + s)
             out.group_of.append(group)
             out.prompts.append(p.ids)

@@ -577,6 +577,8 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
     if d.main:  # metrics.jsonl holds exactly the rows up to the restored step (a killed run may have written more)
         with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in metrics)
+        if rl:
+            grpo.keep_samples(run_dir, step)
     tracking = (trackers.Trackers.start(cfg, run_dir, resume=resume,
                                         warn=lambda m: say(f"[yellow]warning:[/] {escape(m)}", highlight=False))
                 if d.main else trackers.Trackers())
@@ -666,10 +668,14 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                 step == plan.total_steps or (cfg.train.eval_every and step % cfg.train.eval_every == 0))
             if step % cfg.train.log_every == 0 or do_eval or step == plan.total_steps:
                 elapsed = max(1e-9, time.time() - window_start)
+                done = grpo.step_rollouts(rollouts, step - 1, d) if rl else None  # the step's, every rank's
                 measured = dpo.step_metrics(step_loss, n_units, stats) if pairs else \
-                    grpo.step_metrics(step_loss, n_units, stats, n_trained, grpo.step_rollouts(rollouts, step - 1, d),
-                                      step - 1, cfg.grpo.beta) if rl \
+                    grpo.step_metrics(step_loss, n_units, stats, n_trained, done, step - 1, cfg.grpo.beta) if rl \
                     else {"train_loss": last_loss, "train_token_accuracy": stats / n_trained}
+                if rl and d.main:  # a sample of what was graded: the completions of the step's first prompt
+                    first = grpo.step_prompts(len(data.train), cfg.train.seed, step - 1, plan.batch_size,
+                                              plan.steps_per_epoch)[0]
+                    grpo.write_samples(run_dir, done, step, data.train[first].item)
                 row = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4), "lr": lr_now,
                        **measured, "grad_norm": grad_norm, "trained_tokens": trained_total,
                        "tokens_per_s": window_trained / elapsed, "input_tokens_per_s": window_real / elapsed}

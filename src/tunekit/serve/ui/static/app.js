@@ -509,9 +509,9 @@ async function pageJob(main, id) {
   const head = h("div"); const msg = h("div");
   const chart = h("div", { class: "chart" }); const rewards = h("div", { class: "chart", hidden: true });
   const modelSlot = h("div"); const reportSlot = h("div"); const events = h("div", { class: "events card" });
-  const ckpts = h("div");
+  const ckpts = h("div"); const samples = h("div");
   main.replaceChildren(h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")), head, msg,
-    h("div", { class: "charts" }, h("div", {}, h("h2", {}, "Loss"), chart), rewards), modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
+    h("div", { class: "charts" }, h("div", {}, h("h2", {}, "Loss"), chart), rewards), samples, modelSlot, reportSlot, h("h2", {}, "Checkpoints"), ckpts, h("h2", {}, "Events"), events);
   let reportShown = false;
   let lastStatus = null;
   let evs = [];  // every event read so far, newest first (the API's order)
@@ -562,6 +562,16 @@ async function pageJob(main, id) {
       if (job.method && job.method.type === "reinforcement") {
         rewards.hidden = false;
         rewards.replaceChildren(h("h2", {}, "Rewards"), rftRewardChart(points));
+        // what was graded: the completions of the newest logged steps' first prompts (tunekit's rollouts list)
+        const sampled = await call(`/fine_tuning/jobs/${id}/rollouts?limit=8`).catch(() => null);
+        if (sampled) {
+          samples.replaceChildren(h("h2", {}, "Sampled completions"), sampled.data.length
+            ? table({ id: "rollouts" }, ["Step", "Prompt", "Completion", "Reward", "Advantage"],
+              sampled.data.map((r) => h("tr", {}, h("td", {}, r.step), h("td", {}, r.prompt ?? ""),
+                h("td", { class: "mono" }, r.completion ?? ""),
+                h("td", {}, r.grader_error ? "0 (grader failed)" : num(r.reward, 3)), h("td", {}, num(r.advantage, 2)))))
+            : h("p", { class: "muted" }, "No completions sampled yet."));
+        }
       }
       events.replaceChildren(h("table", { id: "events" }, h("tbody", {}, evs.map((e) => h("tr", {},
         h("td", { class: "muted" }, when(e.created_at)), h("td", { class: `sev-${e.level === "warn" ? "warning" : e.level}` }, e.level),
