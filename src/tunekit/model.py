@@ -70,6 +70,42 @@ def resolve_attn(name: str, device: torch.device, arch: Architecture | None = No
     return resolve_family_attn(name, device.type, arch, flash_attn_installed())
 
 
+def device_problems(cfg: RunConfig, *, cuda: bool | None = None, bf16: bool | None = None,
+                    flash: bool | None = None) -> list[Problem]:
+    """Settings this machine's device cannot run, found from the config alone (before any weight loads).
+
+    The facts default to this machine's: `cuda` (a CUDA device is visible), `bf16` (it computes in bfloat16:
+    compute capability 8.0, Ampere, or newer), `flash` (the flash-attn package is installed); tests pass
+    others to see what a GPU machine would refuse. What runs on a CPU too (bf16 weights or autocast, qlora
+    through bitsandbytes' CPU backend, fp16 weights) is not refused there."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if bf16 is None:
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+    flash = flash_attn_installed() if flash is None else flash
+    problems = []
+    on_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and cuda)
+    if cfg.train.device == "cuda" and not cuda:
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        problems.append(Problem("train.device", f"cuda was asked for but no CUDA device is visible (torch "
+                                f"{torch.__version__} is {build})", "use train.device: auto or cpu"))
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if not on_cuda or not cuda or not flash:
+            problems.append(Problem("model.attn_implementation", "flash_attention_2 needs CUDA and the flash-attn "
+                                    "package" + ("" if cuda else " (no CUDA device is visible)"),
+                                    "use attn_implementation: auto (sdpa here)"))
+        elif cfg.model.dtype == "fp32" or (cfg.model.dtype == "auto" and not bf16):
+            problems.append(Problem("model.attn_implementation", "flash_attention_2 computes in fp16 or bf16 only, "
+                                    "and the weights would load in fp32", "set model.dtype: bf16 (or fp16 on a GPU "
+                                    "older than Ampere), or use attn_implementation: auto"))
+    if on_cuda and cuda and not bf16:  # a GPU before Ampere (V100, T4): no bf16 arithmetic
+        for where, value in (("model.dtype", cfg.model.dtype), ("train.mixed_precision", cfg.train.mixed_precision),
+                             ("quant.compute_dtype", cfg.quant.compute_dtype if cfg.method == "qlora" else None)):
+            if value == "bf16":
+                problems.append(Problem(where, "this GPU does not compute in bf16 (it needs compute capability 8.0, "
+                                        "Ampere, or newer)", "use fp32, or fp16 weights with method: lora / qlora"))
+    return problems
+
+
 # --------------------------------------------------------------------------------------------------
 # Earlier runs used as a base
 

@@ -38,7 +38,7 @@ from tunekit.model import (
     apply_method,
     body_and_head,
     config_source,
-    flash_attn_installed,
+    device_problems,
     is_run_dir,
     load_base,
     model_architecture,
@@ -91,16 +91,10 @@ class TrainResult:
 def check_setup(cfg: RunConfig, *, resume: bool, world_size: int = 1, run_dir: bool = True) -> list[Problem]:
     """Everything that can be checked without loading weights, reported together."""
     problems = distributed.check(cfg, world_size)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        problems.append(Problem("train.device", "cuda was asked for but no CUDA device is visible",
-                                "use train.device: auto or cpu"))
+    problems += device_problems(cfg)  # CUDA-only settings on a machine without CUDA (or without bf16)
     if cfg.method == "full" and cfg.model.dtype == "fp16":
         problems.append(Problem("model.dtype", "full fine-tuning in fp16 weights is unstable (no loss scaling)",
                                 "use bf16 (on GPUs that support it) or fp32"))
-    if cfg.model.attn_implementation == "flash_attention_2" and not (device.type == "cuda" and flash_attn_installed()):
-        problems.append(Problem("model.attn_implementation", "flash_attention_2 needs CUDA and the flash-attn package",
-                                "use attn_implementation: auto (sdpa here)"))
     if cfg.method == "qlora":
         import importlib.util
 
