@@ -15,7 +15,7 @@ from tunekit.config import GrpoConfig
 from tunekit.data.pack import collate_padded
 from tunekit.data.types import IGNORE, Sequence
 from tunekit.errors import ConfigError, TunekitError
-from tunekit.model import apply_method, load_base
+from tunekit.model import apply_method, body_and_head, load_base
 from tunekit.train import grpo
 from tunekit.train.checkpoint import list_checkpoints
 from tunekit.train.loop import STOP_FILE, TrainingStopped, backward_step, check_setup, train
@@ -141,6 +141,28 @@ def test_new_adapter_first_step_kl_is_zero_and_ratio_one(tmp_path, tiny_llama_di
     assert ratio == pytest.approx(9.0, abs=1e-6)  # 9 tokens, each ratio 1
     assert float(loss.detach()) == pytest.approx(-(3 * 1.0 - 4 * 1.0 + 2 * 0.5), abs=1e-6)
     assert units == sum(lengths)
+
+
+def test_beta_zero_runs_no_reference_pass(tmp_path, tiny_llama_dir):
+    """beta 0: no forward with the adapter switched off (a fully fine-tuned model has no adapter to switch off:
+    the loss runs on it), KL reported 0."""
+    cfg = grpo_config(tmp_path, tiny_llama_dir, method="full", grpo={"beta": 0.0})
+    model = model_of(cfg)
+    assert not hasattr(model, "disable_adapter")
+    batch = hand_batch()
+    rb = grpo.RolloutBatch(batch, torch.tensor([1.0, -1.0, 0.5]), None, batch.num_trained)
+    loss, _, (kl, _, _) = grpo.PolicyLoss(model, cfg.grpo, 4096)(rb)
+    assert kl == 0.0 and loss.requires_grad
+    lora = grpo_config(tmp_path, tiny_llama_dir, grpo={"beta": 0.0})
+    lora_model = model_of(lora)
+    base_calls = {"n": 0}
+    body, _ = body_and_head(lora_model)  # the decoder stack every forward runs through
+    body.register_forward_pre_hook(lambda *_: base_calls.__setitem__("n", base_calls["n"] + 1))
+    grpo.PolicyLoss(lora_model, lora.grpo, 4096)(rb)
+    assert base_calls["n"] == 1  # the policy's forward only
+    lora.grpo.beta = 0.04
+    grpo.PolicyLoss(lora_model, lora.grpo, 4096)(rb)
+    assert base_calls["n"] == 3  # and with beta > 0, the reference's
 
 
 def test_a_group_with_equal_rewards_gives_zero_advantage_and_zero_gradient(tmp_path, tiny_llama_dir):
