@@ -464,7 +464,9 @@ def restored_rollouts(state: dict | list[dict], d: Dist) -> Rollouts | None:
     return Rollouts.from_state(states[d.rank]) if len(states) == d.world_size else None
 
 
-def _served(model, stop_ids: list[int], pad_id: int):
+def rollout_served(model, stop_ids: list[int], pad_id: int):
+    """The live model as the engine serves it (as is: its adapter active). Made once per run: the engine probes
+    a model's cache path once per `Weights`."""
     from tunekit.generate.models import Served, Weights
 
     return Served("", "", Weights("as-is", model, as_is=True), None, None, list(stop_ids), pad_id,
@@ -474,7 +476,7 @@ def _served(model, stop_ids: list[int], pad_id: int):
 @torch.no_grad()
 def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: GrpoConfig, rewarder: Rewarder,
                       tokenizer, stop_ids: list[int], pad_id: int, seed: int, *, rank: int = 0,
-                      world: int = 1) -> Rollouts:
+                      world: int = 1, served=None) -> Rollouts:
     """Sample `g.group_size` completions of every prompt of `steps` (the prompts of steps first_step, first_step
     + 1, ...) with the model as it is (eval mode, adapter active), grade them, and compute advantages.
 
@@ -482,7 +484,7 @@ def generate_rollouts(model, steps: list[list[Prompt]], first_step: int, g: Grpo
     their place k in the step: the completions of a prompt do not depend on the number of processes."""
     from tunekit.generate.engine import Engine, Job, Sampling, Token
 
-    served = _served(model, stop_ids, pad_id)
+    served = served or rollout_served(model, stop_ids, pad_id)
     stop = set(stop_ids)
     jobs, owners = [], []
     for s, prompts in enumerate(steps):

@@ -69,7 +69,9 @@ def make_plan(cfg: RunConfig, n_examples: int, rows_per_epoch: int) -> Plan:
     lr = auto_lr(cfg.method, cfg.objective) if t.lr == "auto" else t.lr
     batch = auto_batch_size(t.batch_tokens, cfg.data.max_len, cfg.objective) if t.batch_size == "auto" \
         else t.batch_size
-    micro = min(t.micro_batch_size, batch)
+    # a micro-batch is rows (SFT), pairs (DPO) or completions (GRPO: a step's batch is prompts, each with
+    # grpo.group_size completions)
+    micro = min(t.micro_batch_size, batch * cfg.grpo.group_size if cfg.objective == "grpo" else batch)
     steps_per_epoch = math.ceil(rows_per_epoch / batch)
     total = epochs * steps_per_epoch
     if t.max_steps is not None:

@@ -544,6 +544,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
             return grpo.PolicyLoss(model, g, cfg.train.lm_head_chunk)
 
     model, net, params = build_model(cfg, d, device, ckpt, objective)
+    served = grpo.rollout_served(model, stop_ids, pad_id) if rl else None  # the engine's view of the live model
     if (adapter := getattr(model, "peft_config", {}).get("default")) is not None:
         say(f"LoRA r={adapter.r} on {', '.join(sorted(adapter.target_modules or []))}"
             + (f"; on the parameters {', '.join(sorted(adapter.target_parameters))}" if adapter.target_parameters
@@ -600,7 +601,7 @@ def _train(cfg: RunConfig, d: Dist, *, resume: bool, console, dry_run: bool = Fa
                         model, [[data.train[i] for i in grpo.step_prompts(len(data.train), cfg.train.seed, s,
                                                                           plan.batch_size, plan.steps_per_epoch)]
                                 for s in steps], step, g, rewarder, tokenizer, stop_ids, pad_id, cfg.train.seed,
-                        rank=d.rank, world=d.world_size)
+                        rank=d.rank, world=d.world_size, served=served)
                     if step == first_step:  # a grader failing on everything stops the run before it trains
                         try:
                             grpo.check_grades(rollouts, d)
