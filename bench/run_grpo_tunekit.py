@@ -5,7 +5,7 @@
 A RunConfig with objective grpo on the prompt file (OpenAI's reinforcement form), model.base = the saved
 random-init model dir, and what the comparison fixes (bench/grpo.py): the grader, group size, max new tokens,
 temperature, beta, epsilon, loss_norm token, group-std advantages, one generation per step, prompts per step,
-every completion of a step per micro-batch (capped by tunekit's plan at train.batch_size, see bench/grpo.py),
+one prompt's group of completions per micro-batch (see bench/grpo.py),
 LoRA r/alpha/dropout 0/all-linear, lr constant without warm-up,
 one epoch, precision, threads, seed. Everything else is tunekit's default (rollouts on its generation engine in
 this process on the live weights, a prompt prefilled once for its group, the reference with the adapter off,
@@ -37,7 +37,7 @@ def tunekit_config(preset: Preset, bench: GrpoBench, workdir: Path):
         "method": "lora",
         "lora": {"r": preset.lora_r, "alpha": preset.lora_alpha, "dropout": 0.0, "target_modules": "all-linear"},
         "train": {"epochs": 1, "lr": preset.lr, "batch_size": bench.prompts_per_step,
-                  "micro_batch_size": bench.completions_per_step, "scheduler": "constant", "warmup_ratio": 0.0,
+                  "micro_batch_size": bench.group_size, "scheduler": "constant", "warmup_ratio": 0.0,
                   "seed": SEED, "log_every": 1, "threads": preset.threads, "device": preset.device},
         "output": {"dir": str(workdir / "tunekit-run"), "overwrite": True},
     }, source="bench")
