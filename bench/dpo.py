@@ -16,7 +16,6 @@ turns it on: --trl-gc keeps it).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -33,7 +32,7 @@ from bench.data import (
     write_jsonl,
 )
 from bench.presets import PRESETS, Preset
-from bench.sft import interleaved_rounds, machine, median_attempt
+from bench.sft import bench_arguments, interleaved_rounds, machine, median_attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("tunekit", "trl")
@@ -206,14 +205,8 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: /tmp/tunekit-bench/dpo-<preset>")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser = bench_arguments(__doc__, RUNS, "dpo-<preset>", 1, "rounds of all runs (median pairs/s is reported)")
     parser.add_argument("--trl-gc", action="store_true", help="keep TRL's default gradient checkpointing")
-    parser.add_argument("--tag", default="", help="suffix of the result file name")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of all runs (median pairs/s is reported)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]

@@ -40,7 +40,6 @@ a core each process got, the CPU-time rates do not.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -51,7 +50,7 @@ from pathlib import Path
 
 from bench.data import TextGen, build_model_dir, build_tokenizer, make_example, write_jsonl
 from bench.presets import PRESETS, Preset
-from bench.sft import interleaved_rounds, machine, median_attempt
+from bench.sft import bench_arguments, interleaved_rounds, machine, median_attempt
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ("tunekit", "trl")
@@ -307,15 +306,9 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: /tmp/tunekit-bench/grpo-<preset>")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser = bench_arguments(__doc__, RUNS, "grpo-<preset>", 3,
+                             "rounds of all runs, interleaved (each stack's median round by steps/s is reported)")
     parser.add_argument("--trl-gc", action="store_true", help="keep TRL's default gradient checkpointing")
-    parser.add_argument("--tag", default="", help="suffix of the result file name")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="rounds of all runs, interleaved (each stack's median round by steps/s is reported)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     bench = settings(preset)

@@ -142,16 +142,23 @@ def table(results: dict[str, dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_arguments(doc: str, runs: list[str], workdir: str, repeat: int, repeat_help: str) -> argparse.ArgumentParser:
+    """The options every stack-against-stack bench takes (bench.sft, bench.dpo, bench.grpo): preset, runs,
+    workdir, results, tag and rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-small", choices=sorted(PRESETS))
-    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: /tmp/tunekit-bench/<preset>")
+    parser.add_argument("--runs", default=",".join(runs), help=f"comma-separated, from {', '.join(runs)}")
+    parser.add_argument("--workdir", type=Path, default=None, help=f"default: /tmp/tunekit-bench/{workdir}")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result file name")
+    parser.add_argument("--repeat", type=int, default=repeat, help=repeat_help)
+    return parser
+
+
+def main() -> None:
+    parser = bench_arguments(__doc__, RUNS, "<preset>", 1, "rounds of all runs (median tokens/s is reported)")
     parser.add_argument("--trl-no-gc", action="store_true",
                         help="turn off TRL's default gradient checkpointing (tunekit's default is off)")
-    parser.add_argument("--tag", default="", help="suffix of the result file name")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds of all runs (median tokens/s is reported)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]

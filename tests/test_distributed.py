@@ -117,6 +117,22 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, tiny_llama_dir, met
         assert not marker.exists() and "safely" in err.value.problems[0].message
 
 
+def one_and_two_processes(tmp_path: Path, base: Path, method: str, sections: dict, train_section: dict):
+    """(the result of the config trained in this process, the config of the same run on 2 processes through
+    `tunekit train --nproc 2`, which succeeded)."""
+    def config(name: str):
+        cfg = toy_config(tmp_path, base, out=name, method=method, **sections, train=train_section)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(cfg.to_yaml())
+        return cfg, path
+
+    one = train(config("one")[0])
+    cfg, path = config("two")
+    done = tunekit("train", path, "--nproc", 2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return one, cfg
+
+
 @pytest.mark.parametrize(("method", "strategy"), [("lora", "ddp"), ("full", "fsdp2")])
 def test_two_processes_train_the_same_preference_model_as_one(tmp_path, tiny_llama_dir, method, strategy):
     """objective: dpo on 2 processes: the same losses and reward metrics per step as one process, and the same
@@ -127,18 +143,8 @@ def test_two_processes_train_the_same_preference_model_as_one(tmp_path, tiny_lla
     sections = {"objective": "dpo", "data": {"train": str(tmp_path / "pairs.jsonl"), "packing": False},
                 "dpo": {"beta": 0.5}}
 
-    def config(name: str):
-        cfg = toy_config(tmp_path, tiny_llama_dir, out=name, method=method, **sections,
-                         train={"batch_size": 5, "epochs": 1, "eval_every": 2,
-                                "distributed": {"strategy": strategy, "timeout_s": 60}})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(cfg.to_yaml())
-        return cfg, path
-
-    one = train(config("one")[0])
-    cfg, path = config("two")
-    done = tunekit("train", path, "--nproc", 2)
-    assert done.returncode == 0, done.stdout + done.stderr
+    one, cfg = one_and_two_processes(tmp_path, tiny_llama_dir, method, sections, {
+        "batch_size": 5, "epochs": 1, "eval_every": 2, "distributed": {"strategy": strategy, "timeout_s": 60}})
     rows, reference = metrics(cfg.output.dir), metrics(one.run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in reference] and len(rows) >= 3
     for a, b in zip(rows, reference, strict=True):
@@ -175,18 +181,9 @@ def test_two_processes_train_the_same_reinforcement_model_as_one(tmp_path, tiny_
                                     "reference": "e", "operation": "ilike"},
                          "group_size": 4, "max_new_tokens": 6, "beta": 0.04, "steps_per_generation": 2}}
 
-    def config(name: str):
-        cfg = toy_config(tmp_path, tiny_llama_dir, out=name, method="lora", **sections,
-                         train={"batch_size": 5, "micro_batch_size": 4, "epochs": 1, "eval_every": 2, "lr": 1e-2,
-                                "save_every": 1, "keep_last": 5, "distributed": {"strategy": "ddp", "timeout_s": 60}})
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(cfg.to_yaml())
-        return cfg, path
-
-    one = train(config("one")[0])
-    cfg, path = config("two")
-    done = tunekit("train", path, "--nproc", 2)
-    assert done.returncode == 0, done.stdout + done.stderr
+    one, cfg = one_and_two_processes(tmp_path, tiny_llama_dir, "lora", sections, {
+        "batch_size": 5, "micro_batch_size": 4, "epochs": 1, "eval_every": 2, "lr": 1e-2, "save_every": 1,
+        "keep_last": 5, "distributed": {"strategy": "ddp", "timeout_s": 60}})
     rows, reference = metrics(cfg.output.dir), metrics(one.run_dir)
     assert [r["step"] for r in rows] == [r["step"] for r in reference] == [1, 2, 3, 4]
     for a, b in zip(rows, reference, strict=True):
