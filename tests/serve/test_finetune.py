@@ -226,9 +226,24 @@ def test_a_training_crash_fails_the_job_and_the_server_lives(server):
     job = client.fine_tuning.jobs.create(model="tiny", training_file=train.id,
                                          extra_body={"tunekit": {"train.device": "cuda", "train.max_steps": 1}})
     job = wait_for(client, job.id, ("failed", "succeeded"))
-    assert (job.status, job.error.code, job.error.param) == ("failed", "training_failed", None)
-    assert "exited with code 1" in job.error.message and "cuda" in job.error.message
+    # the training's own error (TUNEKIT_ERROR_FILE), its place as param, not the log's last lines
+    assert (job.status, job.error.code, job.error.param) == ("failed", "training_failed", "train.device")
+    assert job.error.message.startswith("training stopped: ") and "cuda" in job.error.message
     assert client.models.list().data  # still serving
+
+
+def test_the_error_a_training_reports_is_read_and_a_crash_falls_back_to_the_log(tmp_path):
+    """worker._reported_error: the JSON `tunekit.cli.fail` writes -> (message, param); no file or a torn one (a
+    crash, a kill mid-write) -> None, and the job's error is then the log's last lines."""
+    from tunekit.serve.worker import _reported_error
+
+    path = tmp_path / "error.json"
+    assert _reported_error(path) is None
+    path.write_text('{"title": "cannot start training", "problems": [{"where": "train.device", "message": "no '
+                    'cuda", "hint": "use cpu"}, {"where": "", "message": "second", "hint": null}]}')
+    assert _reported_error(path) == ("cannot start training; train.device: no cuda; second", "train.device")
+    path.write_text('{"title": null, "problems": [{"where"')
+    assert _reported_error(path) is None
 
 
 @pytest.mark.parametrize("kwargs, param", [
